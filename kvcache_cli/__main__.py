@@ -1,0 +1,5 @@
+"""``python -m kvcache_cli``."""
+
+from .cli import main
+
+main()

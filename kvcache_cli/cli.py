@@ -1,0 +1,444 @@
+"""The ``kvcache`` command line: parse, call the core, render. Nothing else lives here.
+
+Errors are the core's own types; ``main`` turns each into one line on stderr and an
+exit code (1 operational failure, 2 bad usage or input, 130 interrupted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+from .errors import BadInputError, KVCacheError
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .manager import KVCacheManager
+    from .store.backend import Store
+
+app = typer.Typer(
+    name="kvcache",
+    help="Manage LLM conversation memory and KV cache: replay, clear, retrieve, snapshot, restore.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@dataclass
+class AppState:
+    """Global options, shared by every command."""
+
+    db: str | None = None
+    config_path: str | None = None
+    verbose: int = 0
+    quiet: bool = False
+    _config: Any = None
+
+    def config(self) -> Config:
+        if self._config is None:
+            from .config import load_config
+
+            self._config = load_config(self.config_path)
+        return self._config  # type: ignore[no-any-return]
+
+    def db_url(self) -> str | None:
+        """``--db``, then ``KVCACHE_DB``, then the config file, then the default path."""
+        return self.db or os.environ.get("KVCACHE_DB") or self.config().database.url or None
+
+    def open_store(self) -> Store:
+        from .store.backend import open_store
+
+        return open_store(self.db_url(), self.config().database.busy_timeout_ms)
+
+
+STATE = AppState()
+
+
+def _stderr(message: str) -> None:
+    sys.stderr.write(message.rstrip("\n") + "\n")
+
+
+def info(message: str) -> None:
+    """A diagnostic on stderr (hidden by ``--quiet``)."""
+    if not STATE.quiet:
+        _stderr(message)
+
+
+def debug(message: str) -> None:
+    if STATE.verbose and not STATE.quiet:
+        _stderr(message)
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def _llm_client(server: str | None, required: bool = False) -> Any:
+    """The LLM client from ``--server`` or ``[llm]``; None when neither names a server."""
+    cfg = STATE.config().llm
+    base = server or cfg.base_url
+    if not base:
+        if required:
+            raise BadInputError("this needs an LLM server: pass --server URL or set [llm].base_url")
+        return None
+    from .llm import LLMClient, LLMSettings
+
+    settings = LLMSettings(
+        base_url=base,
+        embeddings_url=cfg.embeddings_url or None,
+        api_key_env=cfg.api_key_env or None,
+        model=cfg.model,
+        embedding_model=cfg.embedding_model or None,
+        connect_timeout=cfg.connect_timeout,
+        read_timeout=cfg.read_timeout,
+        retries=cfg.retries,
+        backoff=cfg.backoff,
+        summary_max_tokens=cfg.summary_max_tokens,
+        embedding_batch_size=cfg.embedding_batch_size,
+    )
+    return LLMClient(settings)
+
+
+def _manager(server: str | None = None, need_server: bool = False) -> tuple[KVCacheManager, Store]:
+    from .manager import KVCacheManager
+
+    config = STATE.config()
+    llm = _llm_client(server, need_server)
+    store = STATE.open_store()
+    return KVCacheManager(store, config, llm), store
+
+
+@app.callback()
+def main_options(
+    db: Annotated[
+        Optional[str], typer.Option("--db", help="Database file or URL (overrides KVCACHE_DB and the config).")
+    ] = None,
+    config: Annotated[
+        Optional[str], typer.Option("--config", help="Config file (overrides KVCACHE_CONFIG).")
+    ] = None,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More diagnostics on stderr.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
+) -> None:
+    """Manage LLM conversation memory and KV cache."""
+    STATE.db = db
+    STATE.config_path = config
+    STATE.verbose = verbose
+    STATE.quiet = quiet
+    STATE._config = None
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
+ServerOpt = Annotated[Optional[str], typer.Option("--server", help="LLM server base URL (overrides [llm].base_url).")]
+SlotOpt = Annotated[Optional[int], typer.Option("--slot", help="Also act on this llama-server slot.", min=0)]
+
+
+@app.command()
+def process(
+    files: Annotated[list[Path], typer.Argument(help="Conversation files (JSON or JSON Lines).")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="auto, native, openai, sharegpt or jsonl.")
+    ] = "auto",
+    session: Annotated[
+        Optional[str], typer.Option("--session", help="Session id for files that carry none.")
+    ] = None,
+    server: ServerOpt = None,
+    as_json: JsonOpt = False,
+    turns: Annotated[bool, typer.Option("--turns/--no-turns", help="Per-turn detail in --json.")] = False,
+) -> None:
+    """Replay conversation files turn by turn: clears, snapshots, retrievals, bridges."""
+    from . import render
+    from .loaders import load_file
+
+    manager, store = _manager(server)
+    results: list[dict[str, Any]] = []
+    failures: list[str] = []
+    interrupted = False
+    try:
+        for path in files:
+            try:
+                conversations = load_file(path, fmt)
+            except KVCacheError as exc:
+                failures.append(str(exc))
+                _stderr(f"kvcache: error: {exc}")
+                continue
+            for index, conv in enumerate(conversations):
+                key = conv.session_key or session or (path.stem if len(conversations) == 1 else f"{path.stem}-{index + 1}")
+                try:
+                    with render.turn_progress(key, enabled=not (STATE.quiet or as_json)) as on_turn:
+                        result = manager.process_conversation(conv, key, on_turn=on_turn)
+                except KVCacheError as exc:
+                    if exc.exit_code == 1:
+                        raise
+                    failures.append(str(exc))
+                    _stderr(f"kvcache: error: {exc}")
+                    continue
+                for notice in result.notices:
+                    info(f"kvcache: {notice}")
+                results.append(result.to_dict(with_turns=turns))
+                if not as_json:
+                    render.process_result(result)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        store.close()
+    if as_json:
+        emit_json({"sessions": results, "failed": failures})
+    if interrupted:
+        _stderr("kvcache: interrupted; stopped cleanly at a turn boundary (replay again to finish)")
+        raise typer.Exit(130)
+    if failures:
+        raise typer.Exit(2)
+
+
+@app.command()
+def clear(
+    session: Annotated[str, typer.Argument(help="Session id.")],
+    slot: SlotOpt = None,
+    server: ServerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Clear a session's cache now, keeping its important entries (reason Manual)."""
+    from . import render
+
+    manager, store = _manager(server, need_server=slot is not None)
+    try:
+        if slot is not None:
+            manager.llm.check_slot(slot)
+        result = manager.clear(session)
+        if slot is not None:
+            result.slot_erased = manager.llm.slot_erase(slot)
+    finally:
+        store.close()
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        render.clear_result(result)
+
+
+def _parse_tiers(text: str) -> tuple[int, ...]:
+    try:
+        tiers = tuple(sorted({int(t) for t in text.replace(" ", "").split(",") if t}))
+    except ValueError:
+        raise BadInputError(f"--tiers {text!r}: use numbers among 1,2,3, e.g. 1,3") from None
+    if not tiers or any(t not in (1, 2, 3) for t in tiers):
+        raise BadInputError(f"--tiers {text!r}: use numbers among 1,2,3, e.g. 1,3")
+    return tiers
+
+
+@app.command()
+def retrieve(
+    args: Annotated[list[str], typer.Argument(help="SESSION QUERY (or just QUERY with --all-sessions).")],
+    limit: Annotated[int, typer.Option("--limit", "-n", help="Most results to return.", min=1)] = 10,
+    tiers: Annotated[str, typer.Option("--tiers", help="Tiers to search: 1 cache, 2 snapshots, 3 history.")] = "1,2,3",
+    strategy: Annotated[
+        Optional[str], typer.Option("--strategy", help="Override cache.retrieval_strategy.")
+    ] = None,
+    all_sessions: Annotated[bool, typer.Option("--all-sessions", help="Search every session's history.")] = False,
+    min_score: Annotated[float, typer.Option("--min-score", help="Drop results under this similarity.")] = 0.0,
+    server: ServerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find past context for QUERY in the active cache, snapshots and full history."""
+    from . import render
+
+    if all_sessions:
+        if len(args) != 1:
+            raise BadInputError("with --all-sessions give only QUERY")
+        session, query = None, args[0]
+    else:
+        if len(args) != 2:
+            raise BadInputError("give SESSION and QUERY (or --all-sessions QUERY)")
+        session, query = args
+    tier_set = _parse_tiers(tiers)
+    if strategy is not None:
+        from .config import RETRIEVAL_STRATEGIES
+
+        if strategy not in RETRIEVAL_STRATEGIES:
+            raise BadInputError(f"--strategy must be one of {', '.join(RETRIEVAL_STRATEGIES)}")
+        STATE.config().cache.retrieval_strategy = strategy
+    manager, store = _manager(server)
+    try:
+        result = manager.retrieve(session, query, tier_set, limit, min_score)
+    finally:
+        store.close()
+    for notice in result.notices:
+        info(f"kvcache: {notice}")
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        render.retrieval_result(result)
+
+
+@app.command()
+def snapshot(
+    session: Annotated[Optional[str], typer.Argument(help="Session id.")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List snapshots (of SESSION, or all).")] = False,
+    slot: SlotOpt = None,
+    server: ServerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Snapshot a session's active cache now, or list snapshots."""
+    from . import render
+
+    if not list_ and session is None:
+        raise BadInputError("give SESSION to snapshot, or --list")
+    manager, store = _manager(server, need_server=slot is not None)
+    try:
+        if list_:
+            items = manager.list_snapshots(session)
+            if as_json:
+                emit_json({"snapshots": [s.to_dict() for s in items]})
+            else:
+                render.snapshot_list(items)
+            return
+        assert session is not None
+        manager.active_entries(session)  # unknown session fails before any slot request
+        slot_result = None
+        if slot is not None:
+            name = manager.llm.make_slot_filename(session, "snapshot")
+            slot_result = manager.llm.slot_save(slot, name)
+            slot_result.slot_id = slot
+        info_ = manager.snapshot(session, slot_result)
+    finally:
+        store.close()
+    if as_json:
+        emit_json(info_.to_dict())
+    else:
+        render.snapshot_created(info_)
+
+
+@app.command()
+def restore(
+    session: Annotated[str, typer.Argument(help="Session id.")],
+    snapshot_id: Annotated[int, typer.Argument(help="Snapshot id (see snapshot --list).")],
+    slot: SlotOpt = None,
+    server: ServerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Put a snapshot's entries back into the session's active cache."""
+    from . import render
+
+    manager, store = _manager(server, need_server=slot is not None)
+    try:
+        snap = manager.get_snapshot(session, snapshot_id)
+        restored_tokens = None
+        if slot is not None:
+            if not snap.slot_filename:
+                raise BadInputError(f"snapshot {snapshot_id} has no slot file (take it with --slot)")
+            restored_tokens = manager.llm.slot_restore(slot, snap.slot_filename).n_restored
+        result = manager.restore(session, snapshot_id, restored_tokens)
+    finally:
+        store.close()
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        render.restore_result(result)
+
+
+@app.command()
+def maintain(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go; change nothing.")] = False,
+    inactive_hours: Annotated[
+        Optional[float], typer.Option("--inactive-hours", help="Idle time before a session's cache is released.")
+    ] = None,
+    check: Annotated[bool, typer.Option("--check", help="Run an integrity check and report it.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Release idle sessions' caches, prune snapshots, trim history (quiet for cron)."""
+    from . import render
+    from .errors import LockBusyError
+
+    manager, store = _manager()
+    try:
+        try:
+            result = manager.maintain(dry_run=dry_run, inactive_hours=inactive_hours, check=check)
+        except LockBusyError as exc:
+            info(f"kvcache: {exc}; nothing done")
+            if as_json:
+                emit_json({"skipped": True, "reason": str(exc)})
+            return
+    finally:
+        store.close()
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        render.maintenance_result(result, verbose=STATE.verbose > 0)
+    if result.integrity is not None and result.integrity != "ok":
+        raise typer.Exit(1)
+
+
+@app.command()
+def stats(
+    session: Annotated[Optional[str], typer.Argument(help="Show one session in detail.")] = None,
+    history: Annotated[int, typer.Option("--history", help="How many recent operations to show.", min=0)] = 10,
+    server: ServerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Statistics, session states, recent operations and the database size."""
+    from . import render
+
+    manager, store = _manager()
+    try:
+        data = manager.statistics(session, history)
+    finally:
+        store.close()
+    if server or STATE.config().llm.base_url:
+        client = _llm_client(server)
+        if client is not None and server:
+            data["slots"] = [s.to_dict() for s in client.slots()]
+    if as_json:
+        emit_json(data)
+    else:
+        render.statistics(data)
+
+
+@app.command("init-config")
+def init_config(
+    path: Annotated[Optional[Path], typer.Argument(help="Where to write (default: the user config file).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a starter kvcache.toml with every key at its default."""
+    from .config import starter_toml
+    from .paths import default_config_path, ensure_private_dir
+
+    target = path or default_config_path()
+    if target.exists() and not force:
+        raise BadInputError(f"{target}: already exists (use --force to overwrite)")
+    ensure_private_dir(target.parent)
+    fd = os.open(target, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(starter_toml())
+    info(f"wrote {target}")
+
+
+def main() -> None:
+    """Console entry point: run the app, turning kvcache errors into one line and a code."""
+    try:
+        app()
+    except KVCacheError as exc:
+        _stderr(f"kvcache: error: {exc}")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _stderr("kvcache: interrupted")
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(1)
+    except Exception as exc:  # a bug or an unexpected environment: one line, not a traceback
+        if STATE.verbose:
+            import traceback
+
+            traceback.print_exc()
+        kind = type(exc).__name__
+        if kind in ("OperationalError", "DatabaseError", "IntegrityError", "InterfaceError"):
+            _stderr(f"kvcache: error: database: {exc}")
+        else:
+            _stderr(f"kvcache: error: unexpected {kind}: {exc} (run with -v for details)")
+        sys.exit(1)

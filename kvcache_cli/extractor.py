@@ -1,0 +1,87 @@
+"""Classification and preservation of entries at a clear (the seed's ``CacheExtractor``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from .entries import KVEntry
+from .scoring import CacheEntryScorer, extract_keywords, is_question
+from .scoring import CODE_RE, IMPORTANT_RE, NUMERIC_RE, SYSTEM_PROMPT_RE
+
+MIN_VALUE_BYTES = 10
+MAX_VALUE_BYTES = 10_000
+
+
+@dataclass
+class ExtractedEntry:
+    """An entry considered at a clear: its class, importance and keywords."""
+
+    entry: KVEntry
+    entry_type: str
+    importance: float
+    keywords: list[str]
+
+
+def classify(entry: KVEntry) -> str:
+    """The first matching class: system prompt, code, important, question, numeric, else type."""
+    if entry.key_type == "system_prompt":
+        return "system_prompt"
+    text = entry.key_data or ""
+    if SYSTEM_PROMPT_RE.search(text):
+        return "system_prompt"
+    if CODE_RE.search(text):
+        return "code_block"
+    if IMPORTANT_RE.search(text):
+        return "important_concept"
+    if is_question(text):
+        return "question"
+    if NUMERIC_RE.search(text):
+        return "numeric_data"
+    return entry.key_type or "attention_key"
+
+
+def extract_entries(
+    entries: list[KVEntry],
+    scorer: CacheEntryScorer,
+    now: datetime,
+    engagement: Mapping[str, float] | None = None,
+) -> list[ExtractedEntry]:
+    """Entries with 10..10,000 value bytes, classified and scored, best first.
+
+    Ties are broken by key hash so the order never depends on input order.
+    """
+    out = []
+    for entry in entries:
+        if not MIN_VALUE_BYTES <= entry.value_bytes <= MAX_VALUE_BYTES:
+            continue
+        importance = scorer.score(entry, now, engagement)
+        out.append(ExtractedEntry(entry, classify(entry), importance, extract_keywords(entry.key_data)))
+    out.sort(key=lambda e: (-e.importance, e.entry.key_hash))
+    return out
+
+
+def filter_preserved(
+    extracted: list[ExtractedEntry],
+    min_importance: float,
+    preserve_system_prompts: bool,
+    preserve_code_entries: bool,
+) -> list[ExtractedEntry]:
+    """The seed's preservation rule; anything unlisted needs 1.2 x the threshold."""
+    kept = []
+    for item in extracted:
+        if item.importance < min_importance:
+            continue
+        kind = item.entry_type
+        if kind == "system_prompt":
+            keep = preserve_system_prompts
+        elif kind == "code_block":
+            keep = preserve_code_entries
+        elif kind in ("important_concept", "attention_key", "attention_value"):
+            keep = True
+        else:
+            keep = item.importance >= min_importance * 1.2
+        if keep:
+            kept.append(item)
+    return kept

@@ -1,0 +1,1337 @@
+"""The KV-cache manager: the seed's engine, persisted.
+
+Every state the seed kept in memory (session state, statistics, operation history,
+engagement) lives in the store, and every turn is one transaction: the turn's
+messages, cache entries, clear, snapshot, summary, statistics and operation records
+commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from . import bridge
+from .config import Config
+from .entries import ChatMessage, KVEntry, entries_hash, key_hash_for
+from .errors import BadInputError, IntegrityError, NotFoundError
+from .extractor import extract_entries, filter_preserved
+from .loaders import Conversation
+from .memory import TokenCounter, capacity_bytes
+from .retrieval import TIER_THRESHOLDS, RetrievalResult, RetrievedEntry, merge_results, rank_entries
+from .scoring import CacheEntryScorer, decayed_engagement, extract_keywords, next_engagement
+from .store import models as m
+from .store import search
+from .store.backend import Store
+from .store.migrations import utcnow
+from .summary import MIN_MESSAGES, TAIL_MESSAGES, extractive_summary
+
+RETRIEVAL_TRIGGERS = ("explain", "how to", "what is", "remember", "recall")
+PROCESS_TIERS = (1, 2, 3)
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class ClearInfo:
+    """One clear (the seed's ``CacheClearResult`` without the entries themselves)."""
+
+    session_id: str
+    turn: int
+    reason: str
+    entries_cleared: int
+    entries_preserved: int
+    preserved_keywords: list[str]
+    snapshot_id: int | None
+    summary_source: str | None
+    bridge_message: str
+    cache_size_bytes_before: int = 0
+    slot_erased: int | None = None
+    kept_keys: set[str] = field(default_factory=set, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "turn": self.turn,
+            "clear_reason": self.reason,
+            "entries_cleared": self.entries_cleared,
+            "entries_preserved": self.entries_preserved,
+            "preserved_keywords": self.preserved_keywords,
+            "snapshot_id": self.snapshot_id,
+            "summary_source": self.summary_source,
+            "cache_size_bytes_before": self.cache_size_bytes_before,
+            "bridge_message": self.bridge_message,
+            "slot_erased": self.slot_erased,
+        }
+
+
+@dataclass
+class TurnReport:
+    """What one processed turn did."""
+
+    turn: int
+    message_index: int
+    conversation_count: int
+    cache_size_bytes: int
+    entry_count: int
+    clear: ClearInfo | None = None
+    snapshot_ids: list[int] = field(default_factory=list)
+    retrieved: int = 0
+    retrieval_tiers: list[int] = field(default_factory=list)
+    bridge_messages: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "turn": self.turn,
+            "message_index": self.message_index,
+            "conversation_count": self.conversation_count,
+            "cache_size_bytes": self.cache_size_bytes,
+            "entry_count": self.entry_count,
+            "cleared": self.clear is not None,
+            "clear_reason": self.clear.reason if self.clear else None,
+            "snapshot_ids": self.snapshot_ids,
+            "entries_retrieved": self.retrieved,
+            "tiers_searched": self.retrieval_tiers,
+            "bridge_messages": self.bridge_messages,
+        }
+
+
+@dataclass
+class ProcessResult:
+    """A conversation's replay: per-turn reports and totals."""
+
+    session_id: str
+    source: str
+    messages_total: int = 0
+    messages_added: int = 0
+    turns: list[TurnReport] = field(default_factory=list)
+    capacity_bytes: int = 0
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def clears(self) -> list[ClearInfo]:
+        return [t.clear for t in self.turns if t.clear]
+
+    @property
+    def snapshot_ids(self) -> list[int]:
+        return [s for t in self.turns for s in t.snapshot_ids]
+
+    def to_dict(self, with_turns: bool = True) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "session_id": self.session_id,
+            "source": self.source,
+            "messages_total": self.messages_total,
+            "messages_added": self.messages_added,
+            "turns_processed": len(self.turns),
+            "total_clears": len(self.clears),
+            "entries_cleared": sum(c.entries_cleared for c in self.clears),
+            "entries_preserved": sum(c.entries_preserved for c in self.clears),
+            "total_retrievals": sum(1 for t in self.turns if t.retrieval_tiers),
+            "entries_retrieved": sum(t.retrieved for t in self.turns),
+            "snapshots_created": len(self.snapshot_ids),
+            "capacity_bytes": self.capacity_bytes,
+            "clears": [c.to_dict() for c in self.clears],
+            "usage": [t.cache_size_bytes for t in self.turns],
+            "notices": self.notices,
+        }
+        if with_turns:
+            data["turns"] = [t.to_dict() for t in self.turns]
+        return data
+
+
+@dataclass
+class SnapshotInfo:
+    """A snapshot as listed and returned by ``snapshot``."""
+
+    id: int
+    session_id: str
+    snapshot_type: str
+    reason: str
+    entry_count: int
+    size_bytes: int
+    state_hash: str
+    created_at: datetime
+    turn_index: int
+    slot_id: int | None = None
+    slot_filename: str | None = None
+    slot_n_saved: int | None = None
+    slot_n_written: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "session_id": self.session_id,
+            "snapshot_type": self.snapshot_type,
+            "reason": self.reason,
+            "entry_count": self.entry_count,
+            "size_bytes": self.size_bytes,
+            "state_hash": self.state_hash,
+            "created_at": self.created_at.isoformat(),
+            "turn_index": self.turn_index,
+            "slot_id": self.slot_id,
+            "slot_filename": self.slot_filename,
+            "slot_n_saved": self.slot_n_saved,
+            "slot_n_written": self.slot_n_written,
+        }
+
+
+@dataclass
+class RestoreResult:
+    session_id: str
+    snapshot_id: int
+    entries_restored: int
+    cache_size_bytes: int
+    bridge_message: str
+    slot_n_restored: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "snapshot_id": self.snapshot_id,
+            "entries_restored": self.entries_restored,
+            "cache_size_bytes": self.cache_size_bytes,
+            "bridge_message": self.bridge_message,
+            "slot_n_restored": self.slot_n_restored,
+        }
+
+
+@dataclass
+class MaintenanceResult:
+    """The seed's ``MaintenanceResult``, with what was (or would be) done."""
+
+    dry_run: bool
+    sessions_cleaned: int = 0
+    snapshots_pruned: int = 0
+    operations_trimmed: int = 0
+    cleaned_sessions: list[str] = field(default_factory=list)
+    pruned_snapshot_ids: list[int] = field(default_factory=list)
+    integrity: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def did_anything(self) -> bool:
+        return bool(self.sessions_cleaned or self.snapshots_pruned or self.operations_trimmed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "sessions_cleaned": self.sessions_cleaned,
+            "snapshots_pruned": self.snapshots_pruned,
+            "operations_trimmed": self.operations_trimmed,
+            "cleaned_sessions": self.cleaned_sessions,
+            "pruned_snapshot_ids": self.pruned_snapshot_ids,
+            "integrity": self.integrity,
+            "errors": self.errors,
+        }
+
+
+# ----------------------------------------------------------------------------- helpers
+def _entry_from_row(row: Any) -> KVEntry:
+    return KVEntry(
+        key_hash=row.key_hash,
+        key_data=row.key_data,
+        key_type=row.key_type,
+        value_bytes=row.value_bytes,
+        layer_index=row.layer_index,
+        head_index=row.head_index,
+        importance_score=row.importance,
+        access_count=row.access_count,
+        last_accessed=row.last_accessed,
+        size_bytes=row.size_bytes,
+        tokens=row.tokens,
+        message_index=row.message_index,
+    )
+
+
+def _entry_row(entry: KVEntry, position: int) -> dict[str, Any]:
+    return {
+        "key_hash": entry.key_hash,
+        "key_data": entry.key_data,
+        "key_type": entry.key_type,
+        "value_bytes": entry.value_bytes,
+        "layer_index": entry.layer_index,
+        "head_index": entry.head_index,
+        "importance": entry.importance_score,
+        "access_count": entry.access_count,
+        "last_accessed": entry.last_accessed,
+        "size_bytes": entry.size_bytes,
+        "tokens": entry.tokens,
+        "message_index": entry.message_index,
+        "position": position,
+    }
+
+
+def _bulk_insert(model: Any, rows: list[dict[str, Any]], batch: int = 100) -> None:
+    for start in range(0, len(rows), batch):
+        model.insert_many(rows[start : start + batch]).execute()
+
+
+def split_turns(messages: list[ChatMessage]) -> list[tuple[int, int]]:
+    """``(start, end)`` index ranges of turns: a user message and the replies after it.
+
+    Messages before the first user message join the first turn; a conversation with
+    no user message is one turn without a question.
+    """
+    user_positions = [i for i, msg in enumerate(messages) if msg.role == "user"]
+    if not user_positions:
+        return [(0, len(messages))] if messages else []
+    bounds = []
+    for n, pos in enumerate(user_positions):
+        start = 0 if n == 0 else pos
+        end = user_positions[n + 1] if n + 1 < len(user_positions) else len(messages)
+        bounds.append((start, end))
+    return bounds
+
+
+def should_retrieve(text: str) -> bool:
+    """The seed's retrieval trigger, case-insensitive and not English-only.
+
+    A question mark in any script, a long message, code, or a recall phrase.
+    """
+    if not text.strip():
+        return False
+    lowered = text.casefold()
+    return (
+        any(mark in text for mark in ("?", "？", "؟"))
+        or len(text) > 100
+        or "```" in text
+        or any(trigger in lowered for trigger in RETRIEVAL_TRIGGERS)
+    )
+
+
+# ----------------------------------------------------------------------------- manager
+class KVCacheManager:
+    """The engine: process turns, clear, retrieve, snapshot, restore, maintain, stats."""
+
+    def __init__(self, store: Store, config: Config | None = None, llm: Any = None) -> None:
+        self.store = store
+        self.config = config or Config()
+        self.llm = llm
+        self.scorer = CacheEntryScorer()
+        self.tokens = TokenCounter(llm.tokenize if llm is not None and self.config.llm.use_tokenize else None)
+        self._server_n_ctx: int | None = None
+        self.notices: list[str] = []
+
+    # -------------------------------------------------------------- session access
+    def _session(self, key: str) -> m.Session:
+        row = m.Session.get_or_none(m.Session.key == key)
+        if row is None:
+            raise NotFoundError(f"unknown session {key!r}")
+        return row
+
+    def _session_for_update(self, key: str, create: bool, now: datetime) -> m.Session:
+        query = m.Session.select().where(m.Session.key == key)
+        if not self.store.is_sqlite:
+            query = query.for_update()
+        row = query.first()
+        if row is None:
+            if not create:
+                raise NotFoundError(f"unknown session {key!r}")
+            row = m.Session.create(
+                key=key,
+                created_at=now,
+                last_activity=now,
+                capacity_bytes=self.capacity(),
+            )
+        return row
+
+    def capacity(self) -> int:
+        return capacity_bytes(self.config.model, self.config.cache, self._server_n_ctx)
+
+    def set_server_n_ctx(self, n_ctx: int | None) -> None:
+        """Use a slot's ``n_ctx`` (from the server's ``/slots``) for the capacity."""
+        self._server_n_ctx = n_ctx
+
+    def _active_entries(self, session: m.Session) -> list[KVEntry]:
+        rows = (
+            m.CacheEntry.select()
+            .where(m.CacheEntry.session == session.id)
+            .order_by(m.CacheEntry.position, m.CacheEntry.id)
+        )
+        return [_entry_from_row(r) for r in rows]
+
+    def _engagement(self, session: m.Session) -> dict[str, float]:
+        rows = (
+            m.Engagement.select(m.Engagement.key_hash, m.Engagement.score)
+            .where(m.Engagement.session == session.id)
+            .tuples()
+        )
+        return dict(rows)
+
+    def _record(self, session_key: str, kind: str, affected: int, details: str, now: datetime) -> None:
+        m.Operation.create(
+            session_key=session_key,
+            operation_type=kind,
+            timestamp=now,
+            entries_affected=affected,
+            details=details,
+        )
+
+    def _bump_stats(self, now: datetime, **deltas: int) -> None:
+        updates: dict[Any, Any] = {
+            getattr(m.Statistics, name): getattr(m.Statistics, name) + value
+            for name, value in deltas.items()
+        }
+        updates[m.Statistics.last_operation] = now
+        m.Statistics.update(updates).where(m.Statistics.id == 1).execute()
+
+    # -------------------------------------------------------------- entries from messages
+    def derive_entries(
+        self, session_key: str, start_index: int, messages: list[ChatMessage], tokens: list[int], now: datetime
+    ) -> list[KVEntry]:
+        """One entry per message: its text as key, its tokens x bytes/token as size."""
+        per_token = self.config.model.bytes_per_token
+        out = []
+        for offset, (msg, count) in enumerate(zip(messages, tokens, strict=True)):
+            index = start_index + offset
+            entry = KVEntry(
+                key_hash=key_hash_for(session_key, index, msg.content),
+                key_data=msg.content,
+                key_type="system_prompt" if msg.role == "system" else "attention_key",
+                value_bytes=len(msg.content.encode("utf-8")),
+                last_accessed=msg.timestamp or now,
+                size_bytes=count * per_token,
+                tokens=count,
+                message_index=index,
+            )
+            entry.importance_score = self.scorer.score(entry, now)
+            out.append(entry)
+        return out
+
+    def _file_entries(self, conv: Conversation, lo: int, hi: int, now: datetime) -> list[KVEntry]:
+        """The file's own ``kv_entries`` that enter the cache with messages lo..hi-1."""
+        per_token = self.config.model.bytes_per_token
+        out = []
+        for i, raw in enumerate(conv.kv_entries):
+            where = f"{conv.place}kv_entries[{i}]"
+            index = raw.get("message_index", 0)
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise BadInputError(f"{where}.message_index: must be a whole number")
+            if not lo <= index < hi:
+                continue
+            text = raw.get("key_data", raw.get("text"))
+            value = raw.get("value_data")
+            value_bytes = raw.get("value_bytes")
+            if value_bytes is None:
+                value_bytes = len(value.encode("utf-8")) if isinstance(value, str) else len(text or "")
+            tokens = raw.get("tokens") or self.tokens.count([text or ""])[0]
+            try:
+                entry = KVEntry(
+                    key_hash=str(raw.get("key_hash") or key_hash_for(conv.session_key or "", -1 - i, text or "")),
+                    key_data=text,
+                    key_type=str(raw.get("key_type", "attention_key")),
+                    value_bytes=int(value_bytes),
+                    layer_index=int(raw.get("layer_index", 0)),
+                    head_index=None if raw.get("head_index") is None else int(raw["head_index"]),
+                    access_count=int(raw.get("access_count", 1)),
+                    last_accessed=now,
+                    size_bytes=int(raw.get("size_bytes") or int(tokens) * per_token),
+                    tokens=int(tokens),
+                    message_index=index,
+                )
+            except (TypeError, ValueError) as exc:
+                raise BadInputError(f"{where}: {exc}") from None
+            if raw.get("importance_score") is not None:
+                entry.importance_score = float(raw["importance_score"])
+            else:
+                entry.importance_score = self.scorer.score(entry, now)
+            out.append(entry)
+        return out
+
+    # -------------------------------------------------------------- process
+    def check_prefix(self, session_key: str, messages: list[ChatMessage], label: str) -> int:
+        """How many of ``messages`` are stored already; refuse a file that diverges."""
+        session = m.Session.get_or_none(m.Session.key == session_key)
+        if session is None:
+            return 0
+        stored = (
+            m.Message.select(m.Message.message_index, m.Message.role, m.Message.content)
+            .where(m.Message.session == session.id)
+            .order_by(m.Message.message_index)
+            .tuples()
+        )
+        count = 0
+        for index, role, content in stored:
+            if index >= len(messages):
+                break
+            msg = messages[index]
+            if msg.role != role or msg.content != content:
+                raise BadInputError(
+                    f"{label}: session {session_key!r}: message {index} differs from the "
+                    "stored conversation (the file must extend it, not rewrite it)"
+                )
+            count += 1
+        return count
+
+    def process_conversation(
+        self,
+        conv: Conversation,
+        session_key: str,
+        on_turn: Callable[[int, int], None] | None = None,
+    ) -> ProcessResult:
+        """Replay a conversation turn by turn; already stored turns are skipped."""
+        result = ProcessResult(session_id=session_key, source=conv.place.rstrip(": "))
+        result.messages_total = len(conv.messages)
+        result.capacity_bytes = self.capacity()
+        done = self.check_prefix(session_key, conv.messages, result.source or session_key)
+        turns = split_turns(conv.messages)
+        pending = [(lo, hi) for lo, hi in turns if hi > done]
+        for number, (lo, hi) in enumerate(pending, start=1):
+            tokens = self.tokens.count([msg.content for msg in conv.messages[max(lo, done) : hi]])
+            report = self.store.transaction(lambda lo=lo, hi=hi, tokens=tokens: self._turn(conv, session_key, lo, hi, tokens, result))
+            if report is not None:
+                result.turns.append(report)
+            if on_turn is not None:
+                on_turn(number, len(pending))
+        result.notices.extend(self.notices)
+        self.notices.clear()
+        return result
+
+    def _turn(
+        self,
+        conv: Conversation,
+        session_key: str,
+        lo: int,
+        hi: int,
+        tokens: list[int],
+        result: ProcessResult,
+    ) -> TurnReport | None:
+        """One turn in one transaction: store, decide, clear, snapshot, retrieve."""
+        wall = utcnow()
+        session = self._session_for_update(session_key, create=True, now=wall)
+        stored = m.Message.select().where(m.Message.session == session.id).count()
+        if stored >= hi:
+            return None  # another process stored this turn meanwhile
+        start = max(lo, stored)
+        if start != max(lo, hi - len(tokens)):
+            # another process stored part of it: recount for what is left
+            tokens = self.tokens.count([msg.content for msg in conv.messages[start:hi]])
+        msgs = conv.messages[start:hi]
+        user_pos = next((i for i, msg in enumerate(msgs) if msg.role == "user"), None)
+        question = msgs[user_pos] if user_pos is not None else None
+        now = (question.timestamp if question and question.timestamp else None) or wall
+        cut = (user_pos + 1) if user_pos is not None else len(msgs)
+        before, after = msgs[:cut], msgs[cut:]
+        new_entries = self._insert_messages(session, start, before, tokens[:cut], now)
+        new_entries += self._file_entries(conv, start, start + cut, now)
+        result.messages_added += len(before)
+        active = self._active_entries(session)
+        self._add_to_cache(session, new_entries, len(active))
+        active += new_entries
+        report: TurnReport | None = None
+        if question is not None:
+            report = self._decide(session, active, start + user_pos, question, now)
+        if after:
+            later = self._insert_messages(session, start + cut, after, tokens[cut:], now)
+            later += self._file_entries(conv, start + cut, hi, now)
+            self._add_to_cache(session, later, session.entry_count)
+            result.messages_added += len(after)
+            session.cache_size_bytes += sum(e.size_bytes for e in later)
+            session.entry_count += len(later)
+        session.last_activity = wall
+        session.save()
+        return report
+
+    def _insert_messages(
+        self, session: m.Session, start: int, msgs: list[ChatMessage], tokens: list[int], now: datetime
+    ) -> list[KVEntry]:
+        if not msgs:
+            return []
+        rows = [
+            {
+                "session": session.id,
+                "message_index": start + i,
+                "role": msg.role,
+                "name": msg.name,
+                "content": msg.content,
+                "tokens": tokens[i],
+                "timestamp": msg.timestamp,
+            }
+            for i, msg in enumerate(msgs)
+        ]
+        _bulk_insert(m.Message, rows)
+        ids = (
+            m.Message.select(m.Message.id, m.Message.message_index, m.Message.content)
+            .where((m.Message.session == session.id) & (m.Message.message_index >= start))
+            .order_by(m.Message.message_index)
+            .tuples()
+        )
+        search.index_messages(self.store, [(mid, session.id, content) for mid, _, content in ids])
+        return self.derive_entries(session.key, start, msgs, tokens, now)
+
+    def _add_to_cache(self, session: m.Session, entries: list[KVEntry], position: int) -> None:
+        if not entries:
+            return
+        rows = []
+        for offset, entry in enumerate(entries):
+            row = _entry_row(entry, position + offset)
+            row["session"] = session.id
+            rows.append(row)
+        existing = {
+            h
+            for (h,) in m.CacheEntry.select(m.CacheEntry.key_hash)
+            .where((m.CacheEntry.session == session.id) & (m.CacheEntry.key_hash.in_([r["key_hash"] for r in rows])))
+            .tuples()
+        }
+        rows = [r for r in rows if r["key_hash"] not in existing]
+        _bulk_insert(m.CacheEntry, rows)
+
+    def _decide(
+        self, session: m.Session, active: list[KVEntry], user_index: int, question: ChatMessage, now: datetime
+    ) -> TurnReport:
+        """The seed's ``process_conversation`` for the turn ending in ``question``."""
+        cfg = self.config.cache
+        capacity = self.capacity()
+        usage = sum(e.size_bytes for e in active)
+        count = session.conversation_count + 1
+        by_turns = count >= cfg.clear_after_conversations
+        by_memory = capacity > 0 and usage / capacity >= cfg.memory_threshold_percent
+        session.conversation_count = count
+        session.turn_count += 1
+        session.cache_size_bytes = usage
+        session.entry_count = len(active)
+        session.capacity_bytes = capacity
+        report = TurnReport(
+            turn=session.turn_count,
+            message_index=user_index,
+            conversation_count=count,
+            cache_size_bytes=usage,
+            entry_count=len(active),
+        )
+        bridges: list[str] = []
+        if by_turns or by_memory:
+            reason = "ConversationLimit" if by_turns else "MemoryThreshold"
+            clear = self._clear(session, active, reason, now, turn=session.turn_count)
+            report.clear = clear
+            if clear.snapshot_id is not None:
+                report.snapshot_ids.append(clear.snapshot_id)
+            if cfg.bridge_enabled:
+                bridges.append(clear.bridge_message)
+            active = [e for e in active if e.key_hash in clear.kept_keys]
+        elif session.last_cleared_at is not None and cfg.bridge_enabled:
+            summary = m.Summary.get_or_none(m.Summary.session == session.id)
+            if summary is not None:
+                bridges.insert(0, bridge.summary_prior(summary.text))
+        snap = self._periodic_snapshot(session, active, now)
+        if snap is not None:
+            report.snapshot_ids.append(snap)
+        if cfg.retrieval_enabled and should_retrieve(question.content):
+            found = self._retrieve_in_session(
+                session,
+                question.content,
+                tiers=PROCESS_TIERS,
+                limit=20,
+                cascade=True,
+                exclude_from=user_index,
+                active=active,
+                now=now,
+            )
+            report.retrieval_tiers = found.tiers_searched
+            report.retrieved = len(found.entries)
+            if found.bridge_message and cfg.bridge_enabled:
+                bridges.append(found.bridge_message)
+        report.bridge_messages = bridges
+        m.TurnLog.create(
+            session=session.id,
+            turn_index=session.turn_count,
+            message_index=user_index,
+            cache_size_bytes=report.cache_size_bytes,
+            entry_count=report.entry_count,
+            cleared=report.clear is not None,
+            clear_reason=report.clear.reason if report.clear else None,
+            retrieved=report.retrieved,
+        )
+        return report
+
+    # -------------------------------------------------------------- clear
+    def _summary_messages(self, session: m.Session, since: int) -> list[ChatMessage]:
+        rows = (
+            m.Message.select(m.Message.role, m.Message.content, m.Message.name)
+            .where((m.Message.session == session.id) & (m.Message.message_index >= since))
+            .order_by(m.Message.message_index.desc())
+            .limit(TAIL_MESSAGES)
+        )
+        return [ChatMessage(role=r.role, content=r.content, name=r.name) for r in reversed(list(rows))]
+
+    def _write_summary(self, session: m.Session, now: datetime) -> tuple[str | None, str | None]:
+        """Update the session's cumulative summary; returns (text, source)."""
+        existing = m.Summary.get_or_none(m.Summary.session == session.id)
+        since = existing.messages_summarized if existing else 0
+        total = m.Message.select().where(m.Message.session == session.id).count()
+        messages = self._summary_messages(session, since)
+        if len(messages) < MIN_MESSAGES:
+            return (existing.text, existing.source) if existing else (None, None)
+        prior = existing.text if existing else None
+        text: str | None = None
+        source = "extractive"
+        if self.llm is not None:
+            from .errors import ServerError
+            from .llm import summarize
+
+            try:
+                text = summarize(self.llm, prior, [msg.to_dict() for msg in messages])
+                source = "llm"
+            except ServerError as exc:
+                notice = f"summary: {exc}; used the extractive summary instead"
+                if notice not in self.notices:
+                    self.notices.append(notice)
+        if not text:
+            text = extractive_summary(prior, messages)
+            source = "extractive"
+        if not text:
+            return (prior, existing.source if existing else None)
+        token_count = max(1, len(text) // 4)
+        if existing is None:
+            m.Summary.create(
+                session=session.id,
+                text=text,
+                token_count=token_count,
+                messages_summarized=total,
+                clear_count=1,
+                source=source,
+                updated_at=now,
+            )
+        else:
+            existing.text = text
+            existing.token_count = token_count
+            existing.messages_summarized = total
+            existing.clear_count += 1
+            existing.source = source
+            existing.updated_at = now
+            existing.save()
+        return text, source
+
+    def _clear(self, session: m.Session, active: list[KVEntry], reason: str, now: datetime, turn: int) -> ClearInfo:
+        """Clear the active cache, keeping the important entries (one transaction)."""
+        cfg = self.config.cache
+        engagement = self._engagement(session)
+        extracted = extract_entries(active, self.scorer, now, engagement)
+        preserved = filter_preserved(
+            extracted, cfg.min_importance_to_preserve, cfg.preserve_system_prompts, cfg.preserve_code_entries
+        )
+        kept_keys = {p.entry.key_hash for p in preserved}
+        snapshot_id = None
+        if self._snapshot_on_clear(reason):
+            snapshot_id = self._snapshot(session, active, f"clear:{reason}", now, turn)
+        keywords = [k for p in preserved for k in p.keywords][:10]
+        text, source = self._write_summary(session, now)
+        cleared = len(active) - len(preserved)
+        message = bridge.summary_now(text) if text else bridge.clear_bridge(cleared, len(preserved), keywords)
+        before = sum(e.size_bytes for e in active)
+        keep = sorted(kept_keys)
+        delete = m.CacheEntry.delete().where(m.CacheEntry.session == session.id)
+        if keep:
+            delete = delete.where(m.CacheEntry.key_hash.not_in(keep))
+        delete.execute()
+        kept_entries = [p.entry for p in preserved]
+        self._bump_stats(now, total_clears=1, entries_preserved=len(preserved), entries_cleared=cleared)
+        self._record(session.key, "clear", len(active), reason, now)
+        session.conversation_count = 0
+        session.last_cleared_at = now
+        session.total_clears += 1
+        session.entry_count = len(kept_entries)
+        session.cache_size_bytes = sum(e.size_bytes for e in kept_entries)
+        if snapshot_id is not None:
+            session.last_snapshot_id = snapshot_id
+        meta = json.loads(session.metadata or "{}")
+        meta["last_clear_reason"] = reason
+        session.metadata = json.dumps(meta, sort_keys=True)
+        return ClearInfo(
+            session_id=session.key,
+            turn=turn,
+            reason=reason,
+            entries_cleared=cleared,
+            entries_preserved=len(preserved),
+            preserved_keywords=keywords,
+            snapshot_id=snapshot_id,
+            summary_source=source,
+            bridge_message=message,
+            cache_size_bytes_before=before,
+            kept_keys=kept_keys,
+        )
+
+    def clear(self, session_key: str, reason: str = "Manual") -> ClearInfo:
+        """Manual clear (``ClearReason::Manual``) with preservation and summary."""
+
+        def work() -> ClearInfo:
+            now = utcnow()
+            session = self._session_for_update(session_key, create=False, now=now)
+            active = self._active_entries(session)
+            info = self._clear(session, active, reason, now, turn=session.turn_count)
+            session.last_activity = now
+            session.save()
+            return info
+
+        return self.store.transaction(work)
+
+    # -------------------------------------------------------------- snapshots
+    def _snapshot_on_clear(self, reason: str) -> bool:
+        cfg = self.config.cache
+        if not cfg.enabled:
+            return False
+        kind = cfg.snapshot.strategy
+        if kind == "none":
+            return False
+        if kind == "incremental":
+            return reason == "ConversationLimit"
+        return True
+
+    def _periodic_snapshot(self, session: m.Session, active: list[KVEntry], now: datetime) -> int | None:
+        cfg = self.config.cache
+        snap = cfg.snapshot
+        if not cfg.enabled or snap.strategy == "none" or snap.interval_conversations <= 0:
+            return None
+        if session.turn_count % snap.interval_conversations != 0 or not active:
+            return None
+        return self._snapshot(session, active, "interval", now, session.turn_count)
+
+    def _snapshot(self, session: m.Session, entries: list[KVEntry], reason: str, now: datetime, turn: int) -> int | None:
+        """Store a self-contained snapshot; de-duplicated by hash; pruned to the max."""
+        snap = self.config.cache.snapshot
+        kind = snap.strategy if snap.strategy != "none" else "full"
+        if kind == "adaptive":
+            entries = [e for e in entries if e.importance_score >= snap.min_importance_threshold]
+            if not entries:
+                return None
+        state_hash = entries_hash(entries)
+        last = (
+            m.Snapshot.select(m.Snapshot.state_hash)
+            .where(m.Snapshot.session == session.id)
+            .order_by(m.Snapshot.created_at.desc(), m.Snapshot.id.desc())
+            .first()
+        )
+        if reason == "interval" and last is not None and last.state_hash == state_hash:
+            return None
+        row = m.Snapshot.create(
+            session=session.id,
+            turn_index=turn,
+            snapshot_type=kind if kind != "adaptive" else "checkpoint",
+            reason=reason,
+            state_hash=state_hash,
+            entry_count=len(entries),
+            size_bytes=sum(e.size_bytes for e in entries),
+            created_at=now,
+        )
+        rows = []
+        for position, entry in enumerate(entries):
+            data = _entry_row(entry, position)
+            data["snapshot"] = row.id
+            rows.append(data)
+        _bulk_insert(m.SnapshotEntry, rows)
+        self._bump_stats(now, total_snapshots=1)
+        self._record(session.key, "snapshot", len(entries), f"Snapshot ID: {row.id}", now)
+        session.last_snapshot_id = row.id
+        if snap.max_snapshots > 0:
+            self._prune_session_snapshots(session.id, snap.max_snapshots, dry_run=False)
+        return int(row.id)
+
+    def _prune_session_snapshots(self, session_id: int, keep: int, dry_run: bool) -> list[int]:
+        """Drop all but the newest ``keep`` snapshots; ties broken by id (newest wins)."""
+        rows = (
+            m.Snapshot.select(m.Snapshot.id)
+            .where(m.Snapshot.session == session_id)
+            .order_by(m.Snapshot.created_at.desc(), m.Snapshot.id.desc())
+            .offset(keep)
+            .tuples()
+        )
+        ids = [r[0] for r in rows]
+        if ids and not dry_run:
+            m.SnapshotEntry.delete().where(m.SnapshotEntry.snapshot.in_(ids)).execute()
+            m.Snapshot.delete().where(m.Snapshot.id.in_(ids)).execute()
+        return ids
+
+    def snapshot(self, session_key: str, slot: Any = None) -> SnapshotInfo:
+        """Snapshot the session's active cache now (type by the configured strategy)."""
+
+        def work() -> SnapshotInfo:
+            now = utcnow()
+            session = self._session_for_update(session_key, create=False, now=now)
+            active = self._active_entries(session)
+            state_hash = entries_hash(active)
+            row = m.Snapshot.create(
+                session=session.id,
+                turn_index=session.turn_count,
+                snapshot_type="full",
+                reason="manual",
+                state_hash=state_hash,
+                entry_count=len(active),
+                size_bytes=sum(e.size_bytes for e in active),
+                created_at=now,
+            )
+            rows = []
+            for position, entry in enumerate(active):
+                data = _entry_row(entry, position)
+                data["snapshot"] = row.id
+                rows.append(data)
+            _bulk_insert(m.SnapshotEntry, rows)
+            if slot is not None:
+                row.slot_id = slot.slot_id
+                row.slot_filename = slot.filename
+                row.slot_n_saved = slot.n_saved
+                row.slot_n_written = slot.n_written
+                row.save()
+            self._bump_stats(now, total_snapshots=1)
+            self._record(session.key, "snapshot", len(active), f"Snapshot ID: {row.id}", now)
+            session.last_snapshot_id = row.id
+            session.last_activity = now
+            session.save()
+            return self._snapshot_info(row, session.key)
+
+        return self.store.transaction(work)
+
+    @staticmethod
+    def _snapshot_info(row: Any, session_key: str) -> SnapshotInfo:
+        return SnapshotInfo(
+            id=row.id,
+            session_id=session_key,
+            snapshot_type=row.snapshot_type,
+            reason=row.reason,
+            entry_count=row.entry_count,
+            size_bytes=row.size_bytes,
+            state_hash=row.state_hash,
+            created_at=row.created_at,
+            turn_index=row.turn_index,
+            slot_id=row.slot_id,
+            slot_filename=row.slot_filename,
+            slot_n_saved=row.slot_n_saved,
+            slot_n_written=row.slot_n_written,
+        )
+
+    def list_snapshots(self, session_key: str | None = None) -> list[SnapshotInfo]:
+        query = m.Snapshot.select(m.Snapshot, m.Session.key).join(m.Session)
+        if session_key is not None:
+            session = self._session(session_key)
+            query = query.where(m.Snapshot.session == session.id)
+        query = query.order_by(m.Session.key, m.Snapshot.created_at, m.Snapshot.id)
+        return [self._snapshot_info(row, row.session.key) for row in query]
+
+    def get_snapshot(self, session_key: str, snapshot_id: int) -> SnapshotInfo:
+        session = self._session(session_key)
+        row = m.Snapshot.get_or_none((m.Snapshot.id == snapshot_id) & (m.Snapshot.session == session.id))
+        if row is None:
+            raise NotFoundError(f"unknown snapshot {snapshot_id} for session {session_key!r}")
+        return self._snapshot_info(row, session_key)
+
+    def snapshot_entries(self, snapshot_id: int) -> list[KVEntry]:
+        rows = (
+            m.SnapshotEntry.select()
+            .where(m.SnapshotEntry.snapshot == snapshot_id)
+            .order_by(m.SnapshotEntry.position, m.SnapshotEntry.id)
+        )
+        return [_entry_from_row(r) for r in rows]
+
+    def active_entries(self, session_key: str) -> list[KVEntry]:
+        return self._active_entries(self._session(session_key))
+
+    def restore(self, session_key: str, snapshot_id: int, slot_n_restored: int | None = None) -> RestoreResult:
+        """Replace the active cache with a snapshot's entries, after checking its hash."""
+
+        def work() -> RestoreResult:
+            now = utcnow()
+            session = self._session_for_update(session_key, create=False, now=now)
+            row = m.Snapshot.get_or_none((m.Snapshot.id == snapshot_id) & (m.Snapshot.session == session.id))
+            if row is None:
+                raise NotFoundError(f"unknown snapshot {snapshot_id} for session {session_key!r}")
+            entries = self.snapshot_entries(row.id)
+            if entries_hash(entries) != row.state_hash or len(entries) != row.entry_count:
+                raise IntegrityError(
+                    f"snapshot {snapshot_id} of session {session_key!r} failed its integrity check"
+                )
+            m.CacheEntry.delete().where(m.CacheEntry.session == session.id).execute()
+            self._add_to_cache(session, entries, 0)
+            age = int((now - row.created_at).total_seconds() // 60)
+            message = bridge.restore_bridge(len(entries), max(age, 0))
+            self._bump_stats(now, total_restores=1)
+            self._record(session.key, "restore", len(entries), f"Snapshot ID: {row.id}", now)
+            session.entry_count = len(entries)
+            session.cache_size_bytes = sum(e.size_bytes for e in entries)
+            session.last_snapshot_id = row.id
+            session.last_activity = now
+            session.save()
+            return RestoreResult(session.key, row.id, len(entries), session.cache_size_bytes, message, slot_n_restored)
+
+        return self.store.transaction(work)
+
+    # -------------------------------------------------------------- retrieval
+    def _retrieve_in_session(
+        self,
+        session: m.Session,
+        query: str,
+        tiers: tuple[int, ...],
+        limit: int,
+        cascade: bool,
+        exclude_from: int | None,
+        active: list[KVEntry] | None,
+        now: datetime,
+        min_score: float = 0.0,
+    ) -> RetrievalResult:
+        """Search the tiers of one session and record the retrieval (inside a transaction)."""
+        from .textsearch import query_terms
+
+        started = time.perf_counter()
+        result = RetrievalResult(query=query, strategy=self.config.cache.retrieval_strategy)
+        result.keywords_used = query_terms(query)
+        found: list[RetrievedEntry] = []
+        thresholds = TIER_THRESHOLDS if cascade else {1: min_score, 2: min_score, 3: min_score}
+        if active is None:
+            active = self._active_entries(session)
+        in_cache = {e.message_index for e in active if e.message_index is not None}
+
+        def keep(item: RetrievedEntry) -> bool:
+            if exclude_from is not None and item.message_index is not None and item.message_index >= exclude_from:
+                return False
+            return item.score > thresholds[item.tier] or (not cascade and item.score >= min_score)
+
+        if 1 in tiers and active:
+            result.tiers_searched.append(1)
+            hits = rank_entries(query, active, 1, session.key)
+            found += [h for h in hits if keep(h)][:10]
+        if 2 in tiers and (not cascade or len(found) < 5):
+            result.tiers_searched.append(2)
+            snaps = list(
+                m.Snapshot.select(m.Snapshot.id)
+                .where(m.Snapshot.session == session.id)
+                .order_by(m.Snapshot.created_at.desc(), m.Snapshot.id.desc())
+                .limit(3)
+                .tuples()
+            )
+            entries: list[KVEntry] = []
+            owners: list[int | None] = []
+            seen_keys: set[str] = set()
+            for (sid,) in snaps:
+                for entry in self.snapshot_entries(sid):
+                    if entry.key_hash in seen_keys:
+                        continue
+                    if cascade and entry.message_index in in_cache:
+                        continue
+                    seen_keys.add(entry.key_hash)
+                    entries.append(entry)
+                    owners.append(sid)
+            hits = rank_entries(query, entries, 2, session.key, owners)
+            found += [h for h in hits if keep(h)][:15]
+        if 3 in tiers and (not cascade or len(found) < 3):
+            result.tiers_searched.append(3)
+            found += [
+                h
+                for h in self._search_history(query, session, limit * 2 + 10)
+                if keep(h) and not (cascade and h.message_index in in_cache)
+            ][:10 if cascade else limit * 2]
+        result.entries = merge_results(found, limit)
+        if result.entries:
+            result.bridge_message = bridge.retrieval_bridge(
+                len(result.entries), result.primary_tier, result.keywords_used, result.average_similarity
+            )
+        result.search_duration_ms = (time.perf_counter() - started) * 1000.0
+        self._after_retrieval(session, result, now)
+        return result
+
+    def _search_history(self, query: str, session: m.Session | None, limit: int) -> list[RetrievedEntry]:
+        hits = search.search_messages(self.store, query, session.id if session else None, limit)
+        if not hits:
+            return []
+        ids = [h.message_id for h in hits]
+        rows = {
+            r.id: r
+            for r in m.Message.select(m.Message.id, m.Message.message_index, m.Message.role, m.Message.content, m.Message.session)
+            .where(m.Message.id.in_(ids))
+        }
+        keys: dict[int, str] = {}
+        if session is None:
+            sids = {r.session_id for r in rows.values()}
+            keys = {s.id: s.key for s in m.Session.select(m.Session.id, m.Session.key).where(m.Session.id.in_(list(sids)))}
+        out = []
+        for hit in hits:
+            row = rows.get(hit.message_id)
+            if row is None:
+                continue
+            key = session.key if session else keys.get(row.session_id, "?")
+            out.append(
+                RetrievedEntry(
+                    tier=3,
+                    score=hit.score,
+                    matched_keywords=list(hit.matched_keywords),
+                    text=row.content,
+                    session_id=key,
+                    message_index=row.message_index,
+                    key_hash=key_hash_for(key, row.message_index, row.content),
+                    role=row.role,
+                )
+            )
+        return out
+
+    def _after_retrieval(self, session: m.Session, result: RetrievalResult, now: datetime) -> None:
+        """Statistics, operation record and engagement (seed: retrieved +0.15, others x0.95)."""
+        self._bump_stats(now, total_retrievals=1, entries_retrieved=len(result.entries))
+        self._record(
+            session.key,
+            "retrieve",
+            len(result.entries),
+            f"Tiers: {result.tiers_searched}, Keywords: {len(result.keywords_used)}",
+            now,
+        )
+        touched = [e.key_hash for e in result.entries if e.session_id == session.key]
+        if not touched:
+            return
+        current = {
+            r.key_hash: r.score
+            for r in m.Engagement.select().where(
+                (m.Engagement.session == session.id) & (m.Engagement.key_hash.in_(touched))
+            )
+        }
+        decay = m.Engagement.update(score=m.Engagement.score * 0.95).where(
+            (m.Engagement.session == session.id) & (m.Engagement.key_hash.not_in(touched))
+        )
+        decay.execute()
+        m.Engagement.update(score=0.1).where(
+            (m.Engagement.session == session.id) & (m.Engagement.score < 0.1)
+        ).execute()
+        for key in touched:
+            value = next_engagement(current.get(key, 0.3), retrieved=True)
+            if key in current:
+                m.Engagement.update(score=value).where(
+                    (m.Engagement.session == session.id) & (m.Engagement.key_hash == key)
+                ).execute()
+            else:
+                m.Engagement.create(session=session.id, key_hash=key, score=value)
+        _ = decayed_engagement  # the SQL above applies the same decay
+
+    def retrieve(
+        self,
+        session_key: str | None,
+        query: str,
+        tiers: tuple[int, ...] = (1, 2, 3),
+        limit: int = 10,
+        min_score: float = 0.0,
+    ) -> RetrievalResult:
+        """Ranked context for ``query`` from one session's tiers, or every session's history."""
+        if limit < 1:
+            raise BadInputError("--limit must be at least 1")
+        if not tiers or any(t not in (1, 2, 3) for t in tiers):
+            raise BadInputError("tiers must be among 1, 2, 3")
+
+        def work() -> RetrievalResult:
+            now = utcnow()
+            if session_key is None:
+                started = time.perf_counter()
+                from .textsearch import query_terms
+
+                result = RetrievalResult(query=query, strategy=self.config.cache.retrieval_strategy)
+                result.keywords_used = query_terms(query)
+                result.tiers_searched = [3]
+                hits = [h for h in self._search_history(query, None, limit) if h.score >= min_score]
+                result.entries = merge_results(hits, limit)
+                if result.entries:
+                    result.bridge_message = bridge.retrieval_bridge(
+                        len(result.entries), 3, result.keywords_used, result.average_similarity
+                    )
+                result.search_duration_ms = (time.perf_counter() - started) * 1000.0
+                self._bump_stats(now, total_retrievals=1, entries_retrieved=len(result.entries))
+                self._record("*", "retrieve", len(result.entries), "Tiers: [3], all sessions", now)
+                return result
+            session = self._session_for_update(session_key, create=False, now=now)
+            return self._retrieve_in_session(
+                session, query, tiers, limit, cascade=False, exclude_from=None, active=None, now=now, min_score=min_score
+            )
+
+        return self.store.transaction(work)
+
+    # -------------------------------------------------------------- maintenance
+    def maintain(
+        self,
+        dry_run: bool = False,
+        inactive_hours: float | None = None,
+        check: bool = False,
+    ) -> MaintenanceResult:
+        """Release idle sessions' caches and snapshots, prune snapshots, trim history.
+
+        A session is idle when its last activity is older than ``inactive_hours``
+        (default from the config, 24 h); its messages, summary and statistics stay, so
+        tier-3 retrieval keeps working. Holds the store's maintenance lock.
+        """
+        hours = self.config.maintenance.inactive_hours if inactive_hours is None else inactive_hours
+        result = MaintenanceResult(dry_run=dry_run)
+        with self.store.exclusive("maintain"):
+            if check:
+                result.integrity = self.integrity_check()
+
+            def work() -> None:
+                cutoff = utcnow() - timedelta(hours=hours)
+                idle = (
+                    m.Session.select()
+                    .where(
+                        (m.Session.last_activity < cutoff)
+                        & (
+                            (m.Session.entry_count > 0)
+                            | fn_exists_snapshot()
+                        )
+                    )
+                    .order_by(m.Session.key)
+                )
+                for session in idle:
+                    result.cleaned_sessions.append(session.key)
+                    if dry_run:
+                        continue
+                    snap_ids = [s for (s,) in m.Snapshot.select(m.Snapshot.id).where(m.Snapshot.session == session.id).tuples()]
+                    if snap_ids:
+                        m.SnapshotEntry.delete().where(m.SnapshotEntry.snapshot.in_(snap_ids)).execute()
+                        m.Snapshot.delete().where(m.Snapshot.id.in_(snap_ids)).execute()
+                    m.CacheEntry.delete().where(m.CacheEntry.session == session.id).execute()
+                    session.entry_count = 0
+                    session.cache_size_bytes = 0
+                    session.last_snapshot_id = None
+                    session.save()
+                result.sessions_cleaned = len(result.cleaned_sessions)
+                keep = self.config.cache.snapshot.max_snapshots
+                if keep > 0:
+                    idle_keys = set(result.cleaned_sessions)
+                    crowded = (
+                        m.Snapshot.select(m.Snapshot.session, m.Session.key)
+                        .join(m.Session)
+                        .group_by(m.Snapshot.session, m.Session.key)
+                        .having(fn_count() > keep)
+                        .tuples()
+                    )
+                    for session_id, key in crowded:
+                        if key in idle_keys:
+                            continue
+                        result.pruned_snapshot_ids += self._prune_session_snapshots(session_id, keep, dry_run)
+                result.snapshots_pruned = len(result.pruned_snapshot_ids)
+                limit = self.config.maintenance.history_limit
+                total = m.Operation.select().count()
+                if total > limit:
+                    result.operations_trimmed = total - limit
+                    if not dry_run:
+                        boundary = (
+                            m.Operation.select(m.Operation.id)
+                            .order_by(m.Operation.id.desc())
+                            .offset(limit - 1)
+                            .limit(1)
+                            .scalar()
+                        )
+                        m.Operation.delete().where(m.Operation.id < boundary).execute()
+                if dry_run:
+                    raise _DryRun
+
+            try:
+                self.store.transaction(work)
+            except _DryRun:
+                pass
+        return result
+
+    def integrity_check(self) -> str:
+        """``PRAGMA integrity_check`` (SQLite) or ``ok`` when PostgreSQL answers."""
+        if self.store.is_sqlite:
+            rows = self.store.db.execute_sql("PRAGMA integrity_check").fetchall()
+            return "; ".join(str(r[0]) for r in rows)
+        self.store.db.execute_sql("SELECT 1").fetchone()
+        return "ok"
+
+    # -------------------------------------------------------------- statistics
+    def statistics(self, session_key: str | None = None, history: int = 10) -> dict[str, Any]:
+        """The seed's statistics export, the session states and recent operations."""
+        stats = m.Statistics.get_by_id(1)
+        op_count = m.Operation.select().count()
+        sessions_query = m.Session.select().order_by(m.Session.key)
+        ops_query = m.Operation.select().order_by(m.Operation.id.desc()).limit(max(history, 0))
+        if session_key is not None:
+            session = self._session(session_key)
+            sessions_query = sessions_query.where(m.Session.id == session.id)
+            ops_query = ops_query.where(m.Operation.session_key == session_key)
+        states = [self.session_state(s) for s in sessions_query]
+        capacity = self.capacity()
+        data: dict[str, Any] = {
+            "total_clears": stats.total_clears,
+            "total_retrievals": stats.total_retrievals,
+            "entries_preserved": stats.entries_preserved,
+            "entries_cleared": stats.entries_cleared,
+            "entries_retrieved": stats.entries_retrieved,
+            "active_sessions": m.Session.select().count(),
+            "last_operation": stats.last_operation.isoformat() if stats.last_operation else None,
+            "operation_history_count": op_count,
+            "total_snapshots": stats.total_snapshots,
+            "total_restores": stats.total_restores,
+            "snapshot_count": m.Snapshot.select().count(),
+            "message_count": m.Message.select().count(),
+            "cache_size_bytes": sum(s["cache_size_bytes"] for s in states),
+            "capacity_bytes": capacity,
+            "memory_threshold_percent": self.config.cache.memory_threshold_percent,
+            "database": self.store.location.display,
+            "backend": self.store.backend,
+            "database_size_bytes": self.store.size_bytes(),
+            "sessions": states,
+            "recent_operations": [
+                {
+                    "operation_type": op.operation_type,
+                    "timestamp": op.timestamp.isoformat(),
+                    "entries_affected": op.entries_affected,
+                    "session_id": op.session_key,
+                    "details": op.details,
+                }
+                for op in ops_query
+            ],
+        }
+        if session_key is not None:
+            session = self._session(session_key)
+            data["session"] = self.session_detail(session)
+        return data
+
+    def session_state(self, session: m.Session) -> dict[str, Any]:
+        """The seed's ``SessionCacheState`` plus the persisted extras."""
+        return {
+            "session_id": session.key,
+            "conversation_count": session.conversation_count,
+            "turn_count": session.turn_count,
+            "last_cleared_at": session.last_cleared_at.isoformat() if session.last_cleared_at else None,
+            "last_snapshot_id": session.last_snapshot_id,
+            "cache_size_bytes": session.cache_size_bytes,
+            "capacity_bytes": session.capacity_bytes or self.capacity(),
+            "entry_count": session.entry_count,
+            "total_clears": session.total_clears,
+            "last_activity": session.last_activity.isoformat(),
+            "metadata": json.loads(session.metadata or "{}"),
+        }
+
+    def session_detail(self, session: m.Session) -> dict[str, Any]:
+        summary = m.Summary.get_or_none(m.Summary.session == session.id)
+        usage = (
+            m.TurnLog.select(m.TurnLog.turn_index, m.TurnLog.cache_size_bytes, m.TurnLog.cleared, m.TurnLog.clear_reason)
+            .where(m.TurnLog.session == session.id)
+            .order_by(m.TurnLog.turn_index)
+            .tuples()
+        )
+        return {
+            "message_count": m.Message.select().where(m.Message.session == session.id).count(),
+            "snapshots": [s.to_dict() for s in self.list_snapshots(session.key)],
+            "summary": None
+            if summary is None
+            else {
+                "text": summary.text,
+                "length": len(summary.text),
+                "token_count": summary.token_count,
+                "messages_summarized": summary.messages_summarized,
+                "clear_count": summary.clear_count,
+                "source": summary.source,
+            },
+            "usage": [
+                {"turn": t, "cache_size_bytes": b, "cleared": bool(c), "clear_reason": r} for t, b, c, r in usage
+            ],
+        }
+
+
+class _DryRun(Exception):
+    """Raised inside a dry-run maintenance transaction to roll it back."""
+
+
+def fn_count() -> Any:
+    from peewee import fn
+
+    return fn.COUNT(m.Snapshot.id)
+
+
+def fn_exists_snapshot() -> Any:
+    from peewee import fn
+
+    return fn.EXISTS(m.Snapshot.select(m.Snapshot.id).where(m.Snapshot.session == m.Session.id))

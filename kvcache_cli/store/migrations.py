@@ -1,0 +1,86 @@
+"""Ordered, recorded schema migrations, each applied in its own transaction.
+
+``schema_migration`` records every applied version. A migration is a function of the
+open ``Store``; it runs inside ``BEGIN IMMEDIATE`` (SQLite) or a transaction
+(PostgreSQL), and re-checks that it is still pending once it holds the lock, so two
+processes opening a new store at once apply it once. Rule for new migrations: never
+edit a released one; append a new version that changes what is there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+import peewee
+
+from ..errors import StoreError
+from . import models as m
+
+if TYPE_CHECKING:
+    from .backend import Store
+
+
+def utcnow() -> datetime:
+    """Naive UTC now (the store's time convention)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _v1_initial_schema(store: Store) -> None:
+    """Tables of the first released schema and the statistics row."""
+    store.db.create_tables(m.ALL_MODELS, safe=True)
+    if not m.Statistics.select().where(m.Statistics.id == 1).exists():
+        m.Statistics.create(id=1)
+
+
+def _v2_search_index(store: Store) -> None:
+    """The full-text index over the message history, filled from existing messages."""
+    from .search import create_index
+
+    create_index(store)
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[Store], None]]] = [
+    (1, "initial schema", _v1_initial_schema),
+    (2, "full-text search index", _v2_search_index),
+]
+
+LATEST_VERSION = MIGRATIONS[-1][0]
+
+
+def applied_versions(store: Store) -> set[int]:
+    """Versions recorded in the store (empty for a new store)."""
+    if not store.db.table_exists(m.SchemaMigration._meta.table_name):
+        return set()
+    return {row.version for row in m.SchemaMigration.select(m.SchemaMigration.version)}
+
+
+def migrate(store: Store) -> list[int]:
+    """Apply every pending migration in order; return the versions applied now."""
+    try:
+        done = applied_versions(store)
+    except peewee.DatabaseError as exc:
+        raise StoreError(f"{store.location.display}: cannot read schema ({exc})") from None
+    newer = [v for v in done if v > LATEST_VERSION]
+    if newer:
+        raise StoreError(
+            f"{store.location.display}: schema version {max(newer)} is newer than this "
+            f"kvcache understands ({LATEST_VERSION}); upgrade kvcache"
+        )
+    applied: list[int] = []
+    for version, name, step in MIGRATIONS:
+        if version in done:
+            continue
+
+        def work(version: int = version, name: str = name, step: Callable[[Store], None] = step) -> bool:
+            m.SchemaMigration.create_table(safe=True)
+            if m.SchemaMigration.select().where(m.SchemaMigration.version == version).exists():
+                return False
+            step(store)
+            m.SchemaMigration.create(version=version, name=name, applied_at=utcnow())
+            return True
+
+        if store.transaction(work):
+            applied.append(version)
+    return applied

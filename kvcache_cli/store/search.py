@@ -1,0 +1,57 @@
+"""The full-text index behind tier 3, dispatched to the backend's own machinery.
+
+SQLite uses FTS5 (``search_sqlite``); PostgreSQL uses tsvector + GIN
+(``search_postgres``). Both take the caller's transaction: an index write commits or
+rolls back with the messages it describes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..search_sqlite import Hit
+    from .backend import Store
+
+
+def _module(store: Store) -> Any:
+    if store.is_sqlite:
+        from .. import search_sqlite
+
+        return search_sqlite
+    from . import search_postgres
+
+    return search_postgres
+
+
+def create_index(store: Store) -> None:
+    """Create the index and fill it from the messages already stored."""
+    module = _module(store)
+    conn = store.db.connection()
+    for statement in module.SCHEMA:
+        conn.execute(statement)
+    module.rebuild(conn)
+
+
+def index_messages(store: Store, rows: Iterable[tuple[int, int, str]]) -> None:
+    """Index ``(message_id, session_id, content)`` rows."""
+    _module(store).index_messages(store.db.connection(), rows)
+
+
+def delete_session(store: Store, session_id: int) -> None:
+    """Drop a session's messages from the index (before deleting the rows)."""
+    _module(store).delete_session(store.db.connection(), session_id)
+
+
+def search_messages(store: Store, query: str, session_id: int | None, limit: int) -> list[Hit]:
+    """Ranked hits for ``query`` in one session (or all when ``session_id`` is None)."""
+    result: list[Hit] = _module(store).search_messages(store.db.connection(), query, session_id, limit)
+    return result
+
+
+def rank_texts(query: str, texts: list[str]) -> list[tuple[int, float, list[str]]]:
+    """Rank in-memory texts (tiers 1 and 2) with the same tokenizer and BM25."""
+    from ..search_sqlite import rank_texts as rank
+
+    return rank(query, texts)

@@ -1,0 +1,316 @@
+"""Pure text helpers for keyword retrieval (no database).
+
+Everything here mirrors what the SQLite FTS5 index does with the tokenizer
+``porter unicode61 remove_diacritics 2`` so that Python-side scoring (in-memory
+tiers, matched keywords, similarities) agrees with the index:
+
+* :func:`tokenize` - lower-cased, diacritics removed, runs of Unicode letters and
+  digits (``[^\\W_]+``); punctuation, symbols, emoji and ``_`` separate tokens,
+  as in ``unicode61``.
+* :func:`stem` - the original Porter (1980) algorithm, the one FTS5's ``porter``
+  tokenizer implements, in pure Python (memoised).
+* :func:`query_terms` - the searchable words of a free-text query: tokens minus
+  stop words and question words, de-duplicated in order.
+* :func:`fts5_match` - a MATCH expression that can never be a syntax error.
+* :func:`keyword_similarity` - an IDF-weighted keyword coverage in ``[0, 1]``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
+
+__all__ = [
+    "QUESTION_WORDS",
+    "STOP_WORDS",
+    "TEMPORAL_WORDS",
+    "fts5_match",
+    "is_temporal_question",
+    "keyword_similarity",
+    "matched_keywords",
+    "query_terms",
+    "stem",
+    "stem_all",
+    "tokenize",
+]
+
+_WORD_RE = re.compile(r"[^\W_]+")
+
+#: Common English function words. They carry no topic, and in conversational text
+#: they are frequent enough to drown the real keywords of an OR-ed query.
+STOP_WORDS: frozenset[str] = frozenset(
+    """
+    a about above after again against all am an and any are aren as at be because been
+    before being below between both but by can cannot could couldn d did didn do does
+    doesn doing don down during each few for from further had hadn has hasn have haven
+    having he her here hers herself him himself his i if in into is isn it its itself
+    just ll m me more most mustn my myself no nor not now o of off on once only or other
+    ought our ours ourselves out over own re s same shan she should shouldn so some such
+    t than that the their theirs them themselves then there these they this those
+    through to too under until up ve very was wasn we were weren what when where which
+    while who whom why will with won would wouldn y you your yours yourself yourselves
+    also get got really yeah oh hey hi ok okay thanks thank lot lots like well
+    """.split()
+)
+
+#: Words that shape a question rather than name its topic ("What kind of ...",
+#: "Would X likely ...", "How many times ..."). They are dropped from queries only.
+QUESTION_WORDS: frozenset[str] = frozenset(
+    """
+    what when where which who whom whose why how whats whens wheres whos hows
+    did does do is are was were has have had can could would should will shall may
+    might must kind type sort likely probably possibly mention mentioned mentions
+    say said tell told describe describes described name named many much often
+    long ago time times ever specific particular
+    """.split()
+)
+
+#: Words and patterns that date an event; a "when" question prefers a turn that has
+#: one (the answer type of the question).
+TEMPORAL_WORDS: frozenset[str] = frozenset(
+    """
+    yesterday today tonight tomorrow ago last next recently recent earlier later
+    week weeks weekend month months year years day days morning evening night
+    afternoon since january february march april may june july august september
+    october november december monday tuesday wednesday thursday friday saturday
+    sunday summer winter spring autumn fall christmas birthday
+    """.split()
+)
+
+_YEAR_RE = re.compile(r"^(19|20)\d\d$")
+_TEMPORAL_Q_RE = re.compile(
+    r"\b(when|what\s+(year|month|day|date|time)|how\s+long|which\s+(year|month|day))\b",
+    re.IGNORECASE,
+)
+
+
+def _fold(text: str) -> str:
+    """Lower-case and strip diacritics (``remove_diacritics 2``)."""
+    text = text.lower()
+    if text.isascii():
+        return text
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+
+
+def tokenize(text: str) -> list[str]:
+    """Split ``text`` into lower-case words the way ``unicode61`` does."""
+    return _WORD_RE.findall(_fold(text))
+
+
+# --------------------------------------------------------------------------- Porter
+_VOWELS = frozenset("aeiou")
+
+
+def _is_cons(word: str, i: int) -> bool:
+    ch = word[i]
+    if ch in _VOWELS:
+        return False
+    if ch == "y":
+        return i == 0 or not _is_cons(word, i - 1)
+    return True
+
+
+def _measure(stem_: str) -> int:
+    """Porter's m: the number of VC sequences in ``stem_``."""
+    m = 0
+    prev_vowel = False
+    for i in range(len(stem_)):
+        cons = _is_cons(stem_, i)
+        if cons and prev_vowel:
+            m += 1
+        prev_vowel = not cons
+    return m
+
+
+def _has_vowel(stem_: str) -> bool:
+    return any(not _is_cons(stem_, i) for i in range(len(stem_)))
+
+
+def _ends_double_cons(word: str) -> bool:
+    return len(word) >= 2 and word[-1] == word[-2] and _is_cons(word, len(word) - 1)
+
+
+def _cvc(word: str) -> bool:
+    if len(word) < 3:
+        return False
+    n = len(word)
+    return (
+        _is_cons(word, n - 3)
+        and not _is_cons(word, n - 2)
+        and _is_cons(word, n - 1)
+        and word[-1] not in "wxy"
+    )
+
+
+_STEP2 = (
+    ("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"),
+    ("izer", "ize"), ("bli", "ble"), ("alli", "al"), ("entli", "ent"), ("eli", "e"),
+    ("ousli", "ous"), ("ization", "ize"), ("ation", "ate"), ("ator", "ate"),
+    ("alism", "al"), ("iveness", "ive"), ("fulness", "ful"), ("ousness", "ous"),
+    ("aliti", "al"), ("iviti", "ive"), ("biliti", "ble"), ("logi", "log"),
+)  # fmt: skip
+_STEP3 = (
+    ("icate", "ic"), ("ative", ""), ("alize", "al"), ("iciti", "ic"), ("ical", "ic"),
+    ("ful", ""), ("ness", ""),
+)  # fmt: skip
+_STEP4 = (
+    "al", "ance", "ence", "er", "ic", "able", "ible", "ant", "ement", "ment", "ent",
+    "ion", "ou", "ism", "ate", "iti", "ous", "ive", "ize",
+)  # fmt: skip
+
+
+def _replace(word: str, table: Iterable[tuple[str, str]], min_m: int) -> str:
+    for suffix, repl in table:
+        if word.endswith(suffix):
+            base = word[: -len(suffix)]
+            return base + repl if _measure(base) > min_m else word
+    return word
+
+
+@lru_cache(maxsize=65536)
+def stem(word: str) -> str:
+    """Porter-stem one lower-case token (the classic algorithm, as FTS5 ``porter``)."""
+    if len(word) <= 2 or not word.isascii():
+        return word
+    w = word
+    # Step 1a
+    if w.endswith("sses"):
+        w = w[:-2]
+    elif w.endswith("ies"):
+        w = w[:-2]
+    elif w.endswith("ss"):
+        pass
+    elif w.endswith("s"):
+        w = w[:-1]
+    # Step 1b
+    extra = False
+    if w.endswith("eed"):
+        if _measure(w[:-3]) > 0:
+            w = w[:-1]
+    elif w.endswith("ed") and _has_vowel(w[:-2]):
+        w = w[:-2]
+        extra = True
+    elif w.endswith("ing") and _has_vowel(w[:-3]):
+        w = w[:-3]
+        extra = True
+    if extra:
+        if w.endswith(("at", "bl", "iz")):
+            w += "e"
+        elif _ends_double_cons(w) and w[-1] not in "lsz":
+            w = w[:-1]
+        elif _measure(w) == 1 and _cvc(w):
+            w += "e"
+    # Step 1c
+    if w.endswith("y") and _has_vowel(w[:-1]):
+        w = w[:-1] + "i"
+    # Steps 2 and 3
+    w = _replace(w, _STEP2, 0)
+    w = _replace(w, _STEP3, 0)
+    # Step 4
+    for suffix in _STEP4:
+        if w.endswith(suffix):
+            base = w[: -len(suffix)]
+            if _measure(base) > 1:
+                if suffix == "ion":
+                    if base.endswith(("s", "t")):
+                        w = base
+                else:
+                    w = base
+            break
+    # Step 5a
+    if w.endswith("e"):
+        base = w[:-1]
+        m = _measure(base)
+        if m > 1 or (m == 1 and not _cvc(base)):
+            w = base
+    # Step 5b
+    if _measure(w) > 1 and _ends_double_cons(w) and w.endswith("l"):
+        w = w[:-1]
+    return w
+
+
+def stem_all(tokens: Iterable[str]) -> list[str]:
+    """Stem every token."""
+    return [stem(t) for t in tokens]
+
+
+# --------------------------------------------------------------------------- queries
+def query_terms(query: str) -> list[str]:
+    """The searchable words of ``query`` (unstemmed, lower-case, de-duplicated).
+
+    Stop words and question words are dropped. If that leaves nothing but the query
+    had words, the non-question words are kept so that a query made only of common
+    words ("who are you") still finds something; a query of question words only
+    ("what when") has nothing searchable and gives ``[]``.
+    """
+    tokens = tokenize(query)
+    seen: set[str] = set()
+    out: list[str] = []
+    for tok in tokens:
+        if tok in STOP_WORDS or tok in QUESTION_WORDS or tok in seen:
+            continue
+        seen.add(tok)
+        out.append(tok)
+    return out
+
+
+def fts5_match(terms: Sequence[str]) -> str | None:
+    """A safe FTS5 MATCH expression ``"a" OR "b"``; ``None`` when ``terms`` is empty.
+
+    Each token is double-quoted with inner quotes doubled, so operators (``AND``,
+    ``NEAR``), column filters (``foo:bar``), ``*``, ``^``, ``-`` and parentheses are
+    plain text to FTS5.
+    """
+    parts = ['"' + t.replace('"', '""') + '"' for t in terms if t.strip()]
+    if not parts:
+        return None
+    return " OR ".join(parts)
+
+
+def is_temporal_question(query: str) -> bool:
+    """True when ``query`` asks for a time ("when", "what year", "how long")."""
+    return bool(_TEMPORAL_Q_RE.search(query))
+
+
+def has_temporal_expression(tokens: Iterable[str]) -> bool:
+    """True when the (unstemmed) tokens contain a date or a time word."""
+    return any(t in TEMPORAL_WORDS or _YEAR_RE.match(t) for t in tokens)
+
+
+def matched_keywords(query_terms_: Sequence[str], text: str) -> list[str]:
+    """The query terms (as given) whose Porter stem occurs in ``text``."""
+    text_stems = set(stem_all(tokenize(text)))
+    return [t for t in query_terms_ if stem(t) in text_stems]
+
+
+def keyword_similarity(
+    query_terms_: Sequence[str],
+    text: str,
+    idf: Mapping[str, float] | None = None,
+) -> float:
+    """IDF-weighted share of the query's keywords found in ``text``, in ``[0, 1]``.
+
+    ``sum(idf(t) for matched t) / sum(idf(t) for all t)`` over distinct stems of
+    ``query_terms_``; ``idf`` maps a *stem* to its weight (missing stems weigh 1.0,
+    so without ``idf`` it is the plain matched-keyword fraction). 0.0 for no terms.
+    """
+    stems = list(dict.fromkeys(stem_all(query_terms_)))
+    if not stems:
+        return 0.0
+    text_stems = set(stem_all(tokenize(text)))
+    weights = {s: (idf.get(s, 1.0) if idf is not None else 1.0) for s in stems}
+    total = sum(weights.values())
+    if total <= 0.0:
+        return 0.0
+    got = sum(w for s, w in weights.items() if s in text_stems)
+    return max(0.0, min(1.0, got / total))
+
+
+def bm25_idf(n_docs: int, doc_freq: int) -> float:
+    """The BM25 IDF FTS5 uses, ``ln((N - n + 0.5) / (n + 0.5))``, floored at 1e-6."""
+    value = math.log((n_docs - doc_freq + 0.5) / (doc_freq + 0.5))
+    return value if value > 1e-6 else 1e-6
