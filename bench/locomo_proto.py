@@ -173,19 +173,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         conn.execute("COMMIT")
         print(f"{len(args.files)} conversations, {len(dia_of)} turns, {len(questions)} questions")
 
-        off = dict(context_window=0, speaker_boost=0.0, temporal_boost=0.0, bridges=False)
+        off: dict[str, Any] = dict(
+            context_window=0, speaker_boost=0.0, temporal_boost=0.0, bridges=False, length_b=0.75
+        )
         configs: list[tuple[str, Retriever]] = [("reference: plain bm25, all query words OR-ed", plain_bm25)]
         if args.ablation:
-            configs += [
-                ("+ stop/question words dropped", ours(**off)),
-                ("+ speaker boost", ours(**{**off, "speaker_boost": 0.5})),
-                ("+ temporal answer-type boost", ours(**{**off, "speaker_boost": 0.5, "temporal_boost": 0.3})),
-                (
-                    "+ neighbour context (no bridges)",
-                    ours(speaker_boost=0.5, temporal_boost=0.3, bridges=False),
-                ),
+            steps = [
+                ("1 stop/question words dropped, per-session IDF", {}),
+                ("2 + length norm b=0.5", {"length_b": 0.5}),
+                ("3 + speaker boost x2", {"speaker_boost": 1.0}),
+                ("4 + 'when' -> time-expression boost", {"temporal_boost": 0.3}),
+                ("5 + neighbour context (w=3, l=0.5, d=0.8)", {"context_window": 3}),
             ]
-        configs.append(("kvcache method (defaults)", ours()))
+            acc: dict[str, Any] = dict(off)
+            for name, change in steps:
+                acc = {**acc, **change}
+                configs.append((name, ours(**acc)))
+            configs.append(("6 + bridge turns = kvcache method", ours(**{**acc, "bridges": True})))
+            configs.append(("  method without speaker boost", ours(speaker_boost=0.0)))
+            configs.append(("  method without context", ours(context_window=0)))
+            configs.append(("  method with b=0.75 (FTS5 default)", ours(length_b=0.75)))
+        else:
+            configs.append(("kvcache method (defaults)", ours()))
         for name, retr in configs:
             table, per_q = evaluate(conn, dia_of, questions, retr)
             print_table(name, table, per_q)

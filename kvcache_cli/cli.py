@@ -150,6 +150,9 @@ def process(
         Optional[str], typer.Option("--session", help="Session id for files that carry none.")
     ] = None,
     server: ServerOpt = None,
+    slot: Annotated[
+        Optional[int], typer.Option("--slot", help="Size the cache by this llama-server slot's n_ctx.", min=0)
+    ] = None,
     as_json: JsonOpt = False,
     turns: Annotated[bool, typer.Option("--turns/--no-turns", help="Per-turn detail in --json.")] = False,
 ) -> None:
@@ -157,7 +160,12 @@ def process(
     from . import render
     from .loaders import load_file
 
-    manager, store = _manager(server)
+    manager, store = _manager(server, need_server=slot is not None)
+    try:
+        manager.use_server_context(slot)
+    except BaseException:
+        store.close()
+        raise
     results: list[dict[str, Any]] = []
     failures: list[str] = []
     interrupted = False
@@ -184,7 +192,7 @@ def process(
                     info(f"kvcache: {notice}")
                 results.append(result.to_dict(with_turns=turns))
                 if not as_json:
-                    render.process_result(result)
+                    render.process_result(result, STATE.config().cache.memory_threshold_percent)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -209,18 +217,25 @@ def clear(
     from . import render
 
     manager, store = _manager(server, need_server=slot is not None)
+    erase_error: KVCacheError | None = None
     try:
         if slot is not None:
+            manager.active_entries(session)  # unknown session fails before any slot request
             manager.llm.check_slot(slot)
         result = manager.clear(session)
         if slot is not None:
-            result.slot_erased = manager.llm.slot_erase(slot)
+            try:
+                result.slot_erased = manager.llm.slot_erase(slot)
+            except KVCacheError as exc:  # the clear is done: show it, then fail
+                erase_error = exc
     finally:
         store.close()
     if as_json:
         emit_json(result.to_dict())
     else:
         render.clear_result(result)
+    if erase_error is not None:
+        raise erase_error
 
 
 def _parse_tiers(text: str) -> tuple[int, ...]:
@@ -304,9 +319,8 @@ def snapshot(
         slot_result = None
         if slot is not None:
             name = manager.llm.make_slot_filename(session, "snapshot")
-            slot_result = manager.llm.slot_save(slot, name)
-            slot_result.slot_id = slot
-        info_ = manager.snapshot(session, slot_result)
+            slot_result = manager.llm.slot_save(slot, name)  # checks the id against GET /slots
+        info_ = manager.snapshot(session, slot_result, slot_id=slot)
     finally:
         store.close()
     if as_json:
@@ -381,23 +395,94 @@ def stats(
     history: Annotated[int, typer.Option("--history", help="How many recent operations to show.", min=0)] = 10,
     server: ServerOpt = None,
     as_json: JsonOpt = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Redraw in place until Ctrl-C (needs a terminal).")
+    ] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", help="Seconds between redraws with --watch.", min=0.2)
+    ] = 2.0,
 ) -> None:
-    """Statistics, session states, recent operations and the database size."""
-    from . import render
+    """Cache fill per session, top sessions, operations per hour; or SESSION in detail.
 
+    With SESSION: its state, snapshots, summary and cache usage turn by turn. --watch
+    redraws in place every --interval seconds until Ctrl-C; it needs a terminal on
+    stdout (exit 2 otherwise) and does not combine with --json.
+    """
+    from . import render
+    from .insights import compute as compute_insights
+
+    if watch:
+        if as_json:
+            raise BadInputError("--watch redraws tables; it does not combine with --json")
+        if not sys.stdout.isatty():
+            raise BadInputError("--watch needs a terminal on stdout; drop --watch to print once")
+
+        def fetch() -> tuple[dict[str, Any], dict[str, Any]]:
+            manager, store = _manager()
+            try:
+                return manager.statistics(session, history), compute_insights(store, STATE.config())
+            finally:
+                store.close()
+
+        try:
+            render.watch_statistics(fetch, interval)
+        except KeyboardInterrupt:
+            _stderr("kvcache: stopped watching")
+        return
     manager, store = _manager()
     try:
         data = manager.statistics(session, history)
+        data["insights"] = compute_insights(store, STATE.config())
     finally:
         store.close()
-    if server or STATE.config().llm.base_url:
-        client = _llm_client(server)
-        if client is not None and server:
-            data["slots"] = [s.to_dict() for s in client.slots()]
+    client = _llm_client(server)
+    if client is not None:
+        import dataclasses
+
+        from .errors import ServerError
+
+        try:
+            data["slots"] = [dataclasses.asdict(s) for s in client.slots()]
+        except ServerError as exc:
+            if server:  # asked for explicitly: a failure is an error
+                raise
+            info(f"kvcache: slots: {exc}")
+            data["slots_error"] = str(exc)
+        finally:
+            client.close()
     if as_json:
         emit_json(data)
     else:
-        render.statistics(data)
+        render.statistics(data, data["insights"])
+
+
+@app.command("copy-store")
+def copy_store_command(
+    source: Annotated[str, typer.Argument(help="Store to copy from (file, sqlite:/// or postgresql://).")],
+    dest: Annotated[str, typer.Argument(help="Store to copy into (created and migrated if needed).")],
+    force: Annotated[bool, typer.Option("--force", help="Replace the rows of a non-empty destination.")] = (
+        False
+    ),
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy a whole store (e.g. SQLite to PostgreSQL and back), verified by counts and hashes."""
+    from .copy_store import copy_store
+
+    result = copy_store(source, dest, force=force)
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    from rich.table import Table
+
+    from . import render
+
+    table = Table(title=f"copied {result.source} -> {result.destination}")
+    for name in ("table", "rows", "sha256", "match"):
+        table.add_column(name, justify="right" if name == "rows" else "left")
+    for item in result.tables:
+        table.add_row(item.table, str(item.dest_rows), item.dest_sha256[:16], "yes" if item.match else "NO")
+    render.console.print(table)
+    render.console.print(f"{result.total_rows} rows copied and verified")
 
 
 @app.command("init-config")

@@ -32,6 +32,7 @@ from .summary import MIN_MESSAGES, TAIL_MESSAGES, extractive_summary
 
 RETRIEVAL_TRIGGERS = ("explain", "how to", "what is", "remember", "recall")
 PROCESS_TIERS = (1, 2, 3)
+MAX_QUERY_CHARS = 4000  # retrieval during replay queries with at most this much of a question
 
 
 # ----------------------------------------------------------------------------- results
@@ -265,8 +266,38 @@ def _entry_row(entry: KVEntry, position: int) -> dict[str, Any]:
 
 
 def _bulk_insert(model: Any, rows: list[dict[str, Any]], batch: int = 100) -> None:
-    for start in range(0, len(rows), batch):
-        model.insert_many(rows[start : start + batch]).execute()
+    """Insert ``rows`` (dicts of field names) with one prepared statement.
+
+    Values go through each field's ``db_value`` exactly as ``insert_many`` does, but
+    without building SQL per row (peewee's query building dominated big imports).
+    """
+    if not rows:
+        return
+    names = list(rows[0])
+    if any(len(r) != len(names) or any(n not in r for n in names) for r in rows):
+        for start in range(0, len(rows), batch):
+            model.insert_many(rows[start : start + batch]).execute()
+        return
+    meta = model._meta
+    fields = [meta.fields[n] for n in names]
+    defaults = [(f, d) for f, d in meta.defaults.items() if f.name not in rows[0]]
+    fields += [f for f, _ in defaults]
+    db = meta.database
+    left, right = (getattr(db, "quote", None) or '""')[:2]
+
+    def quote(name: str) -> str:
+        return f"{left}{name}{right}"
+
+    columns = ", ".join(quote(f.column_name) for f in fields)
+    marks = ", ".join([db.param] * len(fields))
+    sql = f"INSERT INTO {quote(meta.table_name)} ({columns}) VALUES ({marks})"
+    given = fields[: len(names)]
+    params = [
+        tuple(f.db_value(r[n]) for f, n in zip(given, names, strict=True))
+        + tuple(f.db_value(d() if callable(d) else d) for f, d in defaults)
+        for r in rows
+    ]
+    db.cursor().executemany(sql, params)
 
 
 def split_turns(messages: list[ChatMessage]) -> list[tuple[int, int]]:
@@ -314,6 +345,8 @@ class KVCacheManager:
         self.tokens = TokenCounter(llm.tokenize if llm is not None and self.config.llm.use_tokenize else None)
         self._server_n_ctx: int | None = None
         self.notices: list[str] = []
+        self._embedder: Any = None  # embeddings.TurnEmbedder during process_conversation
+        self._llm_down = False  # set after "cannot connect": no more server calls this run
 
     # -------------------------------------------------------------- session access
     def _session(self, key: str) -> m.Session:
@@ -327,6 +360,12 @@ class KVCacheManager:
         if not self.store.is_sqlite:
             query = query.for_update()
         row = query.first()
+        if row is None and create and not self.store.is_sqlite:
+            # a concurrent writer may be creating it too: insert once, then lock it
+            m.Session.insert(
+                key=key, created_at=now, last_activity=now, capacity_bytes=self.capacity()
+            ).on_conflict_ignore().execute()
+            row = m.Session.select().where(m.Session.key == key).for_update().first()
         if row is None:
             if not create:
                 raise NotFoundError(f"unknown session {key!r}")
@@ -344,6 +383,31 @@ class KVCacheManager:
     def set_server_n_ctx(self, n_ctx: int | None) -> None:
         """Use a slot's ``n_ctx`` (from the server's ``/slots``) for the capacity."""
         self._server_n_ctx = n_ctx
+
+    def use_server_context(self, slot: int | None = None) -> None:
+        """Take the capacity's ``n_ctx`` from the server's ``GET /slots`` when asked to.
+
+        ``slot`` given (``process --slot N``): that slot's ``n_ctx`` (an unknown id is an
+        error). Else ``[model] n_ctx = 0`` with a server: the smallest slot ``n_ctx``; when
+        the server cannot say, a notice and the seed's estimate. A positive
+        ``model.max_cache_bytes`` still wins over both.
+        """
+        if self.llm is None:
+            return
+        if slot is not None:
+            self.set_server_n_ctx(self.llm.check_slot(slot).n_ctx)
+            return
+        if self.config.model.n_ctx != 0:
+            return
+        from .errors import ServerError
+
+        try:
+            slots = self.llm.slots()
+        except ServerError as exc:
+            self.notices.append(f"capacity: {exc}; using the built-in estimate instead")
+            return
+        if slots:
+            self.set_server_n_ctx(min(s.n_ctx for s in slots))
 
     def _active_entries(self, session: m.Session) -> list[KVEntry]:
         rows = (
@@ -479,16 +543,47 @@ class KVCacheManager:
         done = self.check_prefix(session_key, conv.messages, result.source or session_key)
         turns = split_turns(conv.messages)
         pending = [(lo, hi) for lo, hi in turns if hi > done]
+        embedder = self._start_embeddings(session_key)  # also embeds stored messages lacking vectors
         for number, (lo, hi) in enumerate(pending, start=1):
             tokens = self.tokens.count([msg.content for msg in conv.messages[max(lo, done) : hi]])
+            if embedder is not None and not self._server_down():  # HTTP before the turn's transaction
+                embedder.prefetch(conv.messages, max(lo, done), hi)
             report = self.store.transaction(lambda lo=lo, hi=hi, tokens=tokens: self._turn(conv, session_key, lo, hi, tokens, result))
             if report is not None:
                 result.turns.append(report)
             if on_turn is not None:
                 on_turn(number, len(pending))
+        self._server_down()  # records a token-count failure as a notice
         result.notices.extend(self.notices)
         self.notices.clear()
         return result
+
+    def _server_down(self) -> bool:
+        """Whether a call this run found the server unreachable (then it is not asked again)."""
+        if self.tokens.failure and not any(n.startswith("token counts:") for n in self.notices):
+            self.notices.append(f"token counts: {self.tokens.failure}; estimated from characters instead")
+        failures = (self.tokens.failure, getattr(self._embedder, "failure", None))
+        if any(f and f.startswith("cannot connect") for f in failures):
+            self._llm_down = True
+        return self._llm_down
+
+    def _start_embeddings(self, session_key: str) -> Any:
+        """The run's embedder when ``generate_cache_embeddings`` and a server are on.
+
+        Also embeds the session's already stored messages that lack a vector (HTTP
+        outside any transaction). See ``embeddings`` for the model/dimension policy.
+        """
+        if self.llm is None or not self.config.cache.generate_cache_embeddings or self._server_down():
+            return None
+        from .embeddings import TurnEmbedder, backfill_session
+
+        if self._embedder is None:
+            self._embedder = TurnEmbedder(self.llm, self.store, self.notices)
+        self._embedder.vectors.clear()
+        session = m.Session.get_or_none(m.Session.key == session_key)
+        if session is not None and not self._embedder.failed:
+            backfill_session(self._embedder, session.get_id(), utcnow())
+        return self._embedder if not self._embedder.failed else None
 
     def _turn(
         self,
@@ -553,13 +648,15 @@ class KVCacheManager:
             for i, msg in enumerate(msgs)
         ]
         _bulk_insert(m.Message, rows)
-        ids = (
+        ids = list(
             m.Message.select(m.Message.id, m.Message.message_index, m.Message.content)
             .where((m.Message.session == session.id) & (m.Message.message_index >= start))
             .order_by(m.Message.message_index)
             .tuples()
         )
         search.index_messages(self.store, [(mid, session.id, content) for mid, _, content in ids])
+        if self._embedder is not None:  # vectors computed before this transaction
+            self._embedder.store_for([(mid, index) for mid, index, _ in ids], utcnow())
         return self.derive_entries(session.key, start, msgs, tokens, now)
 
     def _add_to_cache(self, session: m.Session, entries: list[KVEntry], position: int) -> None:
@@ -621,7 +718,7 @@ class KVCacheManager:
         if cfg.retrieval_enabled and should_retrieve(question.content):
             found = self._retrieve_in_session(
                 session,
-                question.content,
+                question.content[:MAX_QUERY_CHARS],  # a huge message queries by its start
                 tiers=PROCESS_TIERS,
                 limit=20,
                 cascade=True,
@@ -667,7 +764,11 @@ class KVCacheManager:
         prior = existing.text if existing else None
         text: str | None = None
         source = "extractive"
-        if self.llm is not None:
+        if self.llm is not None and self._server_down():
+            notice = "summary: the LLM server is unreachable; used the extractive summary instead"
+            if notice not in self.notices:
+                self.notices.append(notice)
+        elif self.llm is not None:
             from .errors import ServerError
             from .llm import summarize
 
@@ -675,6 +776,7 @@ class KVCacheManager:
                 text = summarize(self.llm, prior, [msg.to_dict() for msg in messages])
                 source = "llm"
             except ServerError as exc:
+                self._llm_down = self._llm_down or str(exc).startswith("cannot connect")
                 notice = f"summary: {exc}; used the extractive summary instead"
                 if notice not in self.notices:
                     self.notices.append(notice)
@@ -843,8 +945,12 @@ class KVCacheManager:
             m.Snapshot.delete().where(m.Snapshot.id.in_(ids)).execute()
         return ids
 
-    def snapshot(self, session_key: str, slot: Any = None) -> SnapshotInfo:
-        """Snapshot the session's active cache now (type by the configured strategy)."""
+    def snapshot(self, session_key: str, slot: Any = None, slot_id: int | None = None) -> SnapshotInfo:
+        """Snapshot the session's active cache now (type by the configured strategy).
+
+        ``slot`` is the server's ``SlotSaveResult`` of ``snapshot --slot``, ``slot_id`` the
+        slot it was saved from (the result itself does not carry the id).
+        """
 
         def work() -> SnapshotInfo:
             now = utcnow()
@@ -868,7 +974,7 @@ class KVCacheManager:
                 rows.append(data)
             _bulk_insert(m.SnapshotEntry, rows)
             if slot is not None:
-                row.slot_id = slot.slot_id
+                row.slot_id = slot_id if slot_id is not None else getattr(slot, "slot_id", None)
                 row.slot_filename = slot.filename
                 row.slot_n_saved = slot.n_saved
                 row.slot_n_written = slot.n_written

@@ -58,12 +58,20 @@ class TokenCounter:
     """Counts tokens by the server's ``/tokenize`` when given, else estimates."""
 
     remote: Callable[[list[str]], list[int]] | None = None
+    failure: str | None = None  # why the server stopped being asked (then: estimates)
 
     @property
     def source(self) -> str:
         return "server" if self.remote else "estimate"
 
     def count(self, texts: list[str]) -> list[int]:
+        """Counts per text; a server failure switches to estimates for good (see ``failure``)."""
         if self.remote is not None and texts:
-            return [n + TEMPLATE_TOKENS for n in self.remote(texts)]
+            from .errors import ServerError
+
+            try:
+                return [n + TEMPLATE_TOKENS for n in self.remote(texts)]
+            except ServerError as exc:
+                self.failure = str(exc)
+                self.remote = None
         return [estimate_tokens(t) for t in texts]

@@ -8,10 +8,14 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group
+from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from .manager import ClearInfo, MaintenanceResult, ProcessResult, RestoreResult, SnapshotInfo
@@ -39,7 +43,9 @@ def sparkline(values: list[float], width: int = 60) -> str:
         return ""
     if len(values) > width:
         step = len(values) / width
-        values = [max(values[int(i * step) : max(int((i + 1) * step), int(i * step) + 1)]) for i in range(width)]
+        values = [
+            max(values[int(i * step) : max(int((i + 1) * step), int(i * step) + 1)]) for i in range(width)
+        ]
     top = max(values) or 1
     return "".join(SPARK[min(len(SPARK) - 1, int(v / top * (len(SPARK) - 1) + 0.5))] for v in values)
 
@@ -66,49 +72,6 @@ def turn_progress(label: str, enabled: bool) -> Iterator[Callable[[int, int], No
             progress.update(task, completed=done, total=total)
 
         yield update
-
-
-def process_result(result: ProcessResult) -> None:
-    data = result.to_dict(with_turns=False)
-    table = Table(title=f"session {result.session_id}", title_justify="left")
-    table.add_column("turns", justify="right")
-    table.add_column("messages added", justify="right")
-    table.add_column("clears", justify="right")
-    table.add_column("snapshots", justify="right")
-    table.add_column("retrievals", justify="right")
-    table.add_column("entries retrieved", justify="right")
-    table.add_row(
-        str(data["turns_processed"]),
-        f"{data['messages_added']}/{data['messages_total']}",
-        str(data["total_clears"]),
-        str(data["snapshots_created"]),
-        str(data["total_retrievals"]),
-        str(data["entries_retrieved"]),
-    )
-    console.print(table)
-    if result.clears:
-        clears = Table(title="clears", title_justify="left")
-        for name in ("turn", "reason", "cleared", "preserved", "snapshot", "summary"):
-            clears.add_column(name)
-        for c in result.clears:
-            clears.add_row(
-                str(c.turn),
-                c.reason,
-                str(c.entries_cleared),
-                str(c.entries_preserved),
-                str(c.snapshot_id or "-"),
-                c.summary_source or "-",
-            )
-        console.print(clears)
-    usage = [t.cache_size_bytes for t in result.turns]
-    if usage:
-        console.print(
-            f"cache usage by turn (peak {human_bytes(max(usage))} of {human_bytes(result.capacity_bytes)}): "
-            f"{sparkline([float(u) for u in usage])}"
-        )
-    bridges = [b for t in result.turns for b in t.bridge_messages]
-    if bridges:
-        console.print(f"bridge messages: {len(bridges)}; last: {bridges[-1].splitlines()[0]}")
 
 
 def clear_result(result: ClearInfo) -> None:
@@ -211,60 +174,610 @@ def maintenance_result(result: MaintenanceResult, verbose: bool) -> None:
         console.print("nothing to do")
 
 
-def statistics(data: dict[str, Any]) -> None:
-    totals = Table(title="kvcache statistics", title_justify="left", show_header=False)
-    totals.add_column("key")
-    totals.add_column("value", justify="right")
-    for key in (
-        "total_clears",
-        "total_retrievals",
-        "entries_preserved",
-        "entries_cleared",
-        "entries_retrieved",
-        "active_sessions",
-        "operation_history_count",
-        "snapshot_count",
-        "message_count",
-        "last_operation",
+# ----------------------------------------------------------------------------- shapes
+STATE_STYLE = {"below": "green", "near": "yellow", "over": "bold red"}
+CLEAR_MARK = {"ConversationLimit": "T", "MemoryThreshold": "M"}
+MARK_STYLE = {"T": "cyan", "M": "magenta", "C": "blue", "*": "bold"}
+EMPTY_SPARK = "·"
+
+
+def spark_counts(values: list[int]) -> str:
+    """Counts as a sparkline in which zero is ``·`` and any non-zero count shows."""
+    top = max(values, default=0)
+    if top <= 0:
+        return EMPTY_SPARK * len(values)
+    return "".join(
+        EMPTY_SPARK if v <= 0 else SPARK[min(len(SPARK) - 1, max(0, int(v / top * len(SPARK) + 0.5) - 1))]
+        for v in values
+    )
+
+
+def usage_bar(fill: float, threshold: float, state: str, width: int = 20) -> Text:
+    """``████░░┆░░`` : the cache against its capacity, ``┆`` at the memory threshold."""
+    filled = max(0, min(width, int(fill * width + 0.5)))
+    if fill > 0 and filled == 0:
+        filled = 1
+    tick = int(threshold * width + 0.5) if 0 < threshold < 1 else -1
+    bar = Text()
+    bar.append("█" * filled, style=STATE_STYLE.get(state, ""))
+    for i in range(filled, width):
+        bar.append("┆" if i == tick else "░", style="dim")
+    return bar
+
+
+def _age(seconds: float) -> str:
+    """``45s``, ``12m``, ``3h 20m``, ``2d 4h``."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def _when(iso: str | None) -> str:
+    return "-" if not iso else iso[:16].replace("T", " ")
+
+
+def _resample(values: list[int], marks: list[str], width: int) -> tuple[list[int], list[str], list[int]]:
+    """At most ``width`` columns: the peak of each group, its clears merged, its first index."""
+    if len(values) <= width:
+        return values, marks, list(range(len(values)))
+    step = len(values) / width
+    out_v: list[int] = []
+    out_m: list[str] = []
+    firsts: list[int] = []
+    for i in range(width):
+        lo, hi = int(i * step), max(int((i + 1) * step), int(i * step) + 1)
+        out_v.append(max(values[lo:hi]))
+        kinds = {m for m in marks[lo:hi] if m != " "}
+        out_m.append(" " if not kinds else kinds.pop() if len(kinds) == 1 else "*")
+        firsts.append(lo)
+    return out_v, out_m, firsts
+
+
+def usage_chart(
+    usage: list[int],
+    reasons: list[str | None],
+    capacity: int,
+    threshold: float,
+    width: int = 80,
+    height: int = 6,
+    first_turn: int = 1,
+) -> Text:
+    """The sawtooth: cache bytes turn by turn, the threshold line, and clear markers.
+
+    Each column is one turn (or the peak of a few when there are more turns than
+    columns): the usage when the turn was decided. A clear at that turn is marked
+    below it, ``T`` for the turn limit, ``M`` for the memory threshold (``C`` other,
+    ``*`` several kinds in one column); the next column shows the drop.
+    """
+    label_w = 10
+    marks = [" " if r is None else CLEAR_MARK.get(r, "C") for r in reasons]
+    cols = max(8, width - label_w - 2)
+    values, marks, firsts = _resample(list(usage), marks, cols)
+    scale = max(1, min(3, cols // max(1, len(values))))  # short replays: wider bars
+    limit = int(capacity * threshold) if capacity > 0 and threshold > 0 else 0
+    top = max(max(values, default=0), int(limit / 0.8), 1)  # the threshold line below the top row
+    eighths = [int(v / top * height * 8 + 0.5) for v in values]
+    line_row = height - 1 - max(0, (int(limit / top * height * 8 + 0.5) - 1) // 8) if limit else -1
+    text = Text()
+    for row in range(height):
+        base = (height - 1 - row) * 8
+        if row == 0:
+            label = human_bytes(top)
+        elif row == line_row:
+            label = f"clear {threshold * 100:.0f}%"
+        else:
+            label = ""
+        text.append(f"{label:>{label_w}} ", style="dim")
+        text.append("┤" if label else "│", style="dim")
+        for value, e in zip(values, eighths, strict=True):
+            level = e - base
+            style = "red" if limit and value >= limit else "cyan"
+            if level >= 8:
+                text.append("█" * scale, style=style)
+            elif level > 0:
+                text.append(SPARK[level - 1] * scale, style=style)
+            elif row == line_row:
+                text.append("╌" * scale, style="red")
+            else:
+                text.append(" " * scale)
+        text.append("\n")
+    text.append(f"{'0':>{label_w}} └", style="dim")
+    for mark in marks:
+        text.append("─" * (scale - 1))
+        text.append("─" if mark == " " else mark, style=MARK_STYLE.get(mark, "dim"))
+    text.append("\n")
+    axis = [" "] * (len(values) * scale)
+    every = 10 if scale == 1 else 5
+    for index in range(0, len(values), every):
+        label = str(first_turn + firsts[index])
+        col = index * scale + scale - 1
+        if col + len(label) <= len(axis) + 2:
+            axis[col : col + len(label)] = list(label)
+    text.append(" " * (label_w + 2) + "".join(axis).rstrip() + "  turn", style="dim")
+    return text
+
+
+def clear_summary(reasons: list[tuple[int, str]]) -> str:
+    """``6 clears: 1 turn limit (turn 6), 5 memory (turns 8, 12, 16, 20, 24)``."""
+    if not reasons:
+        return "no clears"
+    groups: dict[str, list[int]] = {}
+    for turn, reason in reasons:
+        groups.setdefault(reason, []).append(turn)
+    names = {"ConversationLimit": "turn limit", "MemoryThreshold": "memory"}
+    parts = []
+    for reason in sorted(
+        groups, key=lambda r: (r not in names, list(names).index(r) if r in names else 0, r)
     ):
-        totals.add_row(key, str(data.get(key)))
-    totals.add_row("database", f"{data['database']} ({human_bytes(data['database_size_bytes'])})")
-    console.print(totals)
-    if data["sessions"]:
-        table = Table(title="sessions", title_justify="left")
-        for name in ("session", "turns", "since clear", "clears", "entries", "used", "capacity", "last activity"):
-            table.add_column(name)
-        for s in data["sessions"]:
-            table.add_row(
-                s["session_id"],
-                str(s["turn_count"]),
-                str(s["conversation_count"]),
-                str(s["total_clears"]),
-                str(s["entry_count"]),
-                human_bytes(s["cache_size_bytes"]),
-                human_bytes(s["capacity_bytes"]),
-                s["last_activity"][:19],
+        turns = groups[reason]
+        shown = ", ".join(map(str, turns[:12])) + (", ..." if len(turns) > 12 else "")
+        parts.append(
+            f"{len(turns)} {names.get(reason, reason)} (turn{'s' if len(turns) > 1 else ''} {shown})"
+        )
+    total = len(reasons)
+    return f"{total} clear{'s' if total != 1 else ''}: " + ", ".join(parts)
+
+
+def _chart_title(capacity: int, threshold: float, peak: int) -> str:
+    return (
+        f"cache usage by turn: peak {human_bytes(peak)} of {human_bytes(capacity)}, "
+        f"clear at {threshold * 100:.0f}% ({human_bytes(capacity * threshold)}); T turn limit, M memory"
+    )
+
+
+# ----------------------------------------------------------------------------- process
+def _simple_table(title: str | None = None) -> Table:
+    """The compact table style of the stats and process views."""
+    return Table(
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+        collapse_padding=True,
+    )
+
+
+def process_view(result: ProcessResult, threshold: float = 0.6, width: int = 100) -> Group:
+    """One replayed conversation: totals, clears, and the sawtooth with its clears."""
+    data = result.to_dict(with_turns=False)
+    table = _simple_table(f"replayed session {result.session_id} ({result.source or '-'})")
+    table.add_column("turns", justify="right")
+    table.add_column("messages added", justify="right")
+    table.add_column("clears", justify="right")
+    table.add_column("snapshots", justify="right")
+    table.add_column("retrievals", justify="right")
+    table.add_column("entries retrieved", justify="right")
+    table.add_row(
+        str(data["turns_processed"]),
+        f"{data['messages_added']}/{data['messages_total']}",
+        str(data["total_clears"]),
+        str(data["snapshots_created"]),
+        str(data["total_retrievals"]),
+        str(data["entries_retrieved"]),
+    )
+    parts: list[Any] = [table]
+    if result.clears:
+        clears = _simple_table("clears")
+        for name in ("turn", "reason", "cache before", "cleared", "preserved", "snapshot", "summary"):
+            clears.add_column(name, justify="right" if name in ("turn", "cleared", "preserved") else "left")
+        shown = result.clears if len(result.clears) <= 12 else result.clears[:6] + result.clears[-6:]
+        for index, c in enumerate(shown):
+            if len(result.clears) > 12 and index == 6:
+                clears.add_row("...", f"{len(result.clears) - 12} more", "", "", "", "", "")
+            clears.add_row(
+                str(c.turn),
+                c.reason,
+                human_bytes(c.cache_size_bytes_before),
+                str(c.entries_cleared),
+                str(c.entries_preserved),
+                str(c.snapshot_id or "-"),
+                c.summary_source or "-",
             )
-        console.print(table)
+        parts.append(clears)
+    usage = [t.cache_size_bytes for t in result.turns]
+    if usage:
+        parts.append(Text(_chart_title(result.capacity_bytes, threshold, max(usage)), style="bold"))
+        parts.append(
+            usage_chart(
+                usage,
+                [t.clear.reason if t.clear else None for t in result.turns],
+                result.capacity_bytes,
+                threshold,
+                width=width,
+                first_turn=result.turns[0].turn,
+            )
+        )
+        parts.append(Text(clear_summary([(c.turn, c.reason) for c in result.clears])))
+    bridges = [b for t in result.turns for b in t.bridge_messages]
+    if bridges:
+        last = bridges[-1].splitlines()[0]
+        parts.append(
+            Text(f"bridge messages: {len(bridges)}; last: {last}", no_wrap=True, overflow="ellipsis")
+        )
+    return Group(*parts)
+
+
+def process_result(result: ProcessResult, threshold: float = 0.6) -> None:
+    console.print(process_view(result, threshold, console.width))
+
+
+# ----------------------------------------------------------------------------- stats
+def _totals_panel(data: dict[str, Any], insights: dict[str, Any] | None) -> Panel:
+    grid = Table.grid(padding=(0, 2))
+    for _ in range(3):
+        grid.add_column(style="dim")
+        grid.add_column(justify="right")
+    states = (insights or {}).get("threshold_states") or {}
+    state_text = Text()
+    for i, name in enumerate(("over", "near", "below")):
+        if i:
+            state_text.append(" / ")
+        state_text.append(
+            f"{states.get(name, 0)} {name}", style=STATE_STYLE[name] if states.get(name) else ""
+        )
+    used, capacity = data.get("cache_size_bytes", 0), data.get("capacity_bytes", 0)
+    rows: list[tuple[str, str | Text, str, str, str, str]] = [
+        (
+            "sessions",
+            str(data.get("active_sessions")),
+            "clears",
+            str(data.get("total_clears")),
+            "messages",
+            f"{data.get('message_count', 0):,}",
+        ),
+        (
+            "fill",
+            state_text,
+            "retrievals",
+            str(data.get("total_retrievals")),
+            "snapshots",
+            str(data.get("snapshot_count")),
+        ),
+        (
+            "cache",
+            human_bytes(used),
+            "preserved",
+            str(data.get("entries_preserved")),
+            "restores",
+            str(data.get("total_restores", 0)),
+        ),
+        (
+            "threshold",
+            f"{data.get('memory_threshold_percent', 0) * 100:.0f}% of {human_bytes(capacity)}",
+            "cleared",
+            str(data.get("entries_cleared")),
+            "operations",
+            f"{data.get('operation_history_count', 0):,}",
+        ),
+    ]
+    for row in rows:
+        grid.add_row(*row)
+    where = f"{data.get('backend', 'sqlite')}, {human_bytes(data['database_size_bytes'])}"
+    title = f"kvcache · {data['database']} ({where})"
+    subtitle = f"last operation {_when(data.get('last_operation'))}"
+    return Panel(
+        grid, title=title, title_align="left", subtitle=subtitle, subtitle_align="right", expand=False
+    )
+
+
+def _sessions_table(data: dict[str, Any], insights: dict[str, Any], limit: int = 20) -> Table:
+    from .insights import NEAR_FRACTION
+
+    threshold = insights.get("memory_threshold_percent", 0.6)
+    by_key = {s["session_id"]: s for s in data["sessions"]}
+    ordered = insights["sessions_by_fill"]
+    table = Table(
+        title="sessions by cache fill (fullest first)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+        collapse_padding=True,
+    )
+    table.add_column("session", overflow="ellipsis", max_width=24, no_wrap=True)
+    table.add_column("cache vs capacity", no_wrap=True)
+    table.add_column("fill", no_wrap=True)
+    table.add_column("used", justify="right", no_wrap=True)
+    table.add_column("turns", justify="right")
+    table.add_column("clears", justify="right")
+    table.add_column("idle", justify="right", no_wrap=True)
+    now = datetime.fromisoformat(insights["generated_at"])
+    for s in ordered[:limit]:
+        state = by_key.get(s["session_id"], {})
+        fill = Text(f"{s['fill'] * 100:3.0f}% ")
+        fill.append(s["threshold_state"], style=STATE_STYLE[s["threshold_state"]])
+        last = state.get("last_activity")
+        table.add_row(
+            s["session_id"],
+            usage_bar(s["fill"], threshold, s["threshold_state"]),
+            fill,
+            human_bytes(s["cache_size_bytes"]),
+            str(state.get("turn_count", "")),
+            str(s["total_clears"]),
+            _age((now - datetime.fromisoformat(last)).total_seconds()) if last else "-",
+        )
+    caption = (
+        f"┆ memory threshold {threshold * 100:.0f}% (a clear at the next turn); "
+        f"near from {threshold * NEAR_FRACTION * 100:.0f}%"
+    )
+    if len(ordered) > limit:
+        caption += f"; {len(ordered) - limit} more sessions not shown (--json lists all)"
+    table.caption = caption
+    table.caption_justify = "left"
+    return table
+
+
+def _top_tables(insights: dict[str, Any]) -> Table:
+    size = Table(
+        title="largest caches",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+        collapse_padding=True,
+    )
+    size.add_column("session", overflow="ellipsis", max_width=24, no_wrap=True)
+    size.add_column("cache", justify="right")
+    size.add_column("fill", justify="right")
+    for s in insights["top_by_size"]:
+        size.add_row(s["session_id"], human_bytes(s["cache_size_bytes"]), f"{s['fill'] * 100:.0f}%")
+    clears = Table(
+        title="most clears",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+        collapse_padding=True,
+    )
+    clears.add_column("session", overflow="ellipsis", max_width=24, no_wrap=True)
+    clears.add_column("clears", justify="right")
+    for s in insights["top_by_clears"]:
+        clears.add_row(s["session_id"], str(s["total_clears"]))
+    if not insights["top_by_clears"]:
+        clears.add_row("(none yet)", "")
+    grid = Table.grid(padding=(0, 4))
+    grid.add_row(size, clears)
+    return grid
+
+
+def _ops_panel(insights: dict[str, Any]) -> Group:
+    """Operations per hour by type over the window, two columns an hour, hour labels below."""
+    ops = insights["operations_per_hour"]
+    hours = ops["hours"]
+    title = Text(f"operations per hour, last {hours} h (UTC, hour starting at the label)", style="italic")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+    table.add_column("operation")
+    table.add_column("per hour", no_wrap=True)
+    table.add_column("total", justify="right")
+    table.add_column("peak/h", justify="right")
+    for kind, values in ops["series"].items():
+        line = "".join(c * 2 for c in spark_counts(values))
+        table.add_row(kind, Text(line, style="cyan"), str(sum(values)), str(max(values, default=0)))
+    first_hour = int(ops["start"][11:13])
+    axis = "".join(f"{(first_hour + h) % 24:02d}{' ' * 10}" for h in range(0, hours, 6))[: hours * 2]
+    table.add_row("", Text(axis, style="dim"), "", "")
+    return Group(title, table)
+
+
+def _maintenance_line(insights: dict[str, Any]) -> Text:
+    info = insights["maintenance"]
+    line = Text("maintenance: ")
+    overdue = info["overdue_sessions"]
+    if info["keeps_up"]:
+        line.append("keeps up", style="green")
+        line.append(f"; no session idle over {info['inactive_hours']:g} h holds cache")
+    else:
+        line.append("behind", style="bold red")
+        if overdue:
+            line.append(
+                f"; {len(overdue)} session{'s' if len(overdue) != 1 else ''} "
+                f"idle over {info['inactive_hours']:g} h "
+                f"still hold cache (oldest {_age((info['oldest_idle_hours'] or 0) * 3600)})"
+            )
+        if info["history_over_limit"]:
+            line.append("; operation history over its limit")
+        line.append("; run kvcache maintain")
+    line.append(f"; history {info['operation_history_count']:,} of {info['history_limit']:,} operations")
+    return line
+
+
+def _recent_ops(data: dict[str, Any]) -> Table:
+    ops = Table(
+        title="recent operations",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+        collapse_padding=True,
+    )
+    for name in ("time", "operation", "session", "entries", "details"):
+        ops.add_column(name, overflow="fold")
+    for op in data["recent_operations"]:
+        ops.add_row(
+            op["timestamp"][:19].replace("T", " "),
+            op["operation_type"],
+            op["session_id"],
+            str(op["entries_affected"]),
+            op["details"],
+        )
+    return ops
+
+
+def _session_view(data: dict[str, Any], insights: dict[str, Any] | None, width: int) -> list[Any]:
+    state = data["sessions"][0]
+    detail = data["session"]
+    threshold = data.get("memory_threshold_percent", 0.6)
+    capacity = state["capacity_bytes"] or data.get("capacity_bytes", 0)
+    fill = state["cache_size_bytes"] / capacity if capacity else 0.0
+    from .insights import threshold_state
+
+    level = threshold_state(fill, threshold)
+    now = (
+        datetime.fromisoformat(insights["generated_at"])
+        if insights
+        else datetime.now(UTC).replace(tzinfo=None)
+    )
+    bar = Text("cache  ", style="dim")
+    bar.append_text(usage_bar(fill, threshold, level, width=40))
+    bar.append(f"  {fill * 100:.0f}% ")
+    bar.append(level, style=STATE_STYLE[level])
+    bar.append(f"  {human_bytes(state['cache_size_bytes'])} of {human_bytes(capacity)}")
+    bar.append(f", clear at {threshold * 100:.0f}%", style="dim")
+    meta = state.get("metadata") or {}
+    last_clear = _when(state["last_cleared_at"])
+    if state["last_cleared_at"] and meta.get("last_clear_reason"):
+        last_clear += f" ({meta['last_clear_reason']})"
+    grid = Table.grid(padding=(0, 2))
+    for style in ("dim", "", "dim", "", "dim", ""):
+        grid.add_column(style=style)
+    grid.add_row(
+        "turns",
+        str(state["turn_count"]),
+        "since clear",
+        str(state["conversation_count"]),
+        "last clear",
+        last_clear,
+    )
+    grid.add_row(
+        "entries",
+        str(state["entry_count"]),
+        "messages",
+        f"{detail['message_count']:,}",
+        "last active",
+        _when(state["last_activity"]),
+    )
+    grid.add_row(
+        "clears", str(state["total_clears"]), "last snapshot", str(state["last_snapshot_id"] or "-"), "", ""
+    )
+    parts: list[Any] = [
+        Panel(Group(bar, grid), title=f"session {state['session_id']}", title_align="left", expand=False)
+    ]
+    snaps = detail["snapshots"]
+    if snaps:
+        table = Table(
+            title=f"snapshots ({len(snaps)})",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            show_edge=False,
+            collapse_padding=True,
+        )
+        for name in ("id", "type", "reason", "turn", "entries", "size", "age", "slot file"):
+            table.add_column(
+                name, justify="right" if name in ("id", "turn", "entries", "size", "age") else "left"
+            )
+        for s in snaps:
+            age = _age((now - datetime.fromisoformat(s["created_at"])).total_seconds())
+            table.add_row(
+                str(s["id"]),
+                s["snapshot_type"],
+                s["reason"],
+                str(s["turn_index"]),
+                str(s["entry_count"]),
+                human_bytes(s["size_bytes"]),
+                age,
+                s["slot_filename"] or "-",
+            )
+        parts.append(table)
+    else:
+        parts.append(Text("snapshots: none"))
+    sm = detail["summary"]
+    if sm:
+        parts.append(
+            Text(
+                f"summary: {sm['length']:,} chars, "
+                f"{sm['clear_count']} clear{'s' if sm['clear_count'] != 1 else ''}, "
+                f"{sm['messages_summarized']} messages summarized ({sm['source']})"
+            )
+        )
+    else:
+        parts.append(Text("summary: none yet (written at the first clear)"))
+    usage = detail["usage"]
+    if usage:
+        values = [u["cache_size_bytes"] for u in usage]
+        parts.append(Text(_chart_title(capacity, threshold, max(values)), style="bold"))
+        parts.append(
+            usage_chart(
+                values,
+                [u["clear_reason"] if u["cleared"] else None for u in usage],
+                capacity,
+                threshold,
+                width=width,
+                first_turn=usage[0]["turn"],
+            )
+        )
+        parts.append(
+            Text(clear_summary([(u["turn"], u["clear_reason"] or "Manual") for u in usage if u["cleared"]]))
+        )
+    return parts
+
+
+def stats_view(data: dict[str, Any], insights: dict[str, Any] | None = None, width: int = 100) -> Group:
+    """Everything ``kvcache stats`` shows, as one renderable (printed, or refreshed live)."""
+    parts: list[Any] = []
+    if data.get("session"):
+        parts += _session_view(data, insights, width)
+    else:
+        parts.append(_totals_panel(data, insights))
+        if insights and insights["sessions_by_fill"]:
+            parts.append(_sessions_table(data, insights))
+            parts.append(_top_tables(insights))
+        elif not data["sessions"]:
+            parts.append(Text("no sessions yet: kvcache process FILE replays a conversation"))
+        if insights:
+            parts.append(_ops_panel(insights))
+            parts.append(_maintenance_line(insights))
     if data.get("slots"):
-        slots = Table(title="server slots", title_justify="left")
+        slots = Table(
+            title="server slots",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            show_edge=False,
+            collapse_padding=True,
+        )
         for name in ("id", "n_ctx", "cached tokens", "processing"):
             slots.add_column(name)
         for s in data["slots"]:
-            slots.add_row(str(s["id"]), str(s["n_ctx"]), str(s.get("n_prompt_tokens")), str(s["is_processing"]))
-        console.print(slots)
+            cached = s.get("n_prompt_tokens")  # None: the slot has served no request yet
+            slots.add_row(
+                str(s["id"]),
+                str(s["n_ctx"]),
+                "-" if cached is None else str(cached),
+                "yes" if s["is_processing"] else "no",
+            )
+        parts.append(slots)
     if data["recent_operations"]:
-        ops = Table(title="recent operations", title_justify="left")
-        for name in ("time", "operation", "session", "entries", "details"):
-            ops.add_column(name)
-        for op in data["recent_operations"]:
-            ops.add_row(op["timestamp"][:19], op["operation_type"], op["session_id"], str(op["entries_affected"]), op["details"])
-        console.print(ops)
-    detail = data.get("session")
-    if detail:
-        usage = [float(u["cache_size_bytes"]) for u in detail["usage"]]
-        if usage:
-            console.print(f"cache usage by turn: {sparkline(usage)}")
-        if detail["summary"]:
-            sm = detail["summary"]
-            console.print(f"summary: {sm['length']} chars, {sm['clear_count']} clears, {sm['source']}")
+        parts.append(_recent_ops(data))
+    return Group(*parts)
+
+
+def statistics(data: dict[str, Any], insights: dict[str, Any] | None = None) -> None:
+    console.print(stats_view(data, insights, console.width))
+
+
+def watch_statistics(fetch: Callable[[], tuple[dict[str, Any], dict[str, Any]]], interval: float) -> None:
+    """Redraw ``fetch()`` in place every ``interval`` seconds until Ctrl-C (which propagates)."""
+    import time
+
+    from rich.live import Live
+
+    def frame() -> Group:
+        data, insights = fetch()
+        stamp = Text(
+            f"watching every {interval:g} s, Ctrl-C to stop · {time.strftime('%H:%M:%S')}", style="dim"
+        )
+        return Group(stats_view(data, insights, console.width), stamp)
+
+    with Live(
+        frame(), console=console, auto_refresh=False, screen=False, vertical_overflow="visible"
+    ) as live:
+        while True:
+            time.sleep(interval)
+            live.update(frame(), refresh=True)

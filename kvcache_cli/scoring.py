@@ -56,8 +56,18 @@ def is_question(text: str) -> bool:
     return stripped.endswith(("?", "？", "؟")) or bool(QUESTION_START_RE.match(stripped))
 
 
+PATTERN_WINDOW = 65536  # chars: a huge text is matched on its head and tail only
+
+
 def pattern_matches(text: str) -> list[str]:
-    """Names of the seed's patterns that match ``text``, in the seed's order."""
+    """Names of the seed's patterns that match ``text``, in the seed's order.
+
+    A text longer than ``PATTERN_WINDOW`` is judged by its first and last halves of
+    the window (a 50 MB message scores in milliseconds, not minutes).
+    """
+    if len(text) > PATTERN_WINDOW:
+        half = PATTERN_WINDOW // 2
+        text = text[:half] + "\n" + text[-half:]
     found = []
     if SYSTEM_PROMPT_RE.search(text):
         found.append("system_prompt")

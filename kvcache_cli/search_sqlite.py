@@ -296,13 +296,12 @@ def search_messages(
     session_id: int | None,
     limit: int,
     *,
-    context_window: int = 2,
-    context_weight: float = 0.3,
-    context_decay: float = 0.5,
-    speaker_boost: float = 0.5,
+    context_window: int = 3,
+    context_weight: float = 0.5,
+    context_decay: float = 0.8,
+    speaker_boost: float = 1.0,
     temporal_boost: float = 0.3,
-    length_b: float = 0.75,
-    episode_weight: float = 0.0,
+    length_b: float = 0.5,
     candidates: int = 300,
     max_session_matches: int = 3000,
     bridges: bool = True,
@@ -355,30 +354,18 @@ def search_messages(
 
     own: dict[tuple[int, int], float] = {}
     info: dict[tuple[int, int], tuple[int, str]] = {}
+    named: set[tuple[int, int]] = set()
     for d in docs:
-        s = bm25_terms(d.stems, d.length, idf, avg_len, length_b)
-        if s <= 0.0:
+        sc = bm25_terms(d.stems, d.length, idf, avg_len, length_b)
+        if sc <= 0.0:
             continue  # matched only through the speaker prefix
-        if speaker_boost > 0 and d.speaker_stems.intersection(stems):
-            s *= 1.0 + speaker_boost
-        if temporal_q and ts.has_temporal_expression(ts.tokenize(d.content)):
-            s *= 1.0 + temporal_boost
         key = (d.session_id, d.index)
-        own[key] = s
+        if speaker_boost > 0 and d.speaker_stems.intersection(stems):
+            named.add(key)
+        if temporal_q and ts.has_temporal_expression(ts.tokenize(d.content)):
+            sc *= 1.0 + temporal_boost
+        own[key] = sc
         info[key] = (d.message_id, d.content)
-
-    if episode_weight > 0:
-        ep_sum: dict[tuple[int, str], float] = {}
-        for d in docs:
-            k = (d.session_id, d.index)
-            if k in own:
-                ep_sum[(d.session_id, d.day)] = ep_sum.get((d.session_id, d.day), 0.0) + own[k]
-        top_ep = max(ep_sum.values(), default=0.0)
-        if top_ep > 0:
-            for d in docs:
-                k = (d.session_id, d.index)
-                if k in own:
-                    own[k] *= 1.0 + episode_weight * ep_sum[(d.session_id, d.day)] / top_ep
 
     def context(key: tuple[int, int]) -> float:
         sid, idx = key
@@ -404,14 +391,21 @@ def search_messages(
             for start in range(0, len(idxs), 500):
                 chunk = idxs[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                for mid, idx, content in conn.execute(
-                    "SELECT id, message_index, content FROM messages "
+                for mid, idx, content, name in conn.execute(
+                    "SELECT id, message_index, content, name FROM messages "
                     f"WHERE session_id = ? AND message_index IN ({marks})",
                     [sid, *chunk],
                 ).fetchall():
                     key = (sid, int(idx))
                     info[key] = (int(mid), content or "")
                     combined[key] = context_weight * context(key)
+                    if name and speaker_boost > 0:
+                        if frozenset(ts.stem_all(ts.tokenize(name))).intersection(stems):
+                            named.add(key)
+
+    if speaker_boost > 0:
+        for key in named:
+            combined[key] *= 1.0 + speaker_boost
 
     ranked = sorted(
         (k for k in combined if combined[k] > 0),

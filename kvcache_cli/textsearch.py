@@ -263,9 +263,11 @@ def fts5_match(terms: Sequence[str]) -> str | None:
 
     Each token is double-quoted with inner quotes doubled, so operators (``AND``,
     ``NEAR``), column filters (``foo:bar``), ``*``, ``^``, ``-`` and parentheses are
-    plain text to FTS5.
+    plain text to FTS5. NUL characters are removed.
     """
-    parts = ['"' + t.replace('"', '""') + '"' for t in terms if t.strip()]
+    # NUL would end the C string inside the quotes ("unterminated string")
+    cleaned = (t.replace("\x00", "") for t in terms)
+    parts = ['"' + t.replace('"', '""') + '"' for t in cleaned if t.strip()]
     if not parts:
         return None
     return " OR ".join(parts)

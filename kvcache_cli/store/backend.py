@@ -133,9 +133,11 @@ def open_sqlite(path: str, busy_timeout_ms: int = 30000) -> peewee.SqliteDatabas
 
 
 def is_locked_error(exc: BaseException) -> bool:
-    """Whether ``exc`` is SQLite's "database is locked"/"busy" (worth a retry)."""
+    """Whether ``exc`` is worth a retry: SQLite's "database is locked"/"busy", or a
+    PostgreSQL deadlock or serialization failure (the transaction was rolled back)."""
     text = str(exc).lower()
-    return "database is locked" in text or "database is busy" in text
+    markers = ("database is locked", "database is busy", "deadlock detected", "could not serialize access")
+    return any(marker in text for marker in markers)
 
 
 class Store:

@@ -48,6 +48,9 @@ MIGRATIONS: list[tuple[int, str, Callable[[Store], None]]] = [
 
 LATEST_VERSION = MIGRATIONS[-1][0]
 
+#: PostgreSQL advisory lock key serialising migrations (b"kvcache" + "M").
+PG_MIGRATION_LOCK = int.from_bytes(b"kvcacheM", "big")
+
 
 def applied_versions(store: Store) -> set[int]:
     """Versions recorded in the store (empty for a new store)."""
@@ -74,6 +77,8 @@ def migrate(store: Store) -> list[int]:
             continue
 
         def work(version: int = version, name: str = name, step: Callable[[Store], None] = step) -> bool:
+            if not store.is_sqlite:  # one migrating process at a time (released at commit)
+                store.db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (PG_MIGRATION_LOCK,))
             m.SchemaMigration.create_table(safe=True)
             if m.SchemaMigration.select().where(m.SchemaMigration.version == version).exists():
                 return False

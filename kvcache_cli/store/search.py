@@ -25,10 +25,20 @@ def _module(store: Store) -> Any:
     return search_postgres
 
 
+def _connection(store: Store) -> Any:
+    """The DB-API connection with an ``execute`` method (psycopg2's gets a wrapper)."""
+    conn = store.db.connection()
+    if store.is_sqlite:
+        return conn
+    from .search_postgres import PgConnection
+
+    return PgConnection(conn)
+
+
 def create_index(store: Store) -> None:
     """Create the index and fill it from the messages already stored."""
     module = _module(store)
-    conn = store.db.connection()
+    conn = _connection(store)
     for statement in module.SCHEMA:
         conn.execute(statement)
     module.rebuild(conn)
@@ -36,17 +46,17 @@ def create_index(store: Store) -> None:
 
 def index_messages(store: Store, rows: Iterable[tuple[int, int, str]]) -> None:
     """Index ``(message_id, session_id, content)`` rows."""
-    _module(store).index_messages(store.db.connection(), rows)
+    _module(store).index_messages(_connection(store), rows)
 
 
 def delete_session(store: Store, session_id: int) -> None:
     """Drop a session's messages from the index (before deleting the rows)."""
-    _module(store).delete_session(store.db.connection(), session_id)
+    _module(store).delete_session(_connection(store), session_id)
 
 
 def search_messages(store: Store, query: str, session_id: int | None, limit: int) -> list[Hit]:
     """Ranked hits for ``query`` in one session (or all when ``session_id`` is None)."""
-    result: list[Hit] = _module(store).search_messages(store.db.connection(), query, session_id, limit)
+    result: list[Hit] = _module(store).search_messages(_connection(store), query, session_id, limit)
     return result
 
 

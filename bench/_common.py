@@ -1,0 +1,90 @@
+"""Shared helpers of the benchmark scripts: timing subprocesses, medians, machine facts."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+KVCACHE = str(Path(PYTHON).parent / "kvcache") if (Path(PYTHON).parent / "kvcache").exists() else (shutil.which("kvcache") or "kvcache")
+
+
+PYCACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "kvbench-pycache")
+
+
+def bench_env(home: Path) -> dict[str, str]:
+    """The environment for a kvcache child: a private KVCACHE_HOME, no config, no server."""
+    env = dict(os.environ)
+    env["KVCACHE_HOME"] = str(home)
+    # As installed for operators: bytecode cached (this sandbox sets PYTHONDONTWRITEBYTECODE,
+    # which would recompile every module at each start). The cache lives outside the tree.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = PYCACHE
+    for name in ("KVCACHE_DB", "KVCACHE_CONFIG"):
+        env.pop(name, None)
+    return env
+
+
+def run_timed(cmd: Sequence[str], env: dict[str, str] | None = None, check: bool = True) -> float:
+    """Wall seconds of one run of ``cmd`` (output discarded)."""
+    started = time.perf_counter()
+    proc = subprocess.run(list(cmd), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    elapsed = time.perf_counter() - started
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.decode()[-500:]}")
+    return elapsed
+
+
+def run_rusage(cmd: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of ``cmd`` as a child process."""
+    started = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:  # child: exec with output discarded
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        try:
+            os.execvpe(cmd[0], list(cmd), env or dict(os.environ))
+        finally:
+            os._exit(127)
+    _, status, usage = os.wait4(pid, 0)
+    elapsed = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({os.waitstatus_to_exitcode(status)})")
+    return elapsed, usage.ru_maxrss * 1024  # Linux: kilobytes
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def machine() -> str:
+    """One line: cores, memory, Python, SQLite, CPU model."""
+    import sqlite3
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    load = os.getloadavg()[0]
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem_gb:.0f} GiB RAM, Python {platform.python_version()}, "
+        f"SQLite {sqlite3.sqlite_version}, load {load:.1f}"
+    )
+
+
+def self_peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

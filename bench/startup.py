@@ -1,0 +1,112 @@
+"""Start-up time: ``kvcache --help`` and ``kvcache stats`` (empty store) vs a bare Typer app.
+
+Usage: python bench/startup.py [--runs N] [--json]
+
+The reference is a bare Typer app with seven no-op subcommands, written to a temp file
+and run as ``python app.py --help``. The three commands are run interleaved (one of
+each per round, so machine load hits all alike) ``N`` times; the figures are medians
+and the ratios kvcache / bare. Target: <= 1.2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import KVCACHE, PYTHON, bench_env, machine, median, run_timed  # noqa: E402
+
+BARE_APP = '''
+import typer
+
+app = typer.Typer(no_args_is_help=True)
+
+
+@app.command()
+def process() -> None:
+    """No-op."""
+
+
+@app.command()
+def clear() -> None:
+    """No-op."""
+
+
+@app.command()
+def retrieve() -> None:
+    """No-op."""
+
+
+@app.command()
+def snapshot() -> None:
+    """No-op."""
+
+
+@app.command()
+def restore() -> None:
+    """No-op."""
+
+
+@app.command()
+def maintain() -> None:
+    """No-op."""
+
+
+@app.command()
+def stats() -> None:
+    """No-op."""
+
+
+if __name__ == "__main__":
+    app()
+'''
+
+
+def measure(runs: int = 15) -> dict[str, float]:
+    """Median seconds of each command and the ratios to the bare app."""
+    with tempfile.TemporaryDirectory(prefix="kvbench-startup-") as tmp:
+        folder = Path(tmp)
+        app = folder / "app.py"
+        app.write_text(BARE_APP)
+        env = bench_env(folder / "home")
+        db = folder / "empty.db"
+        run_timed([KVCACHE, "--db", str(db), "stats"], env)  # create + migrate once
+        commands = {
+            "bare_help": [PYTHON, str(app), "--help"],
+            "kvcache_help": [KVCACHE, "--help"],
+            "kvcache_stats": [KVCACHE, "--db", str(db), "stats"],
+        }
+        for cmd in commands.values():  # warm the page cache
+            run_timed(cmd, env)
+        times: dict[str, list[float]] = {name: [] for name in commands}
+        for _ in range(runs):
+            for name, cmd in commands.items():
+                times[name].append(run_timed(cmd, env))
+    out = {name: median(values) for name, values in times.items()}
+    out["help_ratio"] = out["kvcache_help"] / out["bare_help"]
+    out["stats_ratio"] = out["kvcache_stats"] / out["bare_help"]
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    result = measure(args.runs)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(machine())
+    print(f"bare Typer app --help      {result['bare_help'] * 1000:7.0f} ms  (reference)")
+    print(f"kvcache --help             {result['kvcache_help'] * 1000:7.0f} ms  {result['help_ratio']:.2f}x  (target <= 1.2x)")
+    print(f"kvcache stats (empty db)   {result['kvcache_stats'] * 1000:7.0f} ms  {result['stats_ratio']:.2f}x  (target <= 1.2x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+complete --command kvcache --no-files --arguments "(env _KVCACHE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) kvcache)" --condition "env _KVCACHE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) kvcache"

@@ -1,0 +1,425 @@
+"""End to end: the installed ``kvcache`` in subprocesses, against real SQLite files.
+
+Covers the foundation's acceptance list: the reference clears, two processes replaying
+halves, snapshot/restore identity, statistics totals, and every bad input failing with
+one line, exit 2 and an unchanged database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvcache_cli.config import Config, load_config
+from tests.helpers import (
+    EXAMPLES,
+    REPO,
+    conversation,
+    dump_db,
+    one_error_line,
+    run_json,
+    run_kvcache,
+    strip_wall_clock,
+    table_rows,
+    truncated,
+    write_json,
+)
+
+ENTRY_COLUMNS = (
+    "key_hash, key_data, key_type, value_bytes, layer_index, head_index, importance, "
+    "access_count, size_bytes, tokens, message_index, position"
+)
+
+
+def clear_list(session: dict[str, Any]) -> list[tuple[int, str]]:
+    return [(c["turn"], c["clear_reason"]) for c in session["clears"]]
+
+
+def state(db: Path, home: Path) -> dict[str, Any]:
+    """Everything a replay decides, without wall-clock fields."""
+    return {
+        "stats": strip_wall_clock(run_json("stats", home=home, db=db)),
+        "messages": table_rows(
+            db,
+            "SELECT session_id, message_index, role, content, tokens, timestamp FROM messages ORDER BY 1, 2",
+        ),
+        "cache": table_rows(
+            db, f"SELECT session_id, {ENTRY_COLUMNS} FROM cache_entries ORDER BY 1, position, key_hash"
+        ),
+        "snapshots": table_rows(
+            db,
+            "SELECT session_id, turn_index, snapshot_type, reason, state_hash, entry_count "
+            "FROM snapshots ORDER BY id",
+        ),
+        "summary": table_rows(db, "SELECT session_id, text, messages_summarized, clear_count FROM summaries"),
+        "turns": table_rows(
+            db,
+            "SELECT session_id, turn_index, cache_size_bytes, cleared, clear_reason "
+            "FROM turn_log ORDER BY 1, 2",
+        ),
+    }
+
+
+@pytest.fixture()
+def home(tmp_path: Path) -> Path:
+    path = tmp_path / "home"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture()
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "kv.db"
+
+
+# ----------------------------------------------------------------------------- basics
+def test_module_entry_point_matches_script(home: Path) -> None:
+    rc, out, err = run_kvcache("--help", home=home, module=True)
+    assert rc == 0, err
+    rc2, out2, _ = run_kvcache("--help", home=home)
+    assert rc2 == 0
+    for command in ("process", "clear", "retrieve", "snapshot", "restore", "maintain", "stats"):
+        assert command in out and command in out2
+
+
+def test_module_runs_commands_like_the_script(home: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.db", tmp_path / "b.db"
+    rc, out, err = run_kvcache("process", EXAMPLES / "sharegpt.json", "--json", home=home, db=a, module=True)
+    assert rc == 0, err
+    by_module = json.loads(out)
+    by_script = run_json("process", EXAMPLES / "sharegpt.json", home=home, db=b)
+    assert strip_wall_clock(by_module) == strip_wall_clock(by_script)
+    rc, _, err = run_kvcache("stats", "nosuch", home=home, db=a, module=True)
+    assert rc == 2 and "unknown session 'nosuch'" in one_error_line(err)
+
+
+def test_examples_process_and_stats(home: Path, db: Path) -> None:
+    """The getting-started path: process the examples, then look at stats."""
+    files = [
+        EXAMPLES / n for n in ("support-chat.json", "long-messages.json", "sharegpt.json", "openai.jsonl")
+    ]
+    rc, out, err = run_kvcache("process", *files, home=home, db=db)
+    assert rc == 0, err
+    assert "support-4821" in out
+    data = run_json("stats", home=home, db=db)
+    keys = {s["session_id"] for s in data["sessions"]}
+    assert keys == {
+        "support-4821",
+        "ha-design-review",
+        "sharegpt-rust-lifetimes",
+        "sharegpt-trip-lisbon",
+        "sharegpt-sql-window",
+        "jsonl-onboarding",
+        "jsonl-invoice",
+    }
+
+
+def test_readme_first_command_runs(home: Path, tmp_path: Path) -> None:
+    """The README's first command (after its install step) works from a fresh folder."""
+    import re
+    import shlex
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"^python3 -m venv .*?\.venv/bin/kvcache (.+)$", readme, re.M)
+    assert match, "README lost its first command"
+    work = tmp_path / "checkout"
+    work.mkdir()
+    (work / "examples").symlink_to(EXAMPLES)
+    rc, out, err = run_kvcache(*shlex.split(match.group(1)), home=home, cwd=work)
+    assert rc == 0, err
+    assert "Traceback" not in err
+    assert out.strip()
+    assert any(p.suffix == ".db" for p in work.iterdir())
+
+
+def test_default_database_is_private(home: Path) -> None:
+    rc, _, err = run_kvcache("process", EXAMPLES / "openai.jsonl", home=home)
+    assert rc == 0, err
+    path = home / "kvcache.db"
+    assert path.exists()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_db_flag_beats_env(home: Path, tmp_path: Path) -> None:
+    env_db, flag_db = tmp_path / "env.db", tmp_path / "flag.db"
+    rc, _, err = run_kvcache(
+        "--db", flag_db, "process", EXAMPLES / "openai.jsonl", home=home, env={"KVCACHE_DB": str(env_db)}
+    )
+    assert rc == 0, err
+    assert flag_db.exists() and not env_db.exists()
+    rc, out, err = run_kvcache("stats", "--json", home=home, env={"KVCACHE_DB": str(env_db)})
+    assert rc == 0, err
+    assert json.loads(out)["database"] == str(env_db)
+    assert env_db.exists()
+    assert not (home / "kvcache.db").exists()
+    assert stat.S_IMODE(flag_db.stat().st_mode) == 0o600
+
+
+# ----------------------------------------------------------------------------- clears
+def test_short_40_turns_clear_at_16_and_32(home: Path, db: Path, tmp_path: Path) -> None:
+    path = write_json(tmp_path / "short.json", conversation(40, session_id="short"))
+    data = run_json("process", path, home=home, db=db)
+    [session] = data["sessions"]
+    assert session["turns_processed"] == 40
+    assert clear_list(session) == [(16, "ConversationLimit"), (32, "ConversationLimit")]
+
+
+def test_long_messages_clear_earlier(home: Path, db: Path, tmp_path: Path) -> None:
+    path = write_json(tmp_path / "long.json", conversation(40, session_id="long", long=True))
+    [session] = run_json("process", path, home=home, db=db)["sessions"]
+    found = clear_list(session)
+    assert found and found[0][0] < 16 and found[0][1] == "MemoryThreshold"
+    [example] = run_json("process", EXAMPLES / "long-messages.json", home=home, db=db)["sessions"]
+    assert clear_list(example)[0][1] == "MemoryThreshold" and clear_list(example)[0][0] < 16
+
+
+def test_turn_details_show_the_bridges(home: Path, db: Path) -> None:
+    data = run_json("process", EXAMPLES / "support-chat.json", "--turns", home=home, db=db)
+    turns = data["sessions"][0]["turns"]
+    assert turns[15]["clear_reason"] == "ConversationLimit"
+    assert turns[15]["bridge_messages"][0].startswith(
+        "[Memory compressed — conversation summary up to this point:]"
+    )
+    assert turns[16]["bridge_messages"][0].startswith(
+        "[Prior conversation summary — context before memory compression:]"
+    )
+    detail = run_json("stats", "support-4821", home=home, db=db)["session"]
+    assert detail["summary"]["clear_count"] == 2
+
+
+# ----------------------------------------------------------------------------- replays
+@pytest.mark.parametrize("split", [47, 48], ids=["turn-boundary", "mid-turn"])
+def test_two_halves_by_two_processes_equal_one_replay(tmp_path: Path, home: Path, split: int) -> None:
+    full = json.loads((EXAMPLES / "support-chat.json").read_text(encoding="utf-8"))
+    half_path = write_json(tmp_path / "half.json", truncated(full, split))
+    full_path = write_json(tmp_path / "full.json", full)
+    two, one = tmp_path / "two.db", tmp_path / "one.db"
+    first = run_json("process", half_path, home=home, db=two)["sessions"][0]
+    second = run_json("process", full_path, home=home, db=two)["sessions"][0]
+    whole = run_json("process", full_path, home=home, db=one)["sessions"][0]
+    assert (
+        first["messages_added"] + second["messages_added"] == whole["messages_added"] == len(full["messages"])
+    )
+    assert clear_list(first) + clear_list(second) == clear_list(whole)
+    assert first["usage"] + second["usage"] == whole["usage"]
+    assert state(two, home) == state(one, home)
+
+
+def test_replaying_twice_adds_nothing(home: Path, db: Path) -> None:
+    run_json("process", EXAMPLES / "sharegpt.json", home=home, db=db)
+    before = dump_db(db)
+    again = run_json("process", EXAMPLES / "sharegpt.json", home=home, db=db)
+    assert [s["messages_added"] for s in again["sessions"]] == [0, 0, 0]
+    assert [s["turns_processed"] for s in again["sessions"]] == [0, 0, 0]
+    assert dump_db(db) == before
+
+
+def test_extension_processes_only_new_turns(home: Path, db: Path, tmp_path: Path) -> None:
+    data = conversation(24, session_id="ext")
+    write_json(tmp_path / "ext.json", truncated(data, 1 + 2 * 10))
+    run_json("process", tmp_path / "ext.json", home=home, db=db)
+    write_json(tmp_path / "ext.json", data)
+    [session] = run_json("process", tmp_path / "ext.json", "--turns", home=home, db=db)["sessions"]
+    assert session["turns_processed"] == 14
+    assert session["messages_added"] == 28
+    assert [t["turn"] for t in session["turns"]] == list(range(11, 25))
+    assert clear_list(session) == [(16, "ConversationLimit")]
+
+
+def test_divergent_file_is_refused(home: Path, db: Path, tmp_path: Path) -> None:
+    data = conversation(8, session_id="div")
+    run_json("process", write_json(tmp_path / "div.json", data), home=home, db=db)
+    before = dump_db(db)
+    data["messages"][5]["content"] = "rewritten history"
+    data["messages"].append({"role": "user", "content": "one more"})
+    write_json(tmp_path / "div.json", data)
+    rc, _, err = run_kvcache("process", tmp_path / "div.json", home=home, db=db)
+    assert rc == 2
+    line = one_error_line(err)
+    assert "message 5 differs" in line
+    assert dump_db(db) == before
+
+
+# ----------------------------------------------------------------------------- snapshot / stats
+def test_snapshot_then_restore_returns_the_same_entries(home: Path, db: Path) -> None:
+    run_json("process", EXAMPLES / "openai.jsonl", home=home, db=db)
+    snap = run_json("snapshot", "jsonl-onboarding", home=home, db=db)
+    sql = f"SELECT {ENTRY_COLUMNS} FROM cache_entries WHERE session_id = 1 ORDER BY position, key_hash"
+    snap_sql = (
+        f"SELECT {ENTRY_COLUMNS} FROM snapshot_entries WHERE snapshot_id = ? ORDER BY position, key_hash"
+    )
+    active = table_rows(db, sql)
+    assert len(active) == snap["entry_count"] == 7
+    assert table_rows(db, snap_sql, (snap["id"],)) == active
+    cleared = run_json("clear", "jsonl-onboarding", home=home, db=db)
+    assert cleared["clear_reason"] == "Manual"
+    assert len(table_rows(db, sql)) < len(active)
+    restored = run_json("restore", "jsonl-onboarding", str(snap["id"]), home=home, db=db)
+    assert restored["entries_restored"] == 7
+    assert table_rows(db, sql) == active
+    listed = run_json("snapshot", "--list", "jsonl-onboarding", home=home, db=db)["snapshots"]
+    assert snap["state_hash"] in [s["state_hash"] for s in listed]
+
+
+def test_stats_totals_match_process_output(home: Path, db: Path, tmp_path: Path) -> None:
+    reports: list[dict[str, Any]] = []
+    reports += run_json(
+        "process", EXAMPLES / "support-chat.json", EXAMPLES / "sharegpt.json", home=home, db=db
+    )["sessions"]
+    reports += run_json("process", EXAMPLES / "long-messages.json", home=home, db=db)["sessions"]
+    write_json(tmp_path / "long.json", conversation(20, session_id="long2", long=True))
+    reports += run_json("process", tmp_path / "long.json", home=home, db=db)["sessions"]
+    stats = run_json("stats", home=home, db=db)
+    for key in (
+        "total_clears",
+        "entries_cleared",
+        "entries_preserved",
+        "total_retrievals",
+        "entries_retrieved",
+    ):
+        assert stats[key] == sum(r[key] for r in reports), key
+    assert stats["total_snapshots"] == sum(r["snapshots_created"] for r in reports)
+    assert stats["message_count"] == sum(r["messages_added"] for r in reports)
+    assert stats["total_clears"] >= 5
+
+
+# ----------------------------------------------------------------------------- bad input
+BAD_FILES: dict[str, tuple[str | None, str]] = {
+    "missing": (None, "no such file"),
+    "directory": ("<dir>", "is a directory"),
+    "invalid-json": (
+        '{"messages": [\n  {"role": "user",\n   "content": "hi" oops}]}',
+        r":3:\d+: invalid JSON",
+    ),
+    "no-role": ('[{"content": "hello"}]', "message has no role"),
+    "no-content": ('{"session_id": "x", "messages": [{"role": "user"}]}', "message has no content"),
+    "unknown-role": ('[{"role": "robot", "content": "beep"}]', "unknown role 'robot'"),
+    "bad-jsonl-line": (
+        '{"role": "user", "content": "a"}\n{"role": "user", "content": }\n',
+        r":2:\d+: invalid JSON",
+    ),
+    "bad-timestamp": ('[{"role": "user", "content": "a", "timestamp": "yesterday"}]', "not ISO-8601"),
+}
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A home and a database holding the JSONL example, shared by the bad-input cases."""
+    base = tmp_path_factory.mktemp("seeded")
+    home = base / "home"
+    home.mkdir()
+    db = base / "kv.db"
+    run_json("process", EXAMPLES / "openai.jsonl", home=home, db=db)
+    return home, db
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_file_fails_cleanly(case: str, seeded: tuple[Path, Path], tmp_path: Path) -> None:
+    import re
+
+    home, db = seeded
+    text, expected = BAD_FILES[case]
+    suffix = ".jsonl" if case == "bad-jsonl-line" else ".json"
+    path = tmp_path / f"{case}{suffix}"
+    if text == "<dir>":
+        path.mkdir()
+    elif text is not None:
+        path.write_text(text, encoding="utf-8")
+    before = dump_db(db)
+    rc, _, err = run_kvcache("process", path, home=home, db=db)
+    assert rc == 2
+    line = one_error_line(err)
+    assert line.startswith("kvcache: error: ")
+    assert str(path) in line
+    assert re.search(expected, line), line
+    assert dump_db(db) == before
+
+
+def test_bad_file_beside_good_file(home: Path, db: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"role": "user"}]', encoding="utf-8")
+    rc, out, err = run_kvcache("process", bad, EXAMPLES / "openai.jsonl", "--json", home=home, db=db)
+    assert rc == 2
+    assert "bad.json" in one_error_line(err)
+    data = json.loads(out)
+    assert [s["session_id"] for s in data["sessions"]] == ["jsonl-onboarding", "jsonl-invoice"]
+    assert len(data["failed"]) == 1
+    assert {r[0] for r in table_rows(db, "SELECT key FROM sessions")} == {"jsonl-onboarding", "jsonl-invoice"}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("stats", "nosuch"),
+        ("clear", "nosuch"),
+        ("snapshot", "nosuch"),
+        ("restore", "nosuch", "1"),
+        ("restore", "jsonl-invoice", "9999"),
+        ("retrieve", "nosuch", "what was the budget"),
+    ],
+    ids=lambda a: "-".join(a[:2]),
+)
+def test_unknown_ids_fail_cleanly(args: tuple[str, ...], seeded: tuple[Path, Path]) -> None:
+    home, db = seeded
+    before = dump_db(db)
+    rc, _, err = run_kvcache(*args, home=home, db=db)
+    assert rc == 2
+    line = one_error_line(err)
+    assert "unknown session 'nosuch'" in line or "unknown snapshot 9999" in line
+    assert dump_db(db) == before
+
+
+def test_bad_config_names_key_and_file(home: Path, db: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[cache]\nclear_after_turns = 3\n", encoding="utf-8")
+    rc, _, err = run_kvcache("--config", cfg, "stats", home=home, db=db)
+    assert rc == 2
+    line = one_error_line(err)
+    assert str(cfg) in line and "cache.clear_after_turns" in line
+    cfg.write_text("[cache]\nmemory_threshold_percent = 1.5\n", encoding="utf-8")
+    rc, _, err = run_kvcache("--config", cfg, "stats", home=home, db=db)
+    assert rc == 2
+    line = one_error_line(err)
+    assert str(cfg) in line and "cache.memory_threshold_percent" in line
+
+
+def test_config_changes_the_clear_limit(home: Path, db: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "k.toml"
+    cfg.write_text("[cache]\nclear_after_conversations = 5\n", encoding="utf-8")
+    path = write_json(tmp_path / "c.json", conversation(12, session_id="c"))
+    rc, out, err = run_kvcache("--config", cfg, "process", path, "--json", home=home, db=db)
+    assert rc == 0, err
+    assert clear_list(json.loads(out)["sessions"][0]) == [(5, "ConversationLimit"), (10, "ConversationLimit")]
+
+
+def test_init_config_writes_a_file_that_loads_back(home: Path, tmp_path: Path) -> None:
+    target = tmp_path / "conf" / "kvcache.toml"
+    rc, _, err = run_kvcache("init-config", target, home=home)
+    assert rc == 0, err
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    loaded = load_config(target)
+    assert loaded.to_dict() == Config().to_dict()
+    rc, _, err = run_kvcache("init-config", target, home=home)
+    assert rc == 2 and "already exists" in one_error_line(err)
+    rc, _, err = run_kvcache("init-config", home=home)
+    assert rc == 0, err
+    assert (home / "kvcache.toml").exists()
+    rc, _, err = run_kvcache("stats", home=home)  # the default config file is read and valid
+    assert rc == 0, err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+def test_unreadable_database_path_is_one_line(home: Path, tmp_path: Path) -> None:
+    not_db = tmp_path / "notes.txt"
+    not_db.write_text("these are my notes, not a database\n", encoding="utf-8")
+    rc, _, err = run_kvcache("stats", home=home, db=not_db)
+    assert rc != 0
+    assert "not a SQLite database" in one_error_line(err)
+    assert not_db.read_text(encoding="utf-8") == "these are my notes, not a database\n"
+    _ = os  # keep the import for platform checks

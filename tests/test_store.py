@@ -1,0 +1,118 @@
+"""The store: file creation and safety, URLs, migrations, transactions."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from kvcache_cli.errors import BadInputError, StoreError
+from kvcache_cli.store import models as m
+from kvcache_cli.store.backend import open_store, parse_location, redact_url
+from kvcache_cli.store.migrations import LATEST_VERSION, utcnow
+
+TABLES = {
+    "sessions",
+    "messages",
+    "cache_entries",
+    "snapshots",
+    "snapshot_entries",
+    "summaries",
+    "embeddings",
+    "engagement",
+    "operations",
+    "statistics",
+    "turn_log",
+    "schema_migrations",
+}
+
+
+def test_new_store_is_private_and_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "kv.db"
+    store = open_store(path)
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        names = {r[0] for r in store.db.execute_sql("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert TABLES <= names
+        versions = [r.version for r in m.SchemaMigration.select().order_by(m.SchemaMigration.version)]
+        assert versions == list(range(1, LATEST_VERSION + 1))
+        assert store.db.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store.db.execute_sql("PRAGMA foreign_keys").fetchone()[0] == 1
+    finally:
+        store.close()
+    again = open_store(path)  # reopening applies nothing twice
+    try:
+        assert m.SchemaMigration.select().count() == LATEST_VERSION
+        assert m.Statistics.select().count() == 1
+    finally:
+        again.close()
+
+
+def test_existing_non_sqlite_file_is_never_touched(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"my precious notes\n")
+    with pytest.raises(StoreError, match="not a SQLite database"):
+        open_store(path)
+    assert path.read_bytes() == b"my precious notes\n"
+    with pytest.raises(BadInputError, match="is a directory"):
+        open_store(tmp_path)
+
+
+def test_locations() -> None:
+    assert parse_location("sqlite:////abs/x.db").target == "/abs/x.db"
+    assert parse_location("sqlite:///rel.db").target == "rel.db"
+    assert parse_location("/tmp/a.db").backend == "sqlite"
+    assert parse_location("postgresql://u:pw@h/db").backend == "postgresql"
+    with pytest.raises(BadInputError):
+        parse_location("sqlite://x.db")  # would silently be in memory
+    with pytest.raises(BadInputError, match="unsupported scheme"):
+        parse_location("mysql://h/db")
+    assert "pw" not in redact_url("postgresql://u:pw@h:5432/db")
+    assert "***" in parse_location("postgresql://u:pw@h/db").display
+
+
+def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "kv.db")
+    try:
+
+        def work() -> None:
+            m.Session.create(key="s", created_at=utcnow(), last_activity=utcnow())
+            raise ValueError("boom")
+
+        with pytest.raises(ValueError):
+            store.transaction(work)
+        assert m.Session.select().count() == 0
+        assert (
+            store.transaction(
+                lambda: m.Session.create(key="t", created_at=utcnow(), last_activity=utcnow())
+            ).key
+            == "t"
+        )
+        assert m.Session.select().count() == 1
+    finally:
+        store.close()
+
+
+def test_exclusive_lock_is_exclusive(tmp_path: Path) -> None:
+    from kvcache_cli.errors import LockBusyError
+
+    store = open_store(tmp_path / "kv.db")
+    try:
+        with store.exclusive("maintain"):
+            with pytest.raises(LockBusyError):
+                with store.exclusive("maintain"):
+                    pass
+        with store.exclusive("maintain"):
+            pass
+    finally:
+        store.close()
+
+
+def test_size_bytes(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "kv.db")
+    try:
+        assert store.size_bytes() > 0
+    finally:
+        store.close()
