@@ -15,7 +15,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-KVCACHE = str(Path(PYTHON).parent / "kvcache") if (Path(PYTHON).parent / "kvcache").exists() else (shutil.which("kvcache") or "kvcache")
+KVCACHE = (
+    str(Path(PYTHON).parent / "kvcache")
+    if (Path(PYTHON).parent / "kvcache").exists()
+    else (shutil.which("kvcache") or "kvcache")
+)
 
 
 PYCACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "kvbench-pycache")

@@ -121,7 +121,9 @@ def ours(**kwargs: Any) -> Retriever:
     return run
 
 
-def search_messages_cached(conn: sqlite3.Connection, query: str, sid: int, k: int, **kw: Any) -> list[search_sqlite.Hit]:
+def search_messages_cached(
+    conn: sqlite3.Connection, query: str, sid: int, k: int, **kw: Any
+) -> list[search_sqlite.Hit]:
     return search_sqlite.search_messages(conn, query, sid, k, **kw)
 
 

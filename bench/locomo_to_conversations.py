@@ -52,7 +52,11 @@ def convert(conv: dict[str, Any], session_id: str) -> dict[str, Any]:
         start = parse_locomo_date(str(conv.get(f"session_{n}_date_time", "")))
         for i, turn in enumerate(conv[f"session_{n}"]):
             role = "user" if turn["speaker"] == speaker_a else "assistant"
-            msg: dict[str, Any] = {"role": role, "content": f"{turn['speaker']}: {turn['text']}", "name": turn["speaker"]}
+            msg: dict[str, Any] = {
+                "role": role,
+                "content": f"{turn['speaker']}: {turn['text']}",
+                "name": turn["speaker"],
+            }
             if start is not None:
                 msg["timestamp"] = (start + timedelta(seconds=i)).isoformat()
             messages.append(msg)

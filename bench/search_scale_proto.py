@@ -110,7 +110,9 @@ def main() -> int:
             cum.append(acc)
     print(f"store ready in {time.perf_counter() - t0:.1f} s, {os.path.getsize(path) / 1e6:.0f} MB")
     conn = sqlite3.connect(path, isolation_level=None)
-    queries = [" ".join(rng.choices(vocab, cum_weights=cum, k=rng.randint(2, 5))) for _ in range(args.queries)]
+    queries = [
+        " ".join(rng.choices(vocab, cum_weights=cum, k=rng.randint(2, 5))) for _ in range(args.queries)
+    ]
     for label, sess in (("per-session", True), ("all-session", False)):
         times: list[float] = []
         for q in queries:

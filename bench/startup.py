@@ -103,8 +103,12 @@ def main() -> int:
         return 0
     print(machine())
     print(f"bare Typer app --help      {result['bare_help'] * 1000:7.0f} ms  (reference)")
-    print(f"kvcache --help             {result['kvcache_help'] * 1000:7.0f} ms  {result['help_ratio']:.2f}x  (target <= 1.2x)")
-    print(f"kvcache stats (empty db)   {result['kvcache_stats'] * 1000:7.0f} ms  {result['stats_ratio']:.2f}x  (target <= 1.2x)")
+    print(
+        f"kvcache --help             {result['kvcache_help'] * 1000:7.0f} ms  {result['help_ratio']:.2f}x  (target <= 1.2x)"
+    )
+    print(
+        f"kvcache stats (empty db)   {result['kvcache_stats'] * 1000:7.0f} ms  {result['stats_ratio']:.2f}x  (target <= 1.2x)"
+    )
     return 0
 
 

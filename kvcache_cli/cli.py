@@ -119,12 +119,15 @@ def _manager(server: str | None = None, need_server: bool = False) -> tuple[KVCa
 @app.callback()
 def main_options(
     db: Annotated[
-        Optional[str], typer.Option("--db", help="Database file or URL (overrides KVCACHE_DB and the config).")
+        Optional[str],
+        typer.Option("--db", help="Database file or URL (overrides KVCACHE_DB and the config)."),
     ] = None,
     config: Annotated[
         Optional[str], typer.Option("--config", help="Config file (overrides KVCACHE_CONFIG).")
     ] = None,
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More diagnostics on stderr.")] = 0,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More diagnostics on stderr.")
+    ] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
 ) -> None:
     """Manage LLM conversation memory and KV cache."""
@@ -136,16 +139,16 @@ def main_options(
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
-ServerOpt = Annotated[Optional[str], typer.Option("--server", help="LLM server base URL (overrides [llm].base_url).")]
+ServerOpt = Annotated[
+    Optional[str], typer.Option("--server", help="LLM server base URL (overrides [llm].base_url).")
+]
 SlotOpt = Annotated[Optional[int], typer.Option("--slot", help="Also act on this llama-server slot.", min=0)]
 
 
 @app.command()
 def process(
     files: Annotated[list[Path], typer.Argument(help="Conversation files (JSON or JSON Lines).")],
-    fmt: Annotated[
-        str, typer.Option("--format", help="auto, native, openai, sharegpt or jsonl.")
-    ] = "auto",
+    fmt: Annotated[str, typer.Option("--format", help="auto, native, openai, sharegpt or jsonl.")] = "auto",
     session: Annotated[
         Optional[str], typer.Option("--session", help="Session id for files that carry none.")
     ] = None,
@@ -177,8 +180,22 @@ def process(
                 failures.append(str(exc))
                 _stderr(f"kvcache: error: {exc}")
                 continue
-            for index, conv in enumerate(conversations):
-                key = conv.session_key or session or (path.stem if len(conversations) == 1 else f"{path.stem}-{index + 1}")
+            keys = [
+                conv.session_key
+                or session
+                or (path.stem if len(conversations) == 1 else f"{path.stem}-{index + 1}")
+                for index, conv in enumerate(conversations)
+            ]
+            try:  # a file that rewrites a stored conversation is refused before any write
+                for conv, key in zip(conversations, keys, strict=True):
+                    manager.check_prefix(key, conv.messages, conv.place.rstrip(": ") or str(path))
+            except KVCacheError as exc:
+                if exc.exit_code == 1:
+                    raise
+                failures.append(str(exc))
+                _stderr(f"kvcache: error: {exc}")
+                continue
+            for conv, key in zip(conversations, keys, strict=True):
                 try:
                     with render.turn_progress(key, enabled=not (STATE.quiet or as_json)) as on_turn:
                         result = manager.process_conversation(conv, key, on_turn=on_turn)
@@ -203,6 +220,35 @@ def process(
         _stderr("kvcache: interrupted; stopped cleanly at a turn boundary (replay again to finish)")
         raise typer.Exit(130)
     if failures:
+        raise typer.Exit(2)
+
+
+@app.command("import")
+def import_command(
+    files: Annotated[list[Path], typer.Argument(help="Conversation files (JSON Lines streamed; JSON).")],
+    fmt: Annotated[str, typer.Option("--format", help="auto, native, openai, sharegpt or jsonl.")] = "auto",
+    session: Annotated[
+        Optional[str], typer.Option("--session", help="Session id for files that carry none.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Bulk-import conversation files into the searchable history (no clears/snapshots)."""
+    from .importer import import_files
+
+    store = STATE.open_store()
+    try:
+        result = import_files(store, files, fmt, session, on_error=lambda e: _stderr(f"kvcache: error: {e}"))
+    finally:
+        store.close()
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        for item in result.files:
+            info(
+                f"{item.path}: {item.messages_added} of {item.messages_total} messages added "
+                f"({item.conversations} conversations, {item.sessions_created} new sessions)"
+            )
+    if result.failed:
         raise typer.Exit(2)
 
 
@@ -252,12 +298,18 @@ def _parse_tiers(text: str) -> tuple[int, ...]:
 def retrieve(
     args: Annotated[list[str], typer.Argument(help="SESSION QUERY (or just QUERY with --all-sessions).")],
     limit: Annotated[int, typer.Option("--limit", "-n", help="Most results to return.", min=1)] = 10,
-    tiers: Annotated[str, typer.Option("--tiers", help="Tiers to search: 1 cache, 2 snapshots, 3 history.")] = "1,2,3",
+    tiers: Annotated[
+        str, typer.Option("--tiers", help="Tiers to search: 1 cache, 2 snapshots, 3 history.")
+    ] = "1,2,3",
     strategy: Annotated[
         Optional[str], typer.Option("--strategy", help="Override cache.retrieval_strategy.")
     ] = None,
-    all_sessions: Annotated[bool, typer.Option("--all-sessions", help="Search every session's history.")] = False,
-    min_score: Annotated[float, typer.Option("--min-score", help="Drop results under this similarity.")] = 0.0,
+    all_sessions: Annotated[
+        bool, typer.Option("--all-sessions", help="Search every session's history.")
+    ] = False,
+    min_score: Annotated[
+        float, typer.Option("--min-score", help="Drop results under this similarity.")
+    ] = 0.0,
     server: ServerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -361,7 +413,8 @@ def restore(
 def maintain(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go; change nothing.")] = False,
     inactive_hours: Annotated[
-        Optional[float], typer.Option("--inactive-hours", help="Idle time before a session's cache is released.")
+        Optional[float],
+        typer.Option("--inactive-hours", help="Idle time before a session's cache is released."),
     ] = None,
     check: Annotated[bool, typer.Option("--check", help="Run an integrity check and report it.")] = False,
     as_json: JsonOpt = False,
@@ -392,7 +445,9 @@ def maintain(
 @app.command()
 def stats(
     session: Annotated[Optional[str], typer.Argument(help="Show one session in detail.")] = None,
-    history: Annotated[int, typer.Option("--history", help="How many recent operations to show.", min=0)] = 10,
+    history: Annotated[
+        int, typer.Option("--history", help="How many recent operations to show.", min=0)
+    ] = 10,
     server: ServerOpt = None,
     as_json: JsonOpt = False,
     watch: Annotated[
@@ -465,7 +520,7 @@ def copy_store_command(
     ),
     as_json: JsonOpt = False,
 ) -> None:
-    """Copy a whole store (e.g. SQLite to PostgreSQL and back), verified by counts and hashes."""
+    """Copy a whole store between SQLite and PostgreSQL, verified by row counts and hashes."""
     from .copy_store import copy_store
 
     result = copy_store(source, dest, force=force)
@@ -487,7 +542,9 @@ def copy_store_command(
 
 @app.command("init-config")
 def init_config(
-    path: Annotated[Optional[Path], typer.Argument(help="Where to write (default: the user config file).")] = None,
+    path: Annotated[
+        Optional[Path], typer.Argument(help="Where to write (default: the user config file).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a starter kvcache.toml with every key at its default."""

@@ -50,11 +50,14 @@ def extract_entries(
 ) -> list[ExtractedEntry]:
     """Entries with 10..10,000 value bytes, classified and scored, best first.
 
-    Ties are broken by key hash so the order never depends on input order.
+    Ties are broken by key hash so the order never depends on input order. The
+    conversation's own system messages (key type ``system_prompt``) are never skipped
+    for their size.
     """
     out = []
     for entry in entries:
-        if not MIN_VALUE_BYTES <= entry.value_bytes <= MAX_VALUE_BYTES:
+        sized = MIN_VALUE_BYTES <= entry.value_bytes <= MAX_VALUE_BYTES
+        if not sized and entry.key_type != "system_prompt":
             continue
         importance = scorer.score(entry, now, engagement)
         out.append(ExtractedEntry(entry, classify(entry), importance, extract_keywords(entry.key_data)))
@@ -68,9 +71,19 @@ def filter_preserved(
     preserve_system_prompts: bool,
     preserve_code_entries: bool,
 ) -> list[ExtractedEntry]:
-    """The seed's preservation rule; anything unlisted needs 1.2 x the threshold."""
+    """The seed's preservation rule; anything unlisted needs 1.2 x the threshold.
+
+    One addition: the conversation's own system messages (entries whose key type is
+    ``system_prompt``, i.e. role ``system``) are kept whenever
+    ``preserve_system_prompts`` is on, whatever their score: a server re-sends the
+    system prompt with every request, so dropping it from the cache only costs a
+    re-prefill. Text that merely *looks* like a system prompt follows the seed's rule.
+    """
     kept = []
     for item in extracted:
+        if preserve_system_prompts and item.entry.key_type == "system_prompt":
+            kept.append(item)
+            continue
         if item.importance < min_importance:
             continue
         kind = item.entry_type

@@ -215,11 +215,7 @@ def _status_reason(exc: BaseException) -> str:
     text = str(exc).lower()
     if "refused" in text:
         return "connection refused"
-    if (
-        "name or service not known" in text
-        or "nodename nor servname" in text
-        or ("name resolution" in text)
-    ):
+    if "name or service not known" in text or "nodename nor servname" in text or ("name resolution" in text):
         return "host name does not resolve"
     if "reset by peer" in text or "connection aborted" in text:
         return "connection reset by the server"
@@ -292,9 +288,7 @@ class LLMClient:
             return None
         value = os.environ.get(name)
         if not value:
-            raise ConfigError(
-                f"the API key variable {name} is not set in the environment"
-            )
+            raise ConfigError(f"the API key variable {name} is not set in the environment")
         return value
 
     def _scrub(self, text: str) -> str:
@@ -370,14 +364,10 @@ class LLMClient:
                         f"{self.settings.read_timeout:g}s"
                     )
                 else:
-                    failure = (
-                        f"cannot connect to {label}: {what}: {_status_reason(exc)}"
-                    )
+                    failure = f"cannot connect to {label}: {what}: {_status_reason(exc)}"
                 continue
             except exc_types.RequestException as exc:
-                raise self._fail(
-                    f"{label}: {what} failed: {type(exc).__name__}"
-                ) from None
+                raise self._fail(f"{label}: {what} failed: {type(exc).__name__}") from None
             status = resp.status_code
             if status >= 500 and status != 501:
                 failure = self._http_failure(label, what, resp, context)
@@ -395,9 +385,7 @@ class LLMClient:
         suffix = f" (tried {attempts} times)" if attempts > 1 else ""
         raise self._fail(failure + suffix)
 
-    def _http_failure(
-        self, label: str, what: str, resp: requests.Response, context: str
-    ) -> str:
+    def _http_failure(self, label: str, what: str, resp: requests.Response, context: str) -> str:
         """Describe an HTTP error answer in one line, with a hint when one is known."""
         status = resp.status_code
         err_type = ""
@@ -463,9 +451,7 @@ class LLMClient:
             payload["id_slot"] = slot_id
             payload["cache_prompt"] = True
         what = "POST /v1/chat/completions"
-        data = self._request(
-            "POST", "/v1/chat/completions", body=payload, context="chat"
-        )
+        data = self._request("POST", "/v1/chat/completions", body=payload, context="chat")
         try:
             content = data["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
@@ -488,9 +474,7 @@ class LLMClient:
         for start in range(0, len(texts), size):
             batch = list(texts[start : start + size])
             payload = {"input": batch, "model": model, "encoding_format": "float"}
-            data = self._request(
-                "POST", "/v1/embeddings", body=payload, base=base, context="embeddings"
-            )
+            data = self._request("POST", "/v1/embeddings", body=payload, base=base, context="embeddings")
             got = self._parse_embeddings(data, len(batch), what, base)
             for vec in got:
                 if dim == 0:
@@ -506,9 +490,7 @@ class LLMClient:
                 answered_model = answered_model or data["model"]
         return EmbeddingBatch(vectors=vectors, model=answered_model or model, dim=dim)
 
-    def _parse_embeddings(
-        self, data: Any, expected: int, what: str, base: str
-    ) -> list[list[float]]:
+    def _parse_embeddings(self, data: Any, expected: int, what: str, base: str) -> list[list[float]]:
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise self._malformed(what, "no 'data' list", base)
         items: list[tuple[int, list[float]]] = []
@@ -530,15 +512,11 @@ class LLMClient:
             ):
                 vec = [float(x) for x in raw]
             else:
-                raise self._malformed(
-                    what, "an embedding that is not a list of numbers", base
-                )
+                raise self._malformed(what, "an embedding that is not a list of numbers", base)
             items.append((item["index"], vec))
         items.sort(key=lambda pair: pair[0])
         if [i for i, _ in items] != list(range(expected)):
-            raise self._malformed(
-                what, f"expected {expected} embeddings indexed 0..{expected - 1}", base
-            )
+            raise self._malformed(what, f"expected {expected} embeddings indexed 0..{expected - 1}", base)
         return [vec for _, vec in items]
 
     def tokenize(self, texts: list[str]) -> list[int]:
@@ -554,9 +532,7 @@ class LLMClient:
                 if cached is not None:
                     self._token_cache.move_to_end(text)
             if cached is None:
-                data = self._request(
-                    "POST", "/tokenize", body={"content": text}, context="tokenize"
-                )
+                data = self._request("POST", "/tokenize", body={"content": text}, context="tokenize")
                 tokens = data.get("tokens") if isinstance(data, dict) else None
                 if not isinstance(tokens, list):
                     raise self._malformed("POST /tokenize", "no 'tokens' list")
@@ -653,9 +629,7 @@ class LLMClient:
         data = self._slot_action(slot_id, "erase", None)
         n_erased = data.get("n_erased") if isinstance(data, dict) else None
         if not _is_int(n_erased):
-            raise self._malformed(
-                f"POST /slots/{slot_id}?action=erase", "no integer n_erased"
-            )
+            raise self._malformed(f"POST /slots/{slot_id}?action=erase", "no integer n_erased")
         return n_erased
 
     make_slot_filename = staticmethod(make_slot_filename)

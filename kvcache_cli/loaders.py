@@ -135,16 +135,18 @@ def _parse_messages(raw: Any, where: str) -> list[ChatMessage]:
 
 
 def _session_key(raw: dict[str, Any], where: str) -> str | None:
+    base = where.rstrip(". :")
     for key in ("session_id", "id"):
         if key in raw and raw[key] is not None:
             value = raw[key]
+            place = f"{base}.{key}" if base.endswith("]") else f"{base}: {key}"
             if isinstance(value, bool) or not isinstance(value, (str, int)):
-                raise _fail(f"{where}.{key}", f"must be a string, not {type(value).__name__}")
+                raise _fail(place, f"must be a string, not {type(value).__name__}")
             text = str(value).strip()
             if not text:
-                raise _fail(f"{where}.{key}", "must not be empty")
+                raise _fail(place, "must not be empty")
             if len(text) > 256:
-                raise _fail(f"{where}.{key}", "is longer than 256 characters")
+                raise _fail(place, "is longer than 256 characters")
             return text
     return None
 
@@ -197,7 +199,7 @@ def _from_value(value: Any, where: str, fmt: str) -> list[Conversation]:
             return [_sharegpt_item(value, where)]
         if "messages" in value and fmt != "sharegpt":
             return [_native(value, where)]
-        raise _fail(where.rstrip(".") or "file", "object has neither 'messages' nor 'conversations'")
+        raise _fail(where.rstrip(". :") or "file", "object has neither 'messages' nor 'conversations'")
     if isinstance(value, list):
         if not value:
             return []
@@ -217,7 +219,7 @@ def _from_value(value: Any, where: str, fmt: str) -> list[Conversation]:
                 out.append(_native(item, f"{where}[{i}]."))
             return out
         return [Conversation(None, _parse_messages(value, f"{where}messages"), [], where)]
-    raise _fail(where.rstrip(".") or "file", f"expected a JSON object or list, not {_json_type(value)}")
+    raise _fail(where.rstrip(". :") or "file", f"expected a JSON object or list, not {_json_type(value)}")
 
 
 def _json_type(value: Any) -> str:
@@ -246,7 +248,11 @@ def _read_text(path: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise BadInputError(f"{label}:{line}: invalid UTF-8 at byte {exc.start}") from None
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        bad = data[exc.start : exc.start + 1].hex()
+        raise BadInputError(
+            f"{label}:{line}: invalid UTF-8 at byte {exc.start} (column {column}, byte 0x{bad})"
+        ) from None
 
 
 def _json_error(label: str, exc: json.JSONDecodeError, line_offset: int = 0) -> BadInputError:
@@ -300,3 +306,62 @@ def load_file(path: str | Path, fmt: str = "auto") -> list[Conversation]:
             return list(_iter_jsonl(text, label, "auto"))
         raise _json_error(label, exc) from None
     return _from_value(value, f"{label}: ", fmt)
+
+
+def _iter_jsonl_stream(path: Path, label: str) -> Iterator[Conversation]:
+    """Like ``_iter_jsonl`` but reading the file line by line (constant memory per line)."""
+    loose: list[ChatMessage] = []
+    loose_line = 0
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        raise BadInputError(f"{label}: no such file") from None
+    except OSError as exc:
+        raise BadInputError(f"{label}: cannot read ({exc.strerror})") from None
+    empty = True
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
+                continue
+            empty = False
+            if b"\x00" in raw:
+                raise BadInputError(f"{label}:{number}: binary data, not JSON")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BadInputError(f"{label}:{number}: invalid UTF-8 at byte {exc.start}") from None
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise _json_error(label, exc, number - 1) from None
+            where = f"{label}:{number}: "
+            if isinstance(value, dict) and "role" in value and "messages" not in value:
+                loose.append(parse_message(value, f"{label}:{number}: message"))
+                loose_line = loose_line or number
+                continue
+            yield from _from_value(value, where, "auto")
+    if empty:
+        raise BadInputError(f"{label}: file is empty")
+    if loose:
+        yield Conversation(None, loose, [], f"{label}:{loose_line}")
+
+
+def iter_file(path: str | Path, fmt: str = "auto") -> Iterator[Conversation]:
+    """Conversations of a file one at a time: JSON Lines files are streamed line by line.
+
+    A plain JSON file is parsed whole (it is one value). Errors are ``BadInputError``
+    naming ``file:line:col`` as ``load_file`` does; conversations before a bad line have
+    been yielded already, so validate a whole file (iterate it once) before writing.
+    """
+    if fmt not in FORMATS:
+        raise BadInputError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    file = Path(path)
+    label = str(path)
+    if file.is_dir():
+        raise BadInputError(f"{label}: is a directory, not a conversation file")
+    if detect_jsonl(file, "", fmt):
+        yield from _iter_jsonl_stream(file, label)
+        return
+    yield from load_file(path, fmt)

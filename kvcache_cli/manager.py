@@ -247,6 +247,42 @@ def _entry_from_row(row: Any) -> KVEntry:
     )
 
 
+_ENTRY_COLUMNS = (
+    "key_hash, key_data, key_type, value_bytes, layer_index, head_index, importance, "
+    "access_count, last_accessed, size_bytes, tokens, message_index"
+)
+
+
+def _entries_from_tuples(rows: list[tuple[Any, ...]]) -> list[KVEntry]:
+    """KVEntry objects from raw ``_ENTRY_COLUMNS`` rows (no model instances: hot path)."""
+    to_datetime = m.CacheEntry.last_accessed.python_value
+    return [
+        KVEntry(
+            key_hash=r[0],
+            key_data=r[1],
+            key_type=r[2],
+            value_bytes=r[3],
+            layer_index=r[4],
+            head_index=r[5],
+            importance_score=r[6],
+            access_count=r[7],
+            last_accessed=to_datetime(r[8]),
+            size_bytes=r[9],
+            tokens=r[10],
+            message_index=r[11],
+        )
+        for r in rows
+    ]
+
+
+def _sql(store: Store, text: str, params: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
+    """Rows of a raw query written with ``?`` marks (translated for PostgreSQL)."""
+    if not store.is_sqlite:
+        text = text.replace("?", "%s")
+    rows: list[tuple[Any, ...]] = store.db.execute_sql(text, params).fetchall()
+    return rows
+
+
 def _entry_row(entry: KVEntry, position: int) -> dict[str, Any]:
     return {
         "key_hash": entry.key_hash,
@@ -347,6 +383,7 @@ class KVCacheManager:
         self.notices: list[str] = []
         self._embedder: Any = None  # embeddings.TurnEmbedder during process_conversation
         self._llm_down = False  # set after "cannot connect": no more server calls this run
+        self._ready_summary: tuple[tuple[Any, ...], str | None] | None = None
 
     # -------------------------------------------------------------- session access
     def _session(self, key: str) -> m.Session:
@@ -410,12 +447,12 @@ class KVCacheManager:
             self.set_server_n_ctx(min(s.n_ctx for s in slots))
 
     def _active_entries(self, session: m.Session) -> list[KVEntry]:
-        rows = (
-            m.CacheEntry.select()
-            .where(m.CacheEntry.session == session.id)
-            .order_by(m.CacheEntry.position, m.CacheEntry.id)
+        rows = _sql(
+            self.store,
+            f"SELECT {_ENTRY_COLUMNS} FROM cache_entries WHERE session_id = ? ORDER BY position, id",
+            (session.get_id(),),
         )
-        return [_entry_from_row(r) for r in rows]
+        return _entries_from_tuples(rows)
 
     def _engagement(self, session: m.Session) -> dict[str, float]:
         rows = (
@@ -436,15 +473,19 @@ class KVCacheManager:
 
     def _bump_stats(self, now: datetime, **deltas: int) -> None:
         updates: dict[Any, Any] = {
-            getattr(m.Statistics, name): getattr(m.Statistics, name) + value
-            for name, value in deltas.items()
+            getattr(m.Statistics, name): getattr(m.Statistics, name) + value for name, value in deltas.items()
         }
         updates[m.Statistics.last_operation] = now
         m.Statistics.update(updates).where(m.Statistics.id == 1).execute()
 
     # -------------------------------------------------------------- entries from messages
     def derive_entries(
-        self, session_key: str, start_index: int, messages: list[ChatMessage], tokens: list[int], now: datetime
+        self,
+        session_key: str,
+        start_index: int,
+        messages: list[ChatMessage],
+        tokens: list[int],
+        now: datetime,
     ) -> list[KVEntry]:
         """One entry per message: its text as key, its tokens x bytes/token as size."""
         per_token = self.config.model.bytes_per_token
@@ -484,7 +525,9 @@ class KVCacheManager:
             tokens = raw.get("tokens") or self.tokens.count([text or ""])[0]
             try:
                 entry = KVEntry(
-                    key_hash=str(raw.get("key_hash") or key_hash_for(conv.session_key or "", -1 - i, text or "")),
+                    key_hash=str(
+                        raw.get("key_hash") or key_hash_for(conv.session_key or "", -1 - i, text or "")
+                    ),
                     key_data=text,
                     key_type=str(raw.get("key_type", "attention_key")),
                     value_bytes=int(value_bytes),
@@ -548,7 +591,10 @@ class KVCacheManager:
             tokens = self.tokens.count([msg.content for msg in conv.messages[max(lo, done) : hi]])
             if embedder is not None and not self._server_down():  # HTTP before the turn's transaction
                 embedder.prefetch(conv.messages, max(lo, done), hi)
-            report = self.store.transaction(lambda lo=lo, hi=hi, tokens=tokens: self._turn(conv, session_key, lo, hi, tokens, result))
+            self._prepare_turn_summary(session_key, conv.messages[max(lo, done) : hi], tokens)
+            report = self.store.transaction(
+                lambda lo=lo, hi=hi, tokens=tokens: self._turn(conv, session_key, lo, hi, tokens, result)
+            )
             if report is not None:
                 result.turns.append(report)
             if on_turn is not None:
@@ -557,6 +603,67 @@ class KVCacheManager:
         result.notices.extend(self.notices)
         self.notices.clear()
         return result
+
+    def _prepare_turn_summary(self, session_key: str, msgs: list[ChatMessage], tokens: list[int]) -> None:
+        """Before a turn's transaction: when the turn looks set to clear, get the LLM summary now.
+
+        Predicts ``_decide``'s clear from the stored session (turn count, cache size plus
+        the turn's new messages), so the chat request runs outside the write lock.
+        """
+        self._ready_summary = None
+        if self.llm is None or self._server_down():
+            return
+        user_pos = next((i for i, msg in enumerate(msgs) if msg.role == "user"), None)
+        if user_pos is None:
+            return
+        cfg = self.config.cache
+        session = m.Session.get_or_none(m.Session.key == session_key)
+        count = (session.conversation_count if session else 0) + 1
+        usage = (session.cache_size_bytes if session else 0) + sum(
+            tokens[: user_pos + 1]
+        ) * self.config.model.bytes_per_token
+        capacity = self.capacity()
+        by_memory = capacity > 0 and usage / capacity >= cfg.memory_threshold_percent
+        if count >= cfg.clear_after_conversations or by_memory:
+            self._prepare_summary(session_key, msgs[: user_pos + 1])
+
+    def _summary_state(self, session: Any, extra: int = 0) -> tuple[Any, int, list[ChatMessage], str | None]:
+        """(key, since, messages to summarize, prior text) of a session's next summary."""
+        existing = m.Summary.get_or_none(m.Summary.session == session) if session is not None else None
+        since = existing.messages_summarized if existing else 0
+        total = (
+            m.Message.select().where(m.Message.session == session).count() if session is not None else 0
+        ) + extra
+        stored = self._summary_messages(session, since) if session is not None else []
+        prior = existing.text if existing else None
+        return (since, total, prior), since, stored, prior
+
+    def _prepare_summary(self, session_key: str, new_msgs: list[ChatMessage]) -> None:
+        """Ask the LLM for the summary of the coming clear now, outside the write transaction.
+
+        ``_write_summary`` uses it only if the session is still in the state it was made
+        for (else, after a race with another writer, it asks inside as before).
+        """
+        self._ready_summary = None
+        if self.llm is None or self._server_down():
+            return
+        session = m.Session.get_or_none(m.Session.key == session_key)
+        key, _since, stored, prior = self._summary_state(session, len(new_msgs))
+        messages = (stored + new_msgs)[-TAIL_MESSAGES:]
+        if len(messages) < MIN_MESSAGES:
+            return
+        from .errors import ServerError
+        from .llm import summarize
+
+        try:
+            text = summarize(self.llm, prior, [msg.to_dict() for msg in messages])
+        except ServerError as exc:
+            self._llm_down = self._llm_down or str(exc).startswith("cannot connect")
+            notice = f"summary: {exc}; used the extractive summary instead"
+            if notice not in self.notices:
+                self.notices.append(notice)
+            text = None
+        self._ready_summary = (key, text)
 
     def _server_down(self) -> bool:
         """Whether a call this run found the server unreachable (then it is not asked again)."""
@@ -597,7 +704,15 @@ class KVCacheManager:
         """One turn in one transaction: store, decide, clear, snapshot, retrieve."""
         wall = utcnow()
         session = self._session_for_update(session_key, create=True, now=wall)
-        stored = m.Message.select().where(m.Message.session == session.id).count()
+        # messages are stored contiguously from index 0: max + 1 is the count, read
+        # from the (session_id, message_index) index instead of counting every row
+        stored = int(
+            _sql(
+                self.store,
+                "SELECT COALESCE(MAX(message_index) + 1, 0) FROM messages WHERE session_id = ?",
+                (session.get_id(),),
+            )[0][0]
+        )
         if stored >= hi:
             return None  # another process stored this turn meanwhile
         start = max(lo, stored)
@@ -648,11 +763,11 @@ class KVCacheManager:
             for i, msg in enumerate(msgs)
         ]
         _bulk_insert(m.Message, rows)
-        ids = list(
-            m.Message.select(m.Message.id, m.Message.message_index, m.Message.content)
-            .where((m.Message.session == session.id) & (m.Message.message_index >= start))
-            .order_by(m.Message.message_index)
-            .tuples()
+        ids = _sql(
+            self.store,
+            "SELECT id, message_index, content FROM messages "
+            "WHERE session_id = ? AND message_index >= ? ORDER BY message_index",
+            (session.get_id(), start),
         )
         search.index_messages(self.store, [(mid, session.id, content) for mid, _, content in ids])
         if self._embedder is not None:  # vectors computed before this transaction
@@ -670,7 +785,10 @@ class KVCacheManager:
         existing = {
             h
             for (h,) in m.CacheEntry.select(m.CacheEntry.key_hash)
-            .where((m.CacheEntry.session == session.id) & (m.CacheEntry.key_hash.in_([r["key_hash"] for r in rows])))
+            .where(
+                (m.CacheEntry.session == session.id)
+                & (m.CacheEntry.key_hash.in_([r["key_hash"] for r in rows]))
+            )
             .tuples()
         }
         rows = [r for r in rows if r["key_hash"] not in existing]
@@ -764,7 +882,11 @@ class KVCacheManager:
         prior = existing.text if existing else None
         text: str | None = None
         source = "extractive"
-        if self.llm is not None and self._server_down():
+        ready, self._ready_summary = self._ready_summary, None
+        if ready is not None and ready[0] == (since, total, prior):
+            text = ready[1]  # asked before the transaction (None: it failed, notice given)
+            source = "llm" if text else "extractive"
+        elif self.llm is not None and self._server_down():
             notice = "summary: the LLM server is unreachable; used the extractive summary instead"
             if notice not in self.notices:
                 self.notices.append(notice)
@@ -806,7 +928,9 @@ class KVCacheManager:
             existing.save()
         return text, source
 
-    def _clear(self, session: m.Session, active: list[KVEntry], reason: str, now: datetime, turn: int) -> ClearInfo:
+    def _clear(
+        self, session: m.Session, active: list[KVEntry], reason: str, now: datetime, turn: int
+    ) -> ClearInfo:
         """Clear the active cache, keeping the important entries (one transaction)."""
         cfg = self.config.cache
         engagement = self._engagement(session)
@@ -867,6 +991,7 @@ class KVCacheManager:
             session.save()
             return info
 
+        self._prepare_summary(session_key, [])  # the LLM call runs before the write lock
         return self.store.transaction(work)
 
     # -------------------------------------------------------------- snapshots
@@ -890,7 +1015,9 @@ class KVCacheManager:
             return None
         return self._snapshot(session, active, "interval", now, session.turn_count)
 
-    def _snapshot(self, session: m.Session, entries: list[KVEntry], reason: str, now: datetime, turn: int) -> int | None:
+    def _snapshot(
+        self, session: m.Session, entries: list[KVEntry], reason: str, now: datetime, turn: int
+    ) -> int | None:
         """Store a self-contained snapshot; de-duplicated by hash; pruned to the max."""
         snap = self.config.cache.snapshot
         kind = snap.strategy if snap.strategy != "none" else "full"
@@ -1022,17 +1149,34 @@ class KVCacheManager:
         return self._snapshot_info(row, session_key)
 
     def snapshot_entries(self, snapshot_id: int) -> list[KVEntry]:
-        rows = (
-            m.SnapshotEntry.select()
-            .where(m.SnapshotEntry.snapshot == snapshot_id)
-            .order_by(m.SnapshotEntry.position, m.SnapshotEntry.id)
+        rows = _sql(
+            self.store,
+            f"SELECT {_ENTRY_COLUMNS} FROM snapshot_entries WHERE snapshot_id = ? ORDER BY position, id",
+            (int(snapshot_id),),
         )
-        return [_entry_from_row(r) for r in rows]
+        return _entries_from_tuples(rows)
+
+    def _snapshot_entries_cached(self, snapshot_id: int, state_hash: str) -> list[KVEntry]:
+        """A snapshot's entries for tier-2 search, kept per (id, hash): snapshots never change.
+
+        Callers must not modify the returned entries. ``restore`` reads the store itself.
+        """
+        key = (int(snapshot_id), state_hash)
+        cache: dict[tuple[int, str], list[KVEntry]] = self.__dict__.setdefault("_snap_cache", {})
+        entries = cache.get(key)
+        if entries is None:
+            entries = self.snapshot_entries(snapshot_id)
+            if len(cache) >= 64:
+                cache.pop(next(iter(cache)))
+            cache[key] = entries
+        return entries
 
     def active_entries(self, session_key: str) -> list[KVEntry]:
         return self._active_entries(self._session(session_key))
 
-    def restore(self, session_key: str, snapshot_id: int, slot_n_restored: int | None = None) -> RestoreResult:
+    def restore(
+        self, session_key: str, snapshot_id: int, slot_n_restored: int | None = None
+    ) -> RestoreResult:
         """Replace the active cache with a snapshot's entries, after checking its hash."""
 
         def work() -> RestoreResult:
@@ -1057,7 +1201,9 @@ class KVCacheManager:
             session.last_snapshot_id = row.id
             session.last_activity = now
             session.save()
-            return RestoreResult(session.key, row.id, len(entries), session.cache_size_bytes, message, slot_n_restored)
+            return RestoreResult(
+                session.key, row.id, len(entries), session.cache_size_bytes, message, slot_n_restored
+            )
 
         return self.store.transaction(work)
 
@@ -1087,7 +1233,11 @@ class KVCacheManager:
         in_cache = {e.message_index for e in active if e.message_index is not None}
 
         def keep(item: RetrievedEntry) -> bool:
-            if exclude_from is not None and item.message_index is not None and item.message_index >= exclude_from:
+            if (
+                exclude_from is not None
+                and item.message_index is not None
+                and item.message_index >= exclude_from
+            ):
                 return False
             return item.score > thresholds[item.tier] or (not cascade and item.score >= min_score)
 
@@ -1097,18 +1247,17 @@ class KVCacheManager:
             found += [h for h in hits if keep(h)][:10]
         if 2 in tiers and (not cascade or len(found) < 5):
             result.tiers_searched.append(2)
-            snaps = list(
-                m.Snapshot.select(m.Snapshot.id)
-                .where(m.Snapshot.session == session.id)
-                .order_by(m.Snapshot.created_at.desc(), m.Snapshot.id.desc())
-                .limit(3)
-                .tuples()
+            snaps = _sql(
+                self.store,
+                "SELECT id, state_hash FROM snapshots WHERE session_id = ? "
+                "ORDER BY created_at DESC, id DESC LIMIT 3",
+                (session.get_id(),),
             )
             entries: list[KVEntry] = []
             owners: list[int | None] = []
             seen_keys: set[str] = set()
-            for (sid,) in snaps:
-                for entry in self.snapshot_entries(sid):
+            for sid, state_hash in snaps:
+                for entry in self._snapshot_entries_cached(sid, state_hash):
                     if entry.key_hash in seen_keys:
                         continue
                     if cascade and entry.message_index in in_cache:
@@ -1124,7 +1273,7 @@ class KVCacheManager:
                 h
                 for h in self._search_history(query, session, limit * 2 + 10)
                 if keep(h) and not (cascade and h.message_index in in_cache)
-            ][:10 if cascade else limit * 2]
+            ][: 10 if cascade else limit * 2]
         result.entries = merge_results(found, limit)
         if result.entries:
             result.bridge_message = bridge.retrieval_bridge(
@@ -1138,32 +1287,40 @@ class KVCacheManager:
         hits = search.search_messages(self.store, query, session.id if session else None, limit)
         if not hits:
             return []
-        ids = [h.message_id for h in hits]
+        ids = [int(h.message_id) for h in hits]
         rows = {
-            r.id: r
-            for r in m.Message.select(m.Message.id, m.Message.message_index, m.Message.role, m.Message.content, m.Message.session)
-            .where(m.Message.id.in_(ids))
+            r[0]: r
+            for r in _sql(
+                self.store,
+                "SELECT id, message_index, role, content, session_id FROM messages "
+                f"WHERE id IN ({', '.join('?' * len(ids))})",
+                ids,
+            )
         }
         keys: dict[int, str] = {}
         if session is None:
-            sids = {r.session_id for r in rows.values()}
-            keys = {s.id: s.key for s in m.Session.select(m.Session.id, m.Session.key).where(m.Session.id.in_(list(sids)))}
+            sids = sorted({r[4] for r in rows.values()})
+            if sids:
+                keys = dict(
+                    _sql(self.store, f"SELECT id, key FROM sessions WHERE id IN ({', '.join('?' * len(sids))})", sids)
+                )
         out = []
         for hit in hits:
             row = rows.get(hit.message_id)
             if row is None:
                 continue
-            key = session.key if session else keys.get(row.session_id, "?")
+            _, index, role, content, sid = row
+            key = session.key if session else keys.get(sid, "?")
             out.append(
                 RetrievedEntry(
                     tier=3,
                     score=hit.score,
                     matched_keywords=list(hit.matched_keywords),
-                    text=row.content,
+                    text=content,
                     session_id=key,
-                    message_index=row.message_index,
-                    key_hash=key_hash_for(key, row.message_index, row.content),
-                    role=row.role,
+                    message_index=index,
+                    key_hash=key_hash_for(key, index, content),
+                    role=role,
                 )
             )
         return out
@@ -1239,7 +1396,15 @@ class KVCacheManager:
                 return result
             session = self._session_for_update(session_key, create=False, now=now)
             return self._retrieve_in_session(
-                session, query, tiers, limit, cascade=False, exclude_from=None, active=None, now=now, min_score=min_score
+                session,
+                query,
+                tiers,
+                limit,
+                cascade=False,
+                exclude_from=None,
+                active=None,
+                now=now,
+                min_score=min_score,
             )
 
         return self.store.transaction(work)
@@ -1269,10 +1434,7 @@ class KVCacheManager:
                     m.Session.select()
                     .where(
                         (m.Session.last_activity < cutoff)
-                        & (
-                            (m.Session.entry_count > 0)
-                            | fn_exists_snapshot()
-                        )
+                        & ((m.Session.entry_count > 0) | fn_exists_snapshot())
                     )
                     .order_by(m.Session.key)
                 )
@@ -1280,7 +1442,12 @@ class KVCacheManager:
                     result.cleaned_sessions.append(session.key)
                     if dry_run:
                         continue
-                    snap_ids = [s for (s,) in m.Snapshot.select(m.Snapshot.id).where(m.Snapshot.session == session.id).tuples()]
+                    snap_ids = [
+                        s
+                        for (s,) in m.Snapshot.select(m.Snapshot.id)
+                        .where(m.Snapshot.session == session.id)
+                        .tuples()
+                    ]
                     if snap_ids:
                         m.SnapshotEntry.delete().where(m.SnapshotEntry.snapshot.in_(snap_ids)).execute()
                         m.Snapshot.delete().where(m.Snapshot.id.in_(snap_ids)).execute()
@@ -1403,7 +1570,9 @@ class KVCacheManager:
     def session_detail(self, session: m.Session) -> dict[str, Any]:
         summary = m.Summary.get_or_none(m.Summary.session == session.id)
         usage = (
-            m.TurnLog.select(m.TurnLog.turn_index, m.TurnLog.cache_size_bytes, m.TurnLog.cleared, m.TurnLog.clear_reason)
+            m.TurnLog.select(
+                m.TurnLog.turn_index, m.TurnLog.cache_size_bytes, m.TurnLog.cleared, m.TurnLog.clear_reason
+            )
             .where(m.TurnLog.session == session.id)
             .order_by(m.TurnLog.turn_index)
             .tuples()
@@ -1422,7 +1591,8 @@ class KVCacheManager:
                 "source": summary.source,
             },
             "usage": [
-                {"turn": t, "cache_size_bytes": b, "cleared": bool(c), "clear_reason": r} for t, b, c, r in usage
+                {"turn": t, "cache_size_bytes": b, "cleared": bool(c), "clear_reason": r}
+                for t, b, c, r in usage
             ],
         }
 

@@ -117,7 +117,13 @@ def merge_results(results: list[RetrievedEntry], limit: int) -> list[RetrievedEn
     """Best score first; one result per message (the shallowest tier wins a tie)."""
     ordered = sorted(
         results,
-        key=lambda r: (-r.score, r.tier, r.session_id, r.message_index if r.message_index is not None else -1, r.key_hash),
+        key=lambda r: (
+            -r.score,
+            r.tier,
+            r.session_id,
+            r.message_index if r.message_index is not None else -1,
+            r.key_hash,
+        ),
     )
     seen: set[tuple[str, Any]] = set()
     out = []

@@ -11,17 +11,22 @@ Index
 
 Ranking (see docs/retrieval.md for the measurements)
     1. query words: tokens minus stop words and question words, each quoted, OR-ed;
-    2. candidates: FTS5 ``bm25()`` (``sess`` weighted 0), best ``candidates`` rows;
-    3. speaker: a turn whose speaker (``messages.name``) is named in the query gets
-       its own score multiplied by ``1 + speaker_boost``;
+    2. candidates: per session, every matching turn (at most ``max_session_matches``,
+       else FTS5's ``bm25()`` best ``candidates``); all sessions, FTS5's best
+       ``candidates`` for the query's rarer words (MaxScore-style, see
+       :func:`_all_session_candidates`);
+    3. own score: BM25 recomputed in Python (k1 = 1.2, ``b = length_b = 0.5``; IDF
+       over the session for a per-session query), the ``speaker:`` prefix not
+       counted as a mention of the name;
     4. answer type: for a "when" question a turn with a time expression gets
-       ``1 + temporal_boost``;
+       ``* (1 + temporal_boost)``;
     5. context: ``combined = own + context_weight * sum(decay**(d-1) * own(i +- d))``
-       over neighbours ``d = 1..context_window`` of the same session; neighbours that
-       match nothing themselves can enter the list on context alone ("bridge"
-       turns, e.g. "Yes, last Friday!" answering the previous turn);
-    6. ``Hit.score`` maps ``combined`` into ``[0, 1]`` against the score of an ideal
-       turn (see :func:`ideal_score`).
+       over neighbours ``d = 1..context_window`` of the same session; neighbours of
+       the best turns that match nothing themselves enter on context alone
+       ("bridge" turns, e.g. "Yes, last Friday!" answering the previous turn);
+    6. speaker: a turn whose speaker (``messages.name``) is named in the query,
+       bridge or not, gets ``combined * (1 + speaker_boost)``;
+    7. ``Hit.score`` maps ``combined`` into ``[0, 1]`` (see :func:`ideal_score`).
 
 Writes use the caller's connection and transaction; nothing here commits.
 """
@@ -66,10 +71,6 @@ BM25_K1 = 1.2
 BM25_B = 0.75
 
 _INSERT_BATCH = 200
-
-
-class Cursorish(Protocol):
-    def fetchall(self) -> list[Any]: ...
 
 
 class Connectionish(Protocol):
@@ -184,36 +185,8 @@ def _row_count(conn: Connectionish) -> int:
     rows = conn.execute(f"SELECT block FROM {FTS_TABLE}_data WHERE id = 1").fetchall()
     if not rows or rows[0][0] is None:
         return 0
-    blob = bytes(rows[0][0])
-    value = 0
-    # SQLite varint: 7 bits per byte, big-endian, high bit = continue (9th byte: 8 bits).
-    for i, byte in enumerate(blob[:9]):
-        if i == 8:
-            value = (value << 8) | byte
-            break
-        value = (value << 7) | (byte & 0x7F)
-        if not byte & 0x80:
-            break
-    return value
-
-
-def _doc_freqs(conn: Connectionish, stems: Sequence[str]) -> dict[str, int]:
-    """Rows containing each stem in ``content`` (via a temporary fts5vocab table)."""
-    if not stems:
-        return {}
-    conn.execute(
-        f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.{FTS_TABLE}_vocab "
-        f"USING fts5vocab(main, {FTS_TABLE}, 'col')"
-    )
-    out: dict[str, int] = {}
-    for s in dict.fromkeys(stems):
-        rows = conn.execute(
-            f"SELECT doc FROM temp.{FTS_TABLE}_vocab "
-            "WHERE term = ? AND col = 'content'",
-            (s,),
-        ).fetchall()
-        out[s] = int(rows[0][0]) if rows else 0
-    return out
+    vals = _varints(bytes(rows[0][0]), 1)
+    return vals[0] if vals else 0
 
 
 @dataclass
@@ -230,20 +203,31 @@ class _Doc:
 
 
 def _make_doc(
-    mid: int, sid: int, idx: int, name: str | None, content: str | None, stamp: Any
+    mid: int,
+    sid: int,
+    idx: int,
+    name: str | None,
+    content: str | None,
+    stamp: Any = None,
+    only: ts.StemFilter | None = None,
 ) -> _Doc:
+    """A candidate: counts of the stems in ``only`` (all stems if None) and length.
+
+    The ``speaker:`` prefix counts in the length (as FTS5 sees it) but not as a
+    mention of the speaker's name.
+    """
     text = content or ""
-    stems = Counter(ts.stem_all(ts.tokenize(text)))
-    length = sum(stems.values())
+    tokens = ts.tokenize(text)
+    stems = only.counts(tokens) if only is not None else Counter(ts.stem_all(tokens))
     speaker: frozenset[str] = frozenset()
     if name:
-        speaker = frozenset(ts.stem_all(ts.tokenize(name)))
-        # the "speaker: " prefix names who speaks; it is not a mention of the name
-        head = text.split(":", 1)[0] if ":" in text[: len(name) + 2] else ""
-        for s in ts.stem_all(ts.tokenize(head)):
-            if stems.get(s, 0) > 0:
-                stems[s] -= 1
-    return _Doc(mid, sid, idx, name, text, str(stamp or "")[:10], stems, length, speaker)
+        name_tokens = ts.tokenize(name)
+        speaker = frozenset(ts.stem_all(name_tokens))
+        if ":" in text[: len(name) + 2] and tokens[: len(name_tokens)] == name_tokens:
+            for st in ts.stem_all(name_tokens):
+                if stems.get(st, 0) > 0:
+                    stems[st] -= 1
+    return _Doc(mid, sid, idx, name, text, str(stamp or "")[:10], stems, len(tokens), speaker)
 
 
 def bm25_terms(
@@ -290,6 +274,60 @@ def _varints(blob: bytes, count: int) -> list[int]:
     return out
 
 
+def _capped_df(conn: Connectionish, term: str, cap: int) -> int:
+    """Rows whose content has ``term``, counted up to ``cap`` (cost O(min(df, cap)))."""
+    expr = f"content : ({ts.fts5_match([term])})"
+    rows = conn.execute(
+        f"SELECT count(*) FROM (SELECT 1 FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ? LIMIT ?)",
+        (expr, cap),
+    ).fetchall()
+    return int(rows[0][0])
+
+
+def _all_session_candidates(
+    conn: Connectionish,
+    terms: Sequence[str],
+    sfilter: ts.StemFilter,
+    base_sql: str,
+    ranked_order: str,
+    candidates: int,
+) -> tuple[list[_Doc], dict[str, float]]:
+    """Candidates and IDF over the whole index, MaxScore-style.
+
+    Ranking every row that has a common word would cost O(rows) (FTS5 scores every
+    match before its LIMIT). Words in more than ``cap = max(1000, N / 50)`` rows
+    ("common") are left out of the candidate query when the query has rarer
+    words: such a word adds at most ``idf * (k1 + 1)``, with ``idf <= ln(50)``, to a
+    row, and the candidates are re-scored with every word. Common words' IDF is
+    taken at ``df = cap`` (an upper bound; the exact count would cost O(df)).
+    A query of common words only is run as their AND first, then as their OR.
+    """
+    n_docs = _row_count(conn)
+    cap = max(1000, n_docs // 50)
+    rare: list[str] = []
+    df: dict[str, int] = {}
+    for t in terms:
+        st = ts.stem(t)
+        count = _capped_df(conn, t, cap)
+        df[st] = min(df.get(st, count), count) if st in df else count
+        if count < cap:
+            rare.append(t)
+    idf = {st: ts.bm25_idf(n_docs, d) for st, d in df.items()}
+    if rare:
+        exprs = [f"content : ({ts.fts5_match(rare)})"]
+    else:
+        exprs = [
+            "content : (" + " AND ".join(f"({ts.fts5_match([t])})" for t in terms) + ")",
+            f"content : ({ts.fts5_match(terms)})",
+        ]
+    rows: list[Any] = []
+    for expr in exprs:
+        rows = conn.execute(base_sql.format(order=ranked_order), (expr, candidates)).fetchall()
+        if rows:
+            break
+    return [_make_doc(r[0], r[1], r[2], r[3], r[4], r[5], only=sfilter) for r in rows], idf
+
+
 def search_messages(
     conn: Connectionish,
     query: str,
@@ -319,6 +357,7 @@ def search_messages(
         return []
     expr = f"content : ({match})"
     stems = list(dict.fromkeys(ts.stem(t) for t in terms))
+    sfilter = ts.StemFilter(stems)
     base_sql = (
         "SELECT m.id, m.session_id, m.message_index, m.name, m.content, m.timestamp "
         f"FROM (SELECT rowid AS rid FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ? {{order}} "
@@ -333,7 +372,7 @@ def search_messages(
         rows = conn.execute(base_sql.format(order=""), (expr, max_session_matches + 1)).fetchall()
         if len(rows) > max_session_matches:  # huge session: keep FTS5's best
             rows = conn.execute(base_sql.format(order=ranked_order), (expr, candidates)).fetchall()
-        docs = [_make_doc(*r) for r in rows]
+        docs = [_make_doc(r[0], r[1], r[2], r[3], r[4], r[5], only=sfilter) for r in rows]
         n_rows = conn.execute(
             "SELECT count(*) FROM messages WHERE session_id = ?", (int(session_id),)
         ).fetchall()[0][0]
@@ -342,11 +381,7 @@ def search_messages(
             df = sum(1 for d in docs if s in d.stems or s in d.speaker_stems)
             idf[s] = ts.bm25_idf(int(n_rows), df)
     else:
-        rows = conn.execute(base_sql.format(order=ranked_order), (expr, candidates)).fetchall()
-        docs = [_make_doc(*r) for r in rows]
-        n_docs = _row_count(conn)
-        dfs = _doc_freqs(conn, stems)
-        idf = {s: ts.bm25_idf(n_docs, dfs.get(s, 0)) for s in stems}
+        docs, idf = _all_session_candidates(conn, terms, sfilter, base_sql, ranked_order, candidates)
     if not docs:
         return []
     avg_len = _avg_len(conn)
@@ -450,8 +485,10 @@ def rank_texts(
     if not terms or not texts:
         return []
     stems = list(dict.fromkeys(ts.stem(t) for t in terms))
-    docs = [Counter(ts.stem_all(ts.tokenize(t))) for t in texts]
-    lengths = [sum(d.values()) for d in docs]
+    sfilter = ts.StemFilter(stems)
+    token_lists = [ts.tokenize(t) for t in texts]
+    docs = [sfilter.counts(toks) for toks in token_lists]
+    lengths = [len(toks) for toks in token_lists]
     n = len(docs)
     avg = (sum(lengths) / n) if n else 1.0
     idf = {s: ts.bm25_idf(n, sum(1 for d in docs if s in d)) for s in stems}

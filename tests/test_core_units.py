@@ -246,3 +246,9 @@ def test_entries_hash_ignores_order_but_not_content() -> None:
     assert entries_hash([a, b]) == entries_hash([b, a])
     changed = entry("first entry", access_count=2)
     assert entries_hash([changed, b]) != entries_hash([a, b])
+
+
+def test_role_system_entries_always_kept_when_preserving_system_prompts() -> None:
+    low = ExtractedEntry(entry("You are terse.", key_type="system_prompt"), "system_prompt", 0.2, [])
+    assert filter_preserved([low], 0.7, True, True) == [low]
+    assert filter_preserved([low], 0.7, False, True) == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -161,6 +162,37 @@ def test_process_with_server_summaries_embeddings_tokenize(env: Env, slot_server
     env.ok("process", str(path), "--server", slot_server.url, "--json")
     assert slot_server.count("POST", "/v1/embeddings") == 0
     assert slot_server.count("POST", "/v1/chat/completions") == 0
+
+
+def test_no_server_call_while_the_write_lock_is_held(env: Env, slot_server: FakeLlamaServer) -> None:
+    """Summaries, embeddings and token counts are fetched before each write transaction."""
+    db = env.home / "kvcache.db"
+    held: list[str] = []
+    calls: list[str] = []
+
+    def probe(name: str, handler: Any) -> Any:
+        def wrapper(*args: Any) -> Any:
+            calls.append(name)
+            con = sqlite3.connect(db, timeout=0, isolation_level=None)
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                con.execute("ROLLBACK")
+            except sqlite3.OperationalError:
+                held.append(name)
+            finally:
+                con.close()
+            return handler(*args)
+
+        return wrapper
+
+    for name in ("_chat", "_embeddings", "_tokenize"):
+        setattr(slot_server, name, probe(name, getattr(slot_server, name)))
+    env.ok("process", str(env.conv_file(conversation(10))), "--server", slot_server.url, "--json")
+    cleared = env.ok("clear", "s1", "--server", slot_server.url, "--json")
+    assert cleared["summary_source"] == "llm"
+    assert calls.count("_chat") == 3  # two clears while processing, one manual
+    assert {"_embeddings", "_tokenize"} <= set(calls)
+    assert held == []
 
 
 def test_process_with_server_stopped_falls_back(env: Env, tmp_path: Path) -> None:

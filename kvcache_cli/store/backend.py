@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -49,15 +50,19 @@ def redact_url(url: str) -> str:
     """``url`` with any password replaced by ``***``."""
     try:
         parts = urlsplit(url)
+        port = parts.port
     except ValueError:
         return "<invalid url>"
+    query = re.sub(r"(?i)(^|&)(password)=[^&]*", r"\1\2=***", parts.query)
     if parts.password is None:
-        return url
+        return (
+            url if query == parts.query else urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+        )
     host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    if port:
+        host = f"{host}:{port}"
     user = parts.username or ""
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, query, ""))
 
 
 def parse_location(url: str | os.PathLike[str] | None) -> StoreLocation:
@@ -72,9 +77,7 @@ def parse_location(url: str | os.PathLike[str] | None) -> StoreLocation:
     if lowered.startswith("sqlite://"):
         rest = text[len("sqlite://") :]
         if not rest.startswith("/"):
-            raise BadInputError(
-                f"database URL {text!r}: use sqlite:///relative.db or sqlite:////absolute.db"
-            )
+            raise BadInputError(f"database URL {text!r}: use sqlite:///relative.db or sqlite:////absolute.db")
         return StoreLocation("sqlite", rest[1:] or ":memory:")
     if "://" in text:
         scheme = text.split("://", 1)[0]
@@ -181,9 +184,7 @@ class Store:
             target = self.location.target
             if target == ":memory:":
                 return 0
-            return sum(
-                os.path.getsize(p) for p in (target, target + "-wal") if os.path.exists(p)
-            )
+            return sum(os.path.getsize(p) for p in (target, target + "-wal") if os.path.exists(p))
         row = self.db.execute_sql("SELECT pg_database_size(current_database())").fetchone()
         return int(row[0]) if row else 0
 

@@ -78,7 +78,7 @@ def open_postgres(url: str) -> peewee.PostgresqlDatabase:
     except (peewee.DatabaseError, peewee.InterfaceError) as exc:
         if not db.is_closed():
             db.close()
-        params["password"] = _password(url)
+        params["password"] = _password(url) or params.get("password")
         raise StoreError(
             f"{redact_url(url)}: cannot connect to PostgreSQL ({_redact(str(exc), params)})"
         ) from None
