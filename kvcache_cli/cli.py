@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from .errors import BadInputError, KVCacheError
+from .typer_speedups import install as _install_typer_speedups
+
+_install_typer_speedups()  # plain parameters without importing pydantic (start-up time)
 
 if TYPE_CHECKING:
     from .config import Config

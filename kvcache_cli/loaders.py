@@ -159,10 +159,29 @@ def _native(raw: dict[str, Any], where: str) -> Conversation:
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise _fail(f"{where}kv_entries", "must be a list of objects")
     for i, entry in enumerate(entries):
-        text = entry.get("key_data", entry.get("text"))
-        if text is not None and not isinstance(text, str):
-            raise _fail(f"{where}kv_entries[{i}].key_data", "must be a string")
+        _check_kv_entry(entry, f"{where}kv_entries[{i}]")
     return Conversation(_session_key(raw, where.rstrip(".") or "file"), messages, entries, where)
+
+
+_KV_TEXT_FIELDS = ("key_data", "text", "value_data", "key_type", "key_hash")
+_KV_INT_FIELDS = ("value_bytes", "layer_index", "head_index", "access_count", "size_bytes", "tokens", "message_index")
+
+
+def _check_kv_entry(entry: dict[str, Any], where: str) -> None:
+    """Check a ``kv_entries`` item's field types now, so a bad one writes nothing."""
+    for name in _KV_TEXT_FIELDS:
+        value = entry.get(name)
+        if value is not None and not isinstance(value, str):
+            raise _fail(f"{where}.{name}", f"must be a string, not {_json_type(value)}")
+    for name in _KV_INT_FIELDS:
+        value = entry.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _fail(f"{where}.{name}", f"must be a whole number >= 0, not {value!r}")
+    score = entry.get("importance_score")
+    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1):
+        raise _fail(f"{where}.importance_score", f"must be a number between 0 and 1, not {score!r}")
 
 
 def _sharegpt_item(raw: dict[str, Any], where: str) -> Conversation:

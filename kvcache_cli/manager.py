@@ -279,7 +279,10 @@ def _sql(store: Store, text: str, params: tuple[Any, ...] | list[Any] = ()) -> l
     """Rows of a raw query written with ``?`` marks (translated for PostgreSQL)."""
     if not store.is_sqlite:
         text = text.replace("?", "%s")
-    rows: list[tuple[Any, ...]] = store.db.execute_sql(text, params).fetchall()
+    cursor = store.db.execute_sql(text, params)
+    if cursor.description is None:  # a statement without rows (psycopg would refuse fetchall)
+        return []
+    rows: list[tuple[Any, ...]] = cursor.fetchall()
     return rows
 
 
@@ -382,6 +385,7 @@ class KVCacheManager:
         self._server_n_ctx: int | None = None
         self.notices: list[str] = []
         self._embedder: Any = None  # embeddings.TurnEmbedder during process_conversation
+        self.fusion: str | None = None  # hybrid fusion override (strategies.FUSIONS), for benches
         self._llm_down = False  # set after "cannot connect": no more server calls this run
         self._ready_summary: tuple[tuple[Any, ...], str | None] | None = None
 
@@ -463,20 +467,24 @@ class KVCacheManager:
         return dict(rows)
 
     def _record(self, session_key: str, kind: str, affected: int, details: str, now: datetime) -> None:
-        m.Operation.create(
-            session_key=session_key,
-            operation_type=kind,
-            timestamp=now,
-            entries_affected=affected,
-            details=details,
+        # raw SQL: runs several times per replayed turn (peewee's query building dominated)
+        _sql(
+            self.store,
+            "INSERT INTO operations (session_key, operation_type, timestamp, entries_affected, details) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (session_key, kind, m.Operation.timestamp.db_value(now), int(affected), details),
         )
 
     def _bump_stats(self, now: datetime, **deltas: int) -> None:
-        updates: dict[Any, Any] = {
-            getattr(m.Statistics, name): getattr(m.Statistics, name) + value for name, value in deltas.items()
-        }
-        updates[m.Statistics.last_operation] = now
-        m.Statistics.update(updates).where(m.Statistics.id == 1).execute()
+        for name in deltas:
+            if name not in m.Statistics._meta.fields or name in ("id", "last_operation"):
+                raise ValueError(f"no statistics counter {name!r}")
+        sets = ", ".join(f"{name} = {name} + ?" for name in deltas)
+        _sql(
+            self.store,
+            f"UPDATE statistics SET {sets}{', ' if sets else ''}last_operation = ? WHERE id = 1",
+            (*(int(v) for v in deltas.values()), m.Statistics.last_operation.db_value(now)),
+        )
 
     # -------------------------------------------------------------- entries from messages
     def derive_entries(
@@ -782,14 +790,14 @@ class KVCacheManager:
             row = _entry_row(entry, position + offset)
             row["session"] = session.id
             rows.append(row)
+        hashes = [r["key_hash"] for r in rows]
         existing = {
             h
-            for (h,) in m.CacheEntry.select(m.CacheEntry.key_hash)
-            .where(
-                (m.CacheEntry.session == session.id)
-                & (m.CacheEntry.key_hash.in_([r["key_hash"] for r in rows]))
+            for (h,) in _sql(
+                self.store,
+                f"SELECT key_hash FROM cache_entries WHERE session_id = ? AND key_hash IN ({', '.join('?' * len(hashes))})",
+                (session.get_id(), *hashes),
             )
-            .tuples()
         }
         rows = [r for r in rows if r["key_hash"] not in existing]
         _bulk_insert(m.CacheEntry, rows)
@@ -1219,13 +1227,35 @@ class KVCacheManager:
         active: list[KVEntry] | None,
         now: datetime,
         min_score: float = 0.0,
+        semantic: tuple[list[float], str] | None = None,
+        notice: str | None = None,
     ) -> RetrievalResult:
-        """Search the tiers of one session and record the retrieval (inside a transaction)."""
+        """Search the tiers of one session and record the retrieval (inside a transaction).
+
+        ``semantic`` is the query's embedding and model name (computed before the
+        transaction); without it a semantic strategy runs as keyword_only (``notice``).
+        """
+        from . import strategies as st
         from .textsearch import query_terms
 
         started = time.perf_counter()
-        result = RetrievalResult(query=query, strategy=self.config.cache.retrieval_strategy)
+        strategy = self.config.cache.retrieval_strategy
+        result = RetrievalResult(query=query, strategy=strategy)
+        if notice:
+            result.notices.append(notice)
+        if semantic is None and st.needs_semantic(strategy):
+            strategy = result.strategy = "keyword_only"
         result.keywords_used = query_terms(query)
+        sims = self._semantic_scores(session.get_id(), semantic) if semantic is not None else None
+        hy = self.config.cache.hybrid
+
+        def combine(
+            kw: list[RetrievedEntry], sem: list[RetrievedEntry] | None, need: int
+        ) -> list[RetrievedEntry]:
+            return st.combine(
+                strategy, kw, sem, need, keep, hy.keyword_weight, hy.semantic_weight, self.fusion
+            )
+
         found: list[RetrievedEntry] = []
         thresholds = TIER_THRESHOLDS if cascade else {1: min_score, 2: min_score, 3: min_score}
         if active is None:
@@ -1244,7 +1274,8 @@ class KVCacheManager:
         if 1 in tiers and active:
             result.tiers_searched.append(1)
             hits = rank_entries(query, active, 1, session.key)
-            found += [h for h in hits if keep(h)][:10]
+            sem1 = st.semantic_entries(active, sims, 1, session.key, result.keywords_used)
+            found += combine(hits, sem1, 10)[:10]
         if 2 in tiers and (not cascade or len(found) < 5):
             result.tiers_searched.append(2)
             snaps = _sql(
@@ -1266,14 +1297,25 @@ class KVCacheManager:
                     entries.append(entry)
                     owners.append(sid)
             hits = rank_entries(query, entries, 2, session.key, owners)
-            found += [h for h in hits if keep(h)][:15]
+            sem2 = st.semantic_entries(entries, sims, 2, session.key, result.keywords_used, owners)
+            found += combine(hits, sem2, 15)[:15]
         if 3 in tiers and (not cascade or len(found) < 3):
             result.tiers_searched.append(3)
-            found += [
-                h
-                for h in self._search_history(query, session, limit * 2 + 10)
-                if keep(h) and not (cascade and h.message_index in in_cache)
-            ][: 10 if cascade else limit * 2]
+            skip = in_cache if cascade else set()
+            kw3 = [
+                h for h in self._search_history(query, session, limit * 2 + 10) if h.message_index not in skip
+            ]
+            sem3 = None
+            if sims is not None:
+                best = sorted(
+                    ((cos, mid) for idx, (mid, cos) in sims.items() if idx not in skip),
+                    key=lambda x: (-x[0], x[1]),
+                )[: limit * 2 + 10]
+                sem3 = self._history_entries(
+                    [(mid, st.semantic_score(cos), None) for cos, mid in best], session, query
+                )
+            cap = 10 if cascade else limit * 2
+            found += combine(kw3, sem3, cap)[:cap]
         result.entries = merge_results(found, limit)
         if result.entries:
             result.bridge_message = bridge.retrieval_bridge(
@@ -1285,9 +1327,41 @@ class KVCacheManager:
 
     def _search_history(self, query: str, session: m.Session | None, limit: int) -> list[RetrievedEntry]:
         hits = search.search_messages(self.store, query, session.id if session else None, limit)
+        return self._history_entries(
+            [(int(h.message_id), h.score, list(h.matched_keywords)) for h in hits], session
+        )
+
+    def _semantic_scores(
+        self, session_id: int, semantic: tuple[list[float], str]
+    ) -> dict[int, tuple[int, float]]:
+        """Cosine of the query with every stored vector of the session: index -> (message id, cos)."""
+        from .embeddings import semantic_search
+
+        vector, model = semantic
+        pairs = semantic_search(self.store, session_id, vector, model, 1 << 30)
+        out: dict[int, tuple[int, float]] = {}
+        cos_of = dict(pairs)
+        ids = list(cos_of)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            for mid, index in _sql(
+                self.store,
+                f"SELECT id, message_index FROM messages WHERE id IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            ):
+                out[int(index)] = (int(mid), cos_of[int(mid)])
+        return out
+
+    def _history_entries(
+        self, hits: list[tuple[int, float, list[str] | None]], session: m.Session | None, query: str = ""
+    ) -> list[RetrievedEntry]:
+        """Tier-3 results for ``(message id, score, matched keywords or None)``, in that order."""
+        from .textsearch import matched_keywords, query_terms
+
         if not hits:
             return []
-        ids = [int(h.message_id) for h in hits]
+        terms = query_terms(query) if query else []
+        ids = [mid for mid, _, _ in hits]
         rows = {
             r[0]: r
             for r in _sql(
@@ -1305,8 +1379,8 @@ class KVCacheManager:
                     _sql(self.store, f"SELECT id, key FROM sessions WHERE id IN ({', '.join('?' * len(sids))})", sids)
                 )
         out = []
-        for hit in hits:
-            row = rows.get(hit.message_id)
+        for mid, score, matched in hits:
+            row = rows.get(mid)
             if row is None:
                 continue
             _, index, role, content, sid = row
@@ -1314,8 +1388,8 @@ class KVCacheManager:
             out.append(
                 RetrievedEntry(
                     tier=3,
-                    score=hit.score,
-                    matched_keywords=list(hit.matched_keywords),
+                    score=score,
+                    matched_keywords=matched if matched is not None else matched_keywords(terms, content),
                     text=content,
                     session_id=key,
                     message_index=index,
@@ -1338,27 +1412,35 @@ class KVCacheManager:
         touched = [e.key_hash for e in result.entries if e.session_id == session.key]
         if not touched:
             return
-        current = {
-            r.key_hash: r.score
-            for r in m.Engagement.select().where(
-                (m.Engagement.session == session.id) & (m.Engagement.key_hash.in_(touched))
+        sid = session.get_id()
+        marks = ", ".join("?" * len(touched))
+        current = dict(
+            _sql(
+                self.store,
+                f"SELECT key_hash, score FROM engagement WHERE session_id = ? AND key_hash IN ({marks})",
+                (sid, *touched),
             )
-        }
-        decay = m.Engagement.update(score=m.Engagement.score * 0.95).where(
-            (m.Engagement.session == session.id) & (m.Engagement.key_hash.not_in(touched))
         )
-        decay.execute()
-        m.Engagement.update(score=0.1).where(
-            (m.Engagement.session == session.id) & (m.Engagement.score < 0.1)
-        ).execute()
+        _sql(
+            self.store,
+            f"UPDATE engagement SET score = score * 0.95 WHERE session_id = ? AND key_hash NOT IN ({marks})",
+            (sid, *touched),
+        )
+        _sql(self.store, "UPDATE engagement SET score = 0.1 WHERE session_id = ? AND score < 0.1", (sid,))
         for key in touched:
             value = next_engagement(current.get(key, 0.3), retrieved=True)
             if key in current:
-                m.Engagement.update(score=value).where(
-                    (m.Engagement.session == session.id) & (m.Engagement.key_hash == key)
-                ).execute()
+                _sql(
+                    self.store,
+                    "UPDATE engagement SET score = ? WHERE session_id = ? AND key_hash = ?",
+                    (value, sid, key),
+                )
             else:
-                m.Engagement.create(session=session.id, key_hash=key, score=value)
+                _sql(
+                    self.store,
+                    "INSERT INTO engagement (session_id, key_hash, score) VALUES (?, ?, ?)",
+                    (sid, key, value),
+                )
         _ = decayed_engagement  # the SQL above applies the same decay
 
     def retrieve(
@@ -1374,17 +1456,42 @@ class KVCacheManager:
             raise BadInputError("--limit must be at least 1")
         if not tiers or any(t not in (1, 2, 3) for t in tiers):
             raise BadInputError("tiers must be among 1, 2, 3")
+        semantic, notice = self._query_embedding(session_key, query)
 
         def work() -> RetrievalResult:
             now = utcnow()
             if session_key is None:
-                started = time.perf_counter()
+                from . import strategies as st
+                from .embeddings import semantic_search
                 from .textsearch import query_terms
 
-                result = RetrievalResult(query=query, strategy=self.config.cache.retrieval_strategy)
+                started = time.perf_counter()
+                strategy = self.config.cache.retrieval_strategy
+                result = RetrievalResult(query=query, strategy=strategy)
+                if notice:
+                    result.notices.append(notice)
+                if semantic is None and st.needs_semantic(strategy):
+                    strategy = result.strategy = "keyword_only"
                 result.keywords_used = query_terms(query)
                 result.tiers_searched = [3]
-                hits = [h for h in self._search_history(query, None, limit) if h.score >= min_score]
+                kw = self._search_history(query, None, limit * 2 + 10)
+                sem = None
+                if semantic is not None:
+                    pairs = semantic_search(self.store, None, semantic[0], semantic[1], limit * 2 + 10)
+                    sem = self._history_entries(
+                        [(mid, st.semantic_score(c), None) for mid, c in pairs], None, query
+                    )
+                hy = self.config.cache.hybrid
+                hits = st.combine(
+                    strategy,
+                    kw,
+                    sem,
+                    limit,
+                    lambda e: e.score >= min_score,
+                    hy.keyword_weight,
+                    hy.semantic_weight,
+                    self.fusion,
+                )
                 result.entries = merge_results(hits, limit)
                 if result.entries:
                     result.bridge_message = bridge.retrieval_bridge(
@@ -1405,9 +1512,47 @@ class KVCacheManager:
                 active=None,
                 now=now,
                 min_score=min_score,
+                semantic=semantic,
+                notice=notice,
             )
 
         return self.store.transaction(work)
+
+    def _query_embedding(
+        self, session_key: str | None, query: str
+    ) -> tuple[tuple[list[float], str] | None, str | None]:
+        """The query's vector and model for a semantic strategy, or None and a one-line notice.
+
+        HTTP, so call it outside any transaction. For a one-session query, the session's
+        stored messages that lack a vector are embedded first (in batches).
+        """
+        from . import strategies as st
+
+        strategy = self.config.cache.retrieval_strategy
+        if not st.needs_semantic(strategy):
+            return None, None
+        fallback = f"{strategy}: keyword_only used instead"
+        if self.llm is None or getattr(self.llm, "_emb_base", True) is None:
+            return None, f"retrieval: no embeddings server configured; {fallback}"
+        from .embeddings import TurnEmbedder, backfill_session, embed_query
+        from .errors import ConfigError, ServerError
+        from .textsearch import query_terms
+
+        if not query.strip() or (not query_terms(query) and not any(ch.isalnum() for ch in query)):
+            return None, None  # nothing to search for: empty result, no server call
+        try:
+            vector, model = embed_query(self.llm, query)
+        except (ServerError, ConfigError) as exc:
+            return None, f"retrieval: embeddings server failed ({exc}); {fallback}"
+        if session_key is not None:
+            session = m.Session.get_or_none(m.Session.key == session_key)
+            if session is not None:
+                notices: list[str] = []
+                embedder = TurnEmbedder(self.llm, self.store, notices)
+                backfill_session(embedder, session.get_id(), utcnow())
+                if embedder.failed:
+                    return None, f"retrieval: embeddings server failed ({embedder.failure}); {fallback}"
+        return (vector, model), None
 
     # -------------------------------------------------------------- maintenance
     def maintain(
@@ -1431,31 +1576,33 @@ class KVCacheManager:
             def work() -> None:
                 cutoff = utcnow() - timedelta(hours=hours)
                 idle = (
-                    m.Session.select()
+                    m.Session.select(m.Session.id, m.Session.key)
                     .where(
                         (m.Session.last_activity < cutoff)
                         & ((m.Session.entry_count > 0) | fn_exists_snapshot())
                     )
                     .order_by(m.Session.key)
+                    .tuples()
                 )
-                for session in idle:
-                    result.cleaned_sessions.append(session.key)
-                    if dry_run:
-                        continue
-                    snap_ids = [
-                        s
-                        for (s,) in m.Snapshot.select(m.Snapshot.id)
-                        .where(m.Snapshot.session == session.id)
-                        .tuples()
-                    ]
-                    if snap_ids:
-                        m.SnapshotEntry.delete().where(m.SnapshotEntry.snapshot.in_(snap_ids)).execute()
-                        m.Snapshot.delete().where(m.Snapshot.id.in_(snap_ids)).execute()
-                    m.CacheEntry.delete().where(m.CacheEntry.session == session.id).execute()
-                    session.entry_count = 0
-                    session.cache_size_bytes = 0
-                    session.last_snapshot_id = None
-                    session.save()
+                idle_ids: list[int] = []
+                for session_id, key in idle:
+                    result.cleaned_sessions.append(key)
+                    idle_ids.append(int(session_id))
+                if not dry_run:
+                    # set-based, 500 sessions per statement (thousands of idle sessions
+                    # would otherwise cost five statements each)
+                    for lo in range(0, len(idle_ids), 500):
+                        part = idle_ids[lo : lo + 500]
+                        marks = ", ".join("?" * len(part))
+                        for statement in (
+                            "DELETE FROM snapshot_entries WHERE snapshot_id IN "
+                            f"(SELECT id FROM snapshots WHERE session_id IN ({marks}))",
+                            f"DELETE FROM snapshots WHERE session_id IN ({marks})",
+                            f"DELETE FROM cache_entries WHERE session_id IN ({marks})",
+                            "UPDATE sessions SET entry_count = 0, cache_size_bytes = 0, last_snapshot_id = NULL "
+                            f"WHERE id IN ({marks})",
+                        ):
+                            _sql(self.store, statement, part)
                 result.sessions_cleaned = len(result.cleaned_sessions)
                 keep = self.config.cache.snapshot.max_snapshots
                 if keep > 0:
@@ -1513,8 +1660,9 @@ class KVCacheManager:
             session = self._session(session_key)
             sessions_query = sessions_query.where(m.Session.id == session.id)
             ops_query = ops_query.where(m.Operation.session_key == session_key)
-        states = [self.session_state(s) for s in sessions_query]
-        capacity = self.capacity()
+        capacity = self.capacity()  # once: the estimate may ask the OS for free memory
+        # plain rows, not model instances (thousands of sessions); same attribute names
+        states = [self.session_state(s, capacity) for s in sessions_query.namedtuples()]
         data: dict[str, Any] = {
             "total_clears": stats.total_clears,
             "total_retrievals": stats.total_retrievals,
@@ -1551,8 +1699,12 @@ class KVCacheManager:
             data["session"] = self.session_detail(session)
         return data
 
-    def session_state(self, session: m.Session) -> dict[str, Any]:
-        """The seed's ``SessionCacheState`` plus the persisted extras."""
+    def session_state(self, session: Any, capacity: int | None = None) -> dict[str, Any]:
+        """The seed's ``SessionCacheState`` plus the persisted extras.
+
+        ``session``: a ``Session`` row (model or named tuple); ``capacity``: the default
+        capacity when already computed.
+        """
         return {
             "session_id": session.key,
             "conversation_count": session.conversation_count,
@@ -1560,7 +1712,7 @@ class KVCacheManager:
             "last_cleared_at": session.last_cleared_at.isoformat() if session.last_cleared_at else None,
             "last_snapshot_id": session.last_snapshot_id,
             "cache_size_bytes": session.cache_size_bytes,
-            "capacity_bytes": session.capacity_bytes or self.capacity(),
+            "capacity_bytes": session.capacity_bytes or (capacity if capacity is not None else self.capacity()),
             "entry_count": session.entry_count,
             "total_clears": session.total_clears,
             "last_activity": session.last_activity.isoformat(),

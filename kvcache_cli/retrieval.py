@@ -28,6 +28,7 @@ class RetrievedEntry:
     key_hash: str
     role: str | None = None
     snapshot_id: int | None = None
+    stage: int = 0  # 1: a cascade's fill result, ranked after every first-stage result
 
     def to_dict(self, rank: int) -> dict[str, Any]:
         return {
@@ -114,10 +115,11 @@ def rank_entries(
 
 
 def merge_results(results: list[RetrievedEntry], limit: int) -> list[RetrievedEntry]:
-    """Best score first; one result per message (the shallowest tier wins a tie)."""
+    """Best score first (a cascade's fill results last); one result per message."""
     ordered = sorted(
         results,
         key=lambda r: (
+            r.stage,
             -r.score,
             r.tier,
             r.session_id,

@@ -202,6 +202,44 @@ class _Doc:
     speaker_stems: frozenset[str]
 
 
+# Text profiles: a replay queries the same session's messages thousands of times, so a
+# text seen twice keeps its tokens and full stem counts (bounded), and a candidate then
+# costs a few dict lookups instead of a pass over its tokens. A text seen once is not
+# stemmed whole (the cold path, one CLI call, stays as cheap as StemFilter makes it).
+_PROFILES: dict[str, tuple[list[str], Counter[str]]] = {}
+_SEEN_ONCE: set[str] = set()
+_PROFILE_MAX = 50_000
+
+
+def _profile(text: str, remember: bool = False) -> tuple[list[str], Counter[str]] | None:
+    """``(tokens, stem counts)`` of ``text`` if known (or ``remember``); else None, noted.
+
+    The returned objects are shared: callers must not modify them.
+    """
+    prof = _PROFILES.get(text)
+    if prof is not None:
+        return prof
+    if not remember and text not in _SEEN_ONCE:
+        if len(_SEEN_ONCE) >= _PROFILE_MAX:
+            _SEEN_ONCE.clear()
+        _SEEN_ONCE.add(text)
+        return None
+    tokens = ts.tokenize(text)
+    prof = (tokens, Counter(ts.stem_all(tokens)))
+    if len(_PROFILES) >= _PROFILE_MAX:
+        _PROFILES.clear()
+    _PROFILES[text] = prof
+    return prof
+
+
+def _matched(terms: Sequence[str], text: str) -> list[str]:
+    """``ts.matched_keywords`` through the profile cache when the text is known."""
+    prof = _PROFILES.get(text)
+    if prof is None:
+        return ts.matched_keywords(terms, text)
+    return [t for t in terms if ts.stem(t) in prof[1]]
+
+
 def _make_doc(
     mid: int,
     sid: int,
@@ -217,8 +255,16 @@ def _make_doc(
     mention of the speaker's name.
     """
     text = content or ""
-    tokens = ts.tokenize(text)
-    stems = only.counts(tokens) if only is not None else Counter(ts.stem_all(tokens))
+    prof = _profile(text)
+    if prof is not None:
+        tokens, full = prof
+        if only is not None:  # the same counts as only.counts(tokens)
+            stems = Counter({st: full[st] for st in only.stems if st in full})
+        else:
+            stems = Counter(full)
+    else:
+        tokens = ts.tokenize(text)
+        stems = only.counts(tokens) if only is not None else Counter(ts.stem_all(tokens))
     speaker: frozenset[str] = frozenset()
     if name:
         name_tokens = ts.tokenize(name)
@@ -458,7 +504,7 @@ def search_messages(
                 message_index=key[1],
                 score=similarity(raw, ideal),
                 raw_score=raw,
-                matched_keywords=ts.matched_keywords(terms, content),
+                matched_keywords=_matched(terms, content),
             )
         )
     return hits
@@ -486,9 +532,18 @@ def rank_texts(
         return []
     stems = list(dict.fromkeys(ts.stem(t) for t in terms))
     sfilter = ts.StemFilter(stems)
-    token_lists = [ts.tokenize(t) for t in texts]
-    docs = [sfilter.counts(toks) for toks in token_lists]
-    lengths = [len(toks) for toks in token_lists]
+    docs: list[Counter[str]] = []
+    lengths: list[int] = []
+    for text in texts:
+        prof = _profile(text)  # cache/snapshot entries recur turn after turn
+        if prof is not None:
+            full = prof[1]
+            docs.append(Counter({st: full[st] for st in stems if st in full}))
+            lengths.append(len(prof[0]))
+        else:
+            toks = ts.tokenize(text)
+            docs.append(sfilter.counts(toks))
+            lengths.append(len(toks))
     n = len(docs)
     avg = (sum(lengths) / n) if n else 1.0
     idf = {s: ts.bm25_idf(n, sum(1 for d in docs if s in d)) for s in stems}
@@ -514,4 +569,4 @@ def rank_texts(
             combined[i] = own[i] + context_weight * ctx
     ideal = ideal_score(list(idf.values()))
     order = sorted((i for i in range(n) if own[i] > 0), key=lambda i: (-combined[i], i))
-    return [(i, similarity(combined[i], ideal), ts.matched_keywords(terms, texts[i])) for i in order]
+    return [(i, similarity(combined[i], ideal), _matched(terms, texts[i])) for i in order]

@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-KVCACHE = shutil.which("kvcache", path=str(Path(sys.executable).parent)) or str(Path(sys.executable).parent / "kvcache")
+KVCACHE = shutil.which("kvcache", path=str(Path(sys.executable).parent)) or str(
+    Path(sys.executable).parent / "kvcache"
+)
 BASE_TS = 1_700_000_000
 
 
@@ -105,8 +107,8 @@ def logical_state(db: Path) -> dict[str, Any]:
             "ORDER BY s.key, c.position, c.key_hash"
         ).fetchall()
         state["snapshots"] = q(
-            "SELECT s.key, p.turn_index, p.snapshot_type, p.reason, p.state_hash, p.entry_count, p.size_bytes "
-            "FROM snapshots p JOIN sessions s ON s.id = p.session_id ORDER BY s.key, p.turn_index, p.state_hash"
+            "SELECT s.key, p.turn_index, p.snapshot_type, p.reason, p.state_hash, p.entry_count, p.size_bytes "  # noqa: E501
+            "FROM snapshots p JOIN sessions s ON s.id = p.session_id ORDER BY s.key, p.turn_index, p.state_hash"  # noqa: E501
         ).fetchall()
         state["snapshot_entries"] = q(
             "SELECT p.state_hash, e.key_hash, e.position FROM snapshot_entries e "
@@ -122,7 +124,7 @@ def logical_state(db: Path) -> dict[str, Any]:
             "ORDER BY s.key, t.turn_index"
         ).fetchall()
         state["engagement"] = q(
-            "SELECT s.key, g.key_hash, round(g.score, 9) FROM engagement g JOIN sessions s ON s.id = g.session_id "
+            "SELECT s.key, g.key_hash, round(g.score, 9) FROM engagement g JOIN sessions s ON s.id = g.session_id "  # noqa: E501
             "ORDER BY s.key, g.key_hash"
         ).fetchall()
         state["statistics"] = q(
@@ -162,7 +164,7 @@ def check_turn_boundaries(db: Path, conversations: dict[str, dict[str, Any]]) ->
                 continue
             sid, turn_count = row
             stored = conn.execute(
-                "SELECT message_index, role, content FROM messages WHERE session_id = ? ORDER BY message_index",
+                "SELECT message_index, role, content FROM messages WHERE session_id = ? ORDER BY message_index",  # noqa: E501
                 (sid,),
             ).fetchall()
             msgs = data["messages"]

@@ -61,7 +61,7 @@ def _sessions(db: Path) -> dict[str, int]:
     try:
         return dict(
             conn.execute(
-                "SELECT s.key, count(m.id) FROM sessions s LEFT JOIN messages m ON m.session_id = s.id GROUP BY s.key"
+                "SELECT s.key, count(m.id) FROM sessions s LEFT JOIN messages m ON m.session_id = s.id GROUP BY s.key"  # noqa: E501
             ).fetchall()
         )
     finally:
@@ -145,7 +145,9 @@ def test_fifty_megabyte_single_message(tmp_path: Path) -> None:
     home = tmp_path / "home"
     db = tmp_path / "kv.db"
     text = "lorem ipsum dolor sit amet consectetur " * (50 * 1024 * 1024 // 39)
-    src = write_json(tmp_path / "big.json", {"session_id": "big", "messages": [{"role": "user", "content": text}]})
+    src = write_json(
+        tmp_path / "big.json", {"session_id": "big", "messages": [{"role": "user", "content": text}]}
+    )
     assert src.stat().st_size >= 50 * 1024 * 1024
     started = time.monotonic()
     result = run_cli(home, "-q", "--db", str(db), "process", "--json", str(src), timeout=300)
@@ -164,7 +166,10 @@ def _many_messages(path: Path, count: int, per_turn: int) -> None:
     with path.open("w", encoding="utf-8") as handle:
         for i in range(count):
             role = "user" if i % per_turn == 0 else ("assistant" if i % 2 else "tool")
-            handle.write(json.dumps({"role": role, "content": f"message {i} about item{i % 977} and topic{i % 31}"}) + "\n")
+            handle.write(
+                json.dumps({"role": role, "content": f"message {i} about item{i % 977} and topic{i % 31}"})
+                + "\n"
+            )
 
 
 def test_hundred_thousand_messages_load(tmp_path: Path) -> None:

@@ -10,7 +10,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from robust_util import check_turn_boundaries, conversation, integrity, logical_state, run_cli, start_cli, write_json
+from robust_util import (
+    check_turn_boundaries,
+    conversation,
+    integrity,
+    logical_state,
+    run_cli,
+    start_cli,
+    write_json,
+)
 
 WRITERS = 8
 TURNS = 12
@@ -36,7 +44,9 @@ def test_sixteen_concurrent_writers_equal_a_sequential_run(tmp_path: Path) -> No
     db = tmp_path / "conc.db"
     started = time.monotonic()
     procs = [start_cli(home, "-q", "--db", str(db), "process", str(f), "--json") for f in files]
-    procs += [start_cli(home, "-q", "--db", str(db), "process", str(shared), "--json") for _ in range(WRITERS)]
+    procs += [
+        start_cli(home, "-q", "--db", str(db), "process", str(shared), "--json") for _ in range(WRITERS)
+    ]
     outputs = [p.communicate(timeout=240) for p in procs]
     elapsed = time.monotonic() - started
 

@@ -43,7 +43,7 @@ def _stored(db: Path) -> int:
 def _wait_for_progress(db: Path, proc: object, at_least: int, limit: float = 60.0) -> None:
     deadline = time.monotonic() + limit
     while _stored(db) < at_least and time.monotonic() < deadline:
-        if getattr(proc, "poll")() is not None:
+        if proc.poll() is not None:
             return
         time.sleep(0.01)
 

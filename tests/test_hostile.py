@@ -35,7 +35,9 @@ def test_hostile_text_is_stored_and_searched_as_plain_text(tmp_path: Path) -> No
     msgs = []
     for i, text in enumerate(HOSTILE):
         msgs += [{"role": "user", "content": text}, {"role": "assistant", "content": f"reply number {i}"}]
-    src = write_json(tmp_path / "h.json", {"session_id": "hostile'; DROP TABLE sessions;--", "messages": msgs})
+    src = write_json(
+        tmp_path / "h.json", {"session_id": "hostile'; DROP TABLE sessions;--", "messages": msgs}
+    )
     done = run_cli(home, "-q", "--db", str(db), "process", str(src))
     assert done.returncode == 0, done.stderr
     conn = connect(db)
@@ -53,7 +55,9 @@ def test_hostile_text_is_stored_and_searched_as_plain_text(tmp_path: Path) -> No
             manager.retrieve(None, text)
     finally:
         store.close()
-    found = run_cli(home, "--db", str(db), "retrieve", "hostile'; DROP TABLE sessions;--", HOSTILE[1], "--json")
+    found = run_cli(
+        home, "--db", str(db), "retrieve", "hostile'; DROP TABLE sessions;--", HOSTILE[1], "--json"
+    )
     assert found.returncode == 0 and "Traceback" not in found.stderr, found.stderr
     hits = run_cli(home, "--db", str(db), "retrieve", "--all-sessions", "DROP TABLE messages", "--json")
     texts = [r["text"] for r in json.loads(hits.stdout)["results"]]
@@ -72,11 +76,24 @@ def test_hostile_text_is_stored_and_searched_as_plain_text(tmp_path: Path) -> No
 
 @pytest.mark.parametrize(
     "session",
-    ["../../etc/passwd", "a/b\\c", "..", ".hidden", "x\x00y", "מפגש\u202e", "con", "a" * 300, "$(rm -rf ~)", " "],
+    [
+        "../../etc/passwd",
+        "a/b\\c",
+        "..",
+        ".hidden",
+        "x\x00y",
+        "מפגש\u202e",
+        "con",
+        "a" * 300,
+        "$(rm -rf ~)",
+        " ",
+    ],
 )
 def test_slot_file_names_are_generated_not_taken_from_input(session: str) -> None:
     name = make_slot_filename(session, "../" + session)
-    assert re.fullmatch(r"kvcache-[0-9a-f]{16}-\d{8}T\d{6}Z-[0-9a-f]{8}(-[A-Za-z0-9]{1,24})?\.bin", name), name
+    assert re.fullmatch(r"kvcache-[0-9a-f]{16}-\d{8}T\d{6}Z-[0-9a-f]{8}(-[A-Za-z0-9]{1,24})?\.bin", name), (
+        name
+    )
     assert "/" not in name and ".." not in name
 
 
@@ -87,7 +104,9 @@ def _mode(path: Path) -> int:
 def test_files_kvcache_creates_are_owner_only(tmp_path: Path) -> None:
     home = tmp_path / "home"
     db = tmp_path / "new" / "deeper" / "kv.db"
-    src = write_json(tmp_path / "c.json", {"session_id": "s", "messages": [{"role": "user", "content": "hi?"}]})
+    src = write_json(
+        tmp_path / "c.json", {"session_id": "s", "messages": [{"role": "user", "content": "hi?"}]}
+    )
     old = os.umask(0o022)
     try:
         assert run_cli(home, "-q", "--db", str(db), "process", str(src)).returncode == 0
@@ -136,9 +155,23 @@ def test_api_keys_never_appear_in_output_or_errors(tmp_path: Path) -> None:
             ["snapshot", "s", "--slot", "0", "--server", server.url],
             ["clear", "s", "--slot", "0", "--server", server.url],
         ):
-            outputs.append(run_cli(home, "-vv", "--db", str(db), "--config", str(config), *args, KV_TEST_API_KEY=SECRET))
+            outputs.append(
+                run_cli(home, "-vv", "--db", str(db), "--config", str(config), *args, KV_TEST_API_KEY=SECRET)
+            )
     outputs.append(
-        run_cli(home, "-vv", "--db", str(db), "--config", str(config), "process", "--server", "http://127.0.0.1:9", str(src), KV_TEST_API_KEY=SECRET)
+        run_cli(
+            home,
+            "-vv",
+            "--db",
+            str(db),
+            "--config",
+            str(config),
+            "process",
+            "--server",
+            "http://127.0.0.1:9",
+            str(src),
+            KV_TEST_API_KEY=SECRET,
+        )
     )
     outputs.append(run_cli(home, "-vv", "--db", f"postgresql://user:{SECRET}@127.0.0.1:9/kv", "stats"))
     assert any(o.returncode != 0 for o in outputs)

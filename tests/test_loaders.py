@@ -164,3 +164,23 @@ def test_jsonl_error_names_the_line(tmp_path: Path) -> None:
     )
     with pytest.raises(BadInputError, match=r"r\.jsonl:2: messages\[0\]: unknown role"):
         load_file(path)
+
+
+def test_bad_kv_entry_field_is_refused_at_load_time(tmp_path: Path) -> None:
+    import json as _json
+
+    from kvcache_cli.errors import BadInputError
+    from kvcache_cli.loaders import load_file
+
+    path = tmp_path / "kv.json"
+    path.write_text(
+        _json.dumps(
+            {
+                "session_id": "kv",
+                "messages": [{"role": "user", "content": "hello"}],
+                "kv_entries": [{"key_data": "x", "message_index": 5, "layer_index": "deep"}],
+            }
+        )
+    )
+    with pytest.raises(BadInputError, match=r"kv_entries\[0\]\.layer_index"):
+        load_file(path)

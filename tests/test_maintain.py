@@ -70,7 +70,7 @@ def _history(db: Path) -> dict[str, object]:
     try:
         return {
             "messages": conn.execute(
-                "SELECT s.key, count(*), sum(length(m.content)) FROM messages m JOIN sessions s ON s.id = m.session_id "
+                "SELECT s.key, count(*), sum(length(m.content)) FROM messages m JOIN sessions s ON s.id = m.session_id "  # noqa: E501
                 "GROUP BY s.key ORDER BY s.key"
             ).fetchall(),
             "summaries": conn.execute(
@@ -107,7 +107,9 @@ def test_dry_run_changes_nothing_byte_for_byte(store: tuple[Path, Path, Path]) -
 def test_maintain_keeps_messages_and_summaries(store: tuple[Path, Path, Path]) -> None:
     home, db, config = store
     history = _history(db)
-    live_cache = _count(db, "SELECT count(*) FROM cache_entries c JOIN sessions s ON s.id = c.session_id WHERE s.key = 'live'")
+    live_cache = _count(
+        db, "SELECT count(*) FROM cache_entries c JOIN sessions s ON s.id = c.session_id WHERE s.key = 'live'"
+    )
     assert live_cache > 0 and len(history["summaries"]) == 3  # type: ignore[arg-type]
     result = run_cli(home, "--db", str(db), "--config", str(config), "maintain", "--json")
     assert result.returncode == 0, result.stderr
@@ -116,11 +118,32 @@ def test_maintain_keeps_messages_and_summaries(store: tuple[Path, Path, Path]) -
     assert _history(db) == history  # no message or summary of any session is deleted
     for key in ("live", "busy"):  # active sessions keep their cache and their newest snapshot
         assert _count(db, "SELECT entry_count FROM sessions WHERE key = ?", key) > 0
-        assert _count(db, "SELECT count(*) FROM snapshots p JOIN sessions s ON s.id = p.session_id WHERE s.key = ?", key) == 1
-    assert _count(db, "SELECT count(*) FROM cache_entries c JOIN sessions s ON s.id = c.session_id WHERE s.key = 'live'") == live_cache
-    assert _count(db, "SELECT count(*) FROM cache_entries c JOIN sessions s ON s.id = c.session_id WHERE s.key = 'old'") == 0
+        assert (
+            _count(
+                db,
+                "SELECT count(*) FROM snapshots p JOIN sessions s ON s.id = p.session_id WHERE s.key = ?",
+                key,
+            )
+            == 1
+        )
+    assert (
+        _count(
+            db,
+            "SELECT count(*) FROM cache_entries c JOIN sessions s ON s.id = c.session_id WHERE s.key = 'live'",  # noqa: E501
+        )
+        == live_cache
+    )
+    assert (
+        _count(
+            db,
+            "SELECT count(*) FROM cache_entries c JOIN sessions s ON s.id = c.session_id WHERE s.key = 'old'",
+        )
+        == 0
+    )
     assert _count(db, "SELECT count(*) FROM operations") <= 20
-    retrieved = run_cli(home, "--db", str(db), "retrieve", "old", "old size 5 important", "--tiers", "3", "--json")
+    retrieved = run_cli(
+        home, "--db", str(db), "retrieve", "old", "old size 5 important", "--tiers", "3", "--json"
+    )
     assert retrieved.returncode == 0 and json.loads(retrieved.stdout)["results"], retrieved.stderr
     assert integrity(db) == "ok"
 
@@ -147,7 +170,9 @@ def test_two_maintains_started_together_never_both_prune(store: tuple[Path, Path
     expected = json.loads(
         run_cli(home, "--db", str(db), "--config", str(config), "maintain", "--dry-run", "--json").stdout
     )
-    procs = [start_cli(home, "--db", str(db), "--config", str(config), "maintain", "--json") for _ in range(2)]
+    procs = [
+        start_cli(home, "--db", str(db), "--config", str(config), "maintain", "--json") for _ in range(2)
+    ]
     reports = []
     for proc in procs:
         out, err = proc.communicate(timeout=60)

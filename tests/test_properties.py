@@ -21,15 +21,28 @@ JSON = st.recursive(
 )
 ROLE = st.sampled_from(["user", "assistant", "system", "tool", "wizard", "", 3, None])
 MESSAGE = st.fixed_dictionaries(
-    {"role": ROLE, "content": st.one_of(st.text(), st.integers(), st.none(), st.lists(st.text(), max_size=2))},
+    {
+        "role": ROLE,
+        "content": st.one_of(st.text(), st.integers(), st.none(), st.lists(st.text(), max_size=2)),
+    },
     optional={"timestamp": st.one_of(st.integers(-(2**40), 2**40), st.text(max_size=30), st.floats())},
 )
 SHAPED = st.one_of(
-    st.fixed_dictionaries({"session_id": st.one_of(st.text(max_size=20), st.integers()), "messages": st.lists(MESSAGE, max_size=5)}),
+    st.fixed_dictionaries(
+        {
+            "session_id": st.one_of(st.text(max_size=20), st.integers()),
+            "messages": st.lists(MESSAGE, max_size=5),
+        }
+    ),
     st.lists(MESSAGE, max_size=5),
-    st.lists(st.fixed_dictionaries({"id": st.text(max_size=5), "conversations": st.lists(JSON, max_size=3)}), max_size=3),
+    st.lists(
+        st.fixed_dictionaries({"id": st.text(max_size=5), "conversations": st.lists(JSON, max_size=3)}),
+        max_size=3,
+    ),
 )
-SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @SETTINGS
@@ -60,13 +73,18 @@ def test_loaders_never_crash_on_arbitrary_bytes(tmp_path: Path, raw: bytes) -> N
 
 @pytest.fixture(scope="module")
 def manager(tmp_path_factory: pytest.TempPathFactory) -> KVCacheManager:
-    from kvcache_cli.loaders import Conversation
     from kvcache_cli.entries import ChatMessage
+    from kvcache_cli.loaders import Conversation
 
     db = tmp_path_factory.mktemp("prop") / "kv.db"
     store = open_store(str(db))
     mgr = KVCacheManager(store)
-    texts = ["kv cache sizing for long context?", "use paged attention", "what is rope scaling?", "it rescales positions"]
+    texts = [
+        "kv cache sizing for long context?",
+        "use paged attention",
+        "what is rope scaling?",
+        "it rescales positions",
+    ]
     msgs = [ChatMessage(role=("user" if i % 2 == 0 else "assistant"), content=t) for i, t in enumerate(texts)]
     mgr.process_conversation(Conversation("prop", msgs), "prop")
     return mgr
@@ -82,7 +100,9 @@ def test_snapshot_then_restore_is_identity_on_entries(manager: KVCacheManager, t
     from kvcache_cli.loaders import Conversation
 
     key = f"snap-{abs(hash(tuple(texts)))}"
-    msgs = [ChatMessage(role="user" if i % 2 == 0 else "assistant", content=t or " ") for i, t in enumerate(texts)]
+    msgs = [
+        ChatMessage(role="user" if i % 2 == 0 else "assistant", content=t or " ") for i, t in enumerate(texts)
+    ]
     if msgs:
         manager.process_conversation(Conversation(key, msgs), key)
     else:
@@ -92,13 +112,17 @@ def test_snapshot_then_restore_is_identity_on_entries(manager: KVCacheManager, t
     manager.clear(key)
     manager.restore(key, snap.id)
     after = manager.active_entries(key)
-    assert [(e.key_hash, e.key_data, e.size_bytes, e.tokens, e.message_index, e.importance_score) for e in after] == [
+    assert [
+        (e.key_hash, e.key_data, e.size_bytes, e.tokens, e.message_index, e.importance_score) for e in after
+    ] == [
         (e.key_hash, e.key_data, e.size_bytes, e.tokens, e.message_index, e.importance_score) for e in before
     ]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(query=st.text(max_size=80), all_sessions=st.booleans(), limit=st.integers(1, 30))
-def test_retrieval_never_raises_on_arbitrary_text(manager: KVCacheManager, query: str, all_sessions: bool, limit: int) -> None:
+def test_retrieval_never_raises_on_arbitrary_text(
+    manager: KVCacheManager, query: str, all_sessions: bool, limit: int
+) -> None:
     result = manager.retrieve(None if all_sessions else "prop", query, (1, 2, 3), limit)
     assert len(result.entries) <= limit

@@ -24,7 +24,9 @@ def test_schema_v1_store_is_migrated_on_open(tmp_path: Path) -> None:
     db = tmp_path / "old.db"
     shutil.copy(FIXTURE, db)
     conn = connect(db)
-    old_messages = conn.execute("SELECT session_id, message_index, role, content FROM messages ORDER BY id").fetchall()
+    old_messages = conn.execute(
+        "SELECT session_id, message_index, role, content FROM messages ORDER BY id"
+    ).fetchall()
     assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [(1,)]
     conn.close()
 
@@ -37,7 +39,12 @@ def test_schema_v1_store_is_migrated_on_open(tmp_path: Path) -> None:
     try:
         versions = [v for (v,) in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
         assert versions == list(range(1, LATEST_VERSION + 1))
-        assert conn.execute("SELECT session_id, message_index, role, content FROM messages ORDER BY id").fetchall() == old_messages
+        assert (
+            conn.execute(
+                "SELECT session_id, message_index, role, content FROM messages ORDER BY id"
+            ).fetchall()
+            == old_messages
+        )
         assert conn.execute("SELECT key, turn_count FROM sessions").fetchall() == [("legacy", 2)]
     finally:
         conn.close()
@@ -45,7 +52,10 @@ def test_schema_v1_store_is_migrated_on_open(tmp_path: Path) -> None:
 
     # the migrated store keeps working: a replay that extends the old conversation adds only the new turn
     old = [{"role": r, "content": c} for (_s, _i, r, c) in old_messages]
-    more = old + [{"role": "user", "content": "What cache fits in the rest of the 24 GB?"}, {"role": "assistant", "content": "About 6 GB."}]
+    more = old + [
+        {"role": "user", "content": "What cache fits in the rest of the 24 GB?"},
+        {"role": "assistant", "content": "About 6 GB."},
+    ]
     src = write_json(tmp_path / "legacy.json", {"session_id": "legacy", "messages": more})
     again = run_cli(home, "--db", str(db), "process", "--json", str(src))
     assert again.returncode == 0, again.stderr
@@ -69,7 +79,11 @@ def test_non_sqlite_file_is_refused_and_left_alone(tmp_path: Path) -> None:
             result = run_cli(home, "--db", str(path), *args)
             assert result.returncode != 0, (name, args)
             lines = result.stderr.strip().splitlines()
-            assert len(lines) == 1 and lines[0].startswith("kvcache: error: ") and "Traceback" not in result.stderr, (name, result.stderr)
+            assert (
+                len(lines) == 1
+                and lines[0].startswith("kvcache: error: ")
+                and "Traceback" not in result.stderr
+            ), (name, result.stderr)
             assert str(path) in lines[0] or "database" in lines[0], lines[0]
             assert _sha(path) == before, name
         assert not Path(f"{path}-wal").exists() or Path(f"{path}-wal").stat().st_size == 0
@@ -101,7 +115,9 @@ def test_maintain_check_reports_integrity(tmp_path: Path) -> None:
     # damage an index page: the check must report it (exit 1), never crash or rewrite
     conn = sqlite3.connect(str(db))
     page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-    root = conn.execute("SELECT rootpage FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages'").fetchone()[0]
+    root = conn.execute(
+        "SELECT rootpage FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages'"
+    ).fetchone()[0]
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
     data = bytearray(db.read_bytes())

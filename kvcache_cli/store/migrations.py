@@ -28,10 +28,12 @@ def utcnow() -> datetime:
 
 
 def _v1_initial_schema(store: Store) -> None:
-    """Tables of the first released schema and the statistics row."""
-    store.db.create_tables(m.ALL_MODELS, safe=True)
-    if not m.Statistics.select().where(m.Statistics.id == 1).exists():
-        m.Statistics.create(id=1)
+    """Tables of the first released schema (frozen in ``schema_v1``) and the statistics row."""
+    from . import schema_v1
+
+    store.db.create_tables(schema_v1.ALL_MODELS, safe=True)
+    if not schema_v1.Statistics.select().where(schema_v1.Statistics.id == 1).exists():
+        schema_v1.Statistics.insert(id=1).execute()
 
 
 def _v2_search_index(store: Store) -> None:

@@ -1,0 +1,229 @@
+"""Retrieval strategies: keyword, semantic, the two cascades and the hybrid fusion.
+
+Every tier produces two ranked lists of :class:`RetrievedEntry` for a query:
+
+* keyword: BM25 (``search_sqlite``), ``score`` = ``1 - exp(-bm25 / ideal)`` in [0, 1];
+* semantic: cosine of the query's embedding and the message's stored embedding,
+  ``score`` = ``max(0, cos)`` in [0, 1].
+
+:func:`combine` turns them into one list per tier, by ``cache.retrieval_strategy``:
+
+``keyword_only`` / ``semantic_only``
+    that list alone.
+``keyword_then_semantic`` / ``semantic_then_keyword``
+    the first list; when it has fewer than ``need`` results (after the tier's
+    threshold), the other list fills the rest. Fill results carry ``stage = 1`` so
+    :func:`retrieval.merge_results` ranks them after every first-stage result.
+``hybrid``
+    normalised weighted fusion (see :func:`fuse_weighted`) with ``[cache.hybrid]``
+    weights (scaled to sum to 1). Reciprocal rank fusion (:func:`fuse_rrf`) is kept
+    for comparison; ``bench/locomo.py --fusion`` measures both (docs/retrieval.md).
+
+All scores stay in [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from .retrieval import RetrievedEntry
+
+__all__ = [
+    "FUSIONS",
+    "SEMANTIC_STRATEGIES",
+    "combine",
+    "fuse_rrf",
+    "fuse_weighted",
+    "ident",
+    "needs_semantic",
+    "semantic_score",
+]
+
+SEMANTIC_STRATEGIES = ("semantic_only", "keyword_then_semantic", "semantic_then_keyword", "hybrid")
+FUSIONS = ("weighted", "rrf")
+RRF_K = 60.0
+#: the fusion ``hybrid`` uses (``bench/locomo.py --fusion`` compares; see docs/retrieval.md)
+DEFAULT_FUSION = "weighted"
+
+
+def needs_semantic(strategy: str) -> bool:
+    """Whether the strategy uses embeddings at all."""
+    return strategy in SEMANTIC_STRATEGIES
+
+
+def semantic_score(cos: float) -> float:
+    """Cosine similarity as a score in [0, 1]: negative (opposite) counts as unrelated."""
+    return max(0.0, min(1.0, float(cos)))
+
+
+def ident(entry: RetrievedEntry) -> tuple[str, Any]:
+    """One message: session and index (or the entry's hash when it has no index)."""
+    return (entry.session_id, entry.message_index if entry.message_index is not None else entry.key_hash)
+
+
+def _weights(keyword_weight: float, semantic_weight: float) -> tuple[float, float]:
+    wk, ws = max(0.0, keyword_weight), max(0.0, semantic_weight)
+    total = wk + ws
+    if total <= 0:
+        return 0.5, 0.5
+    return wk / total, ws / total
+
+
+def _normalised(items: Sequence[RetrievedEntry]) -> dict[tuple[str, Any], float]:
+    """Scores divided by the list's best score (the best becomes 1, zero stays zero)."""
+    best = max((e.score for e in items), default=0.0)
+    if best <= 0:
+        return {ident(e): 0.0 for e in items}
+    return {ident(e): e.score / best for e in items}
+
+
+def fuse_weighted(
+    keyword: Sequence[RetrievedEntry],
+    semantic: Sequence[RetrievedEntry],
+    keyword_weight: float = 0.5,
+    semantic_weight: float = 0.5,
+) -> list[RetrievedEntry]:
+    """Normalised weighted score fusion.
+
+    Each side's scores are divided by that side's best score for this query (max
+    normalisation: both sides then run 0..1 with the best hit at 1, whatever the raw
+    scales), and ``fused = wk * kw + ws * sem`` with ``wk + ws = 1``; a message missing
+    from one list has 0 on that side. Ordering uses ``fused``; the entry's ``score`` is
+    ``fused * (wk * best_kw + ws * best_sem)``, so a query whose best matches are weak
+    keeps low similarities (thresholds stay meaningful), still in [0, 1].
+    Ties: keyword rank, then message.
+    """
+    wk, ws = _weights(keyword_weight, semantic_weight)
+    kn, sn = _normalised(keyword), _normalised(semantic)
+    best_k = max((e.score for e in keyword), default=0.0)
+    best_s = max((e.score for e in semantic), default=0.0)
+    scale = wk * best_k + ws * best_s
+    by_id: dict[tuple[str, Any], RetrievedEntry] = {}
+    kw_rank: dict[tuple[str, Any], int] = {}
+    for rank, e in enumerate(keyword):
+        by_id.setdefault(ident(e), e)
+        kw_rank.setdefault(ident(e), rank)
+    for e in semantic:
+        i = ident(e)
+        if i not in by_id:
+            by_id[i] = e
+        elif not by_id[i].matched_keywords and e.matched_keywords:
+            by_id[i] = replace(by_id[i], matched_keywords=e.matched_keywords)
+    fused = {i: wk * kn.get(i, 0.0) + ws * sn.get(i, 0.0) for i in by_id}
+    order = sorted(by_id, key=lambda i: (-fused[i], kw_rank.get(i, len(kw_rank)), str(i)))
+    return [replace(by_id[i], score=max(0.0, min(1.0, fused[i] * scale))) for i in order if fused[i] > 0]
+
+
+def fuse_rrf(
+    keyword: Sequence[RetrievedEntry],
+    semantic: Sequence[RetrievedEntry],
+    keyword_weight: float = 0.5,
+    semantic_weight: float = 0.5,
+    k: float = RRF_K,
+) -> list[RetrievedEntry]:
+    """Weighted reciprocal rank fusion: ``sum_side w / (k + rank)`` (rank from 1).
+
+    Divided by its maximum ``sum w / (k + 1)`` (first in both lists), so in [0, 1].
+    """
+    wk, ws = _weights(keyword_weight, semantic_weight)
+    top = wk / (k + 1.0) + ws / (k + 1.0)
+    by_id: dict[tuple[str, Any], RetrievedEntry] = {}
+    fused: dict[tuple[str, Any], float] = {}
+    kw_rank: dict[tuple[str, Any], int] = {}
+    for weight, items in ((wk, keyword), (ws, semantic)):
+        seen: set[tuple[str, Any]] = set()
+        for rank, e in enumerate(items, start=1):
+            i = ident(e)
+            if i in seen:
+                continue
+            seen.add(i)
+            by_id.setdefault(i, e)
+            if items is keyword:
+                kw_rank[i] = rank
+            fused[i] = fused.get(i, 0.0) + weight / (k + rank)
+    order = sorted(by_id, key=lambda i: (-fused[i], kw_rank.get(i, len(kw_rank) + 1), str(i)))
+    return [replace(by_id[i], score=max(0.0, min(1.0, fused[i] / top))) for i in order if fused[i] > 0]
+
+
+def combine(
+    strategy: str,
+    keyword: Sequence[RetrievedEntry],
+    semantic: Sequence[RetrievedEntry] | None,
+    need: int,
+    keep: Callable[[RetrievedEntry], bool] | None = None,
+    keyword_weight: float = 0.5,
+    semantic_weight: float = 0.5,
+    fusion: str | None = None,
+) -> list[RetrievedEntry]:
+    """One tier's results for ``strategy`` (``semantic`` None: no embeddings, keyword only).
+
+    ``keep`` filters results (thresholds, excluded turns) before a cascade decides
+    whether the first list found enough; ``need`` is how many it should find.
+    """
+    ok = keep or (lambda _e: True)
+    kw = [e for e in keyword if ok(e)] if strategy != "hybrid" else list(keyword)
+    if semantic is None or strategy == "keyword_only":
+        return kw if strategy != "hybrid" else [e for e in kw if ok(e)]
+    sem = [e for e in semantic if ok(e)] if strategy != "hybrid" else list(semantic)
+    if strategy == "semantic_only":
+        return sem
+    if strategy in ("keyword_then_semantic", "semantic_then_keyword"):
+        first, second = (kw, sem) if strategy == "keyword_then_semantic" else (sem, kw)
+        if len(first) >= need:
+            return first
+        have = {ident(e) for e in first}
+        fill = [replace(e, stage=1) for e in second if ident(e) not in have]
+        return first + fill[: max(0, need - len(first))]
+    if strategy == "hybrid":
+        how = fusion or DEFAULT_FUSION
+        fuse = fuse_rrf if how == "rrf" else fuse_weighted
+        return [e for e in fuse(kw, sem, keyword_weight, semantic_weight) if ok(e)]
+    raise ValueError(f"unknown retrieval strategy {strategy!r}")
+
+
+def semantic_entries(
+    entries: Sequence[Any],
+    sims: dict[int, tuple[int, float]] | None,
+    tier: int,
+    session_key: str,
+    terms: Sequence[str],
+    snapshot_ids: Sequence[int | None] | None = None,
+) -> list[RetrievedEntry] | None:
+    """Cache/snapshot entries (``KVEntry``) ranked by their message's cosine, best first.
+
+    ``sims``: message index -> (message id, cosine), None without embeddings (then None).
+    Entries without a message index, or whose message has no vector, are left out.
+    """
+    if sims is None:
+        return None
+    from .textsearch import matched_keywords
+
+    out: list[tuple[float, int, RetrievedEntry]] = []
+    for pos, entry in enumerate(entries):
+        idx = entry.message_index
+        if idx is None or idx not in sims:
+            continue
+        score = semantic_score(sims[idx][1])
+        text = entry.key_data or ""
+        role = entry.extra.get("role")
+        out.append(
+            (
+                score,
+                pos,
+                RetrievedEntry(
+                    tier=tier,
+                    score=score,
+                    matched_keywords=matched_keywords(list(terms), text),
+                    text=text,
+                    session_id=session_key,
+                    message_index=idx,
+                    key_hash=entry.key_hash,
+                    role=str(role) if role else None,
+                    snapshot_id=snapshot_ids[pos] if snapshot_ids else None,
+                ),
+            )
+        )
+    out.sort(key=lambda x: (-x[0], x[1]))
+    return [e for _, _, e in out]
