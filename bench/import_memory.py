@@ -33,7 +33,9 @@ def measure(small: int = 250_000, large: int = 1_000_000) -> dict[str, float]:
         out: dict[str, float] = {"baseline_rss_mb": base / MB}
         for label, n in (("small", small), ("large", large)):
             source = cached(n)
-            seconds, rss = run_rusage([KVCACHE, "--db", str(folder / f"{label}.db"), "-q", "import", str(source)], env)
+            seconds, rss = run_rusage(
+                [KVCACHE, "--db", str(folder / f"{label}.db"), "-q", "import", str(source)], env
+            )
             out[f"{label}_messages"] = float(n)
             out[f"{label}_file_mb"] = source.stat().st_size / MB
             out[f"{label}_rss_mb"] = rss / MB

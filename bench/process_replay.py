@@ -15,6 +15,7 @@ turn's messages and their FTS rows): the floor of a per-turn transactional repla
 Target: >= 1,000 turns/s (2,760 dialog turns in <= 2.76 s).
 """
 
+# ruff: noqa: E501  (long SQL and report lines)
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,7 @@ from locomo_to_conversations import convert_file  # noqa: E402
 
 LOCOMO = Path("/work/shared/bench/locomo-dev")
 
-REFERENCE = r'''
+REFERENCE = r"""
 import json, sqlite3, sys
 db = sys.argv[1]
 conn = sqlite3.connect(db, isolation_level=None)
@@ -57,7 +58,7 @@ for sid, path in enumerate(sys.argv[2:], start=1):
                          (mid, f"s{sid}", m["content"]))
         conn.execute("UPDATE sessions SET turn_count = turn_count + 1 WHERE id = ?", (sid,))
         conn.execute("COMMIT")
-'''
+"""
 
 
 def measure(runs: int = 3, locomo: Path = LOCOMO) -> dict[str, float]:
@@ -109,7 +110,9 @@ def main() -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(machine())
-    print(f"{result['messages']} dialog turns (messages), {result['turns']} kvcache turns; median of {args.runs}")
+    print(
+        f"{result['messages']} dialog turns (messages), {result['turns']} kvcache turns; median of {args.runs}"
+    )
     print(
         f"raw sqlite3 per-turn replay  {result['reference_seconds']:6.2f} s "
         f"{result['reference_dialog_turns_per_s']:8.0f} dialog turns/s (reference)"

@@ -8,6 +8,7 @@ each per round, so machine load hits all alike) ``N`` times; the figures are med
 and the ratios kvcache / bare. Target: <= 1.2.
 """
 
+# ruff: noqa: E501  (long SQL and report lines)
 from __future__ import annotations
 
 import argparse

@@ -559,6 +559,17 @@ class KVCacheManager:
     # -------------------------------------------------------------- process
     def check_prefix(self, session_key: str, messages: list[ChatMessage], label: str) -> int:
         """How many of ``messages`` are stored already; refuse a file that diverges."""
+        if not self.store.is_sqlite:  # PostgreSQL text cannot hold NUL: refuse before any write
+            if "\x00" in session_key:
+                raise BadInputError(
+                    f"{label}: session id contains a NUL character, which PostgreSQL cannot store"
+                )
+            for index, msg in enumerate(messages):
+                if "\x00" in msg.content or "\x00" in (msg.name or "") or "\x00" in msg.role:
+                    raise BadInputError(
+                        f"{label}: message {index} contains a NUL character (\\u0000), "
+                        "which PostgreSQL cannot store"
+                    )
         session = m.Session.get_or_none(m.Session.key == session_key)
         if session is None:
             return 0
@@ -592,6 +603,13 @@ class KVCacheManager:
         result.messages_total = len(conv.messages)
         result.capacity_bytes = self.capacity()
         done = self.check_prefix(session_key, conv.messages, result.source or session_key)
+        if not self.store.is_sqlite and any(
+            isinstance(v, str) and "\x00" in v for entry in conv.kv_entries for v in entry.values()
+        ):
+            raise BadInputError(
+                f"{result.source or session_key}: kv_entries contain a NUL character, "
+                "which PostgreSQL cannot store"
+            )
         turns = split_turns(conv.messages)
         pending = [(lo, hi) for lo, hi in turns if hi > done]
         embedder = self._start_embeddings(session_key)  # also embeds stored messages lacking vectors
@@ -795,7 +813,8 @@ class KVCacheManager:
             h
             for (h,) in _sql(
                 self.store,
-                f"SELECT key_hash FROM cache_entries WHERE session_id = ? AND key_hash IN ({', '.join('?' * len(hashes))})",
+                "SELECT key_hash FROM cache_entries WHERE session_id = ? "
+                f"AND key_hash IN ({', '.join('?' * len(hashes))})",
                 (session.get_id(), *hashes),
             )
         }
@@ -835,9 +854,9 @@ class KVCacheManager:
                 bridges.append(clear.bridge_message)
             active = [e for e in active if e.key_hash in clear.kept_keys]
         elif session.last_cleared_at is not None and cfg.bridge_enabled:
-            summary = m.Summary.get_or_none(m.Summary.session == session.id)
-            if summary is not None:
-                bridges.insert(0, bridge.summary_prior(summary.text))
+            summary = _sql(self.store, "SELECT text FROM summaries WHERE session_id = ?", (session.get_id(),))
+            if summary:
+                bridges.insert(0, bridge.summary_prior(summary[0][0]))
         snap = self._periodic_snapshot(session, active, now)
         if snap is not None:
             report.snapshot_ids.append(snap)
@@ -857,15 +876,20 @@ class KVCacheManager:
             if found.bridge_message and cfg.bridge_enabled:
                 bridges.append(found.bridge_message)
         report.bridge_messages = bridges
-        m.TurnLog.create(
-            session=session.id,
-            turn_index=session.turn_count,
-            message_index=user_index,
-            cache_size_bytes=report.cache_size_bytes,
-            entry_count=report.entry_count,
-            cleared=report.clear is not None,
-            clear_reason=report.clear.reason if report.clear else None,
-            retrieved=report.retrieved,
+        _sql(  # raw: once per replayed turn
+            self.store,
+            "INSERT INTO turn_log (session_id, turn_index, message_index, cache_size_bytes, entry_count, "
+            "cleared, clear_reason, retrieved) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                session.get_id(),
+                session.turn_count,
+                user_index,
+                report.cache_size_bytes,
+                report.entry_count,
+                m.TurnLog.cleared.db_value(report.clear is not None),
+                report.clear.reason if report.clear else None,
+                report.retrieved,
+            ),
         )
         return report
 
@@ -1375,9 +1399,8 @@ class KVCacheManager:
         if session is None:
             sids = sorted({r[4] for r in rows.values()})
             if sids:
-                keys = dict(
-                    _sql(self.store, f"SELECT id, key FROM sessions WHERE id IN ({', '.join('?' * len(sids))})", sids)
-                )
+                marks = ", ".join("?" * len(sids))
+                keys = dict(_sql(self.store, f"SELECT id, key FROM sessions WHERE id IN ({marks})", sids))
         out = []
         for mid, score, matched in hits:
             row = rows.get(mid)
@@ -1599,8 +1622,8 @@ class KVCacheManager:
                             f"(SELECT id FROM snapshots WHERE session_id IN ({marks}))",
                             f"DELETE FROM snapshots WHERE session_id IN ({marks})",
                             f"DELETE FROM cache_entries WHERE session_id IN ({marks})",
-                            "UPDATE sessions SET entry_count = 0, cache_size_bytes = 0, last_snapshot_id = NULL "
-                            f"WHERE id IN ({marks})",
+                            "UPDATE sessions SET entry_count = 0, cache_size_bytes = 0, "
+                            f"last_snapshot_id = NULL WHERE id IN ({marks})",
                         ):
                             _sql(self.store, statement, part)
                 result.sessions_cleaned = len(result.cleaned_sessions)
@@ -1712,7 +1735,8 @@ class KVCacheManager:
             "last_cleared_at": session.last_cleared_at.isoformat() if session.last_cleared_at else None,
             "last_snapshot_id": session.last_snapshot_id,
             "cache_size_bytes": session.cache_size_bytes,
-            "capacity_bytes": session.capacity_bytes or (capacity if capacity is not None else self.capacity()),
+            "capacity_bytes": session.capacity_bytes
+            or (capacity if capacity is not None else self.capacity()),
             "entry_count": session.entry_count,
             "total_clears": session.total_clears,
             "last_activity": session.last_activity.isoformat(),

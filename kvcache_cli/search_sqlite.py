@@ -232,6 +232,21 @@ def _profile(text: str, remember: bool = False) -> tuple[list[str], Counter[str]
     return prof
 
 
+_NAMES: dict[str, tuple[list[str], list[str]]] = {}
+
+
+def _name_profile(name: str) -> tuple[list[str], list[str]]:
+    """A speaker name's tokens and their stems (few distinct names: cached)."""
+    prof = _NAMES.get(name)
+    if prof is None:
+        tokens = ts.tokenize(name)
+        prof = (tokens, ts.stem_all(tokens))
+        if len(_NAMES) >= 10_000:
+            _NAMES.clear()
+        _NAMES[name] = prof
+    return prof
+
+
 def _matched(terms: Sequence[str], text: str) -> list[str]:
     """``ts.matched_keywords`` through the profile cache when the text is known."""
     prof = _PROFILES.get(text)
@@ -267,10 +282,10 @@ def _make_doc(
         stems = only.counts(tokens) if only is not None else Counter(ts.stem_all(tokens))
     speaker: frozenset[str] = frozenset()
     if name:
-        name_tokens = ts.tokenize(name)
-        speaker = frozenset(ts.stem_all(name_tokens))
+        name_tokens, name_stems = _name_profile(name)
+        speaker = frozenset(name_stems)
         if ":" in text[: len(name) + 2] and tokens[: len(name_tokens)] == name_tokens:
-            for st in ts.stem_all(name_tokens):
+            for st in name_stems:
                 if stems.get(st, 0) > 0:
                     stems[st] -= 1
     return _Doc(mid, sid, idx, name, text, str(stamp or "")[:10], stems, len(tokens), speaker)

@@ -121,6 +121,9 @@ def install() -> bool:
     class FastRuntimeParam(RuntimeParam):  # type: ignore[misc]
         """Converts plain values itself; anything else goes to Typer's pydantic path."""
 
+        _convert: Any
+        _slow: Any
+
         def __init__(self, descriptor: Any, convert: Any, slow: Any) -> None:
             object.__setattr__(self, "parameter_info", descriptor.parameter_info)
             object.__setattr__(self, "annotation", descriptor.annotation)
@@ -135,7 +138,7 @@ def install() -> bool:
 
     def get_runtime_param(self: Any) -> Any:
         if getattr(self, "_runtime_param", None) is None:
-            descriptor = getattr(self, "type_descriptor", None)
+            descriptor: Any = getattr(self, "type_descriptor", None)
             convert = None
             if descriptor is not None and getattr(descriptor, "file_annotation", None) is None:
                 convert = _converter(descriptor.annotation, descriptor.parameter_info)

@@ -11,6 +11,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from tests.pg import is_pg, pg_dump, pg_rows
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 START = datetime(2025, 1, 6, 9, 0, 0)
@@ -137,8 +139,11 @@ def truncated(data: dict[str, Any], message_count: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- store dumps
-def dump_db(path: Path) -> dict[str, list[tuple[Any, ...]]]:
-    """Every table's rows (sorted), read with plain ``sqlite3``: compare before/after."""
+def dump_db(path: Path | str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every table's rows (sorted), read with plain ``sqlite3`` (or psycopg2 for a
+    ``postgresql://`` URL): compare before/after."""
+    if is_pg(path):
+        return pg_dump(str(path))
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         names = [
@@ -158,7 +163,10 @@ def dump_db(path: Path) -> dict[str, list[tuple[Any, ...]]]:
         con.close()
 
 
-def table_rows(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+def table_rows(path: Path | str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` (``?`` placeholders) on a SQLite file or a PostgreSQL URL."""
+    if is_pg(path):
+        return pg_rows(str(path), sql, params)
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         return con.execute(sql, params).fetchall()

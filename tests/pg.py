@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -19,6 +20,12 @@ ENV = "KVCACHE_TEST_PG_URL"
 PG_URL = os.environ.get(ENV, "").strip()
 
 requires_pg = pytest.mark.skipif(not PG_URL, reason=f"set {ENV} to run the PostgreSQL tests")
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def is_pg(url: str | os.PathLike[str]) -> bool:
+    """Whether ``url`` names a PostgreSQL store."""
+    return os.fspath(url).lower().startswith(("postgresql://", "postgres://"))
 
 
 def with_database(url: str, name: str) -> str:
@@ -83,3 +90,63 @@ def store_url(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[str]
         yield url
     finally:
         drop_database(url)
+
+
+@pytest.fixture(params=BACKENDS)
+def store_factory(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Callable[[str], str]]:
+    """Make several stores on one backend: ``make("one")`` is a SQLite file
+    ``tmp_path/one.db``, or a fresh PostgreSQL database (all dropped afterwards)."""
+    made: list[str] = []
+
+    def make(name: str) -> str:
+        if request.param == "sqlite":
+            return str(tmp_path / f"{name}.db")
+        url = create_database()
+        made.append(url)
+        return url
+
+    if request.param == "postgresql" and not PG_URL:
+        pytest.skip(f"set {ENV} to run the PostgreSQL tests")
+    try:
+        yield make
+    finally:
+        for url in made:
+            drop_database(url)
+
+
+# ----------------------------------------------------------------------------- reading a PG store
+def pg_rows(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` (``?`` placeholders) read with a plain psycopg2 connection."""
+    import psycopg2
+
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql.replace("?", "%s"), params or None)
+            rows = [tuple(r) for r in cur.fetchall()]
+        conn.rollback()
+        return rows
+    finally:
+        conn.close()
+
+
+def pg_dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every table's rows (sorted) of a PostgreSQL store: compare before/after."""
+    import psycopg2
+
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = current_schema() AND table_type = 'BASE TABLE' ORDER BY 1"
+            )
+            names = [r[0] for r in cur.fetchall()]
+            out: dict[str, list[tuple[Any, ...]]] = {}
+            for name in names:
+                cur.execute(f'SELECT * FROM "{name}"')
+                out[name] = sorted((tuple(r) for r in cur.fetchall()), key=repr)
+        conn.rollback()
+        return out
+    finally:
+        conn.close()

@@ -1,7 +1,8 @@
 """Shared helpers of the robustness tests (issue 5): run the real CLI, build files, read a store.
 
-Everything works on real SQLite files and the installed ``kvcache`` in subprocesses
-with ``KVCACHE_HOME`` pointing into the test's tmp folder.
+Everything works on real SQLite files (or a PostgreSQL database, for the helpers that
+take a URL) and the installed ``kvcache`` in subprocesses with ``KVCACHE_HOME``
+pointing into the test's tmp folder.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from tests.pg import is_pg
 
 KVCACHE = shutil.which("kvcache", path=str(Path(sys.executable).parent)) or str(
     Path(sys.executable).parent / "kvcache"
@@ -90,11 +94,28 @@ SESSION_COLUMNS = (
 )
 
 
-def logical_state(db: Path) -> dict[str, Any]:
+def _reader(db: Path | str) -> tuple[Callable[..., Any], Callable[[], None]]:
+    """A ``q(sql, params) -> cursor-like`` for a SQLite file or a PostgreSQL URL, and a closer."""
+    if is_pg(db):
+        import psycopg2
+
+        pg = psycopg2.connect(str(db))
+        cur = pg.cursor()
+
+        def q(sql: str, params: tuple[Any, ...] = ()) -> Any:
+            sql = sql.replace("?", "%s").replace("round(g.score, 9)", "round(g.score::numeric, 9)")
+            cur.execute(sql, params or None)
+            return cur
+
+        return q, pg.close
+    conn = connect(Path(db))
+    return conn.execute, conn.close
+
+
+def logical_state(db: Path | str) -> dict[str, Any]:
     """Everything a replay decides, without wall-clock columns or row ids that may differ."""
-    conn = connect(db)
+    q, close = _reader(db)
     try:
-        q = conn.execute
         state: dict[str, Any] = {}
         state["sessions"] = q(f"SELECT {SESSION_COLUMNS} FROM sessions ORDER BY key").fetchall()
         state["messages"] = q(
@@ -136,9 +157,9 @@ def logical_state(db: Path) -> dict[str, Any]:
             "GROUP BY session_key, operation_type, entries_affected ORDER BY 1, 2, 3"
         ).fetchall()
         state["fts_rows"] = q("SELECT count(*) FROM messages").fetchone()
-        return state
+        return {k: [tuple(r) for r in v] if isinstance(v, list) else tuple(v) for k, v in state.items()}
     finally:
-        conn.close()
+        close()
 
 
 def integrity(db: Path) -> str:
@@ -149,21 +170,21 @@ def integrity(db: Path) -> str:
         conn.close()
 
 
-def check_turn_boundaries(db: Path, conversations: dict[str, dict[str, Any]]) -> None:
+def check_turn_boundaries(db: Path | str, conversations: dict[str, dict[str, Any]]) -> None:
     """Assert that every session holds whole turns only and its records agree.
 
     ``conversations`` maps session key to the file's data. Stored messages must be a
     prefix of the file that ends at a turn boundary (the message before a user message
     or the end), and the turn count must equal the turn-log rows and user messages.
     """
-    conn = connect(db)
+    q, close = _reader(db)
     try:
         for key, data in conversations.items():
-            row = conn.execute("SELECT id, turn_count FROM sessions WHERE key = ?", (key,)).fetchone()
+            row = q("SELECT id, turn_count FROM sessions WHERE key = ?", (key,)).fetchone()
             if row is None:
                 continue
             sid, turn_count = row
-            stored = conn.execute(
+            stored = q(
                 "SELECT message_index, role, content FROM messages WHERE session_id = ? ORDER BY message_index",  # noqa: E501
                 (sid,),
             ).fetchall()
@@ -174,7 +195,7 @@ def check_turn_boundaries(db: Path, conversations: dict[str, dict[str, Any]]) ->
             n = len(stored)
             assert n == len(msgs) or msgs[n]["role"] == "user", f"{key}: half a turn stored ({n} messages)"
             users = sum(1 for r in stored if r[1] == "user")
-            logs = conn.execute("SELECT count(*) FROM turn_log WHERE session_id = ?", (sid,)).fetchone()[0]
+            logs = q("SELECT count(*) FROM turn_log WHERE session_id = ?", (sid,)).fetchone()[0]
             assert turn_count == users == logs, (key, turn_count, users, logs)
     finally:
-        conn.close()
+        close()

@@ -1,8 +1,10 @@
-"""End to end: the installed ``kvcache`` in subprocesses, against real SQLite files.
+"""End to end: the installed ``kvcache`` in subprocesses, against real stores.
 
 Covers the foundation's acceptance list: the reference clears, two processes replaying
 halves, snapshot/restore identity, statistics totals, and every bad input failing with
-one line, exit 2 and an unchanged database.
+one line, exit 2 and an unchanged database. The store round trips run on SQLite and on
+PostgreSQL (``store_url`` / ``store_factory``; the PostgreSQL variants need
+``KVCACHE_TEST_PG_URL``); "unchanged" is a dump of every table on either backend.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import stat
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,15 @@ from tests.helpers import (
     truncated,
     write_json,
 )
+from tests.pg import (  # noqa: F401  (fixtures)
+    BACKENDS,
+    PG_URL,
+    create_database,
+    drop_database,
+    is_pg,
+    store_factory,
+    store_url,
+)
 
 ENTRY_COLUMNS = (
     "key_hash, key_data, key_type, value_bytes, layer_index, head_index, importance, "
@@ -41,7 +53,7 @@ def clear_list(session: dict[str, Any]) -> list[tuple[int, str]]:
     return [(c["turn"], c["clear_reason"]) for c in session["clears"]]
 
 
-def state(db: Path, home: Path) -> dict[str, Any]:
+def state(db: Path | str, home: Path) -> dict[str, Any]:
     """Everything a replay decides, without wall-clock fields."""
     return {
         "stats": strip_wall_clock(run_json("stats", home=home, db=db)),
@@ -99,8 +111,9 @@ def test_module_runs_commands_like_the_script(home: Path, tmp_path: Path) -> Non
     assert rc == 2 and "unknown session 'nosuch'" in one_error_line(err)
 
 
-def test_examples_process_and_stats(home: Path, db: Path) -> None:
+def test_examples_process_and_stats(home: Path, store_url: str) -> None:  # noqa: F811
     """The getting-started path: process the examples, then look at stats."""
+    db = store_url
     files = [
         EXAMPLES / n for n in ("support-chat.json", "long-messages.json", "sharegpt.json", "openai.jsonl")
     ]
@@ -162,7 +175,8 @@ def test_db_flag_beats_env(home: Path, tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- clears
-def test_short_40_turns_clear_at_16_and_32(home: Path, db: Path, tmp_path: Path) -> None:
+def test_short_40_turns_clear_at_16_and_32(home: Path, store_url: str, tmp_path: Path) -> None:  # noqa: F811
+    db = store_url
     path = write_json(tmp_path / "short.json", conversation(40, session_id="short"))
     data = run_json("process", path, home=home, db=db)
     [session] = data["sessions"]
@@ -170,7 +184,8 @@ def test_short_40_turns_clear_at_16_and_32(home: Path, db: Path, tmp_path: Path)
     assert clear_list(session) == [(16, "ConversationLimit"), (32, "ConversationLimit")]
 
 
-def test_long_messages_clear_earlier(home: Path, db: Path, tmp_path: Path) -> None:
+def test_long_messages_clear_earlier(home: Path, store_url: str, tmp_path: Path) -> None:  # noqa: F811
+    db = store_url
     path = write_json(tmp_path / "long.json", conversation(40, session_id="long", long=True))
     [session] = run_json("process", path, home=home, db=db)["sessions"]
     found = clear_list(session)
@@ -179,7 +194,8 @@ def test_long_messages_clear_earlier(home: Path, db: Path, tmp_path: Path) -> No
     assert clear_list(example)[0][1] == "MemoryThreshold" and clear_list(example)[0][0] < 16
 
 
-def test_turn_details_show_the_bridges(home: Path, db: Path) -> None:
+def test_turn_details_show_the_bridges(home: Path, store_url: str) -> None:  # noqa: F811
+    db = store_url
     data = run_json("process", EXAMPLES / "support-chat.json", "--turns", home=home, db=db)
     turns = data["sessions"][0]["turns"]
     assert turns[15]["clear_reason"] == "ConversationLimit"
@@ -195,11 +211,16 @@ def test_turn_details_show_the_bridges(home: Path, db: Path) -> None:
 
 # ----------------------------------------------------------------------------- replays
 @pytest.mark.parametrize("split", [47, 48], ids=["turn-boundary", "mid-turn"])
-def test_two_halves_by_two_processes_equal_one_replay(tmp_path: Path, home: Path, split: int) -> None:
+def test_two_halves_by_two_processes_equal_one_replay(
+    tmp_path: Path,
+    home: Path,
+    split: int,
+    store_factory: Callable[[str], str],  # noqa: F811
+) -> None:
     full = json.loads((EXAMPLES / "support-chat.json").read_text(encoding="utf-8"))
     half_path = write_json(tmp_path / "half.json", truncated(full, split))
     full_path = write_json(tmp_path / "full.json", full)
-    two, one = tmp_path / "two.db", tmp_path / "one.db"
+    two, one = store_factory("two"), store_factory("one")
     first = run_json("process", half_path, home=home, db=two)["sessions"][0]
     second = run_json("process", full_path, home=home, db=two)["sessions"][0]
     whole = run_json("process", full_path, home=home, db=one)["sessions"][0]
@@ -211,7 +232,8 @@ def test_two_halves_by_two_processes_equal_one_replay(tmp_path: Path, home: Path
     assert state(two, home) == state(one, home)
 
 
-def test_replaying_twice_adds_nothing(home: Path, db: Path) -> None:
+def test_replaying_twice_adds_nothing(home: Path, store_url: str) -> None:  # noqa: F811
+    db = store_url
     run_json("process", EXAMPLES / "sharegpt.json", home=home, db=db)
     before = dump_db(db)
     again = run_json("process", EXAMPLES / "sharegpt.json", home=home, db=db)
@@ -220,7 +242,8 @@ def test_replaying_twice_adds_nothing(home: Path, db: Path) -> None:
     assert dump_db(db) == before
 
 
-def test_extension_processes_only_new_turns(home: Path, db: Path, tmp_path: Path) -> None:
+def test_extension_processes_only_new_turns(home: Path, store_url: str, tmp_path: Path) -> None:  # noqa: F811
+    db = store_url
     data = conversation(24, session_id="ext")
     write_json(tmp_path / "ext.json", truncated(data, 1 + 2 * 10))
     run_json("process", tmp_path / "ext.json", home=home, db=db)
@@ -232,7 +255,8 @@ def test_extension_processes_only_new_turns(home: Path, db: Path, tmp_path: Path
     assert clear_list(session) == [(16, "ConversationLimit")]
 
 
-def test_divergent_file_is_refused(home: Path, db: Path, tmp_path: Path) -> None:
+def test_divergent_file_is_refused(home: Path, store_url: str, tmp_path: Path) -> None:  # noqa: F811
+    db = store_url
     data = conversation(8, session_id="div")
     run_json("process", write_json(tmp_path / "div.json", data), home=home, db=db)
     before = dump_db(db)
@@ -247,7 +271,8 @@ def test_divergent_file_is_refused(home: Path, db: Path, tmp_path: Path) -> None
 
 
 # ----------------------------------------------------------------------------- snapshot / stats
-def test_snapshot_then_restore_returns_the_same_entries(home: Path, db: Path) -> None:
+def test_snapshot_then_restore_returns_the_same_entries(home: Path, store_url: str) -> None:  # noqa: F811
+    db = store_url
     run_json("process", EXAMPLES / "openai.jsonl", home=home, db=db)
     snap = run_json("snapshot", "jsonl-onboarding", home=home, db=db)
     sql = f"SELECT {ENTRY_COLUMNS} FROM cache_entries WHERE session_id = 1 ORDER BY position, key_hash"
@@ -267,7 +292,33 @@ def test_snapshot_then_restore_returns_the_same_entries(home: Path, db: Path) ->
     assert snap["state_hash"] in [s["state_hash"] for s in listed]
 
 
-def test_stats_totals_match_process_output(home: Path, db: Path, tmp_path: Path) -> None:
+def test_retrieve_and_maintain_round_trip(home: Path, store_url: str) -> None:  # noqa: F811
+    """retrieve finds and counts; maintain --dry-run changes nothing; maintain releases."""
+    db = store_url
+    run_json("process", EXAMPLES / "support-chat.json", home=home, db=db)
+    found = run_json("retrieve", "support-4821", "refund for the damaged order", home=home, db=db)
+    assert found["entries_retrieved"] == len(found["results"]) > 0
+    assert all(r["session_id"] == "support-4821" for r in found["results"])
+    everywhere = run_json("retrieve", "--all-sessions", "refund order", home=home, db=db)
+    assert everywhere["results"]
+    before_stats = run_json("stats", home=home, db=db)
+    before = dump_db(db)
+    dry = run_json("maintain", "--dry-run", "--inactive-hours", "0", home=home, db=db)
+    assert dry["dry_run"] is True and dry["cleaned_sessions"] == ["support-4821"]
+    assert dump_db(db) == before
+    done = run_json("maintain", "--inactive-hours", "0", "--check", home=home, db=db)
+    assert done["sessions_cleaned"] == 1 and done["integrity"] == "ok" and not done["errors"]
+    again = run_json("maintain", "--inactive-hours", "0", home=home, db=db)
+    assert again["sessions_cleaned"] == 0
+    stats = run_json("stats", home=home, db=db)
+    [session] = stats["sessions"]
+    assert session["entry_count"] == 0 and session["cache_size_bytes"] == 0
+    assert stats["message_count"] == before_stats["message_count"]  # history is kept
+    assert run_json("stats", "support-4821", home=home, db=db)["session"]["message_count"] == 95
+
+
+def test_stats_totals_match_process_output(home: Path, store_url: str, tmp_path: Path) -> None:  # noqa: F811
+    db = store_url
     reports: list[dict[str, Any]] = []
     reports += run_json(
         "process", EXAMPLES / "support-chat.json", EXAMPLES / "sharegpt.json", home=home, db=db
@@ -308,19 +359,31 @@ BAD_FILES: dict[str, tuple[str | None, str]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def seeded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A home and a database holding the JSONL example, shared by the bad-input cases."""
+@pytest.fixture(scope="module", params=BACKENDS)
+def seeded(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, Path | str]]:
+    """A home and a store (SQLite, then PostgreSQL) holding the JSONL example, shared
+    by the bad-input cases."""
     base = tmp_path_factory.mktemp("seeded")
     home = base / "home"
     home.mkdir()
-    db = base / "kv.db"
-    run_json("process", EXAMPLES / "openai.jsonl", home=home, db=db)
-    return home, db
+    if request.param == "sqlite":
+        db: Path | str = base / "kv.db"
+    elif not PG_URL:
+        pytest.skip("set KVCACHE_TEST_PG_URL to run the PostgreSQL tests")
+    else:
+        db = create_database()
+    try:
+        run_json("process", EXAMPLES / "openai.jsonl", home=home, db=db)
+        yield home, db
+    finally:
+        if isinstance(db, str):
+            drop_database(db)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FILES))
-def test_bad_file_fails_cleanly(case: str, seeded: tuple[Path, Path], tmp_path: Path) -> None:
+def test_bad_file_fails_cleanly(case: str, seeded: tuple[Path, Path | str], tmp_path: Path) -> None:
     import re
 
     home, db = seeded
@@ -341,7 +404,8 @@ def test_bad_file_fails_cleanly(case: str, seeded: tuple[Path, Path], tmp_path: 
     assert dump_db(db) == before
 
 
-def test_bad_file_beside_good_file(home: Path, db: Path, tmp_path: Path) -> None:
+def test_bad_file_beside_good_file(home: Path, store_url: str, tmp_path: Path) -> None:  # noqa: F811
+    db = store_url
     bad = tmp_path / "bad.json"
     bad.write_text('[{"role": "user"}]', encoding="utf-8")
     rc, out, err = run_kvcache("process", bad, EXAMPLES / "openai.jsonl", "--json", home=home, db=db)
@@ -351,6 +415,31 @@ def test_bad_file_beside_good_file(home: Path, db: Path, tmp_path: Path) -> None
     assert [s["session_id"] for s in data["sessions"]] == ["jsonl-onboarding", "jsonl-invoice"]
     assert len(data["failed"]) == 1
     assert {r[0] for r in table_rows(db, "SELECT key FROM sessions")} == {"jsonl-onboarding", "jsonl-invoice"}
+
+
+def test_nul_character_kept_on_sqlite_refused_on_postgres(
+    home: Path,
+    store_url: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """SQLite stores text byte for byte; PostgreSQL text cannot hold NUL: one line, exit 2,
+    nothing written (not a half-replayed conversation)."""
+    run_json("process", EXAMPLES / "openai.jsonl", home=home, db=store_url)
+    data = conversation(3, session_id="nul")
+    data["messages"][3]["content"] = "a NUL\x00 here"
+    path = write_json(tmp_path / "nul.json", data)
+    before = dump_db(store_url)
+    rc, _, err = run_kvcache("process", path, home=home, db=store_url)
+    if not is_pg(store_url):
+        assert rc == 0, err
+        assert table_rows(store_url, "SELECT content FROM messages WHERE content LIKE 'a NUL%'") == [
+            ("a NUL\x00 here",)
+        ]
+        return
+    assert rc == 2
+    line = one_error_line(err)
+    assert str(path) in line and "message 3" in line and "NUL" in line
+    assert dump_db(store_url) == before
 
 
 @pytest.mark.parametrize(
@@ -365,7 +454,7 @@ def test_bad_file_beside_good_file(home: Path, db: Path, tmp_path: Path) -> None
     ],
     ids=lambda a: "-".join(a[:2]),
 )
-def test_unknown_ids_fail_cleanly(args: tuple[str, ...], seeded: tuple[Path, Path]) -> None:
+def test_unknown_ids_fail_cleanly(args: tuple[str, ...], seeded: tuple[Path, Path | str]) -> None:
     home, db = seeded
     before = dump_db(db)
     rc, _, err = run_kvcache(*args, home=home, db=db)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import run_kvcache as _run
@@ -20,7 +21,7 @@ def run_kvcache(*args: str | Path, home: Path, db: Path) -> tuple[int, str, str]
     return _run(*args, home=home, db=db)
 
 
-CONVS = [
+CONVS: list[dict[str, Any]] = [
     {
         "id": "alpha",
         "conversations": [

@@ -1,4 +1,9 @@
-"""The store: file creation and safety, URLs, migrations, transactions."""
+"""The store: file creation and safety, URLs, migrations, transactions.
+
+The backend-neutral cases run on SQLite and PostgreSQL (``store_url``; the
+PostgreSQL variant needs ``KVCACHE_TEST_PG_URL``); file modes, WAL and the
+non-SQLite-file guard are SQLite-only.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from kvcache_cli.errors import BadInputError, StoreError
 from kvcache_cli.store import models as m
 from kvcache_cli.store.backend import open_store, parse_location, redact_url
 from kvcache_cli.store.migrations import LATEST_VERSION, utcnow
+from tests.pg import is_pg, store_url  # noqa: F401  (fixture)
 
 TABLES = {
     "sessions",
@@ -50,6 +56,24 @@ def test_new_store_is_private_and_migrated(tmp_path: Path) -> None:
         again.close()
 
 
+def test_new_store_is_migrated_once_on_each_backend(store_url: str) -> None:  # noqa: F811
+    store = open_store(store_url)
+    try:
+        assert store.backend == ("postgresql" if is_pg(store_url) else "sqlite")
+        assert TABLES <= set(store.db.get_tables())
+        versions = [r.version for r in m.SchemaMigration.select().order_by(m.SchemaMigration.version)]
+        assert versions == list(range(1, LATEST_VERSION + 1))
+    finally:
+        store.close()
+    again = open_store(store_url)  # reopening applies nothing twice
+    try:
+        assert m.SchemaMigration.select().count() == LATEST_VERSION
+        assert m.Statistics.select().count() == 1
+        assert "***" in again.location.display or not is_pg(store_url)
+    finally:
+        again.close()
+
+
 def test_existing_non_sqlite_file_is_never_touched(tmp_path: Path) -> None:
     path = tmp_path / "notes.db"
     path.write_bytes(b"my precious notes\n")
@@ -73,8 +97,8 @@ def test_locations() -> None:
     assert "***" in parse_location("postgresql://u:pw@h/db").display
 
 
-def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
-    store = open_store(tmp_path / "kv.db")
+def test_transaction_rolls_back_on_error(store_url: str) -> None:  # noqa: F811
+    store = open_store(store_url)
     try:
 
         def work() -> None:
@@ -95,23 +119,31 @@ def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
         store.close()
 
 
-def test_exclusive_lock_is_exclusive(tmp_path: Path) -> None:
+def test_exclusive_lock_is_exclusive(store_url: str) -> None:  # noqa: F811
     from kvcache_cli.errors import LockBusyError
 
-    store = open_store(tmp_path / "kv.db")
+    store = open_store(store_url)
+    other = open_store(store_url)  # another process or host on the same store
     try:
         with store.exclusive("maintain"):
+            with pytest.raises(LockBusyError):
+                with other.exclusive("maintain"):
+                    pass
+            with other.exclusive("snapshot"):  # another name is another lock
+                pass
+        with other.exclusive("maintain"):
             with pytest.raises(LockBusyError):
                 with store.exclusive("maintain"):
                     pass
         with store.exclusive("maintain"):
             pass
     finally:
+        other.close()
         store.close()
 
 
-def test_size_bytes(tmp_path: Path) -> None:
-    store = open_store(tmp_path / "kv.db")
+def test_size_bytes(store_url: str) -> None:  # noqa: F811
+    store = open_store(store_url)
     try:
         assert store.size_bytes() > 0
     finally:
