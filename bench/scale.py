@@ -162,7 +162,10 @@ def main() -> int:
             walls.append(time.perf_counter() - t)
             if proc.returncode != 0:
                 raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.decode()[-300:]}")
-        cli[label] = {"median_ms": round(statistics.median(walls) * 1000, 1), "min_ms": round(min(walls) * 1000, 1)}
+        cli[label] = {
+            "median_ms": round(statistics.median(walls) * 1000, 1),
+            "min_ms": round(min(walls) * 1000, 1),
+        }
         say(f"`kvcache retrieve` ({label}) wall: {cli[label]}")
     report["cli_wall"] = cli
     if args.json:

@@ -88,6 +88,9 @@ def _llm_client(server: str | None, required: bool = False) -> Any:
     """The LLM client from ``--server`` or ``[llm]``; None when neither names a server."""
     cfg = STATE.config().llm
     base = server or cfg.base_url
+    embeddings_only = not base and bool(cfg.embeddings_url)
+    if embeddings_only and not required:
+        base = cfg.embeddings_url
     if not base:
         if required:
             raise BadInputError("this needs an LLM server: pass --server URL or set [llm].base_url")
@@ -107,7 +110,9 @@ def _llm_client(server: str | None, required: bool = False) -> Any:
         summary_max_tokens=cfg.summary_max_tokens,
         embedding_batch_size=cfg.embedding_batch_size,
     )
-    return LLMClient(settings)
+    client = LLMClient(settings)
+    client.embeddings_only = embeddings_only  # type: ignore[attr-defined]
+    return client
 
 
 def _manager(server: str | None = None, need_server: bool = False) -> tuple[KVCacheManager, Store]:

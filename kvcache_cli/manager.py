@@ -380,8 +380,13 @@ class KVCacheManager:
         self.store = store
         self.config = config or Config()
         self.llm = llm
+        # A client made from [llm].embeddings_url alone serves embeddings only: no chat
+        # summaries and no /tokenize (that server's tokenizer is the embedding model's).
+        self.chat_llm = None if llm is None or getattr(llm, "embeddings_only", False) else llm
         self.scorer = CacheEntryScorer()
-        self.tokens = TokenCounter(llm.tokenize if llm is not None and self.config.llm.use_tokenize else None)
+        self.tokens = TokenCounter(
+            self.chat_llm.tokenize if self.chat_llm is not None and self.config.llm.use_tokenize else None
+        )
         self._server_n_ctx: int | None = None
         self.notices: list[str] = []
         self._embedder: Any = None  # embeddings.TurnEmbedder during process_conversation
@@ -396,11 +401,32 @@ class KVCacheManager:
             raise NotFoundError(f"unknown session {key!r}")
         return row
 
-    def _session_for_update(self, key: str, create: bool, now: datetime) -> m.Session:
-        query = m.Session.select().where(m.Session.key == key)
+    def _session_row(self, key: str) -> m.Session | None:
+        """SQLite: the session by key through one raw SELECT (the replay reads it every turn)."""
+        fields = m.Session._meta.sorted_fields
+        sql = f"SELECT {', '.join(f.column_name for f in fields)} FROM sessions WHERE key = ?"
+        rows = _sql(self.store, sql, (key,))
+        if not rows:
+            return None
+        row = m.Session(**{f.name: f.python_value(v) for f, v in zip(fields, rows[0], strict=True)})
+        row._dirty.clear()
+        return row
+
+    def _save_session(self, session: m.Session) -> None:
+        """``session.save()`` (every field but the key) as one raw UPDATE on SQLite."""
         if not self.store.is_sqlite:
-            query = query.for_update()
-        row = query.first()
+            session.save()
+            return
+        meta = m.Session._meta
+        fields = [f for f in meta.sorted_fields if f is not meta.primary_key]
+        sql = f"UPDATE sessions SET {', '.join(f.column_name + ' = ?' for f in fields)} WHERE id = ?"
+        _sql(self.store, sql, (*(f.db_value(getattr(session, f.name)) for f in fields), session.get_id()))
+
+    def _session_for_update(self, key: str, create: bool, now: datetime) -> m.Session:
+        if self.store.is_sqlite:
+            row = self._session_row(key)
+        else:
+            row = m.Session.select().where(m.Session.key == key).for_update().first()
         if row is None and create and not self.store.is_sqlite:
             # a concurrent writer may be creating it too: insert once, then lock it
             m.Session.insert(
@@ -637,7 +663,7 @@ class KVCacheManager:
         the turn's new messages), so the chat request runs outside the write lock.
         """
         self._ready_summary = None
-        if self.llm is None or self._server_down():
+        if self.chat_llm is None or self._server_down():
             return
         user_pos = next((i for i, msg in enumerate(msgs) if msg.role == "user"), None)
         if user_pos is None:
@@ -671,7 +697,7 @@ class KVCacheManager:
         for (else, after a race with another writer, it asks inside as before).
         """
         self._ready_summary = None
-        if self.llm is None or self._server_down():
+        if self.chat_llm is None or self._server_down():
             return
         session = m.Session.get_or_none(m.Session.key == session_key)
         key, _since, stored, prior = self._summary_state(session, len(new_msgs))
@@ -768,7 +794,7 @@ class KVCacheManager:
             session.cache_size_bytes += sum(e.size_bytes for e in later)
             session.entry_count += len(later)
         session.last_activity = wall
-        session.save()
+        self._save_session(session)
         return report
 
     def _insert_messages(
@@ -861,6 +887,7 @@ class KVCacheManager:
         if snap is not None:
             report.snapshot_ids.append(snap)
         if cfg.retrieval_enabled and should_retrieve(question.content):
+            qvec = self._embedder.vector_for(user_index) if self._embedder is not None else None
             found = self._retrieve_in_session(
                 session,
                 question.content[:MAX_QUERY_CHARS],  # a huge message queries by its start
@@ -870,6 +897,7 @@ class KVCacheManager:
                 exclude_from=user_index,
                 active=active,
                 now=now,
+                semantic=(qvec, self._embedder.model) if qvec is not None else None,
             )
             report.retrieval_tiers = found.tiers_searched
             report.retrieved = len(found.entries)
@@ -918,16 +946,16 @@ class KVCacheManager:
         if ready is not None and ready[0] == (since, total, prior):
             text = ready[1]  # asked before the transaction (None: it failed, notice given)
             source = "llm" if text else "extractive"
-        elif self.llm is not None and self._server_down():
+        elif self.chat_llm is not None and self._server_down():
             notice = "summary: the LLM server is unreachable; used the extractive summary instead"
             if notice not in self.notices:
                 self.notices.append(notice)
-        elif self.llm is not None:
+        elif self.chat_llm is not None:
             from .errors import ServerError
             from .llm import summarize
 
             try:
-                text = summarize(self.llm, prior, [msg.to_dict() for msg in messages])
+                text = summarize(self.chat_llm, prior, [msg.to_dict() for msg in messages])
                 source = "llm"
             except ServerError as exc:
                 self._llm_down = self._llm_down or str(exc).startswith("cannot connect")
@@ -1272,12 +1300,17 @@ class KVCacheManager:
         result.keywords_used = query_terms(query)
         sims = self._semantic_scores(session.get_id(), semantic) if semantic is not None else None
         hy = self.config.cache.hybrid
+        lookup: dict[tuple[str, Any], float] | None = None
+        ctx: dict[int, float] = {}
+        if sims and strategy == "hybrid":  # the semantic side with neighbour context
+            ctx = st.semantic_context({idx: cos for idx, (_, cos) in sims.items()})
+            lookup = {(session.key, idx): v for idx, v in ctx.items()}
 
         def combine(
             kw: list[RetrievedEntry], sem: list[RetrievedEntry] | None, need: int
         ) -> list[RetrievedEntry]:
             return st.combine(
-                strategy, kw, sem, need, keep, hy.keyword_weight, hy.semantic_weight, self.fusion
+                strategy, kw, sem, need, keep, hy.keyword_weight, hy.semantic_weight, self.fusion, lookup
             )
 
         found: list[RetrievedEntry] = []
@@ -1297,7 +1330,13 @@ class KVCacheManager:
 
         if 1 in tiers and active:
             result.tiers_searched.append(1)
-            hits = rank_entries(query, active, 1, session.key)
+            # the question itself (and anything after it) is no candidate, nor anyone's context
+            past = [
+                e
+                for e in active
+                if exclude_from is None or e.message_index is None or e.message_index < exclude_from
+            ]
+            hits = rank_entries(query, past, 1, session.key, names=self._entry_names(session, past))
             sem1 = st.semantic_entries(active, sims, 1, session.key, result.keywords_used)
             found += combine(hits, sem1, 10)[:10]
         if 2 in tiers and (not cascade or len(found) < 5):
@@ -1317,10 +1356,14 @@ class KVCacheManager:
                         continue
                     if cascade and entry.message_index in in_cache:
                         continue
+                    if exclude_from is not None and (entry.message_index or 0) >= exclude_from:
+                        continue
                     seen_keys.add(entry.key_hash)
                     entries.append(entry)
                     owners.append(sid)
-            hits = rank_entries(query, entries, 2, session.key, owners)
+            hits = rank_entries(
+                query, entries, 2, session.key, owners, names=self._entry_names(session, entries)
+            )
             sem2 = st.semantic_entries(entries, sims, 2, session.key, result.keywords_used, owners)
             found += combine(hits, sem2, 15)[:15]
         if 3 in tiers and (not cascade or len(found) < 3):
@@ -1332,11 +1375,11 @@ class KVCacheManager:
             sem3 = None
             if sims is not None:
                 best = sorted(
-                    ((cos, mid) for idx, (mid, cos) in sims.items() if idx not in skip),
-                    key=lambda x: (-x[0], x[1]),
+                    ((ctx.get(idx, cos), cos, mid) for idx, (mid, cos) in sims.items() if idx not in skip),
+                    key=lambda x: (-x[0], x[2]),
                 )[: limit * 2 + 10]
                 sem3 = self._history_entries(
-                    [(mid, st.semantic_score(cos), None) for cos, mid in best], session, query
+                    [(mid, st.semantic_score(cos), None) for _, cos, mid in best], session, query
                 )
             cap = 10 if cascade else limit * 2
             found += combine(kw3, sem3, cap)[:cap]
@@ -1348,6 +1391,22 @@ class KVCacheManager:
         result.search_duration_ms = (time.perf_counter() - started) * 1000.0
         self._after_retrieval(session, result, now)
         return result
+
+    def _entry_names(self, session: m.Session, entries: list[KVEntry]) -> dict[int, str]:
+        """Speaker names of the messages behind cache/snapshot entries (tier 1-2 speaker boost)."""
+        idxs = sorted({e.message_index for e in entries if e.message_index is not None})
+        out: dict[int, str] = {}
+        for start in range(0, len(idxs), 500):
+            chunk = idxs[start : start + 500]
+            for idx, name in _sql(
+                self.store,
+                "SELECT message_index, name FROM messages WHERE session_id = ? AND name IS NOT NULL "
+                f"AND message_index IN ({', '.join('?' * len(chunk))})",
+                (session.get_id(), *chunk),
+            ):
+                if name:
+                    out[int(idx)] = str(name)
+        return out
 
     def _search_history(self, query: str, session: m.Session | None, limit: int) -> list[RetrievedEntry]:
         hits = search.search_messages(self.store, query, session.id if session else None, limit)

@@ -90,13 +90,20 @@ def rank_entries(
     tier: int,
     session_key: str,
     snapshot_ids: list[int | None] | None = None,
+    names: dict[int, str] | None = None,
 ) -> list[RetrievedEntry]:
-    """Rank cache or snapshot entries for ``query`` by BM25 over their key text."""
+    """Rank cache or snapshot entries for ``query`` with the tier-3 method (``ranking``).
+
+    Neighbour context follows the entries' message indexes; ``names`` maps a message
+    index to its speaker (speaker boost).
+    """
     from .store.search import rank_texts
 
     texts = [e.key_data or "" for e in entries]
+    indexes = [e.message_index for e in entries]
+    speakers = [names.get(i) if names and i is not None else None for i in indexes]
     out = []
-    for index, score, matched in rank_texts(query, texts):
+    for index, score, matched in rank_texts(query, texts, indexes=indexes, names=speakers):
         entry = entries[index]
         out.append(
             RetrievedEntry(

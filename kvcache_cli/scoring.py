@@ -59,12 +59,30 @@ def is_question(text: str) -> bool:
 PATTERN_WINDOW = 65536  # chars: a huge text is matched on its head and tail only
 
 
+_PATTERN_CACHE: dict[str, tuple[str, ...]] = {}
+_PATTERN_CACHE_MAX = 8192  # texts up to 4096 chars: at most ~32 MB
+_PATTERN_CACHE_TEXT = 4096
+
+
 def pattern_matches(text: str) -> list[str]:
     """Names of the seed's patterns that match ``text``, in the seed's order.
 
     A text longer than ``PATTERN_WINDOW`` is judged by its first and last halves of
-    the window (a 50 MB message scores in milliseconds, not minutes).
+    the window (a 50 MB message scores in milliseconds, not minutes). Results for
+    short texts are remembered: a replay scores the same entries turn after turn.
     """
+    if len(text) <= _PATTERN_CACHE_TEXT:
+        cached = _PATTERN_CACHE.get(text)
+        if cached is None:
+            cached = tuple(_pattern_matches(text))
+            if len(_PATTERN_CACHE) >= _PATTERN_CACHE_MAX:
+                _PATTERN_CACHE.clear()
+            _PATTERN_CACHE[text] = cached
+        return list(cached)
+    return _pattern_matches(text)
+
+
+def _pattern_matches(text: str) -> list[str]:
     if len(text) > PATTERN_WINDOW:
         half = PATTERN_WINDOW // 2
         text = text[:half] + "\n" + text[-half:]

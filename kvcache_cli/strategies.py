@@ -38,6 +38,8 @@ __all__ = [
     "fuse_weighted",
     "ident",
     "needs_semantic",
+    "semantic_context",
+    "semantic_entries",
     "semantic_score",
 ]
 
@@ -79,11 +81,34 @@ def _normalised(items: Sequence[RetrievedEntry]) -> dict[tuple[str, Any], float]
     return {ident(e): e.score / best for e in items}
 
 
+SEMANTIC_CONTEXT = (3, 0.25, 0.8)
+"""Neighbour context of the hybrid's semantic side: window, weight, decay (docs/retrieval.md)."""
+
+
+def semantic_context(
+    cosines: dict[int, float], window: int = 3, weight: float = 0.25, decay: float = 0.8
+) -> dict[int, float]:
+    """``s(i) = c(i) + weight * sum_d decay**(d-1) * (c(i-d) + c(i+d))``, ``c = max(0, cos)``.
+
+    The keyword side already scores turns with their neighbours (search_sqlite); this
+    gives the semantic side the same view of a conversation, with a smaller weight.
+    """
+    c = {i: semantic_score(v) for i, v in cosines.items()}
+    out: dict[int, float] = {}
+    for i, v in c.items():
+        total = 0.0
+        for d in range(1, window + 1):
+            total += decay ** (d - 1) * (c.get(i - d, 0.0) + c.get(i + d, 0.0))
+        out[i] = v + weight * total
+    return out
+
+
 def fuse_weighted(
     keyword: Sequence[RetrievedEntry],
     semantic: Sequence[RetrievedEntry],
     keyword_weight: float = 0.5,
     semantic_weight: float = 0.5,
+    semantic_lookup: dict[tuple[str, Any], float] | None = None,
 ) -> list[RetrievedEntry]:
     """Normalised weighted score fusion.
 
@@ -97,6 +122,9 @@ def fuse_weighted(
     """
     wk, ws = _weights(keyword_weight, semantic_weight)
     kn, sn = _normalised(keyword), _normalised(semantic)
+    if semantic_lookup:  # semantic values of every message, not only the listed ones
+        top = max(semantic_lookup.values())
+        sn = {i: (v / top if top > 0 else 0.0) for i, v in semantic_lookup.items()}
     best_k = max((e.score for e in keyword), default=0.0)
     best_s = max((e.score for e in semantic), default=0.0)
     scale = wk * best_k + ws * best_s
@@ -156,6 +184,7 @@ def combine(
     keyword_weight: float = 0.5,
     semantic_weight: float = 0.5,
     fusion: str | None = None,
+    semantic_lookup: dict[tuple[str, Any], float] | None = None,
 ) -> list[RetrievedEntry]:
     """One tier's results for ``strategy`` (``semantic`` None: no embeddings, keyword only).
 
@@ -177,9 +206,11 @@ def combine(
         fill = [replace(e, stage=1) for e in second if ident(e) not in have]
         return first + fill[: max(0, need - len(first))]
     if strategy == "hybrid":
-        how = fusion or DEFAULT_FUSION
-        fuse = fuse_rrf if how == "rrf" else fuse_weighted
-        return [e for e in fuse(kw, sem, keyword_weight, semantic_weight) if ok(e)]
+        if (fusion or DEFAULT_FUSION) == "rrf":
+            fused = fuse_rrf(kw, sem, keyword_weight, semantic_weight)
+        else:
+            fused = fuse_weighted(kw, sem, keyword_weight, semantic_weight, semantic_lookup)
+        return [e for e in fused if ok(e)]
     raise ValueError(f"unknown retrieval strategy {strategy!r}")
 
 

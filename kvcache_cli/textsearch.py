@@ -89,6 +89,27 @@ _TEMPORAL_Q_RE = re.compile(
 )
 
 
+#: Words that give a count; a "how many" question prefers a turn that has one.
+NUMBER_WORDS: frozenset[str] = frozenset(
+    """
+    one two three four five six seven eight nine ten eleven twelve twenty thirty
+    hundred thousand dozen couple few several both once twice first second third
+    """.split()
+)
+_NUMBER_RE = re.compile(r"^\d+$")
+_COUNT_Q_RE = re.compile(r"\bhow\s+(many|much|often|old)\b", re.IGNORECASE)
+
+
+def is_count_question(query: str) -> bool:
+    """True when ``query`` asks for a number ("how many", "how much", "how often", "how old")."""
+    return bool(_COUNT_Q_RE.search(query))
+
+
+def has_number(tokens: Iterable[str]) -> bool:
+    """True when the (unstemmed) tokens contain a number, in digits or in words."""
+    return any(t in NUMBER_WORDS or _NUMBER_RE.match(t) for t in tokens)
+
+
 def _fold(text: str) -> str:
     """Lower-case and strip diacritics (``remove_diacritics 2``)."""
     text = text.lower()

@@ -457,3 +457,19 @@ def test_semantic_search_ranks_by_cosine(tmp_path: Path) -> None:
         assert semantic_search(store, a.id, [1.0, 0.0, 0.0], "none", 5) == []
     finally:
         store.close()
+
+
+def test_embeddings_url_alone_gives_embeddings_but_no_chat_or_tokenize(
+    env: Env, slot_server: FakeLlamaServer
+) -> None:
+    """[llm].embeddings_url without base_url: vectors are stored, nothing else is asked."""
+    env.write_config(llm=f'embeddings_url = "{slot_server.url}"\nembedding_model = "mini"')
+    env.ok("process", str(env.conv_file(conversation(10))), "--json")
+    store = env.store()
+    try:
+        assert m.Embedding.select().count() > 0
+    finally:
+        store.close()
+    assert slot_server.count("POST", "/v1/embeddings") > 0
+    assert slot_server.count("POST", "/v1/chat/completions") == 0
+    assert slot_server.count("POST", "/tokenize") == 0

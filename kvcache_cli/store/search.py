@@ -60,8 +60,13 @@ def search_messages(store: Store, query: str, session_id: int | None, limit: int
     return result
 
 
-def rank_texts(query: str, texts: list[str]) -> list[tuple[int, float, list[str]]]:
-    """Rank in-memory texts (tiers 1 and 2) with the same tokenizer and BM25."""
-    from ..search_sqlite import rank_texts as rank
+def rank_texts(
+    query: str,
+    texts: list[str],
+    indexes: list[int | None] | None = None,
+    names: list[str | None] | None = None,
+) -> list[tuple[int, float, list[str]]]:
+    """Rank in-memory texts (tiers 1 and 2) with the tier-3 method (``ranking``)."""
+    from ..ranking import rank_texts as rank
 
-    return rank(query, texts)
+    return rank(query, texts, indexes=indexes, names=names)

@@ -17,8 +17,9 @@ Queries
     The query's words (:func:`textsearch.query_terms`) are stemmed and OR-ed into a
     ``tsquery`` literal with every lexeme quoted, so any input is safe. Candidates
     are all matches of the session (bounded), else the best by ``ts_rank_cd``; they
-    are then scored exactly as on SQLite (BM25 with FTS5's constants, speaker,
-    answer type and context, see :mod:`kvcache_cli.search_sqlite`).
+    are then scored by the one backend-neutral implementation,
+    :func:`kvcache_cli.ranking.rank_candidates`, with the same statistics as on SQLite
+    (per-session N, document frequencies and average length for a per-session query).
 
 Writes use the caller's connection and transaction; nothing here commits.
 """
@@ -31,7 +32,7 @@ from typing import Any
 
 from kvcache_cli import search_sqlite as sq
 from kvcache_cli import textsearch as ts
-from kvcache_cli.search_sqlite import Hit
+from kvcache_cli.ranking import Hit, RankParams, make_doc, rank_candidates, session_idf
 
 __all__ = [
     "SCHEMA",
@@ -199,22 +200,35 @@ def _defaults() -> dict[str, Any]:
     }
 
 
+def _session_stats(db: Any, session_id: int) -> tuple[int, float]:
+    """One session's indexed rows and their average token count (btree on session_id)."""
+    n, total = db.execute(
+        f"SELECT count(*), coalesce(sum(length), 0) FROM {TABLE} WHERE session_id = %s", (int(session_id),)
+    ).fetchone()
+    n = int(n)
+    return n, (int(total) / n if n > 0 and int(total) > 0 else 1.0)
+
+
 def search_messages(conn: Any, query: str, session_id: int | None, limit: int, **options: Any) -> list[Hit]:
     """Rank the messages of one session (or all, ``session_id=None``) for ``query``.
 
-    Mirrors :func:`kvcache_cli.search_sqlite.search_messages` step by step (same
-    keyword options and defaults, same scores); only the index queries differ.
+    Finds the candidates and statistics with PostgreSQL, then scores them with
+    :func:`kvcache_cli.ranking.rank_candidates`, as the SQLite search does (same
+    keyword options and defaults, same scores).
     """
     opts = {**_defaults(), **options}
-    context_window = int(opts.get("context_window", 3))
-    context_weight = float(opts.get("context_weight", 0.5))
-    context_decay = float(opts.get("context_decay", 0.8))
-    speaker_boost = float(opts.get("speaker_boost", 1.0))
-    temporal_boost = float(opts.get("temporal_boost", 0.3))
-    length_b = float(opts.get("length_b", 0.5))
-    candidates = int(opts.get("candidates", 300))
-    max_session_matches = int(opts.get("max_session_matches", 3000))
-    bridges = bool(opts.get("bridges", True))
+    params = RankParams(
+        context_window=int(opts["context_window"]),
+        context_weight=float(opts["context_weight"]),
+        context_decay=float(opts["context_decay"]),
+        speaker_boost=float(opts["speaker_boost"]),
+        temporal_boost=float(opts["temporal_boost"]),
+        number_boost=float(opts["number_boost"]),
+        length_b=float(opts["length_b"]),
+        bridges=bool(opts["bridges"]),
+    )
+    candidates = int(opts["candidates"])
+    max_session_matches = int(opts["max_session_matches"])
     if limit <= 0:
         return []
     db = _conn(conn)
@@ -230,6 +244,7 @@ def search_messages(conn: Any, query: str, session_id: int | None, limit: int, *
     )
     ranked = "ORDER BY ts_rank_cd(f.tsv, %s::tsquery) DESC, f.message_id"
     idf: dict[str, float]
+    sfilter = ts.StemFilter(stems)
     if session_id is not None:
         where = "f.session_id = %s AND f.tsv @@ %s::tsquery"
         sid = int(session_id)
@@ -240,18 +255,16 @@ def search_messages(conn: Any, query: str, session_id: int | None, limit: int, *
             rows = db.execute(
                 select.format(where=where, order=ranked), (sid, tsq, tsq, candidates)
             ).fetchall()
-        docs = [sq._make_doc(*r) for r in rows]
+        docs = [make_doc(r[0], r[1], r[2], r[3], r[4], r[5], only=sfilter) for r in rows]
         n_rows = db.execute("SELECT count(*) FROM messages WHERE session_id = %s", (sid,)).fetchone()[0]
-        idf = {}
-        for s in stems:
-            df = sum(1 for d in docs if s in d.stems or s in d.speaker_stems)
-            idf[s] = ts.bm25_idf(int(n_rows), df)
+        idf = session_idf(docs, stems, int(n_rows))
+        _, avg_len = _session_stats(db, sid)
     else:
         rows = db.execute(
             select.format(where="f.tsv @@ %s::tsquery", order=ranked), (tsq, tsq, candidates)
         ).fetchall()
-        docs = [sq._make_doc(*r) for r in rows]
-        n_docs, _ = _stats(db)
+        docs = [make_doc(r[0], r[1], r[2], r[3], r[4], r[5], only=sfilter) for r in rows]
+        n_docs, avg_len = _stats(db)
         dfs = {
             s: int(db.execute(f"SELECT count(*) FROM {TABLE} WHERE tsv @@ %s::tsquery", (q,)).fetchone()[0])
             for s in stems
@@ -260,72 +273,13 @@ def search_messages(conn: Any, query: str, session_id: int | None, limit: int, *
         idf = {s: ts.bm25_idf(n_docs, dfs.get(s, 0)) for s in stems}
     if not docs:
         return []
-    _, avg_len = _stats(db)
-    temporal_q = temporal_boost > 0 and ts.is_temporal_question(query)
 
-    own: dict[tuple[int, int], float] = {}
-    info: dict[tuple[int, int], tuple[int, str]] = {}
-    named: set[tuple[int, int]] = set()
-    for d in docs:
-        score = sq.bm25_terms(d.stems, d.length, idf, avg_len, length_b)
-        if score <= 0.0:
-            continue  # matched only through the speaker prefix
-        key = (d.session_id, d.index)
-        if speaker_boost > 0 and d.speaker_stems.intersection(stems):
-            named.add(key)
-        if temporal_q and ts.has_temporal_expression(ts.tokenize(d.content)):
-            score *= 1.0 + temporal_boost
-        own[key] = score
-        info[key] = (d.message_id, d.content)
+    def fetch(sid: int, idxs: list[int]) -> list[Any]:
+        rows: list[Any] = db.execute(
+            "SELECT id, message_index, content, name FROM messages "
+            "WHERE session_id = %s AND message_index = ANY(%s)",
+            (sid, idxs),
+        ).fetchall()
+        return rows
 
-    def context(key: tuple[int, int]) -> float:
-        sid, idx = key
-        total = 0.0
-        for dist in range(1, context_window + 1):
-            w = context_decay ** (dist - 1)
-            total += w * (own.get((sid, idx - dist), 0.0) + own.get((sid, idx + dist), 0.0))
-        return total
-
-    use_ctx = context_window > 0 and context_weight > 0
-    combined = {k: v + (context_weight * context(k) if use_ctx else 0.0) for k, v in own.items()}
-
-    if bridges and use_ctx and combined:
-        top = sorted(combined, key=lambda k: (-combined[k], info[k][0]))[: max(limit, 10)]
-        wanted: dict[int, set[int]] = {}
-        for sid, idx in top:
-            for dist in range(-context_window, context_window + 1):
-                if dist and (sid, idx + dist) not in own and idx + dist >= 0:
-                    wanted.setdefault(sid, set()).add(idx + dist)
-        for sid, idx_set in wanted.items():
-            for mid, idx, content, name in db.execute(
-                "SELECT id, message_index, content, name FROM messages "
-                "WHERE session_id = %s AND message_index = ANY(%s)",
-                (sid, sorted(idx_set)),
-            ).fetchall():
-                key = (sid, int(idx))
-                info[key] = (int(mid), content or "")
-                combined[key] = context_weight * context(key)
-                if name and speaker_boost > 0:
-                    if frozenset(ts.stem_all(ts.tokenize(name))).intersection(stems):
-                        named.add(key)
-
-    if speaker_boost > 0:
-        for key in named:
-            combined[key] *= 1.0 + speaker_boost
-
-    order = sorted(
-        (k for k in combined if combined[k] > 0),
-        key=lambda k: (-combined[k], info[k][0]),
-    )[:limit]
-    ideal = sq.ideal_score(list(idf.values()))
-    return [
-        Hit(
-            message_id=info[key][0],
-            session_id=key[0],
-            message_index=key[1],
-            score=sq.similarity(combined[key], ideal),
-            raw_score=combined[key],
-            matched_keywords=ts.matched_keywords(terms, info[key][1]),
-        )
-        for key in order
-    ]
+    return rank_candidates(docs, query, terms, idf, avg_len, limit, fetch, params)

@@ -1,0 +1,373 @@
+"""Backend-neutral keyword ranking: one implementation for SQLite, PostgreSQL and tiers 1-2.
+
+The index backends (``search_sqlite``, ``store/search_postgres``) only find candidate
+messages and term statistics; :func:`rank_candidates` scores them (docs/retrieval.md):
+
+1. own score: BM25 (k1 = 1.2, ``b = length_b``) of the candidate's stems, the
+   ``speaker:`` prefix counted in the length but not as a mention of the name;
+2. answer type: for a "when" question a turn holding a time expression gets
+   ``* (1 + temporal_boost)``;
+3. context: ``combined = own + context_weight * sum(decay**(d-1) * own(i +- d))`` over
+   neighbours ``d = 1..context_window`` (by ``message_index``, same session); neighbours
+   of the best turns that match nothing themselves enter on context alone ("bridges",
+   fetched through the caller's ``fetch``);
+4. speaker: a turn whose speaker is named in the query gets ``* (1 + speaker_boost)``;
+5. ``Hit.score = 1 - exp(-combined / ideal)`` (:func:`ideal_score`).
+
+:func:`rank_texts` runs the same method over an in-memory list (cache or snapshot
+entries), with the list itself as the collection.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvcache_cli import textsearch as ts
+
+__all__ = [
+    "BM25_K1",
+    "Doc",
+    "Hit",
+    "RankParams",
+    "bm25_terms",
+    "ideal_score",
+    "make_doc",
+    "rank_candidates",
+    "rank_texts",
+    "similarity",
+]
+
+# BM25 constants of FTS5's bm25() (fixed in SQLite's source).
+BM25_K1 = 1.2
+BM25_B = 0.75
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One ranked message."""
+
+    message_id: int
+    session_id: int
+    message_index: int
+    score: float  # in [0, 1], monotone in raw_score for one query
+    raw_score: float  # combined BM25 (own + context), larger is better
+    matched_keywords: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RankParams:
+    """Tuning of :func:`rank_candidates` (values measured in docs/retrieval.md)."""
+
+    context_window: int = 3
+    context_weight: float = 0.5
+    context_decay: float = 0.8
+    speaker_boost: float = 1.0
+    temporal_boost: float = 0.3
+    number_boost: float = 0.0
+    length_b: float = 0.5
+    bridges: bool = True
+
+
+#: ``(session_id, message indexes) -> rows (message_id, message_index, content, name)``
+NeighbourFetcher = Callable[[int, list[int]], Iterable[tuple[Any, Any, Any, Any]]]
+
+
+# ------------------------------------------------------------------------ scores
+def _bm25_norm(doc_len: float, avg_len: float, b: float = BM25_B) -> float:
+    """BM25 tf factor for tf = 1: ``(k1 + 1) / (1 + k1 * (1 - b + b * dl / avgdl))``."""
+    avg = avg_len if avg_len > 0 else 1.0
+    return (BM25_K1 + 1.0) / (1.0 + BM25_K1 * (1.0 - b + b * doc_len / avg))
+
+
+def ideal_score(idfs: Sequence[float]) -> float:
+    """BM25 of an ideal turn: every query word once, in a turn of average length.
+
+    ``Hit.score = 1 - exp(-raw / ideal)``: 0.63 for a turn as good as the ideal,
+    0.86 for twice as good; a turn matching keywords worth half the query's IDF
+    mass scores about 0.4. Monotone in ``raw`` and comparable across queries.
+    """
+    return sum(idfs) * _bm25_norm(1.0, 1.0)
+
+
+def similarity(raw: float, ideal: float) -> float:
+    """Map a raw combined BM25 score into ``[0, 1]`` (see :func:`ideal_score`)."""
+    if raw <= 0.0 or ideal <= 0.0:
+        return 0.0
+    return max(0.0, min(1.0, 1.0 - math.exp(-raw / ideal)))
+
+
+def bm25_terms(
+    doc_stems: Counter[str], doc_len: int, idf: dict[str, float], avg_len: float, b: float
+) -> float:
+    """FTS5's BM25 of one document for the stems in ``idf`` (k1 = 1.2)."""
+    score = 0.0
+    norm = BM25_K1 * (1.0 - b + b * doc_len / (avg_len if avg_len > 0 else 1.0))
+    for s, w in idf.items():
+        tf = doc_stems.get(s, 0)
+        if tf > 0:
+            score += w * tf * (BM25_K1 + 1.0) / (tf + norm)
+    return score
+
+
+# ------------------------------------------------------------------------ candidates
+@dataclass
+class Doc:
+    """A candidate message: the query stems it holds, its length and its speaker."""
+
+    message_id: int
+    session_id: int
+    index: int
+    name: str | None
+    content: str
+    day: str
+    stems: Counter[str]
+    length: int
+    speaker_stems: frozenset[str]
+
+
+# Text profiles: a replay queries the same session's messages thousands of times, so a
+# text seen twice keeps its tokens and full stem counts (bounded), and a candidate then
+# costs a few dict lookups instead of a pass over its tokens. A text seen once is not
+# stemmed whole (the cold path, one CLI call, stays as cheap as StemFilter makes it).
+# The caches change speed only, never results.
+_PROFILES: dict[str, tuple[list[str], Counter[str]]] = {}
+_SEEN_ONCE: set[str] = set()
+_PROFILE_MAX = 50_000
+
+
+def profile(text: str, remember: bool = False) -> tuple[list[str], Counter[str]] | None:
+    """``(tokens, stem counts)`` of ``text`` if known (or ``remember``); else None, noted.
+
+    The returned objects are shared: callers must not modify them.
+    """
+    prof = _PROFILES.get(text)
+    if prof is not None:
+        return prof
+    if not remember and text not in _SEEN_ONCE:
+        if len(_SEEN_ONCE) >= _PROFILE_MAX:
+            _SEEN_ONCE.clear()
+        _SEEN_ONCE.add(text)
+        return None
+    tokens = ts.tokenize(text)
+    prof = (tokens, Counter(ts.stem_all(tokens)))
+    if len(_PROFILES) >= _PROFILE_MAX:
+        _PROFILES.clear()
+    _PROFILES[text] = prof
+    return prof
+
+
+_NAMES: dict[str, tuple[list[str], list[str]]] = {}
+
+
+def name_profile(name: str) -> tuple[list[str], list[str]]:
+    """A speaker name's tokens and their stems (few distinct names: cached)."""
+    prof = _NAMES.get(name)
+    if prof is None:
+        tokens = ts.tokenize(name)
+        prof = (tokens, ts.stem_all(tokens))
+        if len(_NAMES) >= 10_000:
+            _NAMES.clear()
+        _NAMES[name] = prof
+    return prof
+
+
+def matched(terms: Sequence[str], text: str) -> list[str]:
+    """``ts.matched_keywords`` through the profile cache when the text is known."""
+    prof = _PROFILES.get(text)
+    if prof is None:
+        return ts.matched_keywords(terms, text)
+    return [t for t in terms if ts.stem(t) in prof[1]]
+
+
+def make_doc(
+    mid: int,
+    sid: int,
+    idx: int,
+    name: str | None,
+    content: str | None,
+    stamp: Any = None,
+    only: ts.StemFilter | None = None,
+) -> Doc:
+    """A candidate: counts of the stems in ``only`` (all stems if None) and length.
+
+    The ``speaker:`` prefix counts in the length (as FTS5 sees it) but not as a
+    mention of the speaker's name.
+    """
+    text = content or ""
+    prof = profile(text)
+    if prof is not None:
+        tokens, full = prof
+        if only is not None:  # the same counts as only.counts(tokens)
+            stems = Counter({st: full[st] for st in only.stems if st in full})
+        else:
+            stems = Counter(full)
+    else:
+        tokens = ts.tokenize(text)
+        stems = only.counts(tokens) if only is not None else Counter(ts.stem_all(tokens))
+    speaker: frozenset[str] = frozenset()
+    if name:
+        name_tokens, name_stems = name_profile(name)
+        speaker = frozenset(name_stems)
+        if ":" in text[: len(name) + 2] and tokens[: len(name_tokens)] == name_tokens:
+            for st in name_stems:
+                if stems.get(st, 0) > 0:
+                    stems[st] -= 1
+    return Doc(int(mid), int(sid), int(idx), name, text, str(stamp or "")[:10], stems, len(tokens), speaker)
+
+
+def session_idf(docs: Sequence[Doc], stems: Sequence[str], n_rows: int) -> dict[str, float]:
+    """IDF of ``stems`` with ``docs`` = every match of a collection of ``n_rows`` rows."""
+    idf: dict[str, float] = {}
+    for s in stems:
+        df = sum(1 for d in docs if s in d.stems or s in d.speaker_stems)
+        idf[s] = ts.bm25_idf(int(n_rows), df)
+    return idf
+
+
+# ------------------------------------------------------------------------ ranking
+def rank_candidates(
+    docs: Sequence[Doc],
+    query: str,
+    terms: Sequence[str],
+    idf: dict[str, float],
+    avg_len: float,
+    limit: int,
+    fetch: NeighbourFetcher | None,
+    params: RankParams = RankParams(),  # noqa: B008 (frozen)
+) -> list[Hit]:
+    """Score candidate messages for ``query`` (see the module doc); best ``limit`` hits.
+
+    ``idf`` maps every query stem to its weight; ``avg_len`` is the collection's
+    average message length (one session's for a per-session query). ``fetch`` reads
+    bridge neighbours (None: no bridges). Ties: message id ascending.
+    """
+    if limit <= 0 or not docs:
+        return []
+    p = params
+    stems = list(idf)
+    temporal_q = p.temporal_boost > 0 and ts.is_temporal_question(query)
+    count_q = p.number_boost > 0 and ts.is_count_question(query)
+
+    own: dict[tuple[int, int], float] = {}
+    info: dict[tuple[int, int], tuple[int, str]] = {}
+    named: set[tuple[int, int]] = set()
+    for d in docs:
+        sc = bm25_terms(d.stems, d.length, idf, avg_len, p.length_b)
+        if sc <= 0.0:
+            continue  # matched only through the speaker prefix
+        key = (d.session_id, d.index)
+        if p.speaker_boost > 0 and d.speaker_stems.intersection(stems):
+            named.add(key)
+        if temporal_q and ts.has_temporal_expression(ts.tokenize(d.content)):
+            sc *= 1.0 + p.temporal_boost
+        if count_q and ts.has_number(ts.tokenize(d.content)):
+            sc *= 1.0 + p.number_boost
+        own[key] = sc
+        info[key] = (d.message_id, d.content)
+
+    window, weight, decay = p.context_window, p.context_weight, p.context_decay
+
+    def context(key: tuple[int, int]) -> float:
+        sid, idx = key
+        total = 0.0
+        for dist in range(1, window + 1):
+            w = decay ** (dist - 1)
+            total += w * (own.get((sid, idx - dist), 0.0) + own.get((sid, idx + dist), 0.0))
+        return total
+
+    use_ctx = window > 0 and weight > 0
+    combined = {k: v + (weight * context(k) if use_ctx else 0.0) for k, v in own.items()}
+
+    if p.bridges and use_ctx and combined and fetch is not None:
+        # neighbours with no keyword of their own, around the best candidates
+        top = sorted(combined, key=lambda k: (-combined[k], info[k][0]))[: max(limit, 10)]
+        wanted: dict[int, set[int]] = {}
+        for sid, idx in top:
+            for dist in range(-window, window + 1):
+                if dist and (sid, idx + dist) not in own and idx + dist >= 0:
+                    wanted.setdefault(sid, set()).add(idx + dist)
+        for sid, idx_set in sorted(wanted.items()):
+            for mid, idx, content, name in fetch(sid, sorted(idx_set)):
+                key = (sid, int(idx))
+                if key in own:
+                    continue
+                info[key] = (int(mid), content or "")
+                combined[key] = weight * context(key)
+                if name and p.speaker_boost > 0 and frozenset(name_profile(name)[1]).intersection(stems):
+                    named.add(key)
+
+    if p.speaker_boost > 0:
+        for key in named:
+            combined[key] *= 1.0 + p.speaker_boost
+
+    ranked = sorted(
+        (k for k in combined if combined[k] > 0),
+        key=lambda k: (-combined[k], info[k][0]),
+    )[:limit]
+    ideal = ideal_score(list(idf.values()))
+    return [
+        Hit(
+            message_id=info[key][0],
+            session_id=key[0],
+            message_index=key[1],
+            score=similarity(combined[key], ideal),
+            raw_score=combined[key],
+            matched_keywords=matched(terms, info[key][1]),
+        )
+        for key in ranked
+    ]
+
+
+# ------------------------------------------------------------------- in-memory tiers
+def rank_texts(
+    query: str,
+    texts: Sequence[str],
+    *,
+    indexes: Sequence[int | None] | None = None,
+    names: Sequence[str | None] | None = None,
+    params: RankParams = RankParams(),  # noqa: B008 (frozen)
+) -> list[tuple[int, float, list[str]]]:
+    """Rank a small list of texts (cache or snapshot entries) with the tier-3 method.
+
+    The texts themselves are the collection (N, document frequencies, average
+    length). ``indexes`` are their message indexes (neighbour context and bridges
+    follow them; a text without one has no neighbours; default: list positions, i.e.
+    consecutive turns); ``names`` their speakers. Returns ``(position, score in
+    [0, 1], matched keywords)``, best first, ties by position.
+    """
+    terms = ts.query_terms(query)
+    if not terms or not texts:
+        return []
+    stems = list(dict.fromkeys(ts.stem(t) for t in terms))
+    sfilter = ts.StemFilter(stems)
+    idxs = list(indexes) if indexes is not None else list(range(len(texts)))
+    spk = list(names) if names is not None else [None] * len(texts)
+    docs: list[Doc] = []
+    by_key: dict[tuple[int, int], int] = {}
+    for pos, text in enumerate(texts):
+        idx = idxs[pos]
+        # group 0: entries with a message index; an entry without one (or a second
+        # entry of the same message, e.g. a file's kv_entries) stands alone
+        key = (0, int(idx)) if idx is not None and idx >= 0 else (-1 - pos, 0)
+        if key in by_key:
+            key = (-1 - pos, 0)
+        by_key[key] = pos
+        docs.append(make_doc(pos, key[0], key[1], spk[pos], text, only=sfilter))
+    n = len(docs)
+    avg = sum(d.length for d in docs) / n
+    idf = session_idf(docs, stems, n)
+
+    def fetch(sid: int, wanted: list[int]) -> list[tuple[int, int, str, str | None]]:
+        out = []
+        for i in wanted:
+            pos = by_key.get((sid, i))
+            if pos is not None:
+                out.append((pos, i, texts[pos], spk[pos]))
+        return out
+
+    hits = rank_candidates(docs, query, terms, idf, avg, n, fetch, params)
+    return [(h.message_id, h.score, h.matched_keywords) for h in hits]
