@@ -1,13 +1,16 @@
 """Leave-one-file-out tuning of the keyword ranking on LoCoMo (not a test).
 
-Usage: python bench/locomo_tune.py FILES... -- imports the files once (``importer``), then
-for each candidate setting of ``search_sqlite.search_messages`` options computes
-per-file recall@k; a parameter is chosen on four files and evaluated on the fifth.
+Usage: python bench/locomo_tune.py [--grid JSON] FILES... -- imports the files once
+(``importer``), then for each setting of the grid (``search_sqlite.search_messages``
+options, e.g. ``'{"date_boost": [0, 0.5, 1]}'``) computes per-file and per-category
+recall@k; a setting is chosen on four files and evaluated on the fifth (leave one out).
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import json
 import sqlite3
 import sys
 import tempfile
@@ -24,6 +27,11 @@ from kvcache_cli.importer import import_file  # noqa: E402
 from kvcache_cli.store.backend import open_store  # noqa: E402
 
 KS = (5, 10)
+DEFAULT_GRID: dict[str, list[Any]] = {
+    "speaker_boost": [0.5, 1.0, 1.5, 2.0],
+    "context_weight": [0.4, 0.5, 0.6],
+    "number_boost": [0.0, 0.5],
+}
 
 
 def load(files: list[Path]) -> tuple[sqlite3.Connection, list[dict[str, Any]], dict[str, Any]]:
@@ -46,45 +54,47 @@ def load(files: list[Path]) -> tuple[sqlite3.Connection, list[dict[str, Any]], d
 def per_file(
     conn: sqlite3.Connection, qs: list[dict[str, Any]], meta: dict[str, Any], **opts: Any
 ) -> dict[str, list[float]]:
+    """Recall sums per file and per category (keys 'cat1'..), the last item the count."""
     out: dict[str, list[float]] = {}
     for q in qs:
         sid = meta["sids"][q["session"]]
         hits = search_sqlite.search_messages(conn, q["q"], sid, 20, **opts)
         got = [meta["dias"][q["session"]].get(h.message_index, "") for h in hits]
         ev = set(q["ev"])
-        row = out.setdefault(q["session"], [0.0] * (len(KS) + 1))
-        for j, k in enumerate(KS):
-            row[j] += len(ev & set(got[:k])) / len(ev)
-        row[-1] += 1
+        for key in (q["session"], f"cat{q['cat']}"):
+            row = out.setdefault(key, [0.0] * (len(KS) + 1))
+            for j, k in enumerate(KS):
+                row[j] += len(ev & set(got[:k])) / len(ev)
+            row[-1] += 1
     return out
 
 
 def main() -> None:
-    files = [Path(a) for a in sys.argv[1:]]
-    conn, qs, meta = load(files)
-    grid: dict[str, list[Any]] = {
-        "speaker_boost": [0.5, 1.0, 1.5, 2.0],
-        "context_weight": [0.4, 0.5, 0.6],
-        "number_boost": [0.0, 0.5],
-    }
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--grid", default=None, help="JSON object: option -> list of values")
+    ap.add_argument("files", nargs="+", type=Path)
+    args = ap.parse_args()
+    conn, qs, meta = load(args.files)
+    grid: dict[str, list[Any]] = json.loads(args.grid) if args.grid else DEFAULT_GRID
     names = list(grid)
+    keys = sorted(meta["dias"])
     results = {}
     for values in itertools.product(*grid.values()):
         opts = dict(zip(names, values, strict=True))
         results[values] = per_file(conn, qs, meta, **opts)
-        allq = [
-            sum(r[j] for r in results[values].values()) / sum(r[-1] for r in results[values].values())
-            for j in range(len(KS))
-        ]
-        per = " ".join(f"{k}:{r[1] / r[-1]:.3f}" for k, r in sorted(results[values].items()))
-        print(opts, "R@5 {:.3f} R@10 {:.3f}".format(*allq), per, flush=True)
+        rows = [results[values][k] for k in keys]
+        allq = [sum(r[j] for r in rows) / sum(r[-1] for r in rows) for j in range(len(KS))]
+        per = " ".join(f"{k[-2:]}:{results[values][k][1] / results[values][k][-1]:.3f}" for k in keys)
+        cats = " ".join(
+            f"{c}:{r[1] / r[-1]:.3f}" for c, r in sorted(results[values].items()) if c.startswith("cat")
+        )
+        print(opts, "R@5 {:.3f} R@10 {:.3f}".format(*allq), per, "|", cats, flush=True)
     # leave one file out: pick the setting best on the other files (R@10), score the held-out one
-    keys = sorted(meta["dias"])
     held = []
     for out in keys:
 
         def train(v: Any, out: str = out) -> float:
-            rows = [r for k, r in results[v].items() if k != out]
+            rows = [r for k, r in results[v].items() if k != out and k in keys]
             return sum(r[1] for r in rows) / sum(r[-1] for r in rows)
 
         best = max(results, key=lambda v: (train(v), [-x for x in v]))

@@ -68,6 +68,9 @@ class RankParams:
     speaker_boost: float = 1.0
     temporal_boost: float = 0.3
     number_boost: float = 0.0
+    date_boost: float = 0.0
+    proximity_weight: float = 0.0
+    proximity_window: int = 3
     length_b: float = 0.5
     bridges: bool = True
 
@@ -228,6 +231,31 @@ def session_idf(docs: Sequence[Doc], stems: Sequence[str], n_rows: int) -> dict[
     return idf
 
 
+def _proximity(
+    positions: dict[str, list[int]],
+    pairs: Sequence[tuple[str, str, float]],
+    window: int,
+    doc_len: int,
+    avg_len: float,
+    b: float,
+) -> float:
+    """BM25-like score of query-adjacent word pairs found within ``window`` tokens.
+
+    Each pair ``(a, b, w)`` seen ``tf`` times close together (either order) counts as
+    a pseudo-term of weight ``w``: ``w * tf * (k1 + 1) / (tf + k1 * norm)``.
+    """
+    score = 0.0
+    norm = BM25_K1 * (1.0 - b + b * doc_len / (avg_len if avg_len > 0 else 1.0))
+    for a, c, w in pairs:
+        pa, pc = positions.get(a), positions.get(c)
+        if not pa or not pc:
+            continue
+        tf = sum(1 for i in pa if any(0 < abs(j - i) <= window for j in pc))
+        if tf:
+            score += w * tf * (BM25_K1 + 1.0) / (tf + norm)
+    return score
+
+
 # ------------------------------------------------------------------------ ranking
 def rank_candidates(
     docs: Sequence[Doc],
@@ -251,6 +279,15 @@ def rank_candidates(
     stems = list(idf)
     temporal_q = p.temporal_boost > 0 and ts.is_temporal_question(query)
     count_q = p.number_boost > 0 and ts.is_count_question(query)
+    dates = ts.query_dates(query) if p.date_boost > 0 else []
+    # query-adjacent word pairs (sequential dependence): (stem a, stem b, pair weight)
+    pairs: list[tuple[str, str, float]] = []
+    if p.proximity_weight > 0:
+        qstems = [s for s in dict.fromkeys(ts.stem(t) for t in terms) if s in idf]
+        pairs = [
+            (a, b, p.proximity_weight * min(idf[a], idf[b])) for a, b in zip(qstems, qstems[1:], strict=False)
+        ]
+        pfilter = ts.StemFilter(qstems)
 
     own: dict[tuple[int, int], float] = {}
     info: dict[tuple[int, int], tuple[int, str]] = {}
@@ -266,6 +303,10 @@ def rank_candidates(
             sc *= 1.0 + p.temporal_boost
         if count_q and ts.has_number(ts.tokenize(d.content)):
             sc *= 1.0 + p.number_boost
+        if pairs and sum(1 for st in d.stems if d.stems[st] > 0) >= 2:
+            sc += _proximity(pfilter.positions(ts.tokenize(d.content)), pairs, p.proximity_window, d.length, avg_len, p.length_b)
+        if dates and ts.date_matches(d.day, dates):
+            sc *= 1.0 + p.date_boost
         own[key] = sc
         info[key] = (d.message_id, d.content)
 

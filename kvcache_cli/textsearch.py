@@ -100,6 +100,72 @@ _NUMBER_RE = re.compile(r"^\d+$")
 _COUNT_Q_RE = re.compile(r"\bhow\s+(many|much|often|old)\b", re.IGNORECASE)
 
 
+_MONTHS: dict[str, int] = {
+    m: i
+    for i, m in enumerate(
+        "january february march april may june july august september october november december".split(),
+        start=1,
+    )
+}
+_MONTHS.update({m[:3]: i for m, i in list(_MONTHS.items()) if m != "may"})
+_MONTHS.pop("mar", None)  # "mar" is a verb more often than March
+_DAY_RE = re.compile(r"^(\d{1,2})(st|nd|rd|th)?$")
+
+
+def query_dates(query: str) -> list[tuple[int | None, int | None, int | None]]:
+    """Calendar dates named in ``query`` as ``(year, month, day)`` (unknown parts None).
+
+    Recognised: ``13 October 2023``, ``October 13, 2023``, ``October 2023``,
+    ``in October``, ``2023``. A bare ``may`` counts only before a day or a year
+    (``May 3``, ``May 2023``); a bare year only when no fuller date names it.
+    """
+    tokens = tokenize(query)
+    out: list[tuple[int | None, int | None, int | None]] = []
+    used_years: set[int] = set()
+    for i, tok in enumerate(tokens):
+        month = _MONTHS.get(tok)
+        if month is None:
+            continue
+        prev = tokens[i - 1] if i > 0 else ""
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
+        nxt2 = tokens[i + 2] if i + 2 < len(tokens) else ""
+        day: int | None = None
+        year: int | None = None
+        if (m := _DAY_RE.match(prev)) and 1 <= int(m.group(1)) <= 31:
+            day = int(m.group(1))
+            if _YEAR_RE.match(nxt):
+                year = int(nxt)
+        elif (m := _DAY_RE.match(nxt)) and 1 <= int(m.group(1)) <= 31:
+            day = int(m.group(1))
+            if _YEAR_RE.match(nxt2):
+                year = int(nxt2)
+        elif _YEAR_RE.match(nxt):
+            year = int(nxt)
+        if tok == "may" and day is None and year is None:
+            continue  # the modal verb
+        if year is not None:
+            used_years.add(year)
+        out.append((year, month, day))
+    for tok in tokens:
+        if _YEAR_RE.match(tok) and int(tok) not in used_years:
+            out.append((int(tok), None, None))
+    return list(dict.fromkeys(out))
+
+
+def date_matches(day: str, dates: Sequence[tuple[int | None, int | None, int | None]]) -> bool:
+    """True when ``day`` (``YYYY-MM-DD``, a message's date) fits one of ``dates``."""
+    if len(day) < 10 or not dates:
+        return False
+    try:
+        y, m, d = int(day[:4]), int(day[5:7]), int(day[8:10])
+    except ValueError:
+        return False
+    return any(
+        (yy is None or yy == y) and (mm is None or mm == m) and (dd is None or dd == d)
+        for yy, mm, dd in dates
+    )
+
+
 def is_count_question(query: str) -> bool:
     """True when ``query`` asks for a number ("how many", "how much", "how often", "how old")."""
     return bool(_COUNT_Q_RE.search(query))
@@ -278,6 +344,17 @@ class StemFilter:
         self.stems = frozenset(stems)
         self._keys = frozenset(_prefix_key(s) for s in self.stems if len(s) >= 2)
         self._singles = frozenset(s for s in self.stems if len(s) < 2)
+
+    def positions(self, tokens: Iterable[str]) -> dict[str, list[int]]:
+        """Token positions of each of ``stems`` among ``tokens``."""
+        out: dict[str, list[int]] = {}
+        keys, singles, stems = self._keys, self._singles, self.stems
+        for pos, tok in enumerate(tokens):
+            if _prefix_key(tok) in keys or tok[:1] in singles:
+                st = stem(tok)
+                if st in stems:
+                    out.setdefault(st, []).append(pos)
+        return out
 
     def counts(self, tokens: Iterable[str]) -> Counter[str]:
         """Occurrences of each of ``stems`` among ``tokens``."""

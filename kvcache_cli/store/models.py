@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from peewee import (
+    AutoField,
     BigIntegerField,
     BlobField,
     BooleanField,
@@ -45,6 +46,8 @@ class SchemaMigration(BaseModel):
 class Session(BaseModel):
     """A conversation and its persisted cache state (the seed's ``SessionCacheState``)."""
 
+    id = AutoField()
+
     key = TextField(unique=True)
     created_at = DateTimeField()
     last_activity = DateTimeField(index=True)
@@ -65,6 +68,9 @@ class Session(BaseModel):
 class Message(BaseModel):
     """The full history (tier 3): every message, once, in order."""
 
+    id = AutoField()
+    session_id: int
+
     session = ForeignKeyField(Session, on_delete="CASCADE", index=False)
     message_index = IntegerField()
     role = TextField()
@@ -81,6 +87,9 @@ class Message(BaseModel):
 
 class CacheEntry(BaseModel):
     """The active cache (tier 1): what the model's KV cache holds now."""
+
+    id = AutoField()
+    session_id: int
 
     session = ForeignKeyField(Session, on_delete="CASCADE", index=False)
     key_hash = TextField()
@@ -105,6 +114,9 @@ class CacheEntry(BaseModel):
 class Snapshot(BaseModel):
     """A saved copy of a session's cache (tier 2), with its integrity hash."""
 
+    id = AutoField()
+    session_id: int
+
     session = ForeignKeyField(Session, on_delete="CASCADE", index=False)
     turn_index = IntegerField(default=0)
     snapshot_type = TextField()
@@ -125,6 +137,9 @@ class Snapshot(BaseModel):
 
 class SnapshotEntry(BaseModel):
     """One entry of a snapshot (same fields as ``CacheEntry``)."""
+
+    id = AutoField()
+    snapshot_id: int
 
     snapshot = ForeignKeyField(Snapshot, on_delete="CASCADE", index=True)
     key_hash = TextField()
@@ -148,6 +163,9 @@ class SnapshotEntry(BaseModel):
 class Summary(BaseModel):
     """The one cumulative summary of a session, replaced at each clear."""
 
+    id = AutoField()
+    session_id: int
+
     session = ForeignKeyField(Session, on_delete="CASCADE", unique=True)
     text = TextField()
     token_count = IntegerField(default=0)
@@ -163,6 +181,9 @@ class Summary(BaseModel):
 class Embedding(BaseModel):
     """A message's vector from one model (float32 little-endian blob)."""
 
+    id = AutoField()
+    message_id: int
+
     message = ForeignKeyField(Message, on_delete="CASCADE", index=False)
     model = TextField()
     dim = IntegerField()
@@ -177,6 +198,9 @@ class Embedding(BaseModel):
 class Engagement(BaseModel):
     """A key's engagement (seed: starts at 0.3, +0.15 when retrieved, others x0.95)."""
 
+    id = AutoField()
+    session_id: int
+
     session = ForeignKeyField(Session, on_delete="CASCADE", index=False)
     key_hash = TextField()
     score = FloatField(default=0.3)
@@ -188,6 +212,8 @@ class Engagement(BaseModel):
 
 class Operation(BaseModel):
     """The operation history (the seed's ``CacheOperation``), kept across restarts."""
+
+    id = AutoField()
 
     session_key = TextField(index=True)
     operation_type = TextField()
@@ -201,6 +227,8 @@ class Operation(BaseModel):
 
 class Statistics(BaseModel):
     """Global counters (the seed's ``CacheStatistics``); one row, id 1."""
+
+    id = AutoField()
 
     total_clears = IntegerField(default=0)
     total_retrievals = IntegerField(default=0)
@@ -217,6 +245,9 @@ class Statistics(BaseModel):
 
 class TurnLog(BaseModel):
     """Cache usage after each processed turn: the sawtooth that clears cut."""
+
+    id = AutoField()
+    session_id: int
 
     session = ForeignKeyField(Session, on_delete="CASCADE", index=False)
     turn_index = IntegerField()
