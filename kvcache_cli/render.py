@@ -156,22 +156,31 @@ def restore_result(result: RestoreResult) -> None:
 
 
 def maintenance_result(result: MaintenanceResult, verbose: bool) -> None:
-    """Prints nothing when nothing was (or would be) done: cron mails nothing."""
+    """Nothing when nothing was (or would be) done, so cron mails nothing.
+
+    A real run prints one summary line (the lists with ``-v``); ``--dry-run`` lists
+    every session and snapshot that would go.
+    """
     if result.integrity is not None:
         console.print(f"integrity check: {result.integrity}")
-    if not result.did_anything and not verbose:
-        return
-    verb = "would release" if result.dry_run else "released"
-    for key in result.cleaned_sessions:
-        console.print(f"{verb} idle session {key}")
-    if result.pruned_snapshot_ids:
-        verb2 = "would prune" if result.dry_run else "pruned"
-        console.print(f"{verb2} snapshots {', '.join(map(str, result.pruned_snapshot_ids))}")
-    if result.operations_trimmed:
-        verb3 = "would trim" if result.dry_run else "trimmed"
-        console.print(f"{verb3} {result.operations_trimmed} old operation records")
     if not result.did_anything:
-        console.print("nothing to do")
+        if verbose:
+            console.print("nothing to do")
+        return
+    detail = verbose or result.dry_run
+    prefix = "would " if result.dry_run else ""
+    if detail:
+        for key in result.cleaned_sessions:
+            console.print(f"{prefix}release idle session {key}")
+        if result.pruned_snapshot_ids:
+            console.print(f"{prefix}prune snapshots {', '.join(map(str, result.pruned_snapshot_ids))}")
+        if result.operations_trimmed:
+            console.print(f"{prefix}trim {result.operations_trimmed} old operation records")
+        return
+    console.print(
+        f"released {result.sessions_cleaned} idle sessions, pruned {result.snapshots_pruned} "
+        f"snapshots, trimmed {result.operations_trimmed} operation records"
+    )
 
 
 # ----------------------------------------------------------------------------- shapes

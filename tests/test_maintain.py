@@ -196,3 +196,20 @@ def test_store_files_are_owner_only(store: tuple[Path, Path, Path]) -> None:
     for path in db.parent.iterdir():
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o077 == 0, (path.name, oct(mode))
+
+
+def test_cron_output_lists_on_dry_run_sums_up_a_run_and_is_silent_after(store: tuple[Path, Path, Path]) -> None:
+    home, db, config = store
+    base = ("--db", str(db), "--config", str(config), "maintain")
+    dry = run_cli(home, *base, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would release idle session old" in dry.stdout
+    assert "would prune snapshots" in dry.stdout
+    real = run_cli(home, *base)
+    assert real.returncode == 0, real.stderr
+    assert real.stdout.splitlines() == [
+        line for line in real.stdout.splitlines() if line.startswith("released 1 idle sessions, pruned ")
+    ]
+    assert len(real.stdout.splitlines()) == 1
+    again = run_cli(home, *base)
+    assert again.returncode == 0 and again.stdout == "" and again.stderr == ""
