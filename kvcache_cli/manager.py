@@ -32,6 +32,9 @@ from .summary import MIN_MESSAGES, TAIL_MESSAGES, extractive_summary
 
 RETRIEVAL_TRIGGERS = ("explain", "how to", "what is", "remember", "recall")
 PROCESS_TIERS = (1, 2, 3)
+# The replay's per-turn tier-3 lookup ranks only the index's own best matches of the
+# session (FTS5 bm25 / ts_rank_cd order), not every match: `kvcache retrieve` is unchanged.
+PROCESS_SEARCH: dict[str, Any] = {"max_session_matches": 50, "candidates": 50}
 MAX_QUERY_CHARS = 4000  # retrieval during replay queries with at most this much of a question
 
 
@@ -923,19 +926,19 @@ class KVCacheManager:
 
     # -------------------------------------------------------------- clear
     def _summary_messages(self, session: m.Session, since: int) -> list[ChatMessage]:
-        rows = (
-            m.Message.select(m.Message.role, m.Message.content, m.Message.name)
-            .where((m.Message.session == session.id) & (m.Message.message_index >= since))
-            .order_by(m.Message.message_index.desc())
-            .limit(TAIL_MESSAGES)
+        rows = _sql(
+            self.store,
+            "SELECT role, content, name FROM messages WHERE session_id = ? AND message_index >= ? "
+            "ORDER BY message_index DESC LIMIT ?",
+            (session.get_id(), int(since), TAIL_MESSAGES),
         )
-        return [ChatMessage(role=r.role, content=r.content, name=r.name) for r in reversed(list(rows))]
+        return [ChatMessage(role=role, content=content, name=name) for role, content, name in reversed(rows)]
 
     def _write_summary(self, session: m.Session, now: datetime) -> tuple[str | None, str | None]:
         """Update the session's cumulative summary; returns (text, source)."""
         existing = m.Summary.get_or_none(m.Summary.session == session.id)
         since = existing.messages_summarized if existing else 0
-        total = m.Message.select().where(m.Message.session == session.id).count()
+        total = int(_sql(self.store, "SELECT count(*) FROM messages WHERE session_id = ?", (session.get_id(),))[0][0])
         messages = self._summary_messages(session, since)
         if len(messages) < MIN_MESSAGES:
             return (existing.text, existing.source) if existing else (None, None)
@@ -1086,13 +1089,12 @@ class KVCacheManager:
             if not entries:
                 return None
         state_hash = entries_hash(entries)
-        last = (
-            m.Snapshot.select(m.Snapshot.state_hash)
-            .where(m.Snapshot.session == session.id)
-            .order_by(m.Snapshot.created_at.desc(), m.Snapshot.id.desc())
-            .first()
+        last = _sql(
+            self.store,
+            "SELECT state_hash FROM snapshots WHERE session_id = ? ORDER BY created_at DESC, id DESC LIMIT 1",
+            (session.get_id(),),
         )
-        if reason == "interval" and last is not None and last.state_hash == state_hash:
+        if reason == "interval" and last and last[0][0] == state_hash:
             return None
         row = m.Snapshot.create(
             session=session.id,
@@ -1119,12 +1121,12 @@ class KVCacheManager:
 
     def _prune_session_snapshots(self, session_id: int, keep: int, dry_run: bool) -> list[int]:
         """Drop all but the newest ``keep`` snapshots; ties broken by id (newest wins)."""
-        rows = (
-            m.Snapshot.select(m.Snapshot.id)
-            .where(m.Snapshot.session == session_id)
-            .order_by(m.Snapshot.created_at.desc(), m.Snapshot.id.desc())
-            .offset(keep)
-            .tuples()
+        # raw SQL: runs after every snapshot of a replay
+        tail = "LIMIT -1 OFFSET ?" if self.store.is_sqlite else "OFFSET ?"
+        rows = _sql(
+            self.store,
+            f"SELECT id FROM snapshots WHERE session_id = ? ORDER BY created_at DESC, id DESC {tail}",
+            (int(session_id), int(keep)),
         )
         ids = [r[0] for r in rows]
         if ids and not dry_run:
@@ -1370,7 +1372,9 @@ class KVCacheManager:
             result.tiers_searched.append(3)
             skip = in_cache if cascade else set()
             kw3 = [
-                h for h in self._search_history(query, session, limit * 2 + 10) if h.message_index not in skip
+                h
+                for h in self._search_history(query, session, limit * 2 + 10, **self._process_search(session, cascade))
+                if h.message_index not in skip
             ]
             sem3 = None
             if sims is not None:
@@ -1408,8 +1412,56 @@ class KVCacheManager:
                     out[int(idx)] = str(name)
         return out
 
-    def _search_history(self, query: str, session: m.Session | None, limit: int) -> list[RetrievedEntry]:
-        hits = search.search_messages(self.store, query, session.id if session else None, limit)
+    def _process_search(self, session: m.Session, cascade: bool) -> dict[str, Any]:
+        """Tier-3 search options of the replay's per-turn lookup (``{}`` for ``retrieve``)."""
+        if not cascade:
+            return {}
+        options: dict[str, Any] = dict(PROCESS_SEARCH)
+        if self.store.is_sqlite:
+            avg = self._fts_avg_len(session.get_id())
+            if avg is not None:
+                options["session_avg_len"] = avg
+        return options
+
+    def _fts_avg_len(self, session_id: int) -> float | None:
+        """``search_sqlite._session_avg_len`` of a session, read incrementally (same value).
+
+        Keeps (last message id, messages seen, indexed rows, token total) per session and
+        reads only the newer rows' docsize records; a count mismatch (rows deleted by
+        another writer) starts over from the whole session.
+        """
+        from .search_sqlite import FTS_TABLE, _varints
+
+        state: dict[int, tuple[int, int, int, int]] = self.__dict__.setdefault("_fts_len", {})
+        sid = int(session_id)
+        (count,) = _sql(self.store, "SELECT count(*) FROM messages WHERE session_id = ?", (sid,))[0]
+        for _attempt in range(2):
+            last_id, seen, rows, total = state.get(sid, (0, 0, 0, 0))
+            new = _sql(
+                self.store,
+                f"SELECT m.id, d.sz FROM messages AS m LEFT JOIN {FTS_TABLE}_docsize AS d ON d.id = m.id "
+                "WHERE m.session_id = ? AND m.id > ? ORDER BY m.id",
+                (sid, last_id),
+            )
+            if seen + len(new) != count:
+                state.pop(sid, None)
+                continue
+            for mid, blob in new:
+                last_id = mid
+                if blob is None:
+                    continue
+                rows += 1
+                vals = _varints(bytes(blob), 2)
+                if len(vals) == 2:
+                    total += vals[1]
+            state[sid] = (last_id, count, rows, total)
+            return total / rows if rows and total > 0 else 1.0
+        return None  # could not follow the session: the search reads it itself
+
+    def _search_history(
+        self, query: str, session: m.Session | None, limit: int, **options: Any
+    ) -> list[RetrievedEntry]:
+        hits = search.search_messages(self.store, query, session.id if session else None, limit, **options)
         return self._history_entries(
             [(int(h.message_id), h.score, list(h.matched_keywords)) for h in hits], session
         )

@@ -6,7 +6,9 @@ messages and term statistics; :func:`rank_candidates` scores them (docs/retrieva
 1. own score: BM25 (k1 = 1.2, ``b = length_b``) of the candidate's stems, the
    ``speaker:`` prefix counted in the length but not as a mention of the name;
 2. answer type: for a "when" question a turn holding a time expression gets
-   ``* (1 + temporal_boost)``;
+   ``* (1 + temporal_boost)``; word pairs adjacent in the query and within
+   ``proximity_window`` tokens in the turn add a pseudo-term (:func:`_proximity`); a
+   turn whose date fits a date named in the question gets ``* (1 + date_boost)``;
 3. context: ``combined = own + context_weight * sum(decay**(d-1) * own(i +- d))`` over
    neighbours ``d = 1..context_window`` (by ``message_index``, same session); neighbours
    of the best turns that match nothing themselves enter on context alone ("bridges",
@@ -68,8 +70,8 @@ class RankParams:
     speaker_boost: float = 1.0
     temporal_boost: float = 0.3
     number_boost: float = 0.0
-    date_boost: float = 0.0
-    proximity_weight: float = 0.0
+    date_boost: float = 3.0
+    proximity_weight: float = 1.0
     proximity_window: int = 3
     length_b: float = 0.5
     bridges: bool = True
@@ -130,6 +132,7 @@ class Doc:
     stems: Counter[str]
     length: int
     speaker_stems: frozenset[str]
+    prefix_len: int = 0  # tokens of the ``speaker:`` prefix (not part of the text)
 
 
 # Text profiles: a replay queries the same session's messages thousands of times, so a
@@ -212,14 +215,17 @@ def make_doc(
         tokens = ts.tokenize(text)
         stems = only.counts(tokens) if only is not None else Counter(ts.stem_all(tokens))
     speaker: frozenset[str] = frozenset()
+    prefix_len = 0
     if name:
         name_tokens, name_stems = name_profile(name)
         speaker = frozenset(name_stems)
         if ":" in text[: len(name) + 2] and tokens[: len(name_tokens)] == name_tokens:
+            prefix_len = len(name_tokens)
             for st in name_stems:
                 if stems.get(st, 0) > 0:
                     stems[st] -= 1
-    return Doc(int(mid), int(sid), int(idx), name, text, str(stamp or "")[:10], stems, len(tokens), speaker)
+    day = str(stamp or "")[:10]
+    return Doc(int(mid), int(sid), int(idx), name, text, day, stems, len(tokens), speaker, prefix_len)
 
 
 def session_idf(docs: Sequence[Doc], stems: Sequence[str], n_rows: int) -> dict[str, float]:
@@ -304,7 +310,8 @@ def rank_candidates(
         if count_q and ts.has_number(ts.tokenize(d.content)):
             sc *= 1.0 + p.number_boost
         if pairs and sum(1 for st in d.stems if d.stems[st] > 0) >= 2:
-            sc += _proximity(pfilter.positions(ts.tokenize(d.content)), pairs, p.proximity_window, d.length, avg_len, p.length_b)
+            found = pfilter.positions(ts.tokenize(d.content)[d.prefix_len :])
+            sc += _proximity(found, pairs, p.proximity_window, d.length, avg_len, p.length_b)
         if dates and ts.date_matches(d.day, dates):
             sc *= 1.0 + p.date_boost
         own[key] = sc

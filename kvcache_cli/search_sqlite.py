@@ -19,7 +19,9 @@ Ranking (see docs/retrieval.md for the measurements)
        over the session for a per-session query), the ``speaker:`` prefix not
        counted as a mention of the name;
     4. answer type: for a "when" question a turn with a time expression gets
-       ``* (1 + temporal_boost)``;
+       ``* (1 + temporal_boost)``; query-adjacent word pairs near each other in the
+       turn add a pseudo-term; a turn whose date fits a date named in the question
+       gets ``* (1 + date_boost)`` (all in :func:`ranking.rank_candidates`);
     5. context: ``combined = own + context_weight * sum(decay**(d-1) * own(i +- d))``
        over neighbours ``d = 1..context_window`` of the same session; neighbours of
        the best turns that match nothing themselves enter on context alone
@@ -273,13 +275,14 @@ def search_messages(
     speaker_boost: float = 1.0,
     temporal_boost: float = 0.3,
     number_boost: float = 0.0,
-    date_boost: float = 0.0,
-    proximity_weight: float = 0.0,
+    date_boost: float = 3.0,
+    proximity_weight: float = 1.0,
     proximity_window: int = 3,
     length_b: float = 0.5,
     candidates: int = 300,
     max_session_matches: int = 3000,
     bridges: bool = True,
+    session_avg_len: float | None = None,
 ) -> list[Hit]:
     """Rank the messages of one session (or all, ``session_id=None``) for ``query``.
 
@@ -318,7 +321,11 @@ def search_messages(
         docs, idf = _all_session_candidates(conn, terms, sfilter, base_sql, ranked_order, candidates)
     if not docs:
         return []
-    avg_len = _session_avg_len(conn, session_id) if session_id is not None else _avg_len(conn)
+    # session_avg_len: the caller's own exact _session_avg_len (a replay keeps it up to date)
+    if session_id is not None:
+        avg_len = session_avg_len if session_avg_len is not None else _session_avg_len(conn, session_id)
+    else:
+        avg_len = _avg_len(conn)
     params = RankParams(
         context_window=context_window,
         context_weight=context_weight,

@@ -296,3 +296,43 @@ def test_session_results_do_not_depend_on_other_sessions(tmp_path: Path) -> None
     )
     assert alone == crowded
     assert sum(alone[0]) > 0 and alone[1]
+
+
+
+def _dated_hits(
+    url: str, conv: Path, queries: list[str], **options: Any
+) -> list[list[tuple[int, float, float]]]:
+    from kvcache_cli.importer import import_file
+    from kvcache_cli.store import search
+
+    store = open_store(url)
+    try:
+        import_file(store, conv)
+        sql = "SELECT id FROM sessions WHERE key = " + store.db.param
+        sid = store.db.execute_sql(sql, ("chat",)).fetchone()[0]
+        hits = [search.search_messages(store, q, sid, 5, **options) for q in queries]
+        return [[(h.message_index, round(h.raw_score, 9), h.score) for h in row] for row in hits]
+    finally:
+        store.close()
+
+
+def test_dates_and_phrases_rank_identically_on_both_backends(tmp_path: Path) -> None:
+    """Session-date and word-pair features live in the shared scorer: same hits on both."""
+    from tests.pg import PG_URL, create_database, drop_database
+
+    conv = _conversation(tmp_path / "chat.json", "chat", TURNS)
+    queries = [
+        "What about the violin on March 5, 2025?",  # turn 4's day (turn 3 says "March")
+        "golden retriever puppy",
+        "trip to Lisbon in March",
+    ]
+    got = _dated_hits(str(tmp_path / "kv.db"), conv, queries)
+    assert got[0][0][0] == 4
+    assert _dated_hits(str(tmp_path / "nodate.db"), conv, queries[:1], date_boost=0.0)[0][0][0] == 3
+    assert all(0.0 <= s <= 1.0 for hits in got for _, _, s in hits)
+    if PG_URL:
+        url = create_database()
+        try:
+            assert _dated_hits(url, conv, queries) == got
+        finally:
+            drop_database(url)

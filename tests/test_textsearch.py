@@ -269,3 +269,77 @@ def test_fts5_match_always_valid(words: list[str]) -> None:
     expr = ts.fts5_match(words)
     if expr is not None:
         db.execute("SELECT * FROM t WHERE t MATCH ?", (expr,)).fetchall()
+
+
+# ---------------------------------------------------------------- dates and proximity
+def test_query_dates() -> None:
+    assert ts.query_dates("What did Gina find on 1 February, 2023?") == [(2023, 2, 1)]
+    assert ts.query_dates("What painting did she show on October 13, 2023?") == [(2023, 10, 13)]
+    assert ts.query_dates("When did Melanie go camping in June?") == [(None, 6, None)]
+    assert ts.query_dates("Who came over on May 3rd?") == [(None, 5, 3)]
+    assert ts.query_dates("What happened in December 2023?") == [(2023, 12, None)]
+    assert ts.query_dates("How many times in 2023?") == [(2023, None, None)]
+    assert ts.query_dates("What may she do next?") == []  # the modal verb
+    assert ts.query_dates("What is 45 plus 3?") == []
+
+
+def test_date_matches() -> None:
+    assert ts.date_matches("2023-02-01", [(2023, 2, 1)])
+    assert ts.date_matches("2023-06-20T10:00:00"[:10], [(None, 6, None)])
+    assert not ts.date_matches("2023-02-02", [(2023, 2, 1)])
+    assert not ts.date_matches("", [(2023, 2, 1)])
+    assert not ts.date_matches("2023-02-01", [])
+    assert not ts.date_matches("not a date", [(2023, None, None)])
+
+
+def test_stem_positions() -> None:
+    f = ts.StemFilter([ts.stem("road"), ts.stem("trips")])
+    assert f.positions(ts.tokenize("A road trip, then more road trips")) == {"road": [1, 5], "trip": [2, 6]}
+
+
+def _dated_db(stamps: list[str], turns: list[tuple[str, str]]) -> sqlite3.Connection:
+    db = make_db({1: turns})
+    for i, stamp in enumerate(stamps):
+        db.execute("UPDATE messages SET timestamp = ? WHERE message_index = ?", (stamp, i))
+    return db
+
+
+def test_question_date_prefers_turns_of_that_day() -> None:
+    turns = [
+        ("Gina", "The store has a supplier."),
+        ("Jon", "Nice."),
+        ("Jon", "Cool."),
+        ("Jon", "Ok."),
+        ("Jon", "Sure."),
+        ("Gina", "I got new shelves and new lights for the store!"),
+    ]
+    stamps = ["2023-01-20"] * 5 + ["2023-02-01"]
+    db = _dated_db(stamps, turns)
+    try:
+        q = "What did Gina find for her store on 1 February, 2023?"
+        assert ss.search_messages(db, q, 1, 3)[0].message_index == 5
+        assert ss.search_messages(db, q, 1, 3, date_boost=0.0)[0].message_index == 0
+        assert all(0.0 <= h.score <= 1.0 for h in ss.search_messages(db, q, 1, 10))
+    finally:
+        db.close()
+
+
+def test_adjacent_query_words_prefer_the_phrase() -> None:
+    turns = [
+        ("Ann", "The road was long, so the trip felt endless."),
+        ("Bob", "Nice."),
+        ("Bob", "Cool."),
+        ("Bob", "Ok."),
+        ("Bob", "Sure."),
+        ("Ann", "Our road trip was endless."),
+    ]
+    db = make_db({1: turns})
+    try:
+        q = "When was the road trip?"
+        hits = ss.search_messages(db, q, 1, 3, context_weight=0.0)
+        assert hits[0].message_index == 5
+        flat = ss.search_messages(db, q, 1, 3, context_weight=0.0, proximity_weight=0.0)
+        assert hits[0].raw_score > flat[0].raw_score
+        assert all(0.0 <= h.score <= 1.0 for h in hits)
+    finally:
+        db.close()

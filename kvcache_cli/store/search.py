@@ -54,9 +54,16 @@ def delete_session(store: Store, session_id: int) -> None:
     _module(store).delete_session(_connection(store), session_id)
 
 
-def search_messages(store: Store, query: str, session_id: int | None, limit: int) -> list[Hit]:
-    """Ranked hits for ``query`` in one session (or all when ``session_id`` is None)."""
-    result: list[Hit] = _module(store).search_messages(_connection(store), query, session_id, limit)
+def search_messages(
+    store: Store, query: str, session_id: int | None, limit: int, **options: Any
+) -> list[Hit]:
+    """Ranked hits for ``query`` in one session (or all when ``session_id`` is None).
+
+    ``options``: the backend's keyword knobs (e.g. ``max_session_matches``, ``candidates``).
+    """
+    result: list[Hit] = _module(store).search_messages(
+        _connection(store), query, session_id, limit, **options
+    )
     return result
 
 

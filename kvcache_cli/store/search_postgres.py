@@ -26,6 +26,7 @@ Writes use the caller's connection and transaction; nothing here commits.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -217,16 +218,13 @@ def search_messages(conn: Any, query: str, session_id: int | None, limit: int, *
     keyword options and defaults, same scores).
     """
     opts = {**_defaults(), **options}
-    params = RankParams(
-        context_window=int(opts["context_window"]),
-        context_weight=float(opts["context_weight"]),
-        context_decay=float(opts["context_decay"]),
-        speaker_boost=float(opts["speaker_boost"]),
-        temporal_boost=float(opts["temporal_boost"]),
-        number_boost=float(opts["number_boost"]),
-        length_b=float(opts["length_b"]),
-        bridges=bool(opts["bridges"]),
-    )
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(RankParams):  # the ranking options, typed like their defaults
+        if f.name in opts:
+            default = f.default
+            value = opts[f.name]
+            kwargs[f.name] = type(default)(value) if isinstance(default, int | float) else value
+    params = RankParams(**kwargs)
     candidates = int(opts["candidates"])
     max_session_matches = int(opts["max_session_matches"])
     if limit <= 0:
