@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import datetime
+from functools import partial
+from typing import Any, cast
 
 from . import bridge
 from .config import Config
@@ -23,7 +23,7 @@ from .extractor import extract_entries, filter_preserved
 from .loaders import Conversation
 from .memory import TokenCounter, capacity_bytes
 from .retrieval import TIER_THRESHOLDS, RetrievalResult, RetrievedEntry, merge_results, rank_entries
-from .scoring import CacheEntryScorer, decayed_engagement, extract_keywords, next_engagement
+from .scoring import CacheEntryScorer, decayed_engagement, next_engagement
 from .store import models as m
 from .store import search
 from .store.backend import Store
@@ -38,198 +38,14 @@ PROCESS_SEARCH: dict[str, Any] = {"max_session_matches": 50, "candidates": 50}
 MAX_QUERY_CHARS = 4000  # retrieval during replay queries with at most this much of a question
 
 
-# ----------------------------------------------------------------------------- results
-@dataclass
-class ClearInfo:
-    """One clear (the seed's ``CacheClearResult`` without the entries themselves)."""
-
-    session_id: str
-    turn: int
-    reason: str
-    entries_cleared: int
-    entries_preserved: int
-    preserved_keywords: list[str]
-    snapshot_id: int | None
-    summary_source: str | None
-    bridge_message: str
-    cache_size_bytes_before: int = 0
-    slot_erased: int | None = None
-    kept_keys: set[str] = field(default_factory=set, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "session_id": self.session_id,
-            "turn": self.turn,
-            "clear_reason": self.reason,
-            "entries_cleared": self.entries_cleared,
-            "entries_preserved": self.entries_preserved,
-            "preserved_keywords": self.preserved_keywords,
-            "snapshot_id": self.snapshot_id,
-            "summary_source": self.summary_source,
-            "cache_size_bytes_before": self.cache_size_bytes_before,
-            "bridge_message": self.bridge_message,
-            "slot_erased": self.slot_erased,
-        }
-
-
-@dataclass
-class TurnReport:
-    """What one processed turn did."""
-
-    turn: int
-    message_index: int
-    conversation_count: int
-    cache_size_bytes: int
-    entry_count: int
-    clear: ClearInfo | None = None
-    snapshot_ids: list[int] = field(default_factory=list)
-    retrieved: int = 0
-    retrieval_tiers: list[int] = field(default_factory=list)
-    bridge_messages: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "turn": self.turn,
-            "message_index": self.message_index,
-            "conversation_count": self.conversation_count,
-            "cache_size_bytes": self.cache_size_bytes,
-            "entry_count": self.entry_count,
-            "cleared": self.clear is not None,
-            "clear_reason": self.clear.reason if self.clear else None,
-            "snapshot_ids": self.snapshot_ids,
-            "entries_retrieved": self.retrieved,
-            "tiers_searched": self.retrieval_tiers,
-            "bridge_messages": self.bridge_messages,
-        }
-
-
-@dataclass
-class ProcessResult:
-    """A conversation's replay: per-turn reports and totals."""
-
-    session_id: str
-    source: str
-    messages_total: int = 0
-    messages_added: int = 0
-    turns: list[TurnReport] = field(default_factory=list)
-    capacity_bytes: int = 0
-    notices: list[str] = field(default_factory=list)
-
-    @property
-    def clears(self) -> list[ClearInfo]:
-        return [t.clear for t in self.turns if t.clear]
-
-    @property
-    def snapshot_ids(self) -> list[int]:
-        return [s for t in self.turns for s in t.snapshot_ids]
-
-    def to_dict(self, with_turns: bool = True) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "session_id": self.session_id,
-            "source": self.source,
-            "messages_total": self.messages_total,
-            "messages_added": self.messages_added,
-            "turns_processed": len(self.turns),
-            "total_clears": len(self.clears),
-            "entries_cleared": sum(c.entries_cleared for c in self.clears),
-            "entries_preserved": sum(c.entries_preserved for c in self.clears),
-            "total_retrievals": sum(1 for t in self.turns if t.retrieval_tiers),
-            "entries_retrieved": sum(t.retrieved for t in self.turns),
-            "snapshots_created": len(self.snapshot_ids),
-            "capacity_bytes": self.capacity_bytes,
-            "clears": [c.to_dict() for c in self.clears],
-            "usage": [t.cache_size_bytes for t in self.turns],
-            "notices": self.notices,
-        }
-        if with_turns:
-            data["turns"] = [t.to_dict() for t in self.turns]
-        return data
-
-
-@dataclass
-class SnapshotInfo:
-    """A snapshot as listed and returned by ``snapshot``."""
-
-    id: int
-    session_id: str
-    snapshot_type: str
-    reason: str
-    entry_count: int
-    size_bytes: int
-    state_hash: str
-    created_at: datetime
-    turn_index: int
-    slot_id: int | None = None
-    slot_filename: str | None = None
-    slot_n_saved: int | None = None
-    slot_n_written: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "session_id": self.session_id,
-            "snapshot_type": self.snapshot_type,
-            "reason": self.reason,
-            "entry_count": self.entry_count,
-            "size_bytes": self.size_bytes,
-            "state_hash": self.state_hash,
-            "created_at": self.created_at.isoformat(),
-            "turn_index": self.turn_index,
-            "slot_id": self.slot_id,
-            "slot_filename": self.slot_filename,
-            "slot_n_saved": self.slot_n_saved,
-            "slot_n_written": self.slot_n_written,
-        }
-
-
-@dataclass
-class RestoreResult:
-    session_id: str
-    snapshot_id: int
-    entries_restored: int
-    cache_size_bytes: int
-    bridge_message: str
-    slot_n_restored: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "session_id": self.session_id,
-            "snapshot_id": self.snapshot_id,
-            "entries_restored": self.entries_restored,
-            "cache_size_bytes": self.cache_size_bytes,
-            "bridge_message": self.bridge_message,
-            "slot_n_restored": self.slot_n_restored,
-        }
-
-
-@dataclass
-class MaintenanceResult:
-    """The seed's ``MaintenanceResult``, with what was (or would be) done."""
-
-    dry_run: bool
-    sessions_cleaned: int = 0
-    snapshots_pruned: int = 0
-    operations_trimmed: int = 0
-    cleaned_sessions: list[str] = field(default_factory=list)
-    pruned_snapshot_ids: list[int] = field(default_factory=list)
-    integrity: str | None = None
-    errors: list[str] = field(default_factory=list)
-
-    @property
-    def did_anything(self) -> bool:
-        return bool(self.sessions_cleaned or self.snapshots_pruned or self.operations_trimmed)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "dry_run": self.dry_run,
-            "sessions_cleaned": self.sessions_cleaned,
-            "snapshots_pruned": self.snapshots_pruned,
-            "operations_trimmed": self.operations_trimmed,
-            "cleaned_sessions": self.cleaned_sessions,
-            "pruned_snapshot_ids": self.pruned_snapshot_ids,
-            "integrity": self.integrity,
-            "errors": self.errors,
-        }
+from .results import (  # noqa: E402  (re-exported: the public result types)
+    ClearInfo,
+    MaintenanceResult,
+    ProcessResult,
+    RestoreResult,
+    SnapshotInfo,
+    TurnReport,
+)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -325,7 +141,8 @@ def _bulk_insert(model: Any, rows: list[dict[str, Any]], batch: int = 100) -> No
     defaults = [(f, d) for f, d in meta.defaults.items() if f.name not in rows[0]]
     fields += [f for f, _ in defaults]
     db = meta.database
-    left, right = (getattr(db, "quote", None) or '""')[:2]
+    quote_chars: Any = getattr(db, "quote", None) or '""'
+    left, right = quote_chars[0], quote_chars[1]
 
     def quote(name: str) -> str:
         return f"{left}{name}{right}"
@@ -412,7 +229,7 @@ class KVCacheManager:
         if not rows:
             return None
         row = m.Session(**{f.name: f.python_value(v) for f, v in zip(fields, rows[0], strict=True)})
-        row._dirty.clear()
+        cast(Any, row)._dirty.clear()  # loaded, not changed: save() writes only what changes
         return row
 
     def _save_session(self, session: m.Session) -> None:
@@ -493,7 +310,7 @@ class KVCacheManager:
             .where(m.Engagement.session == session.id)
             .tuples()
         )
-        return dict(rows)
+        return dict(m.rows_of(rows))
 
     def _record(self, session_key: str, kind: str, affected: int, details: str, now: datetime) -> None:
         # raw SQL: runs several times per replayed turn (peewee's query building dominated)
@@ -609,7 +426,7 @@ class KVCacheManager:
             .tuples()
         )
         count = 0
-        for index, role, content in stored:
+        for index, role, content in m.rows_of(stored):
             if index >= len(messages):
                 break
             msg = messages[index]
@@ -647,9 +464,7 @@ class KVCacheManager:
             if embedder is not None and not self._server_down():  # HTTP before the turn's transaction
                 embedder.prefetch(conv.messages, max(lo, done), hi)
             self._prepare_turn_summary(session_key, conv.messages[max(lo, done) : hi], tokens)
-            report = self.store.transaction(
-                lambda lo=lo, hi=hi, tokens=tokens: self._turn(conv, session_key, lo, hi, tokens, result)
-            )
+            report = self.store.transaction(partial(self._turn, conv, session_key, lo, hi, tokens, result))
             if report is not None:
                 result.turns.append(report)
             if on_turn is not None:
@@ -787,7 +602,7 @@ class KVCacheManager:
         self._add_to_cache(session, new_entries, len(active))
         active += new_entries
         report: TurnReport | None = None
-        if question is not None:
+        if question is not None and user_pos is not None:
             report = self._decide(session, active, start + user_pos, question, now)
         if after:
             later = self._insert_messages(session, start + cut, after, tokens[cut:], now)
@@ -1688,213 +1503,38 @@ class KVCacheManager:
                     return None, f"retrieval: embeddings server failed ({embedder.failure}); {fallback}"
         return (vector, model), None
 
-    # -------------------------------------------------------------- maintenance
+    # -------------------------------------------------------------- maintenance and reports
     def maintain(
         self,
         dry_run: bool = False,
         inactive_hours: float | None = None,
         check: bool = False,
     ) -> MaintenanceResult:
-        """Release idle sessions' caches and snapshots, prune snapshots, trim history.
+        """Release idle sessions' caches and snapshots, prune snapshots, trim history."""
+        from .maintenance import maintain
 
-        A session is idle when its last activity is older than ``inactive_hours``
-        (default from the config, 24 h); its messages, summary and statistics stay, so
-        tier-3 retrieval keeps working. Holds the store's maintenance lock.
-        """
-        hours = self.config.maintenance.inactive_hours if inactive_hours is None else inactive_hours
-        result = MaintenanceResult(dry_run=dry_run)
-        with self.store.exclusive("maintain"):
-            if check:
-                result.integrity = self.integrity_check()
-
-            def work() -> None:
-                cutoff = utcnow() - timedelta(hours=hours)
-                idle = (
-                    m.Session.select(m.Session.id, m.Session.key)
-                    .where(
-                        (m.Session.last_activity < cutoff)
-                        & ((m.Session.entry_count > 0) | fn_exists_snapshot())
-                    )
-                    .order_by(m.Session.key)
-                    .tuples()
-                )
-                idle_ids: list[int] = []
-                for session_id, key in idle:
-                    result.cleaned_sessions.append(key)
-                    idle_ids.append(int(session_id))
-                if not dry_run:
-                    # set-based, 500 sessions per statement (thousands of idle sessions
-                    # would otherwise cost five statements each)
-                    for lo in range(0, len(idle_ids), 500):
-                        part = idle_ids[lo : lo + 500]
-                        marks = ", ".join("?" * len(part))
-                        for statement in (
-                            "DELETE FROM snapshot_entries WHERE snapshot_id IN "
-                            f"(SELECT id FROM snapshots WHERE session_id IN ({marks}))",
-                            f"DELETE FROM snapshots WHERE session_id IN ({marks})",
-                            f"DELETE FROM cache_entries WHERE session_id IN ({marks})",
-                            "UPDATE sessions SET entry_count = 0, cache_size_bytes = 0, "
-                            f"last_snapshot_id = NULL WHERE id IN ({marks})",
-                        ):
-                            _sql(self.store, statement, part)
-                result.sessions_cleaned = len(result.cleaned_sessions)
-                keep = self.config.cache.snapshot.max_snapshots
-                if keep > 0:
-                    idle_keys = set(result.cleaned_sessions)
-                    crowded = (
-                        m.Snapshot.select(m.Snapshot.session, m.Session.key)
-                        .join(m.Session)
-                        .group_by(m.Snapshot.session, m.Session.key)
-                        .having(fn_count() > keep)
-                        .tuples()
-                    )
-                    for session_id, key in crowded:
-                        if key in idle_keys:
-                            continue
-                        result.pruned_snapshot_ids += self._prune_session_snapshots(session_id, keep, dry_run)
-                result.snapshots_pruned = len(result.pruned_snapshot_ids)
-                limit = self.config.maintenance.history_limit
-                total = m.Operation.select().count()
-                if total > limit:
-                    result.operations_trimmed = total - limit
-                    if not dry_run:
-                        boundary = (
-                            m.Operation.select(m.Operation.id)
-                            .order_by(m.Operation.id.desc())
-                            .offset(limit - 1)
-                            .limit(1)
-                            .scalar()
-                        )
-                        m.Operation.delete().where(m.Operation.id < boundary).execute()
-                if dry_run:
-                    raise _DryRun
-
-            try:
-                self.store.transaction(work)
-            except _DryRun:
-                pass
-        return result
+        return maintain(self, dry_run, inactive_hours, check)
 
     def integrity_check(self) -> str:
         """``PRAGMA integrity_check`` (SQLite) or ``ok`` when PostgreSQL answers."""
-        if self.store.is_sqlite:
-            rows = self.store.db.execute_sql("PRAGMA integrity_check").fetchall()
-            return "; ".join(str(r[0]) for r in rows)
-        self.store.db.execute_sql("SELECT 1").fetchone()
-        return "ok"
+        from .maintenance import integrity_check
 
-    # -------------------------------------------------------------- statistics
+        return integrity_check(self.store)
+
     def statistics(self, session_key: str | None = None, history: int = 10) -> dict[str, Any]:
         """The seed's statistics export, the session states and recent operations."""
-        stats = m.Statistics.get_by_id(1)
-        op_count = m.Operation.select().count()
-        sessions_query = m.Session.select().order_by(m.Session.key)
-        ops_query = m.Operation.select().order_by(m.Operation.id.desc()).limit(max(history, 0))
-        if session_key is not None:
-            session = self._session(session_key)
-            sessions_query = sessions_query.where(m.Session.id == session.id)
-            ops_query = ops_query.where(m.Operation.session_key == session_key)
-        capacity = self.capacity()  # once: the estimate may ask the OS for free memory
-        # plain rows, not model instances (thousands of sessions); same attribute names
-        states = [self.session_state(s, capacity) for s in sessions_query.namedtuples()]
-        data: dict[str, Any] = {
-            "total_clears": stats.total_clears,
-            "total_retrievals": stats.total_retrievals,
-            "entries_preserved": stats.entries_preserved,
-            "entries_cleared": stats.entries_cleared,
-            "entries_retrieved": stats.entries_retrieved,
-            "active_sessions": m.Session.select().count(),
-            "last_operation": stats.last_operation.isoformat() if stats.last_operation else None,
-            "operation_history_count": op_count,
-            "total_snapshots": stats.total_snapshots,
-            "total_restores": stats.total_restores,
-            "snapshot_count": m.Snapshot.select().count(),
-            "message_count": m.Message.select().count(),
-            "cache_size_bytes": sum(s["cache_size_bytes"] for s in states),
-            "capacity_bytes": capacity,
-            "memory_threshold_percent": self.config.cache.memory_threshold_percent,
-            "database": self.store.location.display,
-            "backend": self.store.backend,
-            "database_size_bytes": self.store.size_bytes(),
-            "sessions": states,
-            "recent_operations": [
-                {
-                    "operation_type": op.operation_type,
-                    "timestamp": op.timestamp.isoformat(),
-                    "entries_affected": op.entries_affected,
-                    "session_id": op.session_key,
-                    "details": op.details,
-                }
-                for op in ops_query
-            ],
-        }
-        if session_key is not None:
-            session = self._session(session_key)
-            data["session"] = self.session_detail(session)
-        return data
+        from .reporting import statistics
+
+        return statistics(self, session_key, history)
 
     def session_state(self, session: Any, capacity: int | None = None) -> dict[str, Any]:
-        """The seed's ``SessionCacheState`` plus the persisted extras.
+        """The seed's ``SessionCacheState`` plus the persisted extras."""
+        from .reporting import session_state
 
-        ``session``: a ``Session`` row (model or named tuple); ``capacity``: the default
-        capacity when already computed.
-        """
-        return {
-            "session_id": session.key,
-            "conversation_count": session.conversation_count,
-            "turn_count": session.turn_count,
-            "last_cleared_at": session.last_cleared_at.isoformat() if session.last_cleared_at else None,
-            "last_snapshot_id": session.last_snapshot_id,
-            "cache_size_bytes": session.cache_size_bytes,
-            "capacity_bytes": session.capacity_bytes
-            or (capacity if capacity is not None else self.capacity()),
-            "entry_count": session.entry_count,
-            "total_clears": session.total_clears,
-            "last_activity": session.last_activity.isoformat(),
-            "metadata": json.loads(session.metadata or "{}"),
-        }
+        return session_state(self, session, capacity)
 
     def session_detail(self, session: m.Session) -> dict[str, Any]:
-        summary = m.Summary.get_or_none(m.Summary.session == session.id)
-        usage = (
-            m.TurnLog.select(
-                m.TurnLog.turn_index, m.TurnLog.cache_size_bytes, m.TurnLog.cleared, m.TurnLog.clear_reason
-            )
-            .where(m.TurnLog.session == session.id)
-            .order_by(m.TurnLog.turn_index)
-            .tuples()
-        )
-        return {
-            "message_count": m.Message.select().where(m.Message.session == session.id).count(),
-            "snapshots": [s.to_dict() for s in self.list_snapshots(session.key)],
-            "summary": None
-            if summary is None
-            else {
-                "text": summary.text,
-                "length": len(summary.text),
-                "token_count": summary.token_count,
-                "messages_summarized": summary.messages_summarized,
-                "clear_count": summary.clear_count,
-                "source": summary.source,
-            },
-            "usage": [
-                {"turn": t, "cache_size_bytes": b, "cleared": bool(c), "clear_reason": r}
-                for t, b, c, r in usage
-            ],
-        }
+        """One session's snapshots, summary and cache usage turn by turn."""
+        from .reporting import session_detail
 
-
-class _DryRun(Exception):
-    """Raised inside a dry-run maintenance transaction to roll it back."""
-
-
-def fn_count() -> Any:
-    from peewee import fn
-
-    return fn.COUNT(m.Snapshot.id)
-
-
-def fn_exists_snapshot() -> Any:
-    from peewee import fn
-
-    return fn.EXISTS(m.Snapshot.select(m.Snapshot.id).where(m.Snapshot.session == m.Session.id))
+        return session_detail(self, session)

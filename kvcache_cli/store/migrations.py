@@ -32,7 +32,8 @@ def _v1_initial_schema(store: Store) -> None:
     from . import schema_v1
 
     store.db.create_tables(schema_v1.ALL_MODELS, safe=True)
-    if not schema_v1.Statistics.select().where(schema_v1.Statistics.id == 1).exists():
+    stats = schema_v1.Statistics
+    if not stats.select().where(stats._meta.primary_key == 1).exists():
         schema_v1.Statistics.insert(id=1).execute()
 
 

@@ -263,6 +263,11 @@ class TurnLog(BaseModel):
         indexes = ((("session", "turn_index"), True),)
 
 
+def rows_of(query: Any) -> list[tuple[Any, ...]]:
+    """The rows of a ``.tuples()`` query (peewee's hints call them model instances)."""
+    return list(query)
+
+
 ALL_MODELS: list[type[BaseModel]] = [
     SchemaMigration,
     Session,

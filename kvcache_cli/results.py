@@ -1,0 +1,200 @@
+"""Result types of the manager's operations, each with a stable ``to_dict`` for ``--json``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+@dataclass
+class ClearInfo:
+    """One clear (the seed's ``CacheClearResult`` without the entries themselves)."""
+
+    session_id: str
+    turn: int
+    reason: str
+    entries_cleared: int
+    entries_preserved: int
+    preserved_keywords: list[str]
+    snapshot_id: int | None
+    summary_source: str | None
+    bridge_message: str
+    cache_size_bytes_before: int = 0
+    slot_erased: int | None = None
+    kept_keys: set[str] = field(default_factory=set, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "turn": self.turn,
+            "clear_reason": self.reason,
+            "entries_cleared": self.entries_cleared,
+            "entries_preserved": self.entries_preserved,
+            "preserved_keywords": self.preserved_keywords,
+            "snapshot_id": self.snapshot_id,
+            "summary_source": self.summary_source,
+            "cache_size_bytes_before": self.cache_size_bytes_before,
+            "bridge_message": self.bridge_message,
+            "slot_erased": self.slot_erased,
+        }
+
+
+@dataclass
+class TurnReport:
+    """What one processed turn did."""
+
+    turn: int
+    message_index: int
+    conversation_count: int
+    cache_size_bytes: int
+    entry_count: int
+    clear: ClearInfo | None = None
+    snapshot_ids: list[int] = field(default_factory=list)
+    retrieved: int = 0
+    retrieval_tiers: list[int] = field(default_factory=list)
+    bridge_messages: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "turn": self.turn,
+            "message_index": self.message_index,
+            "conversation_count": self.conversation_count,
+            "cache_size_bytes": self.cache_size_bytes,
+            "entry_count": self.entry_count,
+            "cleared": self.clear is not None,
+            "clear_reason": self.clear.reason if self.clear else None,
+            "snapshot_ids": self.snapshot_ids,
+            "entries_retrieved": self.retrieved,
+            "tiers_searched": self.retrieval_tiers,
+            "bridge_messages": self.bridge_messages,
+        }
+
+
+@dataclass
+class ProcessResult:
+    """A conversation's replay: per-turn reports and totals."""
+
+    session_id: str
+    source: str
+    messages_total: int = 0
+    messages_added: int = 0
+    turns: list[TurnReport] = field(default_factory=list)
+    capacity_bytes: int = 0
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def clears(self) -> list[ClearInfo]:
+        return [t.clear for t in self.turns if t.clear]
+
+    @property
+    def snapshot_ids(self) -> list[int]:
+        return [s for t in self.turns for s in t.snapshot_ids]
+
+    def to_dict(self, with_turns: bool = True) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "session_id": self.session_id,
+            "source": self.source,
+            "messages_total": self.messages_total,
+            "messages_added": self.messages_added,
+            "turns_processed": len(self.turns),
+            "total_clears": len(self.clears),
+            "entries_cleared": sum(c.entries_cleared for c in self.clears),
+            "entries_preserved": sum(c.entries_preserved for c in self.clears),
+            "total_retrievals": sum(1 for t in self.turns if t.retrieval_tiers),
+            "entries_retrieved": sum(t.retrieved for t in self.turns),
+            "snapshots_created": len(self.snapshot_ids),
+            "capacity_bytes": self.capacity_bytes,
+            "clears": [c.to_dict() for c in self.clears],
+            "usage": [t.cache_size_bytes for t in self.turns],
+            "notices": self.notices,
+        }
+        if with_turns:
+            data["turns"] = [t.to_dict() for t in self.turns]
+        return data
+
+
+@dataclass
+class SnapshotInfo:
+    """A snapshot as listed and returned by ``snapshot``."""
+
+    id: int
+    session_id: str
+    snapshot_type: str
+    reason: str
+    entry_count: int
+    size_bytes: int
+    state_hash: str
+    created_at: datetime
+    turn_index: int
+    slot_id: int | None = None
+    slot_filename: str | None = None
+    slot_n_saved: int | None = None
+    slot_n_written: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "session_id": self.session_id,
+            "snapshot_type": self.snapshot_type,
+            "reason": self.reason,
+            "entry_count": self.entry_count,
+            "size_bytes": self.size_bytes,
+            "state_hash": self.state_hash,
+            "created_at": self.created_at.isoformat(),
+            "turn_index": self.turn_index,
+            "slot_id": self.slot_id,
+            "slot_filename": self.slot_filename,
+            "slot_n_saved": self.slot_n_saved,
+            "slot_n_written": self.slot_n_written,
+        }
+
+
+@dataclass
+class RestoreResult:
+    session_id: str
+    snapshot_id: int
+    entries_restored: int
+    cache_size_bytes: int
+    bridge_message: str
+    slot_n_restored: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "snapshot_id": self.snapshot_id,
+            "entries_restored": self.entries_restored,
+            "cache_size_bytes": self.cache_size_bytes,
+            "bridge_message": self.bridge_message,
+            "slot_n_restored": self.slot_n_restored,
+        }
+
+
+@dataclass
+class MaintenanceResult:
+    """The seed's ``MaintenanceResult``, with what was (or would be) done."""
+
+    dry_run: bool
+    sessions_cleaned: int = 0
+    snapshots_pruned: int = 0
+    operations_trimmed: int = 0
+    cleaned_sessions: list[str] = field(default_factory=list)
+    pruned_snapshot_ids: list[int] = field(default_factory=list)
+    integrity: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def did_anything(self) -> bool:
+        return bool(self.sessions_cleaned or self.snapshots_pruned or self.operations_trimmed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "sessions_cleaned": self.sessions_cleaned,
+            "snapshots_pruned": self.snapshots_pruned,
+            "operations_trimmed": self.operations_trimmed,
+            "cleaned_sessions": self.cleaned_sessions,
+            "pruned_snapshot_ids": self.pruned_snapshot_ids,
+            "integrity": self.integrity,
+            "errors": self.errors,
+        }
