@@ -753,7 +753,8 @@ class KVCacheManager:
         """Update the session's cumulative summary; returns (text, source)."""
         existing = m.Summary.get_or_none(m.Summary.session == session.id)
         since = existing.messages_summarized if existing else 0
-        total = int(_sql(self.store, "SELECT count(*) FROM messages WHERE session_id = ?", (session.get_id(),))[0][0])
+        count_sql = "SELECT count(*) FROM messages WHERE session_id = ?"
+        total = int(_sql(self.store, count_sql, (session.get_id(),))[0][0])
         messages = self._summary_messages(session, since)
         if len(messages) < MIN_MESSAGES:
             return (existing.text, existing.source) if existing else (None, None)
@@ -1186,9 +1187,10 @@ class KVCacheManager:
         if 3 in tiers and (not cascade or len(found) < 3):
             result.tiers_searched.append(3)
             skip = in_cache if cascade else set()
+            options = self._process_search(session, cascade)
             kw3 = [
                 h
-                for h in self._search_history(query, session, limit * 2 + 10, **self._process_search(session, cascade))
+                for h in self._search_history(query, session, limit * 2 + 10, **options)
                 if h.message_index not in skip
             ]
             sem3 = None

@@ -23,6 +23,7 @@ entries), with the list itself as the collection.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -237,6 +238,16 @@ def session_idf(docs: Sequence[Doc], stems: Sequence[str], n_rows: int) -> dict[
     return idf
 
 
+def _near(sorted_positions: list[int], i: int, window: int) -> bool:
+    """Whether a position other than ``i`` lies within ``window`` of ``i`` (binary search)."""
+    k = bisect_left(sorted_positions, i - window)
+    while k < len(sorted_positions) and sorted_positions[k] <= i + window:
+        if sorted_positions[k] != i:
+            return True
+        k += 1
+    return False
+
+
 def _proximity(
     positions: dict[str, list[int]],
     pairs: Sequence[tuple[str, str, float]],
@@ -256,7 +267,7 @@ def _proximity(
         pa, pc = positions.get(a), positions.get(c)
         if not pa or not pc:
             continue
-        tf = sum(1 for i in pa if any(0 < abs(j - i) <= window for j in pc))
+        tf = sum(1 for i in pa if _near(pc, i, window))
         if tf:
             score += w * tf * (BM25_K1 + 1.0) / (tf + norm)
     return score

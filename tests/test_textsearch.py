@@ -343,3 +343,21 @@ def test_adjacent_query_words_prefer_the_phrase() -> None:
         assert all(0.0 <= h.score <= 1.0 for h in hits)
     finally:
         db.close()
+
+
+def test_pair_proximity_matches_the_quadratic_definition_and_scales() -> None:
+    """``_near`` (binary search) counts what the all-pairs scan counts, in linear time."""
+    import random
+
+    from kvcache_cli.ranking import _near
+
+    rng = random.Random(7)
+    for _ in range(500):
+        pa = sorted(rng.sample(range(300), rng.randint(1, 30)))
+        pc = sorted(rng.sample(range(300), rng.randint(1, 30)))
+        w = rng.randint(1, 5)
+        slow = sum(1 for i in pa if any(0 < abs(j - i) <= w for j in pc))
+        assert sum(1 for i in pa if _near(pc, i, w)) == slow
+    big = list(range(0, 2_000_000, 2))  # a huge message: a million occurrences each
+    odd = [j + 1 for j in big]
+    assert sum(1 for i in big if _near(odd, i, 1)) == len(big)
