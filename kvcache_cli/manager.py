@@ -1484,6 +1484,9 @@ class KVCacheManager:
             return None, None
         fallback = f"{strategy}: keyword_only used instead"
         if self.llm is None or getattr(self.llm, "_emb_base", True) is None:
+            if strategy == "keyword_then_semantic":
+                # the default: its keyword stage stands on its own, so no server is no news
+                return None, None
             return None, f"retrieval: no embeddings server configured; {fallback}"
         from .embeddings import TurnEmbedder, backfill_session, embed_query
         from .errors import ConfigError, ServerError

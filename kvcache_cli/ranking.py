@@ -134,6 +134,10 @@ class Doc:
     length: int
     speaker_stems: frozenset[str]
     prefix_len: int = 0  # tokens of the ``speaker:`` prefix (not part of the text)
+    # which stems ``stems`` holds a key for (every stem of the text if ``all_stems``):
+    # a stem counted there is in the text iff it is a key (speaker prefix included)
+    counted: frozenset[str] = frozenset()
+    all_stems: bool = False
 
 
 # Text profiles: a replay queries the same session's messages thousands of times, so a
@@ -144,6 +148,9 @@ class Doc:
 _PROFILES: dict[str, tuple[list[str], Counter[str]]] = {}
 _SEEN_ONCE: set[str] = set()
 _PROFILE_MAX = 50_000
+# per known text (same lifetime as _PROFILES): stem -> token positions; has a time word
+_POSITIONS: dict[str, dict[str, list[int]]] = {}
+_TEMPORAL: dict[str, bool] = {}
 
 
 def profile(text: str, remember: bool = False) -> tuple[list[str], Counter[str]] | None:
@@ -163,6 +170,8 @@ def profile(text: str, remember: bool = False) -> tuple[list[str], Counter[str]]
     prof = (tokens, Counter(ts.stem_all(tokens)))
     if len(_PROFILES) >= _PROFILE_MAX:
         _PROFILES.clear()
+        _POSITIONS.clear()
+        _TEMPORAL.clear()
     _PROFILES[text] = prof
     return prof
 
@@ -180,6 +189,58 @@ def name_profile(name: str) -> tuple[list[str], list[str]]:
             _NAMES.clear()
         _NAMES[name] = prof
     return prof
+
+
+def _tokens(text: str) -> list[str]:
+    """``ts.tokenize(text)``, from the profile cache when the text is known (do not modify)."""
+    prof = _PROFILES.get(text)
+    return prof[0] if prof is not None else ts.tokenize(text)
+
+
+def _has_temporal(text: str) -> bool:
+    """``ts.has_temporal_expression(ts.tokenize(text))``, remembered for known texts."""
+    flag = _TEMPORAL.get(text)
+    if flag is None:
+        flag = ts.has_temporal_expression(_tokens(text))
+        if text in _PROFILES:
+            _TEMPORAL[text] = flag
+    return flag
+
+
+def _positions(pfilter: ts.StemFilter, text: str, skip: int) -> dict[str, list[int]]:
+    """``pfilter.positions(ts.tokenize(text)[skip:])``, from a per-text map when known."""
+    prof = _PROFILES.get(text)
+    if prof is None:
+        return pfilter.positions(ts.tokenize(text)[skip:])
+    posmap = _POSITIONS.get(text)
+    if posmap is None:
+        posmap = {}
+        for i, tok in enumerate(prof[0]):
+            posmap.setdefault(ts.stem(tok), []).append(i)
+        _POSITIONS[text] = posmap
+    out: dict[str, list[int]] = {}
+    for st in pfilter.stems:
+        found = posmap.get(st)
+        if found:
+            if skip:
+                found = [i - skip for i in found if i >= skip]
+                if not found:
+                    continue
+            out[st] = found
+    return out
+
+
+def _doc_matched(
+    terms: Sequence[str], d: Doc, term_stems: list[tuple[str, str]], stem_set: frozenset[str]
+) -> list[str]:
+    """``matched(terms, d.content)`` read from the doc's stem counts when they cover the terms.
+
+    ``term_stems`` pairs each term with its stem; ``stem_set`` is the set of those stems.
+    """
+    if not d.all_stems and not stem_set <= d.counted:
+        return matched(terms, d.content)
+    held = d.stems
+    return [t for t, st in term_stems if st in held]
 
 
 def matched(terms: Sequence[str], text: str) -> list[str]:
@@ -226,7 +287,20 @@ def make_doc(
                 if stems.get(st, 0) > 0:
                     stems[st] -= 1
     day = str(stamp or "")[:10]
-    return Doc(int(mid), int(sid), int(idx), name, text, day, stems, len(tokens), speaker, prefix_len)
+    return Doc(
+        int(mid),
+        int(sid),
+        int(idx),
+        name,
+        text,
+        day,
+        stems,
+        len(tokens),
+        speaker,
+        prefix_len,
+        only.stems if only is not None else frozenset(),
+        only is None,
+    )
 
 
 def session_idf(docs: Sequence[Doc], stems: Sequence[str], n_rows: int) -> dict[str, float]:
@@ -308,6 +382,7 @@ def rank_candidates(
 
     own: dict[tuple[int, int], float] = {}
     info: dict[tuple[int, int], tuple[int, str]] = {}
+    doc_of: dict[tuple[int, int], Doc] = {}
     named: set[tuple[int, int]] = set()
     for d in docs:
         sc = bm25_terms(d.stems, d.length, idf, avg_len, p.length_b)
@@ -316,26 +391,28 @@ def rank_candidates(
         key = (d.session_id, d.index)
         if p.speaker_boost > 0 and d.speaker_stems.intersection(stems):
             named.add(key)
-        if temporal_q and ts.has_temporal_expression(ts.tokenize(d.content)):
+        if temporal_q and _has_temporal(d.content):
             sc *= 1.0 + p.temporal_boost
-        if count_q and ts.has_number(ts.tokenize(d.content)):
+        if count_q and ts.has_number(_tokens(d.content)):
             sc *= 1.0 + p.number_boost
         if pairs and sum(1 for st in d.stems if d.stems[st] > 0) >= 2:
-            found = pfilter.positions(ts.tokenize(d.content)[d.prefix_len :])
+            found = _positions(pfilter, d.content, d.prefix_len)
             sc += _proximity(found, pairs, p.proximity_window, d.length, avg_len, p.length_b)
         if dates and ts.date_matches(d.day, dates):
             sc *= 1.0 + p.date_boost
         own[key] = sc
         info[key] = (d.message_id, d.content)
+        doc_of[key] = d
 
     window, weight, decay = p.context_window, p.context_weight, p.context_decay
+    dist_weights = [(dist, decay ** (dist - 1)) for dist in range(1, window + 1)]
+    own_get = own.get
 
     def context(key: tuple[int, int]) -> float:
         sid, idx = key
         total = 0.0
-        for dist in range(1, window + 1):
-            w = decay ** (dist - 1)
-            total += w * (own.get((sid, idx - dist), 0.0) + own.get((sid, idx + dist), 0.0))
+        for dist, w in dist_weights:
+            total += w * (own_get((sid, idx - dist), 0.0) + own_get((sid, idx + dist), 0.0))
         return total
 
     use_ctx = window > 0 and weight > 0
@@ -368,6 +445,8 @@ def rank_candidates(
         key=lambda k: (-combined[k], info[k][0]),
     )[:limit]
     ideal = ideal_score(list(idf.values()))
+    term_stems = [(t, ts.stem(t)) for t in terms]
+    stem_set = frozenset(st for _, st in term_stems)
     return [
         Hit(
             message_id=info[key][0],
@@ -375,7 +454,11 @@ def rank_candidates(
             message_index=key[1],
             score=similarity(combined[key], ideal),
             raw_score=combined[key],
-            matched_keywords=matched(terms, info[key][1]),
+            matched_keywords=(
+                _doc_matched(terms, doc_of[key], term_stems, stem_set)
+                if key in doc_of
+                else matched(terms, info[key][1])
+            ),
         )
         for key in ranked
     ]
@@ -407,6 +490,8 @@ def rank_texts(
     spk = list(names) if names is not None else [None] * len(texts)
     docs: list[Doc] = []
     by_key: dict[tuple[int, int], int] = {}
+    skipped_len = 0  # known texts holding no query stem (nor a speaker named in it)
+    qstems = sfilter.stems
     for pos, text in enumerate(texts):
         idx = idxs[pos]
         # group 0: entries with a message index; an entry without one (or a second
@@ -415,9 +500,18 @@ def rank_texts(
         if key in by_key:
             key = (-1 - pos, 0)
         by_key[key] = pos
+        prof = _PROFILES.get(text or "")
+        if prof is not None:
+            # a doc that scores 0 and counts for no IDF: only its length matters
+            full, name = prof[1], spk[pos]
+            if not any(st in full for st in qstems) and (
+                not name or qstems.isdisjoint(name_profile(name)[1])
+            ):
+                skipped_len += len(prof[0])
+                continue
         docs.append(make_doc(pos, key[0], key[1], spk[pos], text, only=sfilter))
-    n = len(docs)
-    avg = sum(d.length for d in docs) / n
+    n = len(texts)
+    avg = (sum(d.length for d in docs) + skipped_len) / n
     idf = session_idf(docs, stems, n)
 
     def fetch(sid: int, wanted: list[int]) -> list[tuple[int, int, str, str | None]]:

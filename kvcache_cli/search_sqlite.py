@@ -309,8 +309,13 @@ def search_messages(
     if session_id is not None:
         # every match of the session (bounded); IDF over the session itself
         expr = f'sess : "{_sess_token(session_id)}" AND {expr}'
-        rows = conn.execute(base_sql.format(order=""), (expr, max_session_matches + 1)).fetchall()
-        if len(rows) > max_session_matches:  # huge session: keep FTS5's best
+        if candidates >= max_session_matches:
+            # the same rows as below in one query: all matches if at most
+            # max_session_matches, else FTS5's best ``candidates`` (order is irrelevant)
+            rows = conn.execute(base_sql.format(order=ranked_order), (expr, candidates)).fetchall()
+        else:
+            rows = conn.execute(base_sql.format(order=""), (expr, max_session_matches + 1)).fetchall()
+        if candidates < max_session_matches < len(rows):  # huge session: keep FTS5's best
             rows = conn.execute(base_sql.format(order=ranked_order), (expr, candidates)).fetchall()
         docs = [make_doc(r[0], r[1], r[2], r[3], r[4], r[5], only=sfilter) for r in rows]
         n_rows = conn.execute(

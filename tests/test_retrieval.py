@@ -140,6 +140,9 @@ def test_semantic_strategy_without_server_falls_back_with_a_notice(stores: dict[
         assert data["strategy"] == "keyword_only" and data["results"]
     rc, data, err = _retrieve(home, db, "chat", "violin practice", "--strategy", "keyword_only")
     assert rc == 0 and err.strip() == ""
+    # the default keyword_then_semantic: the keyword stage stands alone, no notice
+    rc, data, err = _retrieve(home, db, "chat", "violin practice")
+    assert rc == 0 and err.strip() == "" and data["results"]
 
 
 def test_every_strategy_with_a_server(stores: dict[str, Any]) -> None:
