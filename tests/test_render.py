@@ -118,14 +118,14 @@ def test_stats_overview_text(known: dict[str, Any]) -> None:
     # the totals panel is as wide as its title (the database path): compare words
     assert (
         line_with(lines, "│ fill").split()
-        == "│ fill 1 over / 1 near / 2 below retrievals 42 snapshots 6 │".split()
+        == "│ fill 1 over / 1 near / 2 below retrievals 42 snapshots 7 │".split()
     )
     # usage bars sorted by fill, the threshold tick where the bar has not reached it
     rows = [
         "upload        █████████████░░░░░░░   66% over     1.3 MiB      1       0",
         "quick         ██████████░░┆░░░░░░░   51% near     1.0 MiB      2       0",
-        "billing       ███████░░░░░┆░░░░░░░   36% below  746.0 KiB      9       1",
-        "support-long  ███░░░░░░░░░┆░░░░░░░   14% below  292.0 KiB     30       7",
+        "billing       ████████░░░░┆░░░░░░░   38% below  772.0 KiB      9       1",
+        "support-long  ███░░░░░░░░░┆░░░░░░░   16% below  318.0 KiB     30       7",
     ]
     positions = [text.index(row) for row in rows]
     assert positions == sorted(positions)
@@ -146,7 +146,7 @@ def test_stats_overview_text(known: dict[str, Any]) -> None:
     assert line_with(lines, "restore    ") == "restore    " + "·" * 48 + "      0       0"
     assert line_with(lines, "           16") == "           16          22          04          10"
     assert (
-        "maintenance: keeps up; no session idle over 24 h holds cache; history 56 of 10,000 operations"
+        "maintenance: keeps up; no session idle over 24 h holds cache; history 59 of 10,000 operations"
         in lines
     )
 
@@ -154,7 +154,7 @@ def test_stats_overview_text(known: dict[str, Any]) -> None:
 def test_stats_session_text(known: dict[str, Any]) -> None:
     lines = text_of(render.stats_view(known["session"], known["insights"], 100))
     assert lines[1].startswith(
-        "│ cache  ██████░░░░░░░░░░░░░░░░░░┆░░░░░░░░░░░░░░░  14% below  292.0 KiB of 2.0 MiB"
+        "│ cache  ██████░░░░░░░░░░░░░░░░░░┆░░░░░░░░░░░░░░░  16% below  318.0 KiB of 2.0 MiB"
     )
     assert line_with(lines, "│ turns    30").startswith(
         "│ turns    30  since clear    1   last clear   2025-03-14 13:41"
@@ -162,8 +162,8 @@ def test_stats_session_text(known: dict[str, Any]) -> None:
     assert "(MemoryThreshold)" in line_with(lines, "│ turns    30")
     assert line_with(lines, "id  type").split() == "id type reason turn entries size age slot file".split()
     assert (
-        line_with(lines, " 2  incremental")
-        == " 2  incremental  clear:ConversationLimit     6       12    1.2 MiB  5h 09m  -"
+        line_with(lines, " 6  incremental")
+        == " 6  incremental  interval    28        9    1.2 MiB  1h 29m  -"
     )
     assert (
         line_with(lines, "summary:") == "summary: 2,385 chars, 7 clears, 58 messages summarized (extractive)"
@@ -188,13 +188,13 @@ def test_process_summary_sawtooth(known: dict[str, Any]) -> None:
         "30",
         "61/61",
         "7",
-        "3",
+        "6",
         "30",
         str(result.to_dict()["entries_retrieved"]),
     ]
     assert line_with(lines, "   6  ConversationLimit").split()[:3] == ["6", "ConversationLimit", "1.2"]
     assert line_with(lines, "cache usage by turn:") == (
-        "cache usage by turn: peak 1.7 MiB of 2.0 MiB, clear at 60% (1.2 MiB); T turn limit, M memory"
+        "cache usage by turn: peak 1.8 MiB of 2.0 MiB, clear at 60% (1.2 MiB); T turn limit, M memory"
     )
     # the same sawtooth as stats SESSION draws from the turn log
     session_lines = text_of(render.stats_view(known["session"], known["insights"], 100))
