@@ -84,6 +84,14 @@ def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def show(result: Any, as_json: bool, draw: Any) -> None:
+    """``--json``: the result's ``to_dict()``; otherwise the Rich rendering."""
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        draw(result)
+
+
 def _llm_client(server: str | None, required: bool = False) -> Any:
     """The LLM client from ``--server`` or ``[llm]``; None when neither names a server."""
     cfg = STATE.config().llm
@@ -284,10 +292,7 @@ def clear(
                 erase_error = exc
     finally:
         store.close()
-    if as_json:
-        emit_json(result.to_dict())
-    else:
-        render.clear_result(result)
+    show(result, as_json, render.clear_result)
     if erase_error is not None:
         raise erase_error
 
@@ -346,10 +351,7 @@ def retrieve(
         store.close()
     for notice in result.notices:
         info(f"kvcache: {notice}")
-    if as_json:
-        emit_json(result.to_dict())
-    else:
-        render.retrieval_result(result)
+    show(result, as_json, render.retrieval_result)
 
 
 @app.command()
@@ -383,10 +385,7 @@ def snapshot(
         info_ = manager.snapshot(session, slot_result, slot_id=slot)
     finally:
         store.close()
-    if as_json:
-        emit_json(info_.to_dict())
-    else:
-        render.snapshot_created(info_)
+    show(info_, as_json, render.snapshot_created)
 
 
 @app.command()
@@ -411,10 +410,7 @@ def restore(
         result = manager.restore(session, snapshot_id, restored_tokens)
     finally:
         store.close()
-    if as_json:
-        emit_json(result.to_dict())
-    else:
-        render.restore_result(result)
+    show(result, as_json, render.restore_result)
 
 
 @app.command()
