@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,22 +280,18 @@ def clear(
     from . import render
 
     manager, store = _manager(server, need_server=slot is not None)
-    erase_error: KVCacheError | None = None
     try:
+        erased = None
         if slot is not None:
+            # erase first: a server that refuses (bad slot, no --slot-save-path) leaves
+            # the store untouched, and an erased slot is what the clear is about anyway
             manager.active_entries(session)  # unknown session fails before any slot request
-            manager.llm.check_slot(slot)
+            erased = manager.llm.slot_erase(slot)  # checks the id against GET /slots
         result = manager.clear(session)
-        if slot is not None:
-            try:
-                result.slot_erased = manager.llm.slot_erase(slot)
-            except KVCacheError as exc:  # the clear is done: show it, then fail
-                erase_error = exc
+        result.slot_erased = erased
     finally:
         store.close()
     show(result, as_json, render.clear_result)
-    if erase_error is not None:
-        raise erase_error
 
 
 def _parse_tiers(text: str) -> tuple[int, ...]:
@@ -338,6 +335,8 @@ def retrieve(
             raise BadInputError("give SESSION and QUERY (or --all-sessions QUERY)")
         session, query = args
     tier_set = _parse_tiers(tiers)
+    if not 0.0 <= min_score <= 1.0:  # also refuses NaN
+        raise BadInputError(f"--min-score must be between 0 and 1, not {min_score}")
     if strategy is not None:
         from .config import RETRIEVAL_STRATEGIES
 
@@ -446,7 +445,37 @@ def maintain(
         raise typer.Exit(1)
 
 
-@app.command()
+_SECONDS_RE = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)")
+
+
+def _watch_seconds_args(args: list[str]) -> list[str]:
+    """``--watch N`` / ``--watch=N`` -> ``--watch --interval N`` (optional-value option)."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            out.extend(args[i:])
+            break
+        if arg.startswith("--watch="):
+            out.extend(["--watch", "--interval", arg.split("=", 1)[1]])
+        elif arg == "--watch" and i + 1 < len(args) and _SECONDS_RE.fullmatch(args[i + 1]):
+            out.extend(["--watch", "--interval", args[i + 1]])
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+class _StatsCommand(typer.core.TyperCommand):
+    """Lets ``--watch`` take an optional SECONDS value (Typer 0.29 ignores ``flag_value``)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _watch_seconds_args(args))
+
+
+@app.command(cls=_StatsCommand)
 def stats(
     session: Annotated[Optional[str], typer.Argument(help="Show one session in detail.")] = None,
     history: Annotated[
@@ -455,17 +484,22 @@ def stats(
     server: ServerOpt = None,
     as_json: JsonOpt = False,
     watch: Annotated[
-        bool, typer.Option("--watch", help="Redraw in place until Ctrl-C (needs a terminal).")
+        bool,
+        typer.Option(
+            "--watch",
+            help="--watch [SECONDS]: redraw in place every SECONDS (default 2) until Ctrl-C (needs a terminal).",
+        ),
     ] = False,
     interval: Annotated[
-        float, typer.Option("--interval", help="Seconds between redraws with --watch.", min=0.2)
+        float, typer.Option("--interval", help="Seconds between redraws (same as --watch SECONDS).", min=0.2)
     ] = 2.0,
 ) -> None:
     """Cache fill per session, top sessions, operations per hour; or SESSION in detail.
 
-    With SESSION: its state, snapshots, summary and cache usage turn by turn. --watch
-    redraws in place every --interval seconds until Ctrl-C; it needs a terminal on
-    stdout (exit 2 otherwise) and does not combine with --json.
+    With SESSION: its state, snapshots, summary and cache usage turn by turn.
+    --watch [SECONDS] redraws in place every SECONDS (default 2; --interval is an alias)
+    until Ctrl-C; it needs a terminal on stdout (exit 2 otherwise) and does not combine
+    with --json. A number right after --watch is SECONDS: put a numeric SESSION first.
     """
     from . import render
     from .insights import compute as compute_insights
@@ -550,6 +584,7 @@ def init_config(
         Optional[Path], typer.Argument(help="Where to write (default: the user config file).")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Write a starter kvcache.toml with every key at its default."""
     from .config import starter_toml
@@ -562,7 +597,10 @@ def init_config(
     fd = os.open(target, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(starter_toml())
-    info(f"wrote {target}")
+    if as_json:
+        emit_json({"path": str(target), "written": True})
+    else:
+        info(f"wrote {target}")
 
 
 def main() -> None:

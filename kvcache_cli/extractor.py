@@ -98,3 +98,31 @@ def filter_preserved(
         if keep:
             kept.append(item)
     return kept
+
+
+#: Share of the memory threshold that the entries kept at a clear may fill.
+PRESERVE_SHARE = 0.5
+
+
+def fit_to_budget(preserved: list[ExtractedEntry], budget_bytes: int) -> list[ExtractedEntry]:
+    """The preserved entries that fit in ``budget_bytes``, most important first.
+
+    Not in the seed, whose preservation ignores size: a clear triggered by memory that
+    keeps every important (often long) entry frees nothing, and the next turn is over
+    the threshold again. kvcache keeps at most half the threshold's worth of bytes
+    (``PRESERVE_SHARE``), so that every clear makes room. The conversation's own
+    system messages are kept first, whatever their size.
+    """
+    if budget_bytes <= 0:
+        return preserved
+    system = [p for p in preserved if p.entry.key_type == "system_prompt"]
+    used = sum(p.entry.size_bytes for p in system)
+    kept = list(system)
+    for item in preserved:
+        if item.entry.key_type == "system_prompt":
+            continue
+        if used + item.entry.size_bytes <= budget_bytes:
+            kept.append(item)
+            used += item.entry.size_bytes
+    order = {id(p): i for i, p in enumerate(preserved)}
+    return sorted(kept, key=lambda p: order[id(p)])

@@ -19,7 +19,7 @@ from . import bridge
 from .config import Config
 from .entries import ChatMessage, KVEntry, entries_hash, key_hash_for
 from .errors import BadInputError, IntegrityError, NotFoundError
-from .extractor import extract_entries, filter_preserved
+from .extractor import PRESERVE_SHARE, extract_entries, filter_preserved, fit_to_budget
 from .loaders import Conversation
 from .memory import TokenCounter, capacity_bytes
 from .retrieval import TIER_THRESHOLDS, RetrievalResult, RetrievedEntry, merge_results, rank_entries
@@ -817,6 +817,8 @@ class KVCacheManager:
         preserved = filter_preserved(
             extracted, cfg.min_importance_to_preserve, cfg.preserve_system_prompts, cfg.preserve_code_entries
         )
+        budget = int(self.capacity() * cfg.memory_threshold_percent * PRESERVE_SHARE)
+        preserved = fit_to_budget(preserved, budget)
         kept_keys = {p.entry.key_hash for p in preserved}
         snapshot_id = None
         if self._snapshot_on_clear(reason):

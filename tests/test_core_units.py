@@ -252,3 +252,18 @@ def test_role_system_entries_always_kept_when_preserving_system_prompts() -> Non
     low = ExtractedEntry(entry("You are terse.", key_type="system_prompt"), "system_prompt", 0.2, [])
     assert filter_preserved([low], 0.7, True, True) == [low]
     assert filter_preserved([low], 0.7, False, True) == []
+
+
+def test_fit_to_budget_keeps_system_then_most_important_within_bytes() -> None:
+    from kvcache_cli.extractor import fit_to_budget
+
+    def sized(text: str, size: int, key_type: str = "attention_key", imp: float = 0.9) -> ExtractedEntry:
+        e = entry(text, key_type=key_type)
+        e.size_bytes = size
+        return ExtractedEntry(e, key_type, imp, [])
+
+    sys_ = sized("You are terse.", 500, "system_prompt", 0.2)
+    big, mid, small = sized("big", 600, imp=0.95), sized("mid", 300, imp=0.9), sized("small", 100, imp=0.8)
+    kept = fit_to_budget([big, mid, small, sys_], 1000)
+    assert kept == [mid, small, sys_]  # input order kept; the system message first in line
+    assert fit_to_budget([big, mid], 0) == [big, mid]  # no capacity known: no budget

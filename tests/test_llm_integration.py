@@ -347,11 +347,13 @@ def test_slot_actions_without_slot_save_path(env: Env) -> None:
         assert proc.returncode == 1
         assert "501" in proc.stderr and "--slot-save-path" in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
-        # a clear still happens; then the erase failure is reported
+        # the erase is asked first: refused, so the store is not cleared either
+        before = env.ok("stats", "s1", "--json")["sessions"][0]
         proc = env.run("clear", "s1", "--slot", "0", "--server", srv.url, "--json")
-        assert proc.returncode == 1
-        assert json.loads(proc.stdout)["slot_erased"] is None
+        assert proc.returncode == 1 and proc.stdout == ""
         assert "--slot-save-path" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert env.ok("stats", "s1", "--json")["sessions"][0] == before
     assert env.ok("snapshot", "--list", "s1", "--json")["snapshots"] == []
 
 

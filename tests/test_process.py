@@ -64,6 +64,11 @@ def test_long_messages_clear_earlier_by_memory(store: Store, tmp_path: Path) -> 
     assert first.cache_size_bytes / result.capacity_bytes >= 0.6
     # every turn before the first clear stayed under the threshold
     assert all(t.cache_size_bytes / result.capacity_bytes < 0.6 for t in result.turns[: reasons[0][0] - 1])
+    # every memory clear makes room: it frees entries and keeps at most half the threshold
+    for clear in result.clears:
+        assert clear.entries_cleared > 0
+    # and no turn ever goes over capacity (the seed's size-blind preservation did)
+    assert all(t.cache_size_bytes <= result.capacity_bytes for t in result.turns)
 
 
 def test_example_files_clear_as_documented(store: Store) -> None:
@@ -75,6 +80,8 @@ def test_example_files_clear_as_documented(store: Store) -> None:
     [long] = load_file(EXAMPLES / "long-messages.json")
     result = manager.process_conversation(long, "long")
     assert result.clears and result.clears[0].reason == "MemoryThreshold" and result.clears[0].turn < 16
+    assert all(c.entries_cleared > 0 for c in result.clears)
+    assert sum(e.size_bytes for e in manager.active_entries("long")) <= 0.6 * result.capacity_bytes
 
 
 def test_replay_is_idempotent(store: Store, tmp_path: Path) -> None:
