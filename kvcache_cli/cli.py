@@ -57,10 +57,13 @@ class AppState:
         """``--db``, then ``KVCACHE_DB``, then the config file, then the default path."""
         return self.db or os.environ.get("KVCACHE_DB") or self.config().database.url or None
 
-    def open_store(self) -> Store:
+    def open_store(self, read_only: bool = False) -> Store:
+        """The store; a read-only command on an explicit ``--db``/URL that names no
+        existing database fails (a typo) instead of creating an empty one."""
         from .store.backend import open_store
 
-        return open_store(self.db_url(), self.config().database.busy_timeout_ms)
+        url = self.db_url()
+        return open_store(url, self.config().database.busy_timeout_ms, must_exist=read_only and bool(url))
 
 
 STATE = AppState()
@@ -124,12 +127,15 @@ def _llm_client(server: str | None, required: bool = False) -> Any:
     return client
 
 
-def _manager(server: str | None = None, need_server: bool = False) -> tuple[KVCacheManager, Store]:
+def _manager(
+    server: str | None = None, need_server: bool = False, read_only: bool = False
+) -> tuple[KVCacheManager, Store]:
+    """The manager and its store; ``read_only``: the command works on an existing store."""
     from .manager import KVCacheManager
 
     config = STATE.config()
     llm = _llm_client(server, need_server)
-    store = STATE.open_store()
+    store = STATE.open_store(read_only)
     return KVCacheManager(store, config, llm), store
 
 
@@ -279,7 +285,7 @@ def clear(
     """Clear a session's cache now, keeping its important entries (reason Manual)."""
     from . import render
 
-    manager, store = _manager(server, need_server=slot is not None)
+    manager, store = _manager(server, need_server=slot is not None, read_only=True)
     try:
         erased = None
         if slot is not None:
@@ -343,7 +349,7 @@ def retrieve(
         if strategy not in RETRIEVAL_STRATEGIES:
             raise BadInputError(f"--strategy must be one of {', '.join(RETRIEVAL_STRATEGIES)}")
         STATE.config().cache.retrieval_strategy = strategy
-    manager, store = _manager(server)
+    manager, store = _manager(server, read_only=True)
     try:
         result = manager.retrieve(session, query, tier_set, limit, min_score)
     finally:
@@ -366,7 +372,7 @@ def snapshot(
 
     if not list_ and session is None:
         raise BadInputError("give SESSION to snapshot, or --list")
-    manager, store = _manager(server, need_server=slot is not None)
+    manager, store = _manager(server, need_server=slot is not None, read_only=True)
     try:
         if list_:
             items = manager.list_snapshots(session)
@@ -398,7 +404,7 @@ def restore(
     """Put a snapshot's entries back into the session's active cache."""
     from . import render
 
-    manager, store = _manager(server, need_server=slot is not None)
+    manager, store = _manager(server, need_server=slot is not None, read_only=True)
     try:
         snap = manager.get_snapshot(session, snapshot_id)
         restored_tokens = None
@@ -426,7 +432,7 @@ def maintain(
     from . import render
     from .errors import LockBusyError
 
-    manager, store = _manager()
+    manager, store = _manager(read_only=True)
     try:
         try:
             result = manager.maintain(dry_run=dry_run, inactive_hours=inactive_hours, check=check)
@@ -511,7 +517,7 @@ def stats(
             raise BadInputError("--watch needs a terminal on stdout; drop --watch to print once")
 
         def fetch() -> tuple[dict[str, Any], dict[str, Any]]:
-            manager, store = _manager()
+            manager, store = _manager(read_only=True)
             try:
                 return manager.statistics(session, history), compute_insights(store, STATE.config())
             finally:
@@ -522,7 +528,7 @@ def stats(
         except KeyboardInterrupt:
             _stderr("kvcache: stopped watching")
         return
-    manager, store = _manager()
+    manager, store = _manager(read_only=True)
     try:
         data = manager.statistics(session, history)
         data["insights"] = compute_insights(store, STATE.config())

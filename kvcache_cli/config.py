@@ -215,7 +215,51 @@ def validate(config: Config, where: str = "configuration") -> Config:
             raise ConfigError(f"{where}: model.{name} must be at least 1")
     if config.maintenance.history_limit < 1:
         raise ConfigError(f"{where}: maintenance.history_limit must be at least 1")
+    _validate_llm(config.llm, where)
+    _validate_database_url(config.database.url, where)
     return config
+
+
+def _is_http_url(text: str) -> bool:
+    """``http://host[...]`` or ``https://host[...]``."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+
+
+def _validate_llm(llm: LLMConfig, where: str) -> None:
+    """Endpoint URLs must be http(s) URLs; timeouts must be positive seconds."""
+    for name in ("base_url", "embeddings_url"):
+        value = getattr(llm, name)
+        if value and not _is_http_url(value.strip()):
+            raise ConfigError(f"{where}: llm.{name} must be an http:// or https:// URL, not {value!r}")
+    for name in ("connect_timeout", "read_timeout"):
+        value = getattr(llm, name)
+        if not value > 0 or value == float("inf"):  # also refuses NaN
+            raise ConfigError(f"{where}: llm.{name} must be a positive number of seconds, not {value!r}")
+
+
+def _validate_database_url(url: str, where: str) -> None:
+    """A file path, ``sqlite:///path`` or ``postgresql://...`` (credentials never echoed)."""
+    text = url.strip()
+    if "://" not in text:
+        return
+    scheme = text.split("://", 1)[0].lower()
+    if scheme == "sqlite":
+        if not text[len("sqlite://") :].startswith("/"):
+            raise ConfigError(
+                f"{where}: database.url must be sqlite:///relative.db or sqlite:////absolute.db"
+            )
+    elif scheme not in ("postgresql", "postgres"):
+        raise ConfigError(
+            f"{where}: database.url has unsupported scheme {scheme!r} "
+            "(use a file path, sqlite:///path or postgresql://...)"
+        )
 
 
 def parse_config(data: dict[str, Any], where: str) -> Config:

@@ -200,7 +200,7 @@ def copy_store(source_url: str, dest_url: str, force: bool = False) -> CopyResul
     dst_loc = parse_location(dest_url)
     if (src_loc.backend, src_loc.target) == (dst_loc.backend, dst_loc.target):
         raise BadInputError("source and destination are the same store")
-    source = open_store(source_url)
+    source = open_store(source_url, must_exist=True)
     try:
         dest = open_store(dest_url)
         try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from peewee import fn
+
 from .store import models as m
 
 if TYPE_CHECKING:
@@ -30,7 +32,15 @@ def statistics(manager: KVCacheManager, session_key: str | None = None, history:
         "entries_preserved": stats.entries_preserved,
         "entries_cleared": stats.entries_cleared,
         "entries_retrieved": stats.entries_retrieved,
-        "active_sessions": m.Session.select().count(),
+        # the seed counts the sessions it holds state for; maintenance releases an idle
+        # session's cache and snapshots, so "active" = still holding either
+        "active_sessions": m.Session.select()
+        .where(
+            (m.Session.entry_count > 0)
+            | fn.EXISTS(m.Snapshot.select(m.Snapshot.id).where(m.Snapshot.session == m.Session.id))
+        )
+        .count(),
+        "session_count": m.Session.select().count(),
         "last_operation": stats.last_operation.isoformat() if stats.last_operation else None,
         "operation_history_count": op_count,
         "total_snapshots": stats.total_snapshots,

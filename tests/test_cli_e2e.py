@@ -501,6 +501,16 @@ def test_init_config_writes_a_file_that_loads_back(home: Path, tmp_path: Path) -
     assert (home / "kvcache.toml").exists()
     rc, _, err = run_kvcache("stats", home=home)  # the default config file is read and valid
     assert rc == 0, err
+    other = tmp_path / "other.toml"
+    rc, out, err = run_kvcache("init-config", other, "--json", home=home)
+    assert rc == 0, err
+    assert json.loads(out) == {"path": str(other), "written": True} and other.exists()
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
+def test_retrieve_min_score_out_of_range(home: Path, db: Path, value: str) -> None:
+    rc, _, err = run_kvcache("retrieve", "s", "budget", "--min-score", value, home=home, db=db)
+    assert rc == 2 and "--min-score must be between 0 and 1" in one_error_line(err)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")

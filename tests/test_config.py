@@ -61,6 +61,14 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("[cache.snapshot]\nstrategy = 'weekly'\n", "cache.snapshot.strategy"),
         ("[model]\nlayers = 0\n", "model.layers"),
         ("[llm]\nread_timeout = 'slow'\n", "llm.read_timeout"),
+        ("[llm]\nbase_url = 'notaurl'\n", "llm.base_url must be an http:// or https:// URL, not 'notaurl'"),
+        ("[llm]\nbase_url = 'http://'\n", "llm.base_url"),
+        ("[llm]\nembeddings_url = 'ftp://host/x'\n", "llm.embeddings_url"),
+        ("[llm]\nconnect_timeout = 0\n", "llm.connect_timeout"),
+        ("[llm]\nread_timeout = 0\n", "llm.read_timeout"),
+        ("[llm]\nread_timeout = nan\n", "llm.read_timeout"),
+        ("[database]\nurl = 'mysql://u:secret@x/y'\n", "database.url has unsupported scheme 'mysql'"),
+        ("[database]\nurl = 'sqlite://rel.db'\n", "database.url"),
     ],
 )
 def test_bad_key_or_value_names_key_and_file(tmp_path: Path, text: str, key: str) -> None:
@@ -70,7 +78,17 @@ def test_bad_key_or_value_names_key_and_file(tmp_path: Path, text: str, key: str
     message = str(info.value)
     assert str(path) in message
     assert key in message
+    assert "secret" not in message
     assert info.value.exit_code == 2
+
+
+def test_good_urls_and_timeouts_load(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[llm]\nbase_url = 'http://127.0.0.1:8080'\nembeddings_url = 'https://e.example/v1'\n"
+        "connect_timeout = 0.5\n[database]\nurl = 'postgresql://u@h/db'\n",
+    )
+    assert load_config(path).llm.connect_timeout == 0.5
 
 
 def test_invalid_toml_and_missing_named_file(tmp_path: Path) -> None:

@@ -213,3 +213,13 @@ def test_cron_output_lists_on_dry_run_sums_up_a_run_and_is_silent_after(store: t
     assert len(real.stdout.splitlines()) == 1
     again = run_cli(home, *base)
     assert again.returncode == 0 and again.stdout == "" and again.stderr == ""
+
+
+def test_released_sessions_leave_the_active_count(store: tuple[Path, Path, Path]) -> None:
+    home, db, config = store
+    base = ("--db", str(db), "--config", str(config))
+    before = json.loads(run_cli(home, *base, "stats", "--json").stdout)
+    assert before["active_sessions"] == before["session_count"] == 3
+    assert run_cli(home, *base, "maintain").returncode == 0
+    after = json.loads(run_cli(home, *base, "stats", "--json").stdout)
+    assert after["session_count"] == 3 and after["active_sessions"] == 2  # "old" was released

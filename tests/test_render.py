@@ -294,13 +294,29 @@ def test_watch_refuses_without_a_terminal(known: dict[str, Any]) -> None:
     )
     proc = run("--db", str(known["path"]), "stats", "--watch", "--json")
     assert proc.returncode == 2 and "--json" in proc.stderr
+    for args in (["--watch", "2"], ["--watch=2"], ["--watch", "2", "s1"]):  # 2 is SECONDS, not SESSION
+        proc = run("--db", str(known["path"]), "stats", *args)
+        assert proc.returncode == 2 and "--watch needs a terminal" in proc.stderr, args
+    proc = run("--db", str(known["path"]), "stats", "--watch", "0.1")
+    assert proc.returncode == 2 and "0.2" in proc.stderr
 
 
-def test_watch_redraws_until_ctrl_c(known: dict[str, Any]) -> None:
+def test_watch_seconds_rewrite() -> None:
+    from kvcache_cli.cli import _watch_seconds_args
+
+    assert _watch_seconds_args(["--watch", "5", "s"]) == ["--watch", "--interval", "5", "s"]
+    assert _watch_seconds_args(["--watch=0.5"]) == ["--watch", "--interval", "0.5"]
+    assert _watch_seconds_args(["s", "--watch"]) == ["s", "--watch"]
+    assert _watch_seconds_args(["--watch", "s1"]) == ["--watch", "s1"]
+    assert _watch_seconds_args(["--", "--watch", "2"]) == ["--", "--watch", "2"]
+
+
+@pytest.mark.parametrize("watch_args", [["--watch", "--interval", "0.2"], ["--watch", "0.2"]])
+def test_watch_redraws_until_ctrl_c(known: dict[str, Any], watch_args: list[str]) -> None:
     """On a pseudo-terminal: draws, redraws, and stops with exit 0 on SIGINT."""
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
-        [KVCACHE, "--db", str(known["path"]), "stats", "--watch", "--interval", "0.2"],
+        [KVCACHE, "--db", str(known["path"]), "stats", *watch_args],
         stdout=follower,
         stderr=subprocess.PIPE,
         env={**os.environ, "COLUMNS": "100", "TERM": "xterm"},

@@ -148,3 +148,17 @@ def test_size_bytes(store_url: str) -> None:  # noqa: F811
         assert store.size_bytes() > 0
     finally:
         store.close()
+
+
+def test_missing_folder_or_missing_source_is_refused_not_created(tmp_path: Path) -> None:
+    """``must_exist`` (read-only commands on an explicit --db, copy-store's source): a
+    missing database is an error, and nothing is created."""
+    from kvcache_cli.copy_store import copy_store
+    from kvcache_cli.errors import NotFoundError
+
+    with pytest.raises(NotFoundError, match="no such database"):
+        open_store(tmp_path / "nope" / "x.db", must_exist=True)
+    assert not (tmp_path / "nope").exists()
+    with pytest.raises(NotFoundError, match="no such database"):
+        copy_store(str(tmp_path / "missing.db"), str(tmp_path / "dest.db"))
+    assert not (tmp_path / "missing.db").exists() and not (tmp_path / "dest.db").exists()

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import peewee
 
-from ..errors import BadInputError, LockBusyError, StoreError
+from ..errors import BadInputError, LockBusyError, NotFoundError, StoreError
 from ..paths import default_db_path, ensure_private_dir
 from .models import database_proxy
 
@@ -85,7 +85,8 @@ def parse_location(url: str | os.PathLike[str] | None) -> StoreLocation:
     return StoreLocation("sqlite", str(Path(text).expanduser()))
 
 
-def _prepare_sqlite_file(path: str) -> None:
+def _prepare_sqlite_file(path: str, must_exist: bool = False) -> None:
+    """Check an existing file is SQLite, or create it 0600 (its folders 0700)."""
     if path == ":memory:":
         return
     file = Path(path)
@@ -100,6 +101,8 @@ def _prepare_sqlite_file(path: str) -> None:
         if header and header != SQLITE_MAGIC:
             raise StoreError(f"{path}: not a SQLite database (refusing to touch it)")
         return
+    if must_exist:
+        raise NotFoundError(f"{path}: no such database")
     parent = file.parent
     if not parent.exists():
         ensure_private_dir(parent)
@@ -112,9 +115,9 @@ def _prepare_sqlite_file(path: str) -> None:
         raise StoreError(f"{path}: cannot create database ({exc.strerror})") from None
 
 
-def open_sqlite(path: str, busy_timeout_ms: int = 30000) -> peewee.SqliteDatabase:
+def open_sqlite(path: str, busy_timeout_ms: int = 30000, must_exist: bool = False) -> peewee.SqliteDatabase:
     """A connected SQLite database with the store's pragmas."""
-    _prepare_sqlite_file(path)
+    _prepare_sqlite_file(path, must_exist)
     db = peewee.SqliteDatabase(
         path,
         pragmas={
@@ -224,15 +227,20 @@ class Store:
             self.db.close()
 
 
-def open_store(url: str | os.PathLike[str] | None = None, busy_timeout_ms: int = 30000) -> Store:
-    """Open (creating and migrating if needed) the store at ``url``."""
+def open_store(
+    url: str | os.PathLike[str] | None = None, busy_timeout_ms: int = 30000, must_exist: bool = False
+) -> Store:
+    """Open (creating and migrating if needed) the store at ``url``.
+
+    ``must_exist``: a SQLite file that is not there is an error, not a new store.
+    """
     location = parse_location(url)
     if location.backend == "postgresql":
         from .postgres import open_postgres
 
         db: Any = open_postgres(location.target)
     else:
-        db = open_sqlite(location.target, busy_timeout_ms)
+        db = open_sqlite(location.target, busy_timeout_ms, must_exist)
     store = Store(db, location)
     from .migrations import migrate
 
