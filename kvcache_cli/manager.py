@@ -915,6 +915,7 @@ class KVCacheManager:
         if reason == "interval" and last and last[0][0] == state_hash:
             return None
         row = m.Snapshot.create(
+            id=self._next_snapshot_id(),
             session=session.id,
             turn_index=turn,
             snapshot_type=kind if kind != "adaptive" else "checkpoint",
@@ -936,6 +937,19 @@ class KVCacheManager:
         if snap.max_snapshots > 0:
             self._prune_session_snapshots(session.id, snap.max_snapshots, dry_run=False)
         return int(row.id)
+
+    def _next_snapshot_id(self) -> int:
+        """An id never issued before, even after the newest snapshots were deleted.
+
+        SQLite reuses ``max(id) + 1`` once the top rows are gone, which would let an old
+        ``restore`` id or an operation record ("Snapshot ID: 7") point at a different
+        snapshot. Every snapshot ever made is counted in ``statistics.total_snapshots``
+        (bumped after each insert), so ``max(max id, that count) + 1`` is always new.
+        Called inside the write transaction that inserts the row.
+        """
+        top = _sql(self.store, "SELECT max(id) FROM snapshots")[0][0] or 0
+        made = _sql(self.store, "SELECT total_snapshots FROM statistics WHERE id = 1")[0][0] or 0
+        return int(max(top, made)) + 1
 
     def _prune_session_snapshots(self, session_id: int, keep: int, dry_run: bool) -> list[int]:
         """Drop all but the newest ``keep`` snapshots; ties broken by id (newest wins)."""
@@ -965,6 +979,7 @@ class KVCacheManager:
             active = self._active_entries(session)
             state_hash = entries_hash(active)
             row = m.Snapshot.create(
+                id=self._next_snapshot_id(),
                 session=session.id,
                 turn_index=session.turn_count,
                 snapshot_type="full",

@@ -223,3 +223,16 @@ def test_released_sessions_leave_the_active_count(store: tuple[Path, Path, Path]
     assert run_cli(home, *base, "maintain").returncode == 0
     after = json.loads(run_cli(home, *base, "stats", "--json").stdout)
     assert after["session_count"] == 3 and after["active_sessions"] == 2  # "old" was released
+
+
+def test_snapshot_ids_are_never_reused_after_deletion(store: tuple[Path, Path, Path]) -> None:
+    """Released (deleted) snapshots leave their ids behind: a new one gets a fresh id."""
+    home, db, config = store
+    base = ("--db", str(db), "--config", str(config))
+    listed = json.loads(run_cli(home, *base, "snapshot", "--list", "--json").stdout)["snapshots"]
+    highest = max(s["id"] for s in listed)
+    # release everything, including the newest snapshots
+    assert run_cli(home, *base, "maintain", "--inactive-hours", "0").returncode == 0
+    assert json.loads(run_cli(home, *base, "snapshot", "--list", "--json").stdout)["snapshots"] == []
+    made = json.loads(run_cli(home, *base, "snapshot", "live", "--json").stdout)
+    assert made["id"] > highest
