@@ -493,7 +493,7 @@ def stats(
         bool,
         typer.Option(
             "--watch",
-            help="--watch [SECONDS]: redraw in place every SECONDS (default 2) until Ctrl-C (needs a terminal).",
+            help="--watch [SECONDS]: redraw every SECONDS (default 2) until Ctrl-C (needs a terminal).",
         ),
     ] = False,
     interval: Annotated[

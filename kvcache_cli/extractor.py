@@ -7,8 +7,15 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from .entries import KVEntry
-from .scoring import CacheEntryScorer, extract_keywords, is_question
-from .scoring import CODE_RE, IMPORTANT_RE, NUMERIC_RE, SYSTEM_PROMPT_RE
+from .scoring import (
+    CODE_RE,
+    IMPORTANT_RE,
+    NUMERIC_RE,
+    SYSTEM_PROMPT_RE,
+    CacheEntryScorer,
+    extract_keywords,
+    is_question,
+)
 
 MIN_VALUE_BYTES = 10
 MAX_VALUE_BYTES = 10_000

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ def parse_timestamp(value: Any, where: str) -> datetime | None:
         raise _fail(where, f"timestamp must be ISO-8601 text or a number, not {value!r}")
     if isinstance(value, (int, float)):
         try:
-            return datetime.fromtimestamp(float(value), timezone.utc).replace(tzinfo=None)
+            return datetime.fromtimestamp(float(value), UTC).replace(tzinfo=None)
         except (OverflowError, OSError, ValueError):
             raise _fail(where, f"timestamp {value!r} is out of range") from None
     if isinstance(value, str):
@@ -76,7 +76,7 @@ def parse_timestamp(value: Any, where: str) -> datetime | None:
         except ValueError:
             raise _fail(where, f"timestamp {value!r} is not ISO-8601") from None
         if parsed.tzinfo is not None:
-            parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
+            parsed = parsed.astimezone(UTC).replace(tzinfo=None)
         return parsed
     raise _fail(where, f"timestamp must be ISO-8601 text or a number, not {type(value).__name__}")
 
@@ -164,11 +164,21 @@ def _native(raw: dict[str, Any], where: str) -> Conversation:
 
 
 _KV_TEXT_FIELDS = ("key_data", "text", "value_data", "key_type", "key_hash")
-_KV_INT_FIELDS = ("value_bytes", "layer_index", "head_index", "access_count", "size_bytes", "tokens", "message_index")
+_KV_INT_FIELDS = (
+    "value_bytes",
+    "layer_index",
+    "head_index",
+    "access_count",
+    "size_bytes",
+    "tokens",
+    "message_index",
+)
 
 
 def _check_kv_entry(entry: dict[str, Any], where: str) -> None:
     """Check a ``kv_entries`` item's field types now, so a bad one writes nothing."""
+    if entry.get("key_data") is None and entry.get("text") is None:
+        raise _fail(where, "needs 'key_data' or 'text'")
     for name in _KV_TEXT_FIELDS:
         value = entry.get(name)
         if value is not None and not isinstance(value, str):
@@ -180,7 +190,8 @@ def _check_kv_entry(entry: dict[str, Any], where: str) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise _fail(f"{where}.{name}", f"must be a whole number >= 0, not {value!r}")
     score = entry.get("importance_score")
-    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1):
+    bad_type = isinstance(score, bool) or not isinstance(score, (int, float))
+    if score is not None and (bad_type or not 0 <= score <= 1):
         raise _fail(f"{where}.importance_score", f"must be a number between 0 and 1, not {score!r}")
 
 
@@ -279,7 +290,13 @@ def _json_error(label: str, exc: json.JSONDecodeError, line_offset: int = 0) -> 
     return BadInputError(f"{label}:{line}:{exc.colno}: invalid JSON: {exc.msg}")
 
 
+def _line_format(fmt: str) -> str:
+    """The item format each JSON Lines line is read with (``jsonl`` means detect)."""
+    return "auto" if fmt == "jsonl" else fmt
+
+
 def _iter_jsonl(text: str, label: str, fmt: str) -> Iterator[Conversation]:
+    fmt = _line_format(fmt)
     loose: list[ChatMessage] = []
     loose_line = 0
     for number, line in enumerate(text.splitlines(), start=1):
@@ -290,7 +307,7 @@ def _iter_jsonl(text: str, label: str, fmt: str) -> Iterator[Conversation]:
         except json.JSONDecodeError as exc:
             raise _json_error(label, exc, number - 1) from None
         where = f"{label}:{number}: "
-        if isinstance(value, dict) and "role" in value and "messages" not in value:
+        if fmt != "sharegpt" and isinstance(value, dict) and "role" in value and "messages" not in value:
             loose.append(parse_message(value, f"{label}:{number}: message"))
             loose_line = loose_line or number
             continue
@@ -300,10 +317,9 @@ def _iter_jsonl(text: str, label: str, fmt: str) -> Iterator[Conversation]:
 
 
 def detect_jsonl(path: Path, text: str, fmt: str) -> bool:
+    """JSON Lines by ``--format jsonl`` or by extension (a forced item format applies per line)."""
     if fmt == "jsonl":
         return True
-    if fmt != "auto":
-        return False
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         return True
     return False
@@ -317,18 +333,19 @@ def load_file(path: str | Path, fmt: str = "auto") -> list[Conversation]:
     label = str(path)
     text = _read_text(file)
     if detect_jsonl(file, text, fmt):
-        return list(_iter_jsonl(text, label, "auto"))
+        return list(_iter_jsonl(text, label, fmt))
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data" and fmt == "auto":
-            return list(_iter_jsonl(text, label, "auto"))
+        if exc.msg == "Extra data":  # several values: JSON Lines, read with the (forced) item format
+            return list(_iter_jsonl(text, label, fmt))
         raise _json_error(label, exc) from None
     return _from_value(value, f"{label}: ", fmt)
 
 
-def _iter_jsonl_stream(path: Path, label: str) -> Iterator[Conversation]:
+def _iter_jsonl_stream(path: Path, label: str, fmt: str = "auto") -> Iterator[Conversation]:
     """Like ``_iter_jsonl`` but reading the file line by line (constant memory per line)."""
+    fmt = _line_format(fmt)
     loose: list[ChatMessage] = []
     loose_line = 0
     try:
@@ -356,11 +373,11 @@ def _iter_jsonl_stream(path: Path, label: str) -> Iterator[Conversation]:
             except json.JSONDecodeError as exc:
                 raise _json_error(label, exc, number - 1) from None
             where = f"{label}:{number}: "
-            if isinstance(value, dict) and "role" in value and "messages" not in value:
+            if fmt != "sharegpt" and isinstance(value, dict) and "role" in value and "messages" not in value:
                 loose.append(parse_message(value, f"{label}:{number}: message"))
                 loose_line = loose_line or number
                 continue
-            yield from _from_value(value, where, "auto")
+            yield from _from_value(value, where, fmt)
     if empty:
         raise BadInputError(f"{label}: file is empty")
     if loose:
@@ -381,6 +398,6 @@ def iter_file(path: str | Path, fmt: str = "auto") -> Iterator[Conversation]:
     if file.is_dir():
         raise BadInputError(f"{label}: is a directory, not a conversation file")
     if detect_jsonl(file, "", fmt):
-        yield from _iter_jsonl_stream(file, label)
+        yield from _iter_jsonl_stream(file, label, fmt)
         return
     yield from load_file(path, fmt)

@@ -6,6 +6,8 @@ Rich drops colour and escape codes by itself when stdout is not a terminal.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -21,8 +23,42 @@ if TYPE_CHECKING:
     from .manager import ClearInfo, MaintenanceResult, ProcessResult, RestoreResult, SnapshotInfo
     from .retrieval import RetrievalResult
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+#: Width of piped output (no terminal, no COLUMNS): Rich's default 80 truncates tables.
+PIPE_WIDTH = 160
+
+
+def _pipe_width(stream: Any) -> int | None:
+    """``PIPE_WIDTH`` when ``stream`` is not a terminal and COLUMNS is unset, else Rich's own."""
+    if os.environ.get("COLUMNS"):
+        return None
+    try:
+        return None if stream.isatty() else PIPE_WIDTH
+    except (AttributeError, ValueError):
+        return PIPE_WIDTH
+
+
+# markup=False: stored text such as "[bold]" or "[/x]" is printed as it is.
+console = Console(highlight=False, markup=False, width=_pipe_width(sys.stdout))
+err_console = Console(stderr=True, highlight=False, markup=False, width=_pipe_width(sys.stderr))
+
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: Any) -> str:
+    """``text`` with control characters (but newline and tab) and bidi overrides made visible.
+
+    NUL, ESC and the other C0/C1 controls become ``\\x00``-style escapes, the bidi
+    embedding/override/isolate marks ``\\u202e``-style ones, so stored text cannot move
+    the cursor, recolour or reorder the terminal. ``--json`` output does not use this.
+    """
+    value = "" if text is None else str(text)
+    return _UNSAFE.sub(_escape_char, value)
+
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -75,27 +111,27 @@ def turn_progress(label: str, enabled: bool) -> Iterator[Callable[[int, int], No
 
 
 def clear_result(result: ClearInfo) -> None:
-    table = Table(title=f"cleared session {result.session_id}", title_justify="left")
+    table = Table(title=f"cleared session {printable(result.session_id)}", title_justify="left")
     for name in ("reason", "entries cleared", "entries preserved", "snapshot", "summary"):
         table.add_column(name)
     table.add_row(
-        result.reason,
+        printable(result.reason),
         str(result.entries_cleared),
         str(result.entries_preserved),
         str(result.snapshot_id or "-"),
-        result.summary_source or "-",
+        printable(result.summary_source or "-"),
     )
     console.print(table)
     if result.slot_erased is not None:
         console.print(f"slot erased: {result.slot_erased} tokens")
-    console.print(result.bridge_message)
+    console.print(printable(result.bridge_message))
 
 
 def retrieval_result(result: RetrievalResult) -> None:
     if not result.entries:
-        console.print(f"nothing found for {result.query!r}")
+        console.print(printable(f"nothing found for {result.query!r}"))
         return
-    table = Table(title=f"retrieved for {result.query!r}", title_justify="left")
+    table = Table(title=printable(f"retrieved for {result.query!r}"), title_justify="left")
     for name in ("#", "tier", "score", "session", "msg", "matched", "text"):
         table.add_column(name, overflow="fold")
     for rank, e in enumerate(result.entries, start=1):
@@ -106,30 +142,30 @@ def retrieval_result(result: RetrievalResult) -> None:
             str(rank),
             str(e.tier),
             f"{e.score:.2f}",
-            e.session_id,
+            printable(e.session_id),
             "-" if e.message_index is None else str(e.message_index),
-            ", ".join(e.matched_keywords),
-            snippet,
+            printable(", ".join(e.matched_keywords)),
+            printable(snippet),
         )
     console.print(table)
     if result.bridge_message:
-        console.print(result.bridge_message)
+        console.print(printable(result.bridge_message))
 
 
 def snapshot_table(items: list[SnapshotInfo], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for name in ("id", "session", "type", "reason", "entries", "size", "created", "slot file"):
-        table.add_column(name)
+        table.add_column(name, overflow="fold")
     for s in items:
         table.add_row(
             str(s.id),
-            s.session_id,
+            printable(s.session_id),
             s.snapshot_type,
-            s.reason,
+            printable(s.reason),
             str(s.entry_count),
             human_bytes(s.size_bytes),
             s.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-            s.slot_filename or "-",
+            printable(s.slot_filename or "-"),
         )
     return table
 
@@ -148,11 +184,11 @@ def snapshot_created(item: SnapshotInfo) -> None:
 def restore_result(result: RestoreResult) -> None:
     console.print(
         f"restored {result.entries_restored} entries from snapshot {result.snapshot_id} "
-        f"into session {result.session_id} ({human_bytes(result.cache_size_bytes)})"
+        f"into session {printable(result.session_id)} ({human_bytes(result.cache_size_bytes)})"
     )
     if result.slot_n_restored is not None:
         console.print(f"slot restored: {result.slot_n_restored} tokens")
-    console.print(result.bridge_message)
+    console.print(printable(result.bridge_message))
 
 
 def maintenance_result(result: MaintenanceResult, verbose: bool) -> None:
@@ -171,7 +207,7 @@ def maintenance_result(result: MaintenanceResult, verbose: bool) -> None:
     prefix = "would " if result.dry_run else ""
     if detail:
         for key in result.cleaned_sessions:
-            console.print(f"{prefix}release idle session {key}")
+            console.print(f"{prefix}release idle session {printable(key)}")
         if result.pruned_snapshot_ids:
             console.print(f"{prefix}prune snapshots {', '.join(map(str, result.pruned_snapshot_ids))}")
         if result.operations_trimmed:
@@ -355,7 +391,9 @@ def _simple_table(title: str | None = None) -> Table:
 def process_view(result: ProcessResult, threshold: float = 0.6, width: int = 100) -> Group:
     """One replayed conversation: totals, clears, and the sawtooth with its clears."""
     data = result.to_dict(with_turns=False)
-    table = _simple_table(f"replayed session {result.session_id} ({result.source or '-'})")
+    table = _simple_table(
+        f"replayed session {printable(result.session_id)} ({printable(result.source or '-')})"
+    )
     table.add_column("turns", justify="right")
     table.add_column("messages added", justify="right")
     table.add_column("clears", justify="right")
@@ -381,7 +419,7 @@ def process_view(result: ProcessResult, threshold: float = 0.6, width: int = 100
                 clears.add_row("...", f"{len(result.clears) - 12} more", "", "", "", "", "")
             clears.add_row(
                 str(c.turn),
-                c.reason,
+                printable(c.reason),
                 human_bytes(c.cache_size_bytes_before),
                 str(c.entries_cleared),
                 str(c.entries_preserved),
@@ -407,7 +445,9 @@ def process_view(result: ProcessResult, threshold: float = 0.6, width: int = 100
     if bridges:
         last = bridges[-1].splitlines()[0]
         parts.append(
-            Text(f"bridge messages: {len(bridges)}; last: {last}", no_wrap=True, overflow="ellipsis")
+            Text(
+                f"bridge messages: {len(bridges)}; last: {printable(last)}", no_wrap=True, overflow="ellipsis"
+            )
         )
     return Group(*parts)
 
@@ -468,7 +508,7 @@ def _totals_panel(data: dict[str, Any], insights: dict[str, Any] | None) -> Pane
     for row in rows:
         grid.add_row(*row)
     where = f"{data.get('backend', 'sqlite')}, {human_bytes(data['database_size_bytes'])}"
-    title = f"kvcache · {data['database']} ({where})"
+    title = f"kvcache · {printable(data['database'])} ({where})"
     subtitle = f"last operation {_when(data.get('last_operation'))}"
     return Panel(
         grid, title=title, title_align="left", subtitle=subtitle, subtitle_align="right", expand=False
@@ -489,7 +529,7 @@ def _sessions_table(data: dict[str, Any], insights: dict[str, Any], limit: int =
         show_edge=False,
         collapse_padding=True,
     )
-    table.add_column("session", overflow="ellipsis", max_width=24, no_wrap=True)
+    table.add_column("session", overflow="ellipsis", max_width=48, no_wrap=True)
     table.add_column("cache vs capacity", no_wrap=True)
     table.add_column("fill", no_wrap=True)
     table.add_column("used", justify="right", no_wrap=True)
@@ -503,7 +543,7 @@ def _sessions_table(data: dict[str, Any], insights: dict[str, Any], limit: int =
         fill.append(s["threshold_state"], style=STATE_STYLE[s["threshold_state"]])
         last = state.get("last_activity")
         table.add_row(
-            s["session_id"],
+            printable(s["session_id"]),
             usage_bar(s["fill"], threshold, s["threshold_state"]),
             fill,
             human_bytes(s["cache_size_bytes"]),
@@ -531,11 +571,13 @@ def _top_tables(insights: dict[str, Any]) -> Table:
         show_edge=False,
         collapse_padding=True,
     )
-    size.add_column("session", overflow="ellipsis", max_width=24, no_wrap=True)
+    size.add_column("session", overflow="ellipsis", max_width=48, no_wrap=True)
     size.add_column("cache", justify="right")
     size.add_column("fill", justify="right")
     for s in insights["top_by_size"]:
-        size.add_row(s["session_id"], human_bytes(s["cache_size_bytes"]), f"{s['fill'] * 100:.0f}%")
+        size.add_row(
+            printable(s["session_id"]), human_bytes(s["cache_size_bytes"]), f"{s['fill'] * 100:.0f}%"
+        )
     clears = Table(
         title="most clears",
         title_justify="left",
@@ -544,10 +586,10 @@ def _top_tables(insights: dict[str, Any]) -> Table:
         show_edge=False,
         collapse_padding=True,
     )
-    clears.add_column("session", overflow="ellipsis", max_width=24, no_wrap=True)
+    clears.add_column("session", overflow="ellipsis", max_width=48, no_wrap=True)
     clears.add_column("clears", justify="right")
     for s in insights["top_by_clears"]:
-        clears.add_row(s["session_id"], str(s["total_clears"]))
+        clears.add_row(printable(s["session_id"]), str(s["total_clears"]))
     if not insights["top_by_clears"]:
         clears.add_row("(none yet)", "")
     grid = Table.grid(padding=(0, 4))
@@ -610,10 +652,10 @@ def _recent_ops(data: dict[str, Any]) -> Table:
     for op in data["recent_operations"]:
         ops.add_row(
             op["timestamp"][:19].replace("T", " "),
-            op["operation_type"],
-            op["session_id"],
+            printable(op["operation_type"]),
+            printable(op["session_id"]),
             str(op["entries_affected"]),
-            op["details"],
+            printable(op["details"]),
         )
     return ops
 
@@ -641,7 +683,7 @@ def _session_view(data: dict[str, Any], insights: dict[str, Any] | None, width: 
     meta = state.get("metadata") or {}
     last_clear = _when(state["last_cleared_at"])
     if state["last_cleared_at"] and meta.get("last_clear_reason"):
-        last_clear += f" ({meta['last_clear_reason']})"
+        last_clear += f" ({printable(meta['last_clear_reason'])})"
     grid = Table.grid(padding=(0, 2))
     for style in ("dim", "", "dim", "", "dim", ""):
         grid.add_column(style=style)
@@ -665,7 +707,12 @@ def _session_view(data: dict[str, Any], insights: dict[str, Any] | None, width: 
         "clears", str(state["total_clears"]), "last snapshot", str(state["last_snapshot_id"] or "-"), "", ""
     )
     parts: list[Any] = [
-        Panel(Group(bar, grid), title=f"session {state['session_id']}", title_align="left", expand=False)
+        Panel(
+            Group(bar, grid),
+            title=f"session {printable(state['session_id'])}",
+            title_align="left",
+            expand=False,
+        )
     ]
     snaps = detail["snapshots"]
     if snaps:
@@ -686,12 +733,12 @@ def _session_view(data: dict[str, Any], insights: dict[str, Any] | None, width: 
             table.add_row(
                 str(s["id"]),
                 s["snapshot_type"],
-                s["reason"],
+                printable(s["reason"]),
                 str(s["turn_index"]),
                 str(s["entry_count"]),
                 human_bytes(s["size_bytes"]),
                 age,
-                s["slot_filename"] or "-",
+                printable(s["slot_filename"] or "-"),
             )
         parts.append(table)
     else:
@@ -702,7 +749,7 @@ def _session_view(data: dict[str, Any], insights: dict[str, Any] | None, width: 
             Text(
                 f"summary: {sm['length']:,} chars, "
                 f"{sm['clear_count']} clear{'s' if sm['clear_count'] != 1 else ''}, "
-                f"{sm['messages_summarized']} messages summarized ({sm['source']})"
+                f"{sm['messages_summarized']} messages summarized ({printable(sm['source'])})"
             )
         )
     else:

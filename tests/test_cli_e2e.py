@@ -166,10 +166,14 @@ def test_db_flag_beats_env(home: Path, tmp_path: Path) -> None:
     )
     assert rc == 0, err
     assert flag_db.exists() and not env_db.exists()
+    # a read-only command on a named database that does not exist: a typo, not a new store
+    rc, out, err = run_kvcache("stats", "--json", home=home, env={"KVCACHE_DB": str(env_db)})
+    assert rc == 2 and "no such database" in err and not env_db.exists()
+    rc, _, err = run_kvcache("process", EXAMPLES / "openai.jsonl", home=home, env={"KVCACHE_DB": str(env_db)})
+    assert rc == 0, err
     rc, out, err = run_kvcache("stats", "--json", home=home, env={"KVCACHE_DB": str(env_db)})
     assert rc == 0, err
     assert json.loads(out)["database"] == str(env_db)
-    assert env_db.exists()
     assert not (home / "kvcache.db").exists()
     assert stat.S_IMODE(flag_db.stat().st_mode) == 0o600
 

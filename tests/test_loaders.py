@@ -184,3 +184,32 @@ def test_bad_kv_entry_field_is_refused_at_load_time(tmp_path: Path) -> None:
     )
     with pytest.raises(BadInputError, match=r"kv_entries\[0\]\.layer_index"):
         load_file(path)
+
+
+def test_kv_entry_without_key_data_or_text_is_refused(tmp_path: Path) -> None:
+    data = {
+        "session_id": "kv",
+        "messages": [{"role": "user", "content": "hello"}],
+        "kv_entries": [{"text": "ok"}, {"key_hash": "abc", "message_index": 0}],
+    }
+    path = write(tmp_path, "kv.json", data)
+    with pytest.raises(BadInputError, match=r"kv_entries\[1\]: needs 'key_data' or 'text'"):
+        load_file(path)
+
+
+def test_forced_sharegpt_on_json_lines(tmp_path: Path) -> None:
+    from kvcache_cli.loaders import iter_file
+
+    items = [
+        {"id": f"g{i}", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+        for i in range(2)
+    ]
+    text = "\n".join(json.dumps(item) for item in items) + "\n"
+    for name in ("share.jsonl", "share.txt"):  # by extension, and by content
+        path = write(tmp_path, name, text)
+        for loaded in (load_file(path, "sharegpt"), list(iter_file(path, "sharegpt"))):
+            assert [c.session_key for c in loaded] == ["g0", "g1"]
+            assert [m.role for m in loaded[0].messages] == ["user", "assistant"]
+    bad = write(tmp_path, "bad.jsonl", json.dumps({"messages": MSGS}) + "\n")
+    with pytest.raises(BadInputError, match=r"bad\.jsonl:1"):
+        load_file(bad, "sharegpt")

@@ -198,7 +198,7 @@ def test_store_files_are_owner_only(store: tuple[Path, Path, Path]) -> None:
         assert mode & 0o077 == 0, (path.name, oct(mode))
 
 
-def test_cron_output_lists_on_dry_run_sums_up_a_run_and_is_silent_after(store: tuple[Path, Path, Path]) -> None:
+def test_cron_output_dry_run_lists_run_sums_up_then_silent(store: tuple[Path, Path, Path]) -> None:
     home, db, config = store
     base = ("--db", str(db), "--config", str(config), "maintain")
     dry = run_cli(home, *base, "--dry-run")

@@ -255,7 +255,7 @@ def test_stats_piped_is_plain_and_json_keeps_its_keys(known: dict[str, Any], tmp
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert STATS_KEYS <= set(data)
-    assert set(data) - STATS_KEYS == {"insights"}
+    assert set(data) - STATS_KEYS == {"insights", "session_count"}
     assert {"sessions_by_fill", "top_by_size", "top_by_clears", "operations_per_hour", "maintenance"} <= set(
         data["insights"]
     )
@@ -339,3 +339,62 @@ def test_watch_redraws_until_ctrl_c(known: dict[str, Any], watch_args: list[str]
     assert b"\x1b[" in seen  # a terminal gets the live redraw
     assert proc.returncode == 0
     assert err.decode().strip().endswith("kvcache: stopped watching")
+
+
+def test_printable_escapes_controls_and_bidi() -> None:
+    assert render.printable("a\x00b\x1b[31mc\u202ed\te\nf\x85g\u2069\x7f") == (
+        "a\\x00b\\x1b[31mc\\u202ed\te\nf\\x85g\\u2069\\x7f"
+    )
+    assert render.printable("plain ünïcode [bold]") == "plain ünïcode [bold]"
+
+
+def test_hostile_text_is_escaped_and_piped_tables_are_not_cut(tmp_path: Path) -> None:
+    """Stored control/bidi characters print as escapes; piped output (no COLUMNS) keeps whole ids."""
+    long_id = "3f2b8c1e-9a7d-4e5f-8b6a-1c2d3e4f5a6b-project"
+    evil = "evil\x1b[31m\u202eid"
+    convs = [
+        {
+            "session_id": sid,
+            "messages": [
+                {"role": "user", "content": "what is the budget\x00 for \x1b]0;pwn\x07 the \u202etrip [/x]"},
+                {"role": "assistant", "content": "The budget is 4200 euros \x1b[2J for the trip."},
+            ],
+        }
+        for sid in (long_id, evil)
+    ]
+    source = tmp_path / "c.json"
+    source.write_text(json.dumps(convs), encoding="utf-8")
+    db = str(tmp_path / "kv.db")
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env["KVCACHE_HOME"] = str(tmp_path)
+
+    def piped(*args: str) -> str:
+        command = [KVCACHE, "--db", db, *args]
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    piped("process", str(source))
+    piped("snapshot", long_id)
+    outputs = {
+        "stats": piped("stats"),
+        "stats evil": piped("stats", evil),
+        "retrieve": piped("retrieve", "--all-sessions", "budget trip"),
+        "snapshots": piped("snapshot", "--list"),
+    }
+    for name, text in outputs.items():
+        for raw in ("\x00", "\x1b", "\x07", "\u202e"):
+            assert raw not in text, (name, raw)
+    assert "\\x1b[31m\\u202eid" in outputs["stats"]
+    assert "\\x00" in outputs["retrieve"] and "\\u202e" in outputs["retrieve"]
+    for name in ("stats", "snapshots", "retrieve"):
+        assert long_id in outputs[name], name
+        assert "…" not in outputs[name], name
+    proc = subprocess.run(
+        [KVCACHE, "--db", db, "retrieve", "--all-sessions", "budget", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert "\\u0000" in proc.stdout  # --json stays exact

@@ -10,7 +10,7 @@ edit a released one; append a new version that changes what is there.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import peewee
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 def utcnow() -> datetime:
     """Naive UTC now (the store's time convention)."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def _v1_initial_schema(store: Store) -> None:
