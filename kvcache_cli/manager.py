@@ -945,10 +945,12 @@ class KVCacheManager:
         ``restore`` id or an operation record ("Snapshot ID: 7") point at a different
         snapshot. Every snapshot ever made is counted in ``statistics.total_snapshots``
         (bumped after each insert), so ``max(max id, that count) + 1`` is always new.
-        Called inside the write transaction that inserts the row.
+        Called inside the write transaction that inserts the row; on PostgreSQL the
+        statistics row is locked first, so concurrent writers take turns.
         """
+        lock = "" if self.store.is_sqlite else " FOR UPDATE"  # PostgreSQL: one writer at a time
+        made = _sql(self.store, f"SELECT total_snapshots FROM statistics WHERE id = 1{lock}")[0][0] or 0
         top = _sql(self.store, "SELECT max(id) FROM snapshots")[0][0] or 0
-        made = _sql(self.store, "SELECT total_snapshots FROM statistics WHERE id = 1")[0][0] or 0
         return int(max(top, made)) + 1
 
     def _prune_session_snapshots(self, session_id: int, keep: int, dry_run: bool) -> list[int]:
