@@ -914,11 +914,28 @@ class KVCacheManager:
         )
         if reason == "interval" and last and last[0][0] == state_hash:
             return None
+        kind_name = kind if kind != "adaptive" else "checkpoint"
+        row = self._store_snapshot(session, entries, kind_name, reason, turn, state_hash, now)
+        if snap.max_snapshots > 0:
+            self._prune_session_snapshots(session.id, snap.max_snapshots, dry_run=False)
+        return int(row.id)
+
+    def _store_snapshot(
+        self,
+        session: m.Session,
+        entries: list[KVEntry],
+        kind: str,
+        reason: str,
+        turn: int,
+        state_hash: str,
+        now: datetime,
+    ) -> m.Snapshot:
+        """Insert a snapshot and its entries, count it and record the operation."""
         row = m.Snapshot.create(
             id=self._next_snapshot_id(),
             session=session.id,
             turn_index=turn,
-            snapshot_type=kind if kind != "adaptive" else "checkpoint",
+            snapshot_type=kind,
             reason=reason,
             state_hash=state_hash,
             entry_count=len(entries),
@@ -934,9 +951,7 @@ class KVCacheManager:
         self._bump_stats(now, total_snapshots=1)
         self._record(session.key, "snapshot", len(entries), f"Snapshot ID: {row.id}", now)
         session.last_snapshot_id = row.id
-        if snap.max_snapshots > 0:
-            self._prune_session_snapshots(session.id, snap.max_snapshots, dry_run=False)
-        return int(row.id)
+        return row
 
     def _next_snapshot_id(self) -> int:
         """An id never issued before, even after the newest snapshots were deleted.
@@ -979,33 +994,15 @@ class KVCacheManager:
             now = utcnow()
             session = self._session_for_update(session_key, create=False, now=now)
             active = self._active_entries(session)
-            state_hash = entries_hash(active)
-            row = m.Snapshot.create(
-                id=self._next_snapshot_id(),
-                session=session.id,
-                turn_index=session.turn_count,
-                snapshot_type="full",
-                reason="manual",
-                state_hash=state_hash,
-                entry_count=len(active),
-                size_bytes=sum(e.size_bytes for e in active),
-                created_at=now,
+            row = self._store_snapshot(
+                session, active, "full", "manual", session.turn_count, entries_hash(active), now
             )
-            rows = []
-            for position, entry in enumerate(active):
-                data = _entry_row(entry, position)
-                data["snapshot"] = row.id
-                rows.append(data)
-            _bulk_insert(m.SnapshotEntry, rows)
             if slot is not None:
                 row.slot_id = slot_id if slot_id is not None else getattr(slot, "slot_id", None)
                 row.slot_filename = slot.filename
                 row.slot_n_saved = slot.n_saved
                 row.slot_n_written = slot.n_written
                 row.save()
-            self._bump_stats(now, total_snapshots=1)
-            self._record(session.key, "snapshot", len(active), f"Snapshot ID: {row.id}", now)
-            session.last_snapshot_id = row.id
             session.last_activity = now
             session.save()
             return self._snapshot_info(row, session.key)
