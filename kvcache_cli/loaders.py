@@ -16,7 +16,7 @@ written, so a bad file writes nothing.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -295,11 +295,14 @@ def _line_format(fmt: str) -> str:
     return "auto" if fmt == "jsonl" else fmt
 
 
-def _iter_jsonl(text: str, label: str, fmt: str) -> Iterator[Conversation]:
+def _jsonl_conversations(
+    lines: Iterable[tuple[int, str]], label: str, fmt: str
+) -> Iterator[Conversation]:
+    """Conversations of numbered JSON Lines; loose one-message lines make one conversation."""
     fmt = _line_format(fmt)
     loose: list[ChatMessage] = []
     loose_line = 0
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in lines:
         if not line.strip():
             continue
         try:
@@ -314,6 +317,10 @@ def _iter_jsonl(text: str, label: str, fmt: str) -> Iterator[Conversation]:
         yield from _from_value(value, where, fmt)
     if loose:
         yield Conversation(None, loose, [], f"{label}:{loose_line}")
+
+
+def _iter_jsonl(text: str, label: str, fmt: str) -> Iterator[Conversation]:
+    return _jsonl_conversations(enumerate(text.splitlines(), start=1), label, fmt)
 
 
 def detect_jsonl(path: Path, text: str, fmt: str) -> bool:
@@ -345,43 +352,33 @@ def load_file(path: str | Path, fmt: str = "auto") -> list[Conversation]:
 
 def _iter_jsonl_stream(path: Path, label: str, fmt: str = "auto") -> Iterator[Conversation]:
     """Like ``_iter_jsonl`` but reading the file line by line (constant memory per line)."""
-    fmt = _line_format(fmt)
-    loose: list[ChatMessage] = []
-    loose_line = 0
     try:
         handle = path.open("rb")
     except FileNotFoundError:
         raise BadInputError(f"{label}: no such file") from None
     except OSError as exc:
         raise BadInputError(f"{label}: cannot read ({exc.strerror})") from None
-    empty = True
-    with handle:
+    seen = [False]
+
+    def decoded() -> Iterator[tuple[int, str]]:
         for number, raw in enumerate(handle, start=1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             if not raw.strip():
                 continue
-            empty = False
+            seen[0] = True
             if b"\x00" in raw:
                 raise BadInputError(f"{label}:{number}: binary data, not JSON")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise BadInputError(f"{label}:{number}: invalid UTF-8 at byte {exc.start}") from None
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise _json_error(label, exc, number - 1) from None
-            where = f"{label}:{number}: "
-            if fmt != "sharegpt" and isinstance(value, dict) and "role" in value and "messages" not in value:
-                loose.append(parse_message(value, f"{label}:{number}: message"))
-                loose_line = loose_line or number
-                continue
-            yield from _from_value(value, where, fmt)
-    if empty:
+            yield number, line
+
+    with handle:
+        yield from _jsonl_conversations(decoded(), label, fmt)
+    if not seen[0]:
         raise BadInputError(f"{label}: file is empty")
-    if loose:
-        yield Conversation(None, loose, [], f"{label}:{loose_line}")
 
 
 def iter_file(path: str | Path, fmt: str = "auto") -> Iterator[Conversation]:
