@@ -31,8 +31,6 @@ def maintain(
     tier-3 retrieval keeps working. Holds the store's maintenance lock.
     """
 
-    from .manager import _sql
-
     hours = manager.config.maintenance.inactive_hours if inactive_hours is None else inactive_hours
     result = MaintenanceResult(dry_run=dry_run)
     with manager.store.exclusive("maintain"):
@@ -44,8 +42,7 @@ def maintain(
             idle = (
                 m.Session.select(m.Session.id, m.Session.key)
                 .where(
-                    (m.Session.last_activity < cutoff)
-                    & ((m.Session.entry_count > 0) | fn_exists_snapshot())
+                    (m.Session.last_activity < cutoff) & ((m.Session.entry_count > 0) | fn_exists_snapshot())
                 )
                 .order_by(m.Session.key)
                 .tuples()
@@ -68,7 +65,7 @@ def maintain(
                         "UPDATE sessions SET entry_count = 0, cache_size_bytes = 0, "
                         f"last_snapshot_id = NULL WHERE id IN ({marks})",
                     ):
-                        _sql(manager.store, statement, part)
+                        manager.store.query(statement, part)
             result.sessions_cleaned = len(result.cleaned_sessions)
             keep = manager.config.cache.snapshot.max_snapshots
             if keep > 0:
@@ -106,6 +103,7 @@ def maintain(
         except _DryRun:
             pass
     return result
+
 
 def integrity_check(store: Store) -> str:
     """``PRAGMA integrity_check`` (SQLite) or ``ok`` when PostgreSQL answers."""

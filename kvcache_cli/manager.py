@@ -94,17 +94,6 @@ def _entries_from_tuples(rows: list[tuple[Any, ...]]) -> list[KVEntry]:
     ]
 
 
-def _sql(store: Store, text: str, params: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
-    """Rows of a raw query written with ``?`` marks (translated for PostgreSQL)."""
-    if not store.is_sqlite:
-        text = text.replace("?", "%s")
-    cursor = store.db.execute_sql(text, params)
-    if cursor.description is None:  # a statement without rows (psycopg would refuse fetchall)
-        return []
-    rows: list[tuple[Any, ...]] = cursor.fetchall()
-    return rows
-
-
 def _entry_row(entry: KVEntry, position: int) -> dict[str, Any]:
     return {
         "key_hash": entry.key_hash,
@@ -225,7 +214,7 @@ class KVCacheManager:
         """SQLite: the session by key through one raw SELECT (the replay reads it every turn)."""
         fields = m.Session._meta.sorted_fields
         sql = f"SELECT {', '.join(f.column_name for f in fields)} FROM sessions WHERE key = ?"
-        rows = _sql(self.store, sql, (key,))
+        rows = self.store.query(sql, (key,))
         if not rows:
             return None
         row = m.Session(**{f.name: f.python_value(v) for f, v in zip(fields, rows[0], strict=True)})
@@ -240,7 +229,7 @@ class KVCacheManager:
         meta = m.Session._meta
         fields = [f for f in meta.sorted_fields if f is not meta.primary_key]
         sql = f"UPDATE sessions SET {', '.join(f.column_name + ' = ?' for f in fields)} WHERE id = ?"
-        _sql(self.store, sql, (*(f.db_value(getattr(session, f.name)) for f in fields), session.get_id()))
+        self.store.query(sql, (*(f.db_value(getattr(session, f.name)) for f in fields), session.get_id()))
 
     def _session_for_update(self, key: str, create: bool, now: datetime) -> m.Session:
         if self.store.is_sqlite:
@@ -297,8 +286,7 @@ class KVCacheManager:
             self.set_server_n_ctx(min(s.n_ctx for s in slots))
 
     def _active_entries(self, session: m.Session) -> list[KVEntry]:
-        rows = _sql(
-            self.store,
+        rows = self.store.query(
             f"SELECT {_ENTRY_COLUMNS} FROM cache_entries WHERE session_id = ? ORDER BY position, id",
             (session.get_id(),),
         )
@@ -314,8 +302,7 @@ class KVCacheManager:
 
     def _record(self, session_key: str, kind: str, affected: int, details: str, now: datetime) -> None:
         # raw SQL: runs several times per replayed turn (peewee's query building dominated)
-        _sql(
-            self.store,
+        self.store.query(
             "INSERT INTO operations (session_key, operation_type, timestamp, entries_affected, details) "
             "VALUES (?, ?, ?, ?, ?)",
             (session_key, kind, m.Operation.timestamp.db_value(now), int(affected), details),
@@ -326,8 +313,7 @@ class KVCacheManager:
             if name not in m.Statistics._meta.fields or name in ("id", "last_operation"):
                 raise ValueError(f"no statistics counter {name!r}")
         sets = ", ".join(f"{name} = {name} + ?" for name in deltas)
-        _sql(
-            self.store,
+        self.store.query(
             f"UPDATE statistics SET {sets}{', ' if sets else ''}last_operation = ? WHERE id = 1",
             (*(int(v) for v in deltas.values()), m.Statistics.last_operation.db_value(now)),
         )
@@ -577,8 +563,7 @@ class KVCacheManager:
         # messages are stored contiguously from index 0: max + 1 is the count, read
         # from the (session_id, message_index) index instead of counting every row
         stored = int(
-            _sql(
-                self.store,
+            self.store.query(
                 "SELECT COALESCE(MAX(message_index) + 1, 0) FROM messages WHERE session_id = ?",
                 (session.get_id(),),
             )[0][0]
@@ -633,8 +618,7 @@ class KVCacheManager:
             for i, msg in enumerate(msgs)
         ]
         _bulk_insert(m.Message, rows)
-        ids = _sql(
-            self.store,
+        ids = self.store.query(
             "SELECT id, message_index, content FROM messages "
             "WHERE session_id = ? AND message_index >= ? ORDER BY message_index",
             (session.get_id(), start),
@@ -655,8 +639,7 @@ class KVCacheManager:
         hashes = [r["key_hash"] for r in rows]
         existing = {
             h
-            for (h,) in _sql(
-                self.store,
+            for (h,) in self.store.query(
                 "SELECT key_hash FROM cache_entries WHERE session_id = ? "
                 f"AND key_hash IN ({', '.join('?' * len(hashes))})",
                 (session.get_id(), *hashes),
@@ -698,7 +681,7 @@ class KVCacheManager:
                 bridges.append(clear.bridge_message)
             active = [e for e in active if e.key_hash in clear.kept_keys]
         elif session.last_cleared_at is not None and cfg.bridge_enabled:
-            summary = _sql(self.store, "SELECT text FROM summaries WHERE session_id = ?", (session.get_id(),))
+            summary = self.store.query("SELECT text FROM summaries WHERE session_id = ?", (session.get_id(),))
             if summary:
                 bridges.insert(0, bridge.summary_prior(summary[0][0]))
         snap = self._periodic_snapshot(session, active, now)
@@ -722,8 +705,7 @@ class KVCacheManager:
             if found.bridge_message and cfg.bridge_enabled:
                 bridges.append(found.bridge_message)
         report.bridge_messages = bridges
-        _sql(  # raw: once per replayed turn
-            self.store,
+        self.store.query(  # raw: once per replayed turn
             "INSERT INTO turn_log (session_id, turn_index, message_index, cache_size_bytes, entry_count, "
             "cleared, clear_reason, retrieved) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -741,8 +723,7 @@ class KVCacheManager:
 
     # -------------------------------------------------------------- clear
     def _summary_messages(self, session: m.Session, since: int) -> list[ChatMessage]:
-        rows = _sql(
-            self.store,
+        rows = self.store.query(
             "SELECT role, content, name FROM messages WHERE session_id = ? AND message_index >= ? "
             "ORDER BY message_index DESC LIMIT ?",
             (session.get_id(), int(since), TAIL_MESSAGES),
@@ -754,7 +735,7 @@ class KVCacheManager:
         existing = m.Summary.get_or_none(m.Summary.session == session.id)
         since = existing.messages_summarized if existing else 0
         count_sql = "SELECT count(*) FROM messages WHERE session_id = ?"
-        total = int(_sql(self.store, count_sql, (session.get_id(),))[0][0])
+        total = int(self.store.query(count_sql, (session.get_id(),))[0][0])
         messages = self._summary_messages(session, since)
         if len(messages) < MIN_MESSAGES:
             return (existing.text, existing.source) if existing else (None, None)
@@ -907,8 +888,7 @@ class KVCacheManager:
             if not entries:
                 return None
         state_hash = entries_hash(entries)
-        last = _sql(
-            self.store,
+        last = self.store.query(
             "SELECT state_hash FROM snapshots WHERE session_id = ? ORDER BY created_at DESC, id DESC LIMIT 1",
             (session.get_id(),),
         )
@@ -964,16 +944,15 @@ class KVCacheManager:
         statistics row is locked first, so concurrent writers take turns.
         """
         lock = "" if self.store.is_sqlite else " FOR UPDATE"  # PostgreSQL: one writer at a time
-        made = _sql(self.store, f"SELECT total_snapshots FROM statistics WHERE id = 1{lock}")[0][0] or 0
-        top = _sql(self.store, "SELECT max(id) FROM snapshots")[0][0] or 0
+        made = self.store.query(f"SELECT total_snapshots FROM statistics WHERE id = 1{lock}")[0][0] or 0
+        top = self.store.query("SELECT max(id) FROM snapshots")[0][0] or 0
         return int(max(top, made)) + 1
 
     def _prune_session_snapshots(self, session_id: int, keep: int, dry_run: bool) -> list[int]:
         """Drop all but the newest ``keep`` snapshots; ties broken by id (newest wins)."""
         # raw SQL: runs after every snapshot of a replay
         tail = "LIMIT -1 OFFSET ?" if self.store.is_sqlite else "OFFSET ?"
-        rows = _sql(
-            self.store,
+        rows = self.store.query(
             f"SELECT id FROM snapshots WHERE session_id = ? ORDER BY created_at DESC, id DESC {tail}",
             (int(session_id), int(keep)),
         )
@@ -1043,8 +1022,7 @@ class KVCacheManager:
         return self._snapshot_info(row, session_key)
 
     def snapshot_entries(self, snapshot_id: int) -> list[KVEntry]:
-        rows = _sql(
-            self.store,
+        rows = self.store.query(
             f"SELECT {_ENTRY_COLUMNS} FROM snapshot_entries WHERE snapshot_id = ? ORDER BY position, id",
             (int(snapshot_id),),
         )
@@ -1175,8 +1153,7 @@ class KVCacheManager:
             found += combine(hits, sem1, 10)[:10]
         if 2 in tiers and (not cascade or len(found) < 5):
             result.tiers_searched.append(2)
-            snaps = _sql(
-                self.store,
+            snaps = self.store.query(
                 "SELECT id, state_hash FROM snapshots WHERE session_id = ? "
                 "ORDER BY created_at DESC, id DESC LIMIT 3",
                 (session.get_id(),),
@@ -1235,8 +1212,7 @@ class KVCacheManager:
         out: dict[int, str] = {}
         for start in range(0, len(idxs), 500):
             chunk = idxs[start : start + 500]
-            for idx, name in _sql(
-                self.store,
+            for idx, name in self.store.query(
                 "SELECT message_index, name FROM messages WHERE session_id = ? AND name IS NOT NULL "
                 f"AND message_index IN ({', '.join('?' * len(chunk))})",
                 (session.get_id(), *chunk),
@@ -1267,11 +1243,10 @@ class KVCacheManager:
 
         state: dict[int, tuple[int, int, int, int]] = self.__dict__.setdefault("_fts_len", {})
         sid = int(session_id)
-        (count,) = _sql(self.store, "SELECT count(*) FROM messages WHERE session_id = ?", (sid,))[0]
+        (count,) = self.store.query("SELECT count(*) FROM messages WHERE session_id = ?", (sid,))[0]
         for _attempt in range(2):
             last_id, seen, rows, total = state.get(sid, (0, 0, 0, 0))
-            new = _sql(
-                self.store,
+            new = self.store.query(
                 f"SELECT m.id, d.sz FROM messages AS m LEFT JOIN {FTS_TABLE}_docsize AS d ON d.id = m.id "
                 "WHERE m.session_id = ? AND m.id > ? ORDER BY m.id",
                 (sid, last_id),
@@ -1312,8 +1287,7 @@ class KVCacheManager:
         ids = list(cos_of)
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
-            for mid, index in _sql(
-                self.store,
+            for mid, index in self.store.query(
                 f"SELECT id, message_index FROM messages WHERE id IN ({', '.join('?' * len(chunk))})",
                 chunk,
             ):
@@ -1332,8 +1306,7 @@ class KVCacheManager:
         ids = [mid for mid, _, _ in hits]
         rows = {
             r[0]: r
-            for r in _sql(
-                self.store,
+            for r in self.store.query(
                 "SELECT id, message_index, role, content, session_id FROM messages "
                 f"WHERE id IN ({', '.join('?' * len(ids))})",
                 ids,
@@ -1344,7 +1317,7 @@ class KVCacheManager:
             sids = sorted({r[4] for r in rows.values()})
             if sids:
                 marks = ", ".join("?" * len(sids))
-                keys = dict(_sql(self.store, f"SELECT id, key FROM sessions WHERE id IN ({marks})", sids))
+                keys = dict(self.store.query(f"SELECT id, key FROM sessions WHERE id IN ({marks})", sids))
         out = []
         for mid, score, matched in hits:
             row = rows.get(mid)
@@ -1382,29 +1355,25 @@ class KVCacheManager:
         sid = session.get_id()
         marks = ", ".join("?" * len(touched))
         current = dict(
-            _sql(
-                self.store,
+            self.store.query(
                 f"SELECT key_hash, score FROM engagement WHERE session_id = ? AND key_hash IN ({marks})",
                 (sid, *touched),
             )
         )
-        _sql(
-            self.store,
+        self.store.query(
             f"UPDATE engagement SET score = score * 0.95 WHERE session_id = ? AND key_hash NOT IN ({marks})",
             (sid, *touched),
         )
-        _sql(self.store, "UPDATE engagement SET score = 0.1 WHERE session_id = ? AND score < 0.1", (sid,))
+        self.store.query("UPDATE engagement SET score = 0.1 WHERE session_id = ? AND score < 0.1", (sid,))
         for key in touched:
             value = next_engagement(current.get(key, 0.3), retrieved=True)
             if key in current:
-                _sql(
-                    self.store,
+                self.store.query(
                     "UPDATE engagement SET score = ? WHERE session_id = ? AND key_hash = ?",
                     (value, sid, key),
                 )
             else:
-                _sql(
-                    self.store,
+                self.store.query(
                     "INSERT INTO engagement (session_id, key_hash, score) VALUES (?, ?, ?)",
                     (sid, key, value),
                 )

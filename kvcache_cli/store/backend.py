@@ -181,6 +181,16 @@ class Store:
                 time.sleep(min(2.0, 0.05 * (2**attempt)) * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
+    def query(self, text: str, params: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a raw query written with ``?`` marks (translated for PostgreSQL)."""
+        if not self.is_sqlite:
+            text = text.replace("?", "%s")
+        cursor = self.db.execute_sql(text, params)
+        if cursor.description is None:  # a statement without rows (psycopg would refuse fetchall)
+            return []
+        rows: list[tuple[Any, ...]] = cursor.fetchall()
+        return rows
+
     def size_bytes(self) -> int:
         """Bytes the store takes on disk (database plus WAL for SQLite)."""
         if self.is_sqlite:
