@@ -48,6 +48,12 @@ def run_timed(cmd: Sequence[str], env: dict[str, str] | None = None, check: bool
     return elapsed
 
 
+def create_store(db: Path | str, env: dict[str, str] | None = None) -> None:
+    """Create and migrate an empty store at ``db`` (read-only commands refuse a missing file)."""
+    code = "import sys; from kvcache_cli.store.backend import open_store; open_store(sys.argv[1]).close()"
+    subprocess.run([PYTHON, "-c", code, str(db)], env=env, check=True)
+
+
 def run_rusage(cmd: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of ``cmd`` as a child process."""
     started = time.perf_counter()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import KVCACHE, PYTHON, bench_env, machine, median, run_rusage  # noqa: E402
+from _common import KVCACHE, PYTHON, bench_env, create_store, machine, median, run_rusage  # noqa: E402
 from gen_sharegpt import cached  # noqa: E402
 
 REFERENCE = r"""
@@ -81,7 +81,7 @@ def measure(messages: int = 1_000_000, conversations: int = 2000, runs: int = 3)
         script.write_text(REFERENCE)
         for run in range(runs):
             ref_db = folder / f"ref{run}.db"
-            run_rusage([KVCACHE, "--db", str(ref_db), "stats", "--json"], env)  # create + migrate
+            create_store(ref_db, env)  # create + migrate
             seconds, _ = run_rusage([PYTHON, str(script), str(ref_db), str(source)], env)
             ref_times.append(seconds)
             if count_rows(ref_db) != messages:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import KVCACHE, PYTHON, bench_env, machine, median, run_timed  # noqa: E402
+from _common import KVCACHE, PYTHON, bench_env, create_store, machine, median, run_timed  # noqa: E402
 from locomo_to_conversations import convert_file  # noqa: E402
 
 LOCOMO = Path("/work/shared/bench/locomo-dev")
@@ -81,7 +81,7 @@ def measure(runs: int = 3, locomo: Path = LOCOMO) -> dict[str, float]:
         ref_times: list[float] = []
         for run in range(runs):
             ref_db = folder / f"ref{run}.db"
-            run_timed([KVCACHE, "--db", str(ref_db), "stats", "--json"], env)  # create + migrate
+            create_store(ref_db, env)  # create + migrate
             ref_times.append(run_timed([PYTHON, str(script), str(ref_db), *files], env))
             kv_db = folder / f"kv{run}.db"
             kv_times.append(run_timed([KVCACHE, "--db", str(kv_db), "-q", "process", *files], env))

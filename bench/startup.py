@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import KVCACHE, PYTHON, bench_env, machine, median, run_timed  # noqa: E402
+from _common import KVCACHE, PYTHON, bench_env, create_store, machine, median, run_timed  # noqa: E402
 
 BARE_APP = '''
 import typer
@@ -75,7 +75,7 @@ def measure(runs: int = 15) -> dict[str, float]:
         app.write_text(BARE_APP)
         env = bench_env(folder / "home")
         db = folder / "empty.db"
-        run_timed([KVCACHE, "--db", str(db), "stats"], env)  # create + migrate once
+        create_store(db, env)  # create + migrate
         commands = {
             "bare_help": [PYTHON, str(app), "--help"],
             "kvcache_help": [KVCACHE, "--help"],
