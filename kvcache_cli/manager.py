@@ -24,6 +24,7 @@ from .loaders import Conversation
 from .memory import TokenCounter, capacity_bytes
 from .retrieval import TIER_THRESHOLDS, RetrievalResult, RetrievedEntry, merge_results, rank_entries
 from .scoring import CacheEntryScorer, decayed_engagement, next_engagement
+from .session_index import SessionIndex, SessionIndexes
 from .store import models as m
 from .store import search
 from .store.backend import Store
@@ -32,9 +33,12 @@ from .summary import MIN_MESSAGES, TAIL_MESSAGES, extractive_summary
 
 RETRIEVAL_TRIGGERS = ("explain", "how to", "what is", "remember", "recall")
 PROCESS_TIERS = (1, 2, 3)
-# The replay's per-turn tier-3 lookup ranks only the index's own best matches of the
-# session (FTS5 bm25 / ts_rank_cd order), not every match: `kvcache retrieve` is unchanged.
-PROCESS_SEARCH: dict[str, Any] = {"max_session_matches": 50, "candidates": 50}
+# The replay's per-turn tier-3 lookup ranks the session's best plain-BM25 matches from
+# its in-memory index (session_index), not every match: `kvcache retrieve` is unchanged.
+# Measured on LoCoMo (bench/README.md): 50 candidates and bridges around the best 10 keep
+# R@10 within 0.004 of ranking every match, at a quarter of the cost.
+REPLAY_CANDIDATES = 50
+REPLAY_BRIDGE_TOP = 10
 MAX_QUERY_CHARS = 4000  # retrieval during replay queries with at most this much of a question
 
 
@@ -200,6 +204,7 @@ class KVCacheManager:
         self.notices: list[str] = []
         self._embedder: Any = None  # embeddings.TurnEmbedder during process_conversation
         self.fusion: str | None = None  # hybrid fusion override (strategies.FUSIONS), for benches
+        self._indexes = SessionIndexes()  # a replay's per-session tier-3 indexes
         self._llm_down = False  # set after "cannot connect": no more server calls this run
         self._ready_summary: tuple[tuple[Any, ...], str | None] | None = None
 
@@ -450,7 +455,9 @@ class KVCacheManager:
             if embedder is not None and not self._server_down():  # HTTP before the turn's transaction
                 embedder.prefetch(conv.messages, max(lo, done), hi)
             self._prepare_turn_summary(session_key, conv.messages[max(lo, done) : hi], tokens)
-            report = self.store.transaction(partial(self._turn, conv, session_key, lo, hi, tokens, result))
+            report = self.store.transaction(
+                partial(self._turn, conv, session_key, lo, hi, tokens, result), self._indexes.forget
+            )
             if report is not None:
                 result.turns.append(report)
             if on_turn is not None:
@@ -1127,6 +1134,8 @@ class KVCacheManager:
 
         found: list[RetrievedEntry] = []
         thresholds = TIER_THRESHOLDS if cascade else {1: min_score, 2: min_score, 3: min_score}
+        # a replay's turn reads the session from its in-memory index (session_index)
+        index = self._indexes.get(self.store, session.get_id()) if cascade else None
         if active is None:
             active = self._active_entries(session)
         in_cache = {e.message_index for e in active if e.message_index is not None}
@@ -1140,6 +1149,12 @@ class KVCacheManager:
                 return False
             return item.score > thresholds[item.tier] or (not cascade and item.score >= min_score)
 
+        # a keyword list longer than a tier takes changes nothing unless fusion or a
+        # semantic-first fill reads its tail: then rank only the best ``need``
+        def kw_cap(need: int) -> int | None:
+            exact = sims is None or strategy in ("keyword_only", "keyword_then_semantic")
+            return need if exact else None
+
         if 1 in tiers and active:
             result.tiers_searched.append(1)
             # the question itself (and anything after it) is no candidate, nor anyone's context
@@ -1148,7 +1163,9 @@ class KVCacheManager:
                 for e in active
                 if exclude_from is None or e.message_index is None or e.message_index < exclude_from
             ]
-            hits = rank_entries(query, past, 1, session.key, names=self._entry_names(session, past))
+            hits = rank_entries(
+                query, past, 1, session.key, names=self._entry_names(session, past, index), limit=kw_cap(10)
+            )
             sem1 = st.semantic_entries(active, sims, 1, session.key, result.keywords_used)
             found += combine(hits, sem1, 10)[:10]
         if 2 in tiers and (not cascade or len(found) < 5):
@@ -1173,19 +1190,23 @@ class KVCacheManager:
                     entries.append(entry)
                     owners.append(sid)
             hits = rank_entries(
-                query, entries, 2, session.key, owners, names=self._entry_names(session, entries)
+                query, entries, 2, session.key, owners, self._entry_names(session, entries, index), kw_cap(15)
             )
             sem2 = st.semantic_entries(entries, sims, 2, session.key, result.keywords_used, owners)
             found += combine(hits, sem2, 15)[:15]
         if 3 in tiers and (not cascade or len(found) < 3):
             result.tiers_searched.append(3)
             skip = in_cache if cascade else set()
-            options = self._process_search(session, cascade)
-            kw3 = [
-                h
-                for h in self._search_history(query, session, limit * 2 + 10, **options)
-                if h.message_index not in skip
-            ]
+            cap = 10 if cascade else limit * 2
+            if cascade:  # a replay's turn: the session's in-memory index, results filtered inside
+
+                def wanted(index: int) -> bool:
+                    return index not in skip and (exclude_from is None or index < exclude_from)
+
+                assert index is not None
+                kw3 = self._replay_history(query, session, index, kw_cap(cap) or limit * 2 + 10, wanted)
+            else:
+                kw3 = self._search_history(query, session, limit * 2 + 10)
             sem3 = None
             if sims is not None:
                 best = sorted(
@@ -1195,7 +1216,6 @@ class KVCacheManager:
                 sem3 = self._history_entries(
                     [(mid, st.semantic_score(cos), None) for _, cos, mid in best], session, query
                 )
-            cap = 10 if cascade else limit * 2
             found += combine(kw3, sem3, cap)[:cap]
         result.entries = merge_results(found, limit)
         if result.entries:
@@ -1206,10 +1226,18 @@ class KVCacheManager:
         self._after_retrieval(session, result, now)
         return result
 
-    def _entry_names(self, session: m.Session, entries: list[KVEntry]) -> dict[int, str]:
+    def _entry_names(
+        self, session: m.Session, entries: list[KVEntry], index: SessionIndex | None = None
+    ) -> dict[int, str]:
         """Speaker names of the messages behind cache/snapshot entries (tier 1-2 speaker boost)."""
         idxs = sorted({e.message_index for e in entries if e.message_index is not None})
         out: dict[int, str] = {}
+        if index is not None:  # a replay's turn: the synced index has every stored message
+            for idx in idxs:
+                doc = index.docs.get(idx)
+                if doc is not None and doc.name:
+                    out[idx] = doc.name
+            return out
         for start in range(0, len(idxs), 500):
             chunk = idxs[start : start + 500]
             for idx, name in self.store.query(
@@ -1221,50 +1249,36 @@ class KVCacheManager:
                     out[int(idx)] = str(name)
         return out
 
-    def _process_search(self, session: m.Session, cascade: bool) -> dict[str, Any]:
-        """Tier-3 search options of the replay's per-turn lookup (``{}`` for ``retrieve``)."""
-        if not cascade:
-            return {}
-        options: dict[str, Any] = dict(PROCESS_SEARCH)
-        if self.store.is_sqlite:
-            avg = self._fts_avg_len(session.get_id())
-            if avg is not None:
-                options["session_avg_len"] = avg
-        return options
+    def _replay_history(
+        self,
+        query: str,
+        session: m.Session,
+        index: SessionIndex,
+        limit: int,
+        wanted: Callable[[int], bool],
+    ) -> list[RetrievedEntry]:
+        """Tier 3 of a replay's turn: the session's in-memory index (``session_index``).
 
-    def _fts_avg_len(self, session_id: int) -> float | None:
-        """``search_sqlite._session_avg_len`` of a session, read incrementally (same value).
-
-        Keeps (last message id, messages seen, indexed rows, token total) per session and
-        reads only the newer rows' docsize records; a count mismatch (rows deleted by
-        another writer) starts over from the whole session.
+        ``wanted(message_index)``: which messages may be results (not in the cache, not
+        the question or later).
         """
-        from .search_sqlite import FTS_TABLE, _varints
-
-        state: dict[int, tuple[int, int, int, int]] = self.__dict__.setdefault("_fts_len", {})
-        sid = int(session_id)
-        (count,) = self.store.query("SELECT count(*) FROM messages WHERE session_id = ?", (sid,))[0]
-        for _attempt in range(2):
-            last_id, seen, rows, total = state.get(sid, (0, 0, 0, 0))
-            new = self.store.query(
-                f"SELECT m.id, d.sz FROM messages AS m LEFT JOIN {FTS_TABLE}_docsize AS d ON d.id = m.id "
-                "WHERE m.session_id = ? AND m.id > ? ORDER BY m.id",
-                (sid, last_id),
+        out = []
+        hits = index.search(query, limit, REPLAY_CANDIDATES, bridge_top=REPLAY_BRIDGE_TOP, keep=wanted)
+        for hit in hits:
+            doc = index.docs[hit.message_index]
+            out.append(
+                RetrievedEntry(
+                    tier=3,
+                    score=hit.score,
+                    matched_keywords=list(hit.matched_keywords),
+                    text=doc.content,
+                    session_id=session.key,
+                    message_index=hit.message_index,
+                    key_hash=key_hash_for(session.key, hit.message_index, doc.content),
+                    role=index.roles[hit.message_index],
+                )
             )
-            if seen + len(new) != count:
-                state.pop(sid, None)
-                continue
-            for mid, blob in new:
-                last_id = mid
-                if blob is None:
-                    continue
-                rows += 1
-                vals = _varints(bytes(blob), 2)
-                if len(vals) == 2:
-                    total += vals[1]
-            state[sid] = (last_id, count, rows, total)
-            return total / rows if rows and total > 0 else 1.0
-        return None  # could not follow the session: the search reads it itself
+        return out
 
     def _search_history(
         self, query: str, session: m.Session | None, limit: int, **options: Any
@@ -1360,11 +1374,14 @@ class KVCacheManager:
                 (sid, *touched),
             )
         )
+        # decayed_engagement in SQL; a key already at the 0.1 floor stays there, so only
+        # the rows above it are rewritten (most of a long session's keys sit at the floor)
+        greatest = "max" if self.store.is_sqlite else "GREATEST"
         self.store.query(
-            f"UPDATE engagement SET score = score * 0.95 WHERE session_id = ? AND key_hash NOT IN ({marks})",
+            f"UPDATE engagement SET score = {greatest}(0.1, score * 0.95) "
+            f"WHERE session_id = ? AND score > 0.1 AND key_hash NOT IN ({marks})",
             (sid, *touched),
         )
-        self.store.query("UPDATE engagement SET score = 0.1 WHERE session_id = ? AND score < 0.1", (sid,))
         for key in touched:
             value = next_engagement(current.get(key, 0.3), retrieved=True)
             if key in current:

@@ -172,6 +172,7 @@ def profile(text: str, remember: bool = False) -> tuple[list[str], Counter[str]]
         _PROFILES.clear()
         _POSITIONS.clear()
         _TEMPORAL.clear()
+        _BASES.clear()
     _PROFILES[text] = prof
     return prof
 
@@ -207,8 +208,14 @@ def _has_temporal(text: str) -> bool:
     return flag
 
 
-def _positions(pfilter: ts.StemFilter, text: str, skip: int) -> dict[str, list[int]]:
-    """``pfilter.positions(ts.tokenize(text)[skip:])``, from a per-text map when known."""
+def _positions(
+    pfilter: ts.StemFilter, text: str, skip: int, held: Iterable[str] | None = None
+) -> dict[str, list[int]]:
+    """``pfilter.positions(ts.tokenize(text)[skip:])``, from a per-text map when known.
+
+    ``held``: the filter's stems the text has after its first ``skip`` tokens (a
+    known text then looks only those up).
+    """
     prof = _PROFILES.get(text)
     if prof is None:
         return pfilter.positions(ts.tokenize(text)[skip:])
@@ -219,7 +226,7 @@ def _positions(pfilter: ts.StemFilter, text: str, skip: int) -> dict[str, list[i
             posmap.setdefault(ts.stem(tok), []).append(i)
         _POSITIONS[text] = posmap
     out: dict[str, list[int]] = {}
-    for st in pfilter.stems:
+    for st in pfilter.stems if held is None else held:
         found = posmap.get(st)
         if found:
             if skip:
@@ -251,6 +258,46 @@ def matched(terms: Sequence[str], text: str) -> list[str]:
     return [t for t in terms if ts.stem(t) in prof[1]]
 
 
+# Per known text and speaker: its full stem counts (speaker prefix taken off), length,
+# speaker stems and prefix length. Filled with _PROFILES (a text seen twice), so a
+# replay's candidates cost one lookup; cleared with it.
+_BASES: dict[tuple[str, str | None], tuple[Counter[str], int, frozenset[str], int]] = {}
+
+
+def _base(text: str, name: str | None) -> tuple[Counter[str], int, frozenset[str], int] | None:
+    """Cached ``(full stem counts, length, speaker stems, prefix length)`` of a known text."""
+    key = (text, name)
+    base = _BASES.get(key)
+    if base is not None:
+        return base
+    prof = _PROFILES.get(text)
+    if prof is None:
+        return None
+    tokens, full = prof
+    stems = Counter(full)
+    speaker, prefix_len = _speaker(name, text, tokens, stems)
+    if len(_BASES) >= _PROFILE_MAX:
+        _BASES.clear()
+    base = _BASES[key] = (stems, len(tokens), speaker, prefix_len)
+    return base
+
+
+def _speaker(
+    name: str | None, text: str, tokens: list[str], stems: Counter[str]
+) -> tuple[frozenset[str], int]:
+    """Speaker stems and ``speaker:`` prefix length; takes the prefix off ``stems``."""
+    if not name:
+        return frozenset(), 0
+    name_tokens, name_stems = name_profile(name)
+    prefix_len = 0
+    if ":" in text[: len(name) + 2] and tokens[: len(name_tokens)] == name_tokens:
+        prefix_len = len(name_tokens)
+        for st in name_stems:
+            if stems.get(st, 0) > 0:
+                stems[st] -= 1
+    return frozenset(name_stems), prefix_len
+
+
 def make_doc(
     mid: int,
     sid: int,
@@ -263,30 +310,31 @@ def make_doc(
     """A candidate: counts of the stems in ``only`` (all stems if None) and length.
 
     The ``speaker:`` prefix counts in the length (as FTS5 sees it) but not as a
-    mention of the speaker's name.
+    mention of the speaker's name. A known text (see :func:`profile`) gets its cached
+    full counts whatever ``only`` says: ranking reads the same values from either.
     """
     text = content or ""
-    prof = profile(text)
-    if prof is not None:
-        tokens, full = prof
-        if only is not None:  # the same counts as only.counts(tokens)
-            stems = Counter({st: full[st] for st in only.stems if st in full})
-        else:
-            stems = Counter(full)
-    else:
-        tokens = ts.tokenize(text)
-        stems = only.counts(tokens) if only is not None else Counter(ts.stem_all(tokens))
-    speaker: frozenset[str] = frozenset()
-    prefix_len = 0
-    if name:
-        name_tokens, name_stems = name_profile(name)
-        speaker = frozenset(name_stems)
-        if ":" in text[: len(name) + 2] and tokens[: len(name_tokens)] == name_tokens:
-            prefix_len = len(name_tokens)
-            for st in name_stems:
-                if stems.get(st, 0) > 0:
-                    stems[st] -= 1
     day = str(stamp or "")[:10]
+    base = _base(text, name) if profile(text) is not None else None
+    if base is not None:
+        stems, length, speaker, prefix_len = base
+        return Doc(
+            int(mid),
+            int(sid),
+            int(idx),
+            name,
+            text,
+            day,
+            stems,
+            length,
+            speaker,
+            prefix_len,
+            frozenset(),
+            True,
+        )
+    tokens = ts.tokenize(text)
+    stems = only.counts(tokens) if only is not None else Counter(ts.stem_all(tokens))
+    speaker, prefix_len = _speaker(name, text, tokens, stems)
     return Doc(
         int(mid),
         int(sid),
@@ -303,13 +351,22 @@ def make_doc(
     )
 
 
-def session_idf(docs: Sequence[Doc], stems: Sequence[str], n_rows: int) -> dict[str, float]:
-    """IDF of ``stems`` with ``docs`` = every match of a collection of ``n_rows`` rows."""
-    idf: dict[str, float] = {}
-    for s in stems:
-        df = sum(1 for d in docs if s in d.stems or s in d.speaker_stems)
-        idf[s] = ts.bm25_idf(int(n_rows), df)
-    return idf
+def session_idf(
+    docs: Sequence[Doc], stems: Sequence[str], n_rows: int, more: dict[str, int] | None = None
+) -> dict[str, float]:
+    """IDF of ``stems`` with ``docs`` = every match of a collection of ``n_rows`` rows.
+
+    ``more``: document frequencies of matches left out of ``docs``.
+    """
+    wanted = frozenset(stems)
+    df = {s: (more.get(s, 0) if more else 0) for s in stems}
+    for d in docs:  # set intersections: a doc costs its matches, not the query's length
+        held = d.stems.keys() & wanted
+        if d.speaker_stems:
+            held |= d.speaker_stems & wanted
+        for s in held:
+            df[s] += 1
+    return {s: ts.bm25_idf(int(n_rows), df[s]) for s in stems}
 
 
 def _near(sorted_positions: list[int], i: int, window: int) -> bool:
@@ -347,6 +404,36 @@ def _proximity(
     return score
 
 
+# ------------------------------------------------------------------------ queries
+# A replay ranks each question up to three times (tiers 1-3): what a query asks is
+# worked out once (bounded caches; values never change).
+_KINDS: dict[str, tuple[bool, bool, list[tuple[int | None, int | None, int | None]]]] = {}
+_FILTERS: dict[tuple[str, ...], ts.StemFilter] = {}
+
+
+def _query_kind(query: str) -> tuple[bool, bool, list[tuple[int | None, int | None, int | None]]]:
+    """(asks when, asks how many, dates named) of ``query``."""
+    kind = _KINDS.get(query)
+    if kind is None:
+        if len(_KINDS) >= 256:
+            _KINDS.clear()
+        kind = _KINDS[query] = (
+            ts.is_temporal_question(query),
+            ts.is_count_question(query),
+            ts.query_dates(query),
+        )
+    return kind
+
+
+def _stem_filter(stems: tuple[str, ...]) -> ts.StemFilter:
+    found = _FILTERS.get(stems)
+    if found is None:
+        if len(_FILTERS) >= 256:
+            _FILTERS.clear()
+        found = _FILTERS[stems] = ts.StemFilter(stems)
+    return found
+
+
 # ------------------------------------------------------------------------ ranking
 def rank_candidates(
     docs: Sequence[Doc],
@@ -357,20 +444,26 @@ def rank_candidates(
     limit: int,
     fetch: NeighbourFetcher | None,
     params: RankParams = RankParams(),  # noqa: B008 (frozen)
+    bridge_top: int | None = None,
+    keep: Callable[[int], bool] | None = None,
 ) -> list[Hit]:
     """Score candidate messages for ``query`` (see the module doc); best ``limit`` hits.
 
     ``idf`` maps every query stem to its weight; ``avg_len`` is the collection's
     average message length (one session's for a per-session query). ``fetch`` reads
-    bridge neighbours (None: no bridges). Ties: message id ascending.
+    bridge neighbours (None: no bridges) around the best ``bridge_top`` candidates
+    (default ``max(limit, 10)``). ``keep(message_index)`` false: not a result (still
+    context for its neighbours). Ties: message id ascending.
     """
     if limit <= 0 or not docs:
         return []
     p = params
     stems = list(idf)
-    temporal_q = p.temporal_boost > 0 and ts.is_temporal_question(query)
-    count_q = p.number_boost > 0 and ts.is_count_question(query)
-    dates = ts.query_dates(query) if p.date_boost > 0 else []
+    stem_set_q = frozenset(stems)
+    is_temporal, is_count, query_dates = _query_kind(query)
+    temporal_q = p.temporal_boost > 0 and is_temporal
+    count_q = p.number_boost > 0 and is_count
+    dates = query_dates if p.date_boost > 0 else []
     # query-adjacent word pairs (sequential dependence): (stem a, stem b, pair weight)
     pairs: list[tuple[str, str, float]] = []
     if p.proximity_weight > 0:
@@ -378,25 +471,38 @@ def rank_candidates(
         pairs = [
             (a, b, p.proximity_weight * min(idf[a], idf[b])) for a, b in zip(qstems, qstems[1:], strict=False)
         ]
-        pfilter = ts.StemFilter(qstems)
+        pfilter = _stem_filter(tuple(qstems))
 
     own: dict[tuple[int, int], float] = {}
     info: dict[tuple[int, int], tuple[int, str]] = {}
     doc_of: dict[tuple[int, int], Doc] = {}
     named: set[tuple[int, int]] = set()
+    # bm25_terms inlined over the doc's matching stems only (summed in idf order, so
+    # the floats are bm25_terms' own)
+    order = {s: i for i, s in enumerate(idf)}
+    stem_keys = idf.keys()
+    k1p1, b, avg = BM25_K1 + 1.0, p.length_b, (avg_len if avg_len > 0 else 1.0)
     for d in docs:
-        sc = bm25_terms(d.stems, d.length, idf, avg_len, p.length_b)
-        if sc <= 0.0:
+        held = d.stems
+        present = [s for s in held.keys() & stem_keys if held[s] > 0]
+        if not present:
             continue  # matched only through the speaker prefix
+        if len(present) > 1:
+            present.sort(key=order.__getitem__)
+        norm = BM25_K1 * (1.0 - b + b * d.length / avg)
+        sc = 0.0
+        for s in present:
+            tf = held[s]
+            sc += idf[s] * tf * k1p1 / (tf + norm)
         key = (d.session_id, d.index)
-        if p.speaker_boost > 0 and d.speaker_stems.intersection(stems):
+        if p.speaker_boost > 0 and not d.speaker_stems.isdisjoint(stem_set_q):
             named.add(key)
         if temporal_q and _has_temporal(d.content):
             sc *= 1.0 + p.temporal_boost
         if count_q and ts.has_number(_tokens(d.content)):
             sc *= 1.0 + p.number_boost
-        if pairs and sum(1 for st in d.stems if d.stems[st] > 0) >= 2:
-            found = _positions(pfilter, d.content, d.prefix_len)
+        if pairs and len(present) >= 2:
+            found = _positions(pfilter, d.content, d.prefix_len, present)
             sc += _proximity(found, pairs, p.proximity_window, d.length, avg_len, p.length_b)
         if dates and ts.date_matches(d.day, dates):
             sc *= 1.0 + p.date_boost
@@ -420,8 +526,10 @@ def rank_candidates(
 
     if p.bridges and use_ctx and combined and fetch is not None:
         # neighbours with no keyword of their own, around the best candidates
-        top = sorted(combined, key=lambda k: (-combined[k], info[k][0]))[: max(limit, 10)]
+        pool = bridge_top if bridge_top is not None else max(limit, 10)
+        top = sorted(combined, key=lambda k: (-combined[k], info[k][0]))[:pool]
         wanted: dict[int, set[int]] = {}
+        named_in_query: dict[str, bool] = {}  # speaker name -> named in the query
         for sid, idx in top:
             for dist in range(-window, window + 1):
                 if dist and (sid, idx + dist) not in own and idx + dist >= 0:
@@ -433,15 +541,19 @@ def rank_candidates(
                     continue
                 info[key] = (int(mid), content or "")
                 combined[key] = weight * context(key)
-                if name and p.speaker_boost > 0 and frozenset(name_profile(name)[1]).intersection(stems):
-                    named.add(key)
+                if name and p.speaker_boost > 0:
+                    hit = named_in_query.get(name)
+                    if hit is None:
+                        hit = named_in_query[name] = not stem_set_q.isdisjoint(name_profile(name)[1])
+                    if hit:
+                        named.add(key)
 
     if p.speaker_boost > 0:
         for key in named:
             combined[key] *= 1.0 + p.speaker_boost
 
     ranked = sorted(
-        (k for k in combined if combined[k] > 0),
+        (k for k in combined if combined[k] > 0 and (keep is None or keep(k[1]))),
         key=lambda k: (-combined[k], info[k][0]),
     )[:limit]
     ideal = ideal_score(list(idf.values()))
@@ -472,6 +584,7 @@ def rank_texts(
     indexes: Sequence[int | None] | None = None,
     names: Sequence[str | None] | None = None,
     params: RankParams = RankParams(),  # noqa: B008 (frozen)
+    limit: int | None = None,
 ) -> list[tuple[int, float, list[str]]]:
     """Rank a small list of texts (cache or snapshot entries) with the tier-3 method.
 
@@ -479,18 +592,22 @@ def rank_texts(
     length). ``indexes`` are their message indexes (neighbour context and bridges
     follow them; a text without one has no neighbours; default: list positions, i.e.
     consecutive turns); ``names`` their speakers. Returns ``(position, score in
-    [0, 1], matched keywords)``, best first, ties by position.
+    [0, 1], matched keywords)``, best first, ties by position: the best ``limit``
+    (all if None; bridges are looked for around every candidate either way).
     """
     terms = ts.query_terms(query)
     if not terms or not texts:
         return []
     stems = list(dict.fromkeys(ts.stem(t) for t in terms))
-    sfilter = ts.StemFilter(stems)
+    sfilter = _stem_filter(tuple(stems))
     idxs = list(indexes) if indexes is not None else list(range(len(texts)))
     spk = list(names) if names is not None else [None] * len(texts)
     docs: list[Doc] = []
     by_key: dict[tuple[int, int], int] = {}
-    skipped_len = 0  # known texts holding no query stem (nor a speaker named in it)
+    # Known texts that hold no query stem outside a speaker prefix score 0: they
+    # count only for the length and the document frequencies (as session_idf would)
+    skipped_len = 0
+    skipped_df: Counter[str] = Counter()
     qstems = sfilter.stems
     for pos, text in enumerate(texts):
         idx = idxs[pos]
@@ -500,19 +617,26 @@ def rank_texts(
         if key in by_key:
             key = (-1 - pos, 0)
         by_key[key] = pos
-        prof = _PROFILES.get(text or "")
-        if prof is not None:
-            # a doc that scores 0 and counts for no IDF: only its length matters
-            full, name = prof[1], spk[pos]
-            if not any(st in full for st in qstems) and (
-                not name or qstems.isdisjoint(name_profile(name)[1])
-            ):
-                skipped_len += len(prof[0])
-                continue
-        docs.append(make_doc(pos, key[0], key[1], spk[pos], text, only=sfilter))
+        text = text or ""
+        name = spk[pos]
+        base = _base(text, name) if text in _PROFILES else None
+        if base is None:
+            docs.append(make_doc(pos, key[0], key[1], name, text, only=sfilter))
+            continue
+        held, length, speaker, prefix_len = base
+        shared = held.keys() & qstems
+        if not any(held[st] > 0 for st in shared):
+            skipped_len += length
+            if speaker:
+                shared |= speaker & qstems
+            skipped_df.update(shared)
+            continue
+        docs.append(
+            Doc(pos, key[0], key[1], name, text, "", held, length, speaker, prefix_len, frozenset(), True)
+        )
     n = len(texts)
     avg = (sum(d.length for d in docs) + skipped_len) / n
-    idf = session_idf(docs, stems, n)
+    idf = session_idf(docs, stems, n, skipped_df)
 
     def fetch(sid: int, wanted: list[int]) -> list[tuple[int, int, str, str | None]]:
         out = []
@@ -522,5 +646,5 @@ def rank_texts(
                 out.append((pos, i, texts[pos], spk[pos]))
         return out
 
-    hits = rank_candidates(docs, query, terms, idf, avg, n, fetch, params)
+    hits = rank_candidates(docs, query, terms, idf, avg, limit or n, fetch, params, bridge_top=n)
     return [(h.message_id, h.score, h.matched_keywords) for h in hits]

@@ -91,11 +91,12 @@ def rank_entries(
     session_key: str,
     snapshot_ids: list[int | None] | None = None,
     names: dict[int, str] | None = None,
+    limit: int | None = None,
 ) -> list[RetrievedEntry]:
     """Rank cache or snapshot entries for ``query`` with the tier-3 method (``ranking``).
 
     Neighbour context follows the entries' message indexes; ``names`` maps a message
-    index to its speaker (speaker boost).
+    index to its speaker (speaker boost). Only the best ``limit`` (all if None).
     """
     from .store.search import rank_texts
 
@@ -103,7 +104,7 @@ def rank_entries(
     indexes = [e.message_index for e in entries]
     speakers = [names.get(i) if names and i is not None else None for i in indexes]
     out = []
-    for index, score, matched in rank_texts(query, texts, indexes=indexes, names=speakers):
+    for index, score, matched in rank_texts(query, texts, indexes=indexes, names=speakers, limit=limit):
         entry = entries[index]
         out.append(
             RetrievedEntry(

@@ -162,15 +162,22 @@ class Store:
     def is_sqlite(self) -> bool:
         return self.location.backend == "sqlite"
 
-    def transaction(self, work: Callable[[], T]) -> T:
+    def transaction(self, work: Callable[[], T], on_rollback: Callable[[], None] | None = None) -> T:
         """Run ``work`` in one write transaction, retrying when the database is busy.
 
-        The whole unit of work is rolled back on any error, so a retry starts clean.
+        The whole unit of work is rolled back on any error, so a retry starts clean;
+        ``on_rollback`` is called after each rolled-back attempt (to drop state read
+        inside it).
         """
         for attempt in range(LOCK_RETRIES + 1):
             try:
-                with self.db.atomic():
-                    return work()
+                try:
+                    with self.db.atomic():
+                        return work()
+                except BaseException:
+                    if on_rollback is not None:
+                        on_rollback()
+                    raise
             except peewee.OperationalError as exc:
                 if not is_locked_error(exc) or attempt == LOCK_RETRIES:
                     if is_locked_error(exc):

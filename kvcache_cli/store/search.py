@@ -72,8 +72,9 @@ def rank_texts(
     texts: list[str],
     indexes: list[int | None] | None = None,
     names: list[str | None] | None = None,
+    limit: int | None = None,
 ) -> list[tuple[int, float, list[str]]]:
-    """Rank in-memory texts (tiers 1 and 2) with the tier-3 method (``ranking``)."""
+    """Rank in-memory texts (tiers 1 and 2) with the tier-3 method (``ranking``); best ``limit``."""
     from ..ranking import rank_texts as rank
 
-    return rank(query, texts, indexes=indexes, names=names)
+    return rank(query, texts, indexes=indexes, names=names, limit=limit)
