@@ -918,17 +918,19 @@ class KVCacheManager:
         now: datetime,
     ) -> m.Snapshot:
         """Insert a snapshot and its entries, count it and record the operation."""
-        row = m.Snapshot.create(
-            id=self._next_snapshot_id(),
-            session=session.id,
-            turn_index=turn,
-            snapshot_type=kind,
-            reason=reason,
-            state_hash=state_hash,
-            entry_count=len(entries),
-            size_bytes=sum(e.size_bytes for e in entries),
-            created_at=now,
-        )
+        values: dict[str, Any] = {
+            "id": self._next_snapshot_id(),
+            "session": session.id,
+            "turn_index": turn,
+            "snapshot_type": kind,
+            "reason": reason,
+            "state_hash": state_hash,
+            "entry_count": len(entries),
+            "size_bytes": sum(e.size_bytes for e in entries),
+            "created_at": now,
+        }
+        _bulk_insert(m.Snapshot, [values])  # Snapshot.create without peewee's query building
+        row = m.Snapshot(**values)
         rows = []
         for position, entry in enumerate(entries):
             data = _entry_row(entry, position)
@@ -965,8 +967,9 @@ class KVCacheManager:
         )
         ids = [r[0] for r in rows]
         if ids and not dry_run:
-            m.SnapshotEntry.delete().where(m.SnapshotEntry.snapshot.in_(ids)).execute()
-            m.Snapshot.delete().where(m.Snapshot.id.in_(ids)).execute()
+            marks = ", ".join("?" * len(ids))
+            self.store.query(f"DELETE FROM snapshot_entries WHERE snapshot_id IN ({marks})", ids)
+            self.store.query(f"DELETE FROM snapshots WHERE id IN ({marks})", ids)
         return ids
 
     def snapshot(self, session_key: str, slot: Any = None, slot_id: int | None = None) -> SnapshotInfo:

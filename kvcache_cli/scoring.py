@@ -58,6 +58,82 @@ def is_question(text: str) -> bool:
 
 PATTERN_WINDOW = 65536  # chars: a huge text is matched on its head and tail only
 
+# Fast, exact evaluation of the patterns on ASCII text (changes speed only, never results).
+# On ASCII text ``re.I`` is ASCII case-insensitivity and ``\w`` is [A-Za-z0-9_]. Folding
+# maps A-Z to a-z and every other non-word char to a space, so the folded text's words are
+# the text's maximal \w runs, lower-cased, and ``\b(w1|w2|...)\b`` matches iff one of them
+# is listed. A pattern's other branches (phrases, "c++", ...) run its original regex, and
+# only when the text holds what each of their matches holds (e.g. "o'clock" -> "o clock").
+SYSTEM_WORDS = frozenset({"system", "instruction", "instructions", "prompt"})
+CODE_WORDS = frozenset(
+    "def function class import return print let const var fn struct impl python rust javascript "
+    "typescript java golang kotlin swift ruby php sql bash haskell scala".split()
+)
+IMPORTANT_WORDS = frozenset(
+    "important crucial critical essential must need needs require required requires urgent "
+    "priority key main primary".split()
+)
+NUMERIC_WORDS = frozenset(
+    "january february march april may june july august september october november december "
+    "monday tuesday wednesday thursday friday saturday sunday today tomorrow yesterday tonight "
+    "hour hours minute minutes second seconds day days week weeks month months year years".split()
+)
+_DIGIT_OR_PERCENT_RE = re.compile(r"[\d%]")  # NUMERIC_RE's first two branches
+_PATTERN_WORDS = SYSTEM_WORDS | CODE_WORDS | IMPORTANT_WORDS | NUMERIC_WORDS
+_FOLD = str.maketrans({c: c.lower() if c.isalnum() or c == "_" else " " for c in map(chr, range(128))})
+PROBE_MAX = PATTERN_WINDOW + 1  # a longer text takes the plain regexes (no big temporaries)
+
+#: ``probe_words``' answer: the folded text and its words found in a vocabulary.
+Probe = tuple[str, frozenset[str]]
+
+
+def probe_words(text: str, vocabulary: frozenset[str]) -> Probe | None:
+    """The folded ``text`` and its words (maximal \\w runs, lower-cased) in ``vocabulary``.
+
+    ``vocabulary`` must hold the words of every ``*_match`` function given the probe.
+    None for a non-ASCII or very long text: those functions then run the plain regexes.
+    """
+    if len(text) > PROBE_MAX or not text.isascii():
+        return None
+    folded = text.translate(_FOLD)
+    return folded, vocabulary.intersection(folded.split())
+
+
+def system_prompt_match(text: str, probe: Probe | None) -> bool:
+    """``SYSTEM_PROMPT_RE.search(text)``, sped up by ``probe`` (from ``probe_words(text)``)."""
+    if probe is None:
+        return SYSTEM_PROMPT_RE.search(text) is not None
+    folded, found = probe
+    if not SYSTEM_WORDS.isdisjoint(found):
+        return True
+    return ("you are" in folded or "your role" in folded) and SYSTEM_PROMPT_RE.search(text) is not None
+
+
+def code_match(text: str, probe: Probe | None) -> bool:
+    """``CODE_RE.search(text)``, sped up by ``probe``."""
+    if probe is None:
+        return CODE_RE.search(text) is not None
+    if "```" in text or not CODE_WORDS.isdisjoint(probe[1]):
+        return True
+    return ("+" in text or "#" in text) and CODE_RE.search(text) is not None  # c++, c#
+
+
+def important_match(text: str, probe: Probe | None) -> bool:
+    """``IMPORTANT_RE.search(text)``, sped up by ``probe``."""
+    if probe is None:
+        return IMPORTANT_RE.search(text) is not None
+    return not IMPORTANT_WORDS.isdisjoint(probe[1])
+
+
+def numeric_match(text: str, probe: Probe | None) -> bool:
+    """``NUMERIC_RE.search(text)``, sped up by ``probe``."""
+    if probe is None:
+        return NUMERIC_RE.search(text) is not None
+    folded, found = probe
+    if _DIGIT_OR_PERCENT_RE.search(text) is not None or not NUMERIC_WORDS.isdisjoint(found):
+        return True
+    return "o clock" in folded and NUMERIC_RE.search(text) is not None
+
 
 _PATTERN_CACHE: dict[str, tuple[str, ...]] = {}
 _PATTERN_CACHE_MAX = 8192  # texts up to 4096 chars: at most ~32 MB
@@ -71,6 +147,11 @@ def pattern_matches(text: str) -> list[str]:
     the window (a 50 MB message scores in milliseconds, not minutes). Results for
     short texts are remembered: a replay scores the same entries turn after turn.
     """
+    return list(matched_patterns(text))
+
+
+def matched_patterns(text: str) -> tuple[str, ...]:
+    """``pattern_matches(text)`` as a tuple, cached for short texts (speed only)."""
     if len(text) <= _PATTERN_CACHE_TEXT:
         cached = _PATTERN_CACHE.get(text)
         if cached is None:
@@ -78,24 +159,25 @@ def pattern_matches(text: str) -> list[str]:
             if len(_PATTERN_CACHE) >= _PATTERN_CACHE_MAX:
                 _PATTERN_CACHE.clear()
             _PATTERN_CACHE[text] = cached
-        return list(cached)
-    return _pattern_matches(text)
+        return cached
+    return tuple(_pattern_matches(text))
 
 
 def _pattern_matches(text: str) -> list[str]:
     if len(text) > PATTERN_WINDOW:
         half = PATTERN_WINDOW // 2
         text = text[:half] + "\n" + text[-half:]
+    probe = probe_words(text, _PATTERN_WORDS)
     found = []
-    if SYSTEM_PROMPT_RE.search(text):
+    if system_prompt_match(text, probe):
         found.append("system_prompt")
-    if CODE_RE.search(text):
+    if code_match(text, probe):
         found.append("code_block")
-    if IMPORTANT_RE.search(text):
+    if important_match(text, probe):
         found.append("important_concept")
     if is_question(text):
         found.append("question")
-    if NUMERIC_RE.search(text):
+    if numeric_match(text, probe):
         found.append("numeric_data")
     return found
 
@@ -149,7 +231,7 @@ class CacheEntryScorer:
             score += 0.1
         elif entry.key_type in FFN_TYPES:
             score += 0.05
-        for name in pattern_matches(entry.key_data or ""):
+        for name in matched_patterns(entry.key_data or ""):
             score += PATTERN_SCORES[name]
         return min(score, 1.0)
 

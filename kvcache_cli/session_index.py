@@ -42,6 +42,8 @@ class SessionIndex:
         self.roles: dict[int, str] = {}
         self.postings: dict[str, list[int]] = {}  # stem -> message indexes holding it
         self.scoring: dict[str, list[int]] = {}  # the same, outside a speaker: prefix
+        self.scoring_tf: dict[str, list[int]] = {}  # their counts there (same order)
+        self.lengths: dict[int, int] = {}  # message_index -> token count
         self.total_len = 0
 
     def sync(self, store: Store) -> None:
@@ -72,10 +74,12 @@ class SessionIndex:
         self.docs[index] = doc
         self.roles[index] = role
         self.total_len += doc.length
+        self.lengths[index] = doc.length
         for st, tf in doc.stems.items():
             self.postings.setdefault(st, []).append(index)
             if tf > 0:
                 self.scoring.setdefault(st, []).append(index)
+                self.scoring_tf.setdefault(st, []).append(tf)
 
     def search(
         self,
@@ -125,15 +129,14 @@ class SessionIndex:
     ) -> list[int]:
         """The ``k`` messages with the highest plain BM25 (ties: lower message id)."""
         scores: dict[int, float] = {}
-        k1, k1p1 = ranking.BM25_K1, ranking.BM25_K1 + 1.0
-        docs = self.docs
+        get, lengths = scores.get, self.lengths
+        k1 = ranking.BM25_K1
+        base, per_token = k1 * (1.0 - b), k1 * b / avg  # BM25's k1 * (1 - b + b * dl / avgdl)
         for s, found in lists.items():
-            w = idf[s]
-            for i in found:
-                d = docs[i]
-                tf = d.stems[s]
-                norm = k1 * (1.0 - b + b * d.length / avg)
-                scores[i] = scores.get(i, 0.0) + w * tf * k1p1 / (tf + norm)
+            w = idf[s] * (k1 + 1.0)
+            for i, tf in zip(found, self.scoring_tf.get(s, ()), strict=True):
+                scores[i] = get(i, 0.0) + w * tf / (tf + base + per_token * lengths[i])
+        docs = self.docs
         best = heapq.nsmallest(k, scores, key=lambda i: (-scores[i], docs[i].message_id))
         return sorted(best)
 
