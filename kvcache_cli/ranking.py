@@ -22,6 +22,7 @@ entries), with the list itself as the collection.
 
 from __future__ import annotations
 
+import heapq
 import math
 from bisect import bisect_left
 from collections import Counter
@@ -149,7 +150,7 @@ _PROFILES: dict[str, tuple[list[str], Counter[str]]] = {}
 _SEEN_ONCE: set[str] = set()
 _PROFILE_MAX = 50_000
 # per known text (same lifetime as _PROFILES): stem -> token positions; has a time word
-_POSITIONS: dict[str, dict[str, list[int]]] = {}
+_POSITIONS: dict[tuple[str, int], dict[str, list[int]]] = {}
 _TEMPORAL: dict[str, bool] = {}
 
 
@@ -219,22 +220,15 @@ def _positions(
     prof = _PROFILES.get(text)
     if prof is None:
         return pfilter.positions(ts.tokenize(text)[skip:])
-    posmap = _POSITIONS.get(text)
-    if posmap is None:
+    key = (text, skip)
+    posmap = _POSITIONS.get(key)
+    if posmap is None:  # stem -> positions after the first ``skip`` tokens
         posmap = {}
-        for i, tok in enumerate(prof[0]):
+        for i, tok in enumerate(prof[0][skip:]):
             posmap.setdefault(ts.stem(tok), []).append(i)
-        _POSITIONS[text] = posmap
-    out: dict[str, list[int]] = {}
-    for st in pfilter.stems if held is None else held:
-        found = posmap.get(st)
-        if found:
-            if skip:
-                found = [i - skip for i in found if i >= skip]
-                if not found:
-                    continue
-            out[st] = found
-    return out
+        _POSITIONS[key] = posmap
+    stems = pfilter.stems if held is None else held
+    return {st: posmap[st] for st in stems if st in posmap}
 
 
 def _doc_matched(
@@ -512,13 +506,19 @@ def rank_candidates(
 
     window, weight, decay = p.context_window, p.context_weight, p.context_decay
     dist_weights = [(dist, decay ** (dist - 1)) for dist in range(1, window + 1)]
-    own_get = own.get
+    own_rows: dict[int, dict[int, float]] = {}  # session -> index -> own score
+    for (sid, idx), sc in own.items():
+        own_rows.setdefault(sid, {})[idx] = sc
 
     def context(key: tuple[int, int]) -> float:
         sid, idx = key
+        row = own_rows.get(sid)
+        if row is None:
+            return 0.0
+        get = row.get
         total = 0.0
         for dist, w in dist_weights:
-            total += w * (own_get((sid, idx - dist), 0.0) + own_get((sid, idx + dist), 0.0))
+            total += w * (get(idx - dist, 0.0) + get(idx + dist, 0.0))
         return total
 
     use_ctx = window > 0 and weight > 0
@@ -527,7 +527,7 @@ def rank_candidates(
     if p.bridges and use_ctx and combined and fetch is not None:
         # neighbours with no keyword of their own, around the best candidates
         pool = bridge_top if bridge_top is not None else max(limit, 10)
-        top = sorted(combined, key=lambda k: (-combined[k], info[k][0]))[:pool]
+        top = heapq.nsmallest(pool, combined, key=lambda k: (-combined[k], info[k][0]))
         wanted: dict[int, set[int]] = {}
         named_in_query: dict[str, bool] = {}  # speaker name -> named in the query
         for sid, idx in top:
@@ -552,10 +552,11 @@ def rank_candidates(
         for key in named:
             combined[key] *= 1.0 + p.speaker_boost
 
-    ranked = sorted(
+    ranked = heapq.nsmallest(  # = sorted(...)[:limit]
+        limit,
         (k for k in combined if combined[k] > 0 and (keep is None or keep(k[1]))),
         key=lambda k: (-combined[k], info[k][0]),
-    )[:limit]
+    )
     ideal = ideal_score(list(idf.values()))
     term_stems = [(t, ts.stem(t)) for t in terms]
     stem_set = frozenset(st for _, st in term_stems)
