@@ -4,8 +4,6 @@ Errors are the core's own types; ``main`` turns each into one line on stderr and
 exit code (1 operational failure, 2 bad usage or input, 130 interrupted).
 """
 
-from __future__ import annotations
-
 import json
 import os
 import re
@@ -46,7 +44,7 @@ class AppState:
     quiet: bool = False
     _config: Any = None
 
-    def config(self) -> Config:
+    def config(self) -> "Config":
         if self._config is None:
             from .config import load_config
 
@@ -57,7 +55,7 @@ class AppState:
         """``--db``, then ``KVCACHE_DB``, then the config file, then the default path."""
         return self.db or os.environ.get("KVCACHE_DB") or self.config().database.url or None
 
-    def open_store(self, read_only: bool = False) -> Store:
+    def open_store(self, read_only: bool = False) -> "Store":
         """The store; a read-only command on an explicit ``--db``/URL that names no
         existing database fails (a typo) instead of creating an empty one."""
         from .store.backend import open_store
@@ -129,7 +127,7 @@ def _llm_client(server: str | None, required: bool = False) -> Any:
 
 def _manager(
     server: str | None = None, need_server: bool = False, read_only: bool = False
-) -> tuple[KVCacheManager, Store]:
+) -> "tuple[KVCacheManager, Store]":
     """The manager and its store; ``read_only``: the command works on an existing store."""
     from .manager import KVCacheManager
 

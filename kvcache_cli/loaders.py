@@ -295,9 +295,7 @@ def _line_format(fmt: str) -> str:
     return "auto" if fmt == "jsonl" else fmt
 
 
-def _jsonl_conversations(
-    lines: Iterable[tuple[int, str]], label: str, fmt: str
-) -> Iterator[Conversation]:
+def _jsonl_conversations(lines: Iterable[tuple[int, str]], label: str, fmt: str) -> Iterator[Conversation]:
     """Conversations of numbered JSON Lines; loose one-message lines make one conversation."""
     fmt = _line_format(fmt)
     loose: list[ChatMessage] = []

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from functools import partial
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from . import bridge
 from .config import Config
@@ -24,12 +24,14 @@ from .loaders import Conversation
 from .memory import TokenCounter, capacity_bytes
 from .retrieval import TIER_THRESHOLDS, RetrievalResult, RetrievedEntry, merge_results, rank_entries
 from .scoring import CacheEntryScorer, decayed_engagement, next_engagement
-from .session_index import SessionIndex, SessionIndexes
 from .store import models as m
 from .store import search
 from .store.backend import Store
 from .store.migrations import utcnow
 from .summary import MIN_MESSAGES, TAIL_MESSAGES, extractive_summary
+
+if TYPE_CHECKING:
+    from .session_index import SessionIndex, SessionIndexes
 
 RETRIEVAL_TRIGGERS = ("explain", "how to", "what is", "remember", "recall")
 PROCESS_TIERS = (1, 2, 3)
@@ -204,7 +206,7 @@ class KVCacheManager:
         self.notices: list[str] = []
         self._embedder: Any = None  # embeddings.TurnEmbedder during process_conversation
         self.fusion: str | None = None  # hybrid fusion override (strategies.FUSIONS), for benches
-        self._indexes = SessionIndexes()  # a replay's per-session tier-3 indexes
+        self._replay_indexes: SessionIndexes | None = None  # see ``_indexes``
         self._llm_down = False  # set after "cannot connect": no more server calls this run
         self._ready_summary: tuple[tuple[Any, ...], str | None] | None = None
 
@@ -225,6 +227,15 @@ class KVCacheManager:
         row = m.Session(**{f.name: f.python_value(v) for f, v in zip(fields, rows[0], strict=True)})
         cast(Any, row)._dirty.clear()  # loaded, not changed: save() writes only what changes
         return row
+
+    @property
+    def _indexes(self) -> SessionIndexes:
+        """A replay's per-session tier-3 indexes (made on first use: not imported by ``stats``)."""
+        if self._replay_indexes is None:
+            from .session_index import SessionIndexes
+
+            self._replay_indexes = SessionIndexes()
+        return self._replay_indexes
 
     def _save_session(self, session: m.Session) -> None:
         """``session.save()`` (every field but the key) as one raw UPDATE on SQLite."""

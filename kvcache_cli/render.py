@@ -38,8 +38,8 @@ def _pipe_width(stream: Any) -> int | None:
 
 
 # markup=False: stored text such as "[bold]" or "[/x]" is printed as it is.
-console = Console(highlight=False, markup=False, width=_pipe_width(sys.stdout))
-err_console = Console(stderr=True, highlight=False, markup=False, width=_pipe_width(sys.stderr))
+console = Console(highlight=False, markup=False, emoji=False, width=_pipe_width(sys.stdout))
+err_console = Console(stderr=True, highlight=False, markup=False, emoji=False, width=_pipe_width(sys.stderr))
 
 _UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 

@@ -70,6 +70,7 @@ def statistics(manager: KVCacheManager, session_key: str | None = None, history:
         data["session"] = session_detail(manager, session)
     return data
 
+
 def session_state(manager: KVCacheManager, session: Any, capacity: int | None = None) -> dict[str, Any]:
     """The seed's ``SessionCacheState`` plus the persisted extras.
 
@@ -90,6 +91,7 @@ def session_state(manager: KVCacheManager, session: Any, capacity: int | None = 
         "last_activity": session.last_activity.isoformat(),
         "metadata": json.loads(session.metadata or "{}"),
     }
+
 
 def session_detail(manager: KVCacheManager, session: m.Session) -> dict[str, Any]:
     summary = m.Summary.get_or_none(m.Summary.session == session.id)

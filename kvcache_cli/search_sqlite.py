@@ -177,8 +177,7 @@ def _session_avg_len(conn: Connectionish, session_id: int) -> float:
     (``sess``, ``content``); a session has at most a few thousand rows.
     """
     rows = conn.execute(
-        f"SELECT d.sz FROM messages AS m JOIN {FTS_TABLE}_docsize AS d ON d.id = m.id "
-        "WHERE m.session_id = ?",
+        f"SELECT d.sz FROM messages AS m JOIN {FTS_TABLE}_docsize AS d ON d.id = m.id WHERE m.session_id = ?",
         (int(session_id),),
     ).fetchall()
     total = 0
