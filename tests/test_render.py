@@ -357,7 +357,7 @@ def test_hostile_text_is_escaped_and_piped_tables_are_not_cut(tmp_path: Path) ->
             "session_id": sid,
             "messages": [
                 {"role": "user", "content": "what is the budget\x00 for \x1b]0;pwn\x07 the \u202etrip [/x]"},
-                {"role": "assistant", "content": "The budget is 4200 euros \x1b[2J for the trip."},
+                {"role": "assistant", "content": "The budget is 4200 euros \x1b[2J for the trip :thumbs_up:"},
             ],
         }
         for sid in (long_id, evil)
@@ -386,6 +386,8 @@ def test_hostile_text_is_escaped_and_piped_tables_are_not_cut(tmp_path: Path) ->
         for raw in ("\x00", "\x1b", "\x07", "\u202e"):
             assert raw not in text, (name, raw)
     assert "\\x1b[31m\\u202eid" in outputs["stats"]
+    # user text is printed as written: no :emoji: code replacement
+    assert ":thumbs_up:" in outputs["retrieve"] and "\U0001f44d" not in outputs["retrieve"]
     assert "\\x00" in outputs["retrieve"] and "\\u202e" in outputs["retrieve"]
     for name in ("stats", "snapshots", "retrieve"):
         assert long_id in outputs[name], name
