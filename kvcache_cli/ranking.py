@@ -308,40 +308,22 @@ def make_doc(
     full counts whatever ``only`` says: ranking reads the same values from either.
     """
     text = content or ""
-    day = str(stamp or "")[:10]
     base = _base(text, name) if profile(text) is not None else None
+    counted: frozenset[str] = frozenset()  # stems ``stems`` was counted for (all if all_stems)
     if base is not None:
         stems, length, speaker, prefix_len = base
-        return Doc(
-            int(mid),
-            int(sid),
-            int(idx),
-            name,
-            text,
-            day,
-            stems,
-            length,
-            speaker,
-            prefix_len,
-            frozenset(),
-            True,
-        )
-    tokens = ts.tokenize(text)
-    stems = only.counts(tokens) if only is not None else Counter(ts.stem_all(tokens))
-    speaker, prefix_len = _speaker(name, text, tokens, stems)
+        all_stems = True
+    else:
+        tokens = ts.tokenize(text)
+        stems = only.counts(tokens) if only is not None else Counter(ts.stem_all(tokens))
+        speaker, prefix_len = _speaker(name, text, tokens, stems)
+        length = len(tokens)
+        all_stems = only is None
+        if only is not None:
+            counted = only.stems
+    day = str(stamp or "")[:10]
     return Doc(
-        int(mid),
-        int(sid),
-        int(idx),
-        name,
-        text,
-        day,
-        stems,
-        len(tokens),
-        speaker,
-        prefix_len,
-        only.stems if only is not None else frozenset(),
-        only is None,
+        int(mid), int(sid), int(idx), name, text, day, stems, length, speaker, prefix_len, counted, all_stems
     )
 
 
