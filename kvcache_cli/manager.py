@@ -41,6 +41,9 @@ PROCESS_TIERS = (1, 2, 3)
 # R@10 within 0.004 of ranking every match, at a quarter of the cost.
 REPLAY_CANDIDATES = 50
 REPLAY_BRIDGE_TOP = 10
+# A session too big for the in-memory index (session_index.MAX_INDEXED_MESSAGES) ranks
+# the store's own 50 best matches of the session instead.
+BIG_SESSION_SEARCH: dict[str, Any] = {"max_session_matches": 50, "candidates": 50}
 MAX_QUERY_CHARS = 4000  # retrieval during replay queries with at most this much of a question
 
 
@@ -207,6 +210,7 @@ class KVCacheManager:
         self._embedder: Any = None  # embeddings.TurnEmbedder during process_conversation
         self.fusion: str | None = None  # hybrid fusion override (strategies.FUSIONS), for benches
         self._replay_indexes: SessionIndexes | None = None  # see ``_indexes``
+        self._fts_len: dict[int, tuple[int, int, int, int]] = {}  # see ``_fts_avg_len``
         self._llm_down = False  # set after "cannot connect": no more server calls this run
         self._ready_summary: tuple[tuple[Any, ...], str | None] | None = None
 
@@ -467,7 +471,7 @@ class KVCacheManager:
                 embedder.prefetch(conv.messages, max(lo, done), hi)
             self._prepare_turn_summary(session_key, conv.messages[max(lo, done) : hi], tokens)
             report = self.store.transaction(
-                partial(self._turn, conv, session_key, lo, hi, tokens, result), self._indexes.forget
+                partial(self._turn, conv, session_key, lo, hi, tokens, result), self._forget_replay_state
             )
             if report is not None:
                 result.turns.append(report)
@@ -1212,13 +1216,17 @@ class KVCacheManager:
             result.tiers_searched.append(3)
             skip = in_cache if cascade else set()
             cap = 10 if cascade else limit * 2
-            if cascade:  # a replay's turn: the session's in-memory index, results filtered inside
+            if cascade:  # a replay's turn: results filtered inside the ranking
 
-                def wanted(index: int) -> bool:
-                    return index not in skip and (exclude_from is None or index < exclude_from)
+                def wanted(idx: int) -> bool:
+                    return idx not in skip and (exclude_from is None or idx < exclude_from)
 
-                assert index is not None
-                kw3 = self._replay_history(query, session, index, kw_cap(cap) or limit * 2 + 10, wanted)
+                if index is not None:  # the session's in-memory index
+                    kw3 = self._replay_history(query, session, index, kw_cap(cap) or limit * 2 + 10, wanted)
+                else:  # a session too big to index: the store's best matches
+                    options = self._big_session_search(session)
+                    hits = self._search_history(query, session, limit * 2 + 10, **options)
+                    kw3 = [h for h in hits if h.message_index is not None and wanted(h.message_index)]
             else:
                 kw3 = self._search_history(query, session, limit * 2 + 10)
             sem3 = None
@@ -1293,6 +1301,60 @@ class KVCacheManager:
                 )
             )
         return out
+
+    def _big_session_search(self, session: m.Session) -> dict[str, Any]:
+        """Tier-3 options of a replay's turn on a session too big for ``session_index``.
+
+        The store ranks only its own best ``BIG_SESSION_SEARCH`` matches (FTS5 bm25 or
+        ts_rank_cd order); on SQLite the session's average length is followed
+        incrementally (``_fts_avg_len``) instead of read whole at every turn.
+        """
+        options: dict[str, Any] = dict(BIG_SESSION_SEARCH)
+        if self.store.is_sqlite:
+            avg = self._fts_avg_len(session.get_id())
+            if avg is not None:
+                options["session_avg_len"] = avg
+        return options
+
+    def _fts_avg_len(self, session_id: int) -> float | None:
+        """``search_sqlite._session_avg_len`` of a session, read incrementally (same value).
+
+        Keeps (last message id, messages seen, indexed rows, token total) per session and
+        reads only the newer rows' docsize records; a count mismatch (rows deleted by
+        another writer) starts over from the whole session. Dropped with the indexes
+        when a turn rolls back (``_forget_replay_state``).
+        """
+        from .search_sqlite import FTS_TABLE, _varints
+
+        state = self._fts_len
+        sid = int(session_id)
+        for _attempt in range(2):
+            (count,) = self.store.query("SELECT count(*) FROM messages WHERE session_id = ?", (sid,))[0]
+            last_id, seen, rows, total = state.get(sid, (0, 0, 0, 0))
+            new = self.store.query(
+                f"SELECT m.id, d.sz FROM messages AS m LEFT JOIN {FTS_TABLE}_docsize AS d ON d.id = m.id "
+                "WHERE m.session_id = ? AND m.id > ? ORDER BY m.id",
+                (sid, last_id),
+            )
+            if seen + len(new) != count:
+                state.pop(sid, None)
+                continue
+            for mid, blob in new:
+                last_id = mid
+                if blob is None:
+                    continue
+                rows += 1
+                vals = _varints(bytes(blob), 2)
+                if len(vals) == 2:
+                    total += vals[1]
+            state[sid] = (last_id, count, rows, total)
+            return total / rows if rows and total > 0 else 1.0
+        return None  # could not follow the session: the search reads it itself
+
+    def _forget_replay_state(self) -> None:
+        """A turn rolled back: drop what the replay kept from inside it."""
+        self._indexes.forget()
+        self._fts_len.clear()
 
     def _search_history(
         self, query: str, session: m.Session | None, limit: int, **options: Any

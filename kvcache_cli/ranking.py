@@ -146,9 +146,14 @@ class Doc:
 # costs a few dict lookups instead of a pass over its tokens. A text seen once is not
 # stemmed whole (the cold path, one CLI call, stays as cheap as StemFilter makes it).
 # The caches change speed only, never results.
+# Bounded by count and by size: a text longer than PROFILE_TEXT_MAX is never kept, and
+# the caches start over past _PROFILE_MAX texts or _PROFILE_CHARS characters in all.
 _PROFILES: dict[str, tuple[list[str], Counter[str]]] = {}
-_SEEN_ONCE: set[str] = set()
+_SEEN_ONCE: set[int] = set()  # hashes of texts seen once (a collision only profiles early)
 _PROFILE_MAX = 50_000
+_PROFILE_CHARS = 20_000_000
+PROFILE_TEXT_MAX = 200_000
+_profiled_chars = 0
 # per known text (same lifetime as _PROFILES): stem -> token positions; has a time word
 _POSITIONS: dict[tuple[str, int], dict[str, list[int]]] = {}
 _TEMPORAL: dict[str, bool] = {}
@@ -159,22 +164,27 @@ def profile(text: str, remember: bool = False) -> tuple[list[str], Counter[str]]
 
     The returned objects are shared: callers must not modify them.
     """
+    global _profiled_chars
     prof = _PROFILES.get(text)
     if prof is not None:
         return prof
-    if not remember and text not in _SEEN_ONCE:
+    if len(text) > PROFILE_TEXT_MAX:
+        return None
+    if not remember and hash(text) not in _SEEN_ONCE:
         if len(_SEEN_ONCE) >= _PROFILE_MAX:
             _SEEN_ONCE.clear()
-        _SEEN_ONCE.add(text)
+        _SEEN_ONCE.add(hash(text))
         return None
     tokens = ts.tokenize(text)
     prof = (tokens, Counter(ts.stem_all(tokens)))
-    if len(_PROFILES) >= _PROFILE_MAX:
+    if len(_PROFILES) >= _PROFILE_MAX or _profiled_chars + len(text) > _PROFILE_CHARS:
         _PROFILES.clear()
         _POSITIONS.clear()
         _TEMPORAL.clear()
         _BASES.clear()
+        _profiled_chars = 0
     _PROFILES[text] = prof
+    _profiled_chars += len(text)
     return prof
 
 
@@ -629,5 +639,7 @@ def rank_texts(
                 out.append((pos, i, texts[pos], spk[pos]))
         return out
 
-    hits = rank_candidates(docs, query, terms, idf, avg, limit or n, fetch, params, bridge_top=n)
+    hits = rank_candidates(
+        docs, query, terms, idf, avg, n if limit is None else limit, fetch, params, bridge_top=n
+    )
     return [(h.message_id, h.score, h.matched_keywords) for h in hits]

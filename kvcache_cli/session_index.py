@@ -12,9 +12,16 @@ statistics: exact document frequencies and average length from this index. The
 store's index is not read, so a replay's results depend neither on other sessions
 nor on the backend. ``kvcache retrieve`` still ranks every match through the store.
 
+With every match a candidate it ranks as the store's search does, where the two
+tokenisers agree (``textsearch.tokenize`` follows FTS5's ``unicode61`` closely for Latin
+text; other scripts may split or fold differently).
+
 The index follows the store: a row count that no longer adds up (rows deleted or
 written by another process out of order) reloads the session; callers drop indexes
-whose transaction rolled back (:meth:`SessionIndexes.forget`).
+whose transaction rolled back (:meth:`SessionIndexes.forget`). A session with more
+than ``MAX_INDEXED_MESSAGES`` messages when first seen, or with a message longer than
+``MAX_INDEXED_TEXT``, is not indexed: the replay then asks the store
+(``manager.BIG_SESSION_SEARCH``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import ranking
 from . import textsearch as ts
+from .errors import StoreError
 
 if TYPE_CHECKING:
     from .store.backend import Store
@@ -41,27 +49,34 @@ class SessionIndex:
         self.docs: dict[int, ranking.Doc] = {}  # message_index -> document
         self.roles: dict[int, str] = {}
         self.postings: dict[str, list[int]] = {}  # stem -> message indexes holding it
+        # stem -> indexes whose speaker's name has it but whose text does not
+        self.speaker_only: dict[str, set[int]] = {}
         self.scoring: dict[str, list[int]] = {}  # the same, outside a speaker: prefix
         self.scoring_tf: dict[str, list[int]] = {}  # their counts there (same order)
         self.lengths: dict[int, int] = {}  # message_index -> token count
         self.total_len = 0
 
-    def sync(self, store: Store) -> None:
-        """Add the rows stored since the last call (reload if the count disagrees)."""
+    def sync(self, store: Store) -> bool:
+        """Add the rows stored since the last call (reload if the count disagrees).
+
+        False, and nothing added, when a new message is longer than ``MAX_INDEXED_TEXT``.
+        """
         sid = self.session_id
-        (count,) = store.query("SELECT count(*) FROM messages WHERE session_id = ?", (sid,))[0]
-        for _attempt in range(2):
+        for _attempt in range(3):
+            (count,) = store.query("SELECT count(*) FROM messages WHERE session_id = ?", (sid,))[0]
             new = store.query(
                 "SELECT id, message_index, role, name, content, timestamp FROM messages "
                 "WHERE session_id = ? AND id > ? ORDER BY id",
                 (sid, self.last_id),
             )
             if len(self.docs) + len(new) == count:
+                if any(len(row[4] or "") > MAX_INDEXED_TEXT for row in new):
+                    return False
                 for row in new:
                     self._add(*row)
-                return
+                return True
             self.__init__(sid)  # type: ignore[misc]  # start over from the whole session
-        raise AssertionError(f"session {sid}: message count changed while reading")
+        raise StoreError(f"session {sid}: its messages kept changing while being read; try again")
 
     def _add(
         self, mid: int, index: int, role: str, name: str | None, content: str | None, stamp: Any
@@ -80,6 +95,9 @@ class SessionIndex:
             if tf > 0:
                 self.scoring.setdefault(st, []).append(index)
                 self.scoring_tf.setdefault(st, []).append(tf)
+        for st in doc.speaker_stems:
+            if st not in doc.stems:
+                self.speaker_only.setdefault(st, set()).add(index)
 
     def search(
         self,
@@ -100,10 +118,20 @@ class SessionIndex:
             return []
         stems = list(dict.fromkeys(ts.stem(t) for t in terms))
         n = len(self.docs)
-        idf = {s: ts.bm25_idf(n, len(self.postings.get(s, ()))) for s in stems}
+        matches: set[int] = set()  # what the store's full-text query matches
+        for s in stems:
+            matches.update(self.postings.get(s, ()))
+        if not matches:
+            return []
+        # document frequencies as session_idf counts them over those matches: a match
+        # whose speaker's name holds the word counts for it too
+        idf = {
+            s: ts.bm25_idf(n, len(self.postings.get(s, ())) + len(self.speaker_only.get(s, set()) & matches))
+            for s in stems
+        }
         # a message holding a query word only in its speaker prefix scores nothing
         lists = {s: self.scoring.get(s, []) for s in stems}
-        matches: set[int] = set()
+        matches = set()
         for found in lists.values():
             matches.update(found)
         if not matches:
@@ -141,23 +169,48 @@ class SessionIndex:
         return sorted(best)
 
 
+#: A session with more stored messages than this when a replay first searches it, or
+#: holding a message longer than ``MAX_INDEXED_TEXT`` characters, is searched through the
+#: store instead: building the index reads and tokenises the whole session (about 0.1 ms
+#: and a few KB per ordinary message), which a short replay onto a big imported session
+#: would not win back, and a huge message would be held whole in memory.
+MAX_INDEXED_MESSAGES = 10_000
+MAX_INDEXED_TEXT = ranking.PROFILE_TEXT_MAX
+
+
 class SessionIndexes:
     """The indexes of the sessions a replay is working on (the few most recent)."""
 
-    def __init__(self, keep: int = 4) -> None:
+    def __init__(self, keep: int = 4, max_messages: int | None = None) -> None:
         self.keep = keep
+        self.max_messages = MAX_INDEXED_MESSAGES if max_messages is None else max_messages
         self._by_session: dict[int, SessionIndex] = {}
+        self._too_big: set[int] = set()
 
-    def get(self, store: Store, session_id: int) -> SessionIndex:
-        """The session's index, brought up to date with what the current transaction sees."""
+    def get(self, store: Store, session_id: int) -> SessionIndex | None:
+        """The session's index, brought up to date with what the current transaction sees.
+
+        None for a session too big to index (more than ``max_messages`` when first seen).
+        """
         sid = int(session_id)
-        index = self._by_session.pop(sid, None) or SessionIndex(sid)
+        index = self._by_session.pop(sid, None)
+        if index is None:
+            if sid in self._too_big:
+                return None
+            (count,) = store.query("SELECT count(*) FROM messages WHERE session_id = ?", (sid,))[0]
+            if count > self.max_messages:
+                self._too_big.add(sid)
+                return None
+            index = SessionIndex(sid)
+        if not index.sync(store):
+            self._too_big.add(sid)
+            return None
         self._by_session[sid] = index  # most recent last
         while len(self._by_session) > self.keep:
             self._by_session.pop(next(iter(self._by_session)))
-        index.sync(store)
         return index
 
     def forget(self) -> None:
         """Drop every index (a transaction rolled back: what they read may be gone)."""
         self._by_session.clear()
+        self._too_big.clear()

@@ -187,3 +187,78 @@ def test_engagement_decay_sql_follows_the_seed(tmp_path: Path) -> None:
         assert rows["c"] == 0.1 and rows["b"] == 0.1
     finally:
         store.close()
+
+
+def test_speakers_named_without_a_prefix_count_as_the_store_counts_them(tmp_path: Path) -> None:
+    """A message whose speaker (``name``) is in the query counts for that word's IDF."""
+    import json
+
+    messages = []
+    for i in range(12):
+        speaker = ("alice", "bob", "carol")[i % 3]
+        text = ["hello world from the garden", "the world cup final tonight", "garden tools and seeds"][i % 3]
+        messages.append(
+            {"role": "user" if i % 2 == 0 else "assistant", "name": speaker, "content": f"{text} {i}"}
+        )
+    path = tmp_path / "named.json"
+    path.write_text(json.dumps({"session_id": "named", "messages": messages}))
+    store = open_store(tmp_path / "s.db")
+    try:
+        import_file(store, path)
+        sid = _session_id(store, "named")
+        index = SessionIndex(sid)
+        index.sync(store)
+        for query in ("alice world", "bob garden tools", "carol final", "world"):
+            want = search.search_messages(store, query, sid, 10)
+            got = index.search(query, 10, candidates=10**9)
+            assert want, query
+            assert [(h.message_index, round(h.score, 9)) for h in got] == [
+                (h.message_index, round(h.score, 9)) for h in want
+            ], query
+    finally:
+        store.close()
+
+
+def test_a_session_too_big_to_index_is_searched_through_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above the cap the replay asks the store's index each turn, and still retrieves."""
+    from kvcache_cli import session_index
+
+    def replay(cap: int | None) -> tuple[list[int], int]:
+        if cap is not None:
+            monkeypatch.setattr(session_index, "MAX_INDEXED_MESSAGES", cap)
+        store = open_store(tmp_path / f"cap{cap}.db")
+        try:
+            manager = KVCacheManager(store, Config())
+            conv = load_file(EXAMPLES / "support-chat.json")[0]
+            result = manager.process_conversation(conv, "support-4821")
+            assert manager._indexes._too_big == ({_session_id(store, "support-4821")} if cap == 0 else set())
+            return [t.retrieved for t in result.turns], sum(1 for t in result.turns if 3 in t.retrieval_tiers)
+        finally:
+            store.close()
+
+    indexed, tier3_indexed = replay(None)
+    through_store, tier3_store = replay(0)
+    assert tier3_indexed > 5 and tier3_store > 5
+    assert sum(through_store) > 0 and len(through_store) == len(indexed)
+
+
+def test_a_huge_message_sends_the_session_to_the_store_search(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvcache_cli import session_index
+
+    monkeypatch.setattr(session_index, "MAX_INDEXED_TEXT", 200)  # support-chat has longer messages
+    store = open_store(tmp_path / "s.db")
+    try:
+        import_file(store, EXAMPLES / "support-chat.json")
+        indexes = SessionIndexes()
+        sid = _session_id(store, "support-4821")
+        assert indexes.get(store, sid) is None and indexes._too_big == {sid}
+        indexes.forget()
+        monkeypatch.setattr(session_index, "MAX_INDEXED_TEXT", 10**6)
+        found = indexes.get(store, sid)
+        assert found is not None and found.docs
+    finally:
+        store.close()
