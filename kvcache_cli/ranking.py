@@ -107,16 +107,39 @@ def similarity(raw: float, ideal: float) -> float:
     return max(0.0, min(1.0, 1.0 - math.exp(-raw / ideal)))
 
 
+def held_stems(
+    doc_stems: Counter[str], idf: dict[str, float], order: dict[str, int] | None = None
+) -> list[str]:
+    """The stems of ``idf`` the document holds (count > 0), in ``idf``'s order.
+
+    Found by a set intersection: a document costs its matches, not the query's length.
+    ``order`` (stem -> position in ``idf``) saves rebuilding it per document.
+    """
+    present = [s for s in doc_stems.keys() & idf.keys() if doc_stems[s] > 0]
+    if len(present) > 1:
+        rank = order if order is not None else {s: i for i, s in enumerate(idf)}
+        present.sort(key=rank.__getitem__)
+    return present
+
+
 def bm25_terms(
-    doc_stems: Counter[str], doc_len: int, idf: dict[str, float], avg_len: float, b: float
+    doc_stems: Counter[str],
+    doc_len: int,
+    idf: dict[str, float],
+    avg_len: float,
+    b: float,
+    present: list[str] | None = None,
 ) -> float:
-    """FTS5's BM25 of one document for the stems in ``idf`` (k1 = 1.2)."""
+    """FTS5's BM25 of one document for the stems in ``idf`` (k1 = 1.2).
+
+    ``present``: :func:`held_stems` of the document, when the caller has it. The terms
+    are summed in ``idf``'s order.
+    """
     score = 0.0
     norm = BM25_K1 * (1.0 - b + b * doc_len / (avg_len if avg_len > 0 else 1.0))
-    for s, w in idf.items():
-        tf = doc_stems.get(s, 0)
-        if tf > 0:
-            score += w * tf * (BM25_K1 + 1.0) / (tf + norm)
+    for s in held_stems(doc_stems, idf) if present is None else present:
+        tf = doc_stems[s]
+        score += idf[s] * tf * (BM25_K1 + 1.0) / (tf + norm)
     return score
 
 
@@ -463,23 +486,12 @@ def rank_candidates(
     info: dict[tuple[int, int], tuple[int, str]] = {}
     doc_of: dict[tuple[int, int], Doc] = {}
     named: set[tuple[int, int]] = set()
-    # bm25_terms inlined over the doc's matching stems only (summed in idf order, so
-    # the floats are bm25_terms' own)
     order = {s: i for i, s in enumerate(idf)}
-    stem_keys = idf.keys()
-    k1p1, b, avg = BM25_K1 + 1.0, p.length_b, (avg_len if avg_len > 0 else 1.0)
     for d in docs:
-        held = d.stems
-        present = [s for s in held.keys() & stem_keys if held[s] > 0]
+        present = held_stems(d.stems, idf, order)
         if not present:
             continue  # matched only through the speaker prefix
-        if len(present) > 1:
-            present.sort(key=order.__getitem__)
-        norm = BM25_K1 * (1.0 - b + b * d.length / avg)
-        sc = 0.0
-        for s in present:
-            tf = held[s]
-            sc += idf[s] * tf * k1p1 / (tf + norm)
+        sc = bm25_terms(d.stems, d.length, idf, avg_len, p.length_b, present)
         key = (d.session_id, d.index)
         if p.speaker_boost > 0 and not d.speaker_stems.isdisjoint(stem_set_q):
             named.add(key)
