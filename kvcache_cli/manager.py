@@ -1125,16 +1125,10 @@ class KVCacheManager:
         transaction); without it a semantic strategy runs as keyword_only (``notice``).
         """
         from . import strategies as st
-        from .textsearch import query_terms
 
         started = time.perf_counter()
-        strategy = self.config.cache.retrieval_strategy
-        result = RetrievalResult(query=query, strategy=strategy)
-        if notice:
-            result.notices.append(notice)
-        if semantic is None and st.needs_semantic(strategy):
-            strategy = result.strategy = "keyword_only"
-        result.keywords_used = query_terms(query)
+        result = self._new_result(query, semantic, notice)
+        strategy = result.strategy
         sims = self._semantic_scores(session.get_id(), semantic) if semantic is not None else None
         hy = self.config.cache.hybrid
         lookup: dict[tuple[str, Any], float] | None = None
@@ -1239,14 +1233,35 @@ class KVCacheManager:
                     [(mid, st.semantic_score(cos), None) for _, cos, mid in best], session, query
                 )
             found += combine(kw3, sem3, cap)[:cap]
-        result.entries = merge_results(found, limit)
-        if result.entries:
-            result.bridge_message = bridge.retrieval_bridge(
-                len(result.entries), result.primary_tier, result.keywords_used, result.average_similarity
-            )
-        result.search_duration_ms = (time.perf_counter() - started) * 1000.0
+        self._finish_result(result, merge_results(found, limit), started)
         self._after_retrieval(session, result, now)
         return result
+
+    def _new_result(
+        self, query: str, semantic: tuple[list[float], str] | None, notice: str | None
+    ) -> RetrievalResult:
+        """An empty result for ``query`` with the strategy that will run (keyword_only for a
+        semantic strategy without the query's embedding), the notice and the keywords."""
+        from . import strategies as st
+        from .textsearch import query_terms
+
+        result = RetrievalResult(query=query, strategy=self.config.cache.retrieval_strategy)
+        if notice:
+            result.notices.append(notice)
+        if semantic is None and st.needs_semantic(result.strategy):
+            result.strategy = "keyword_only"
+        result.keywords_used = query_terms(query)
+        return result
+
+    @staticmethod
+    def _finish_result(result: RetrievalResult, entries: list[RetrievedEntry], started: float) -> None:
+        """Set the entries, the seed's retrieval bridge (when any) and the duration."""
+        result.entries = entries
+        if entries:
+            result.bridge_message = bridge.retrieval_bridge(
+                len(entries), result.primary_tier, result.keywords_used, result.average_similarity
+            )
+        result.search_duration_ms = (time.perf_counter() - started) * 1000.0
 
     def _entry_names(
         self, session: m.Session, entries: list[KVEntry], index: SessionIndex | None = None
@@ -1492,16 +1507,10 @@ class KVCacheManager:
             if session_key is None:
                 from . import strategies as st
                 from .embeddings import semantic_search
-                from .textsearch import query_terms
 
                 started = time.perf_counter()
-                strategy = self.config.cache.retrieval_strategy
-                result = RetrievalResult(query=query, strategy=strategy)
-                if notice:
-                    result.notices.append(notice)
-                if semantic is None and st.needs_semantic(strategy):
-                    strategy = result.strategy = "keyword_only"
-                result.keywords_used = query_terms(query)
+                result = self._new_result(query, semantic, notice)
+                strategy = result.strategy
                 result.tiers_searched = [3]
                 kw = self._search_history(query, None, limit * 2 + 10)
                 sem = None
@@ -1521,12 +1530,7 @@ class KVCacheManager:
                     hy.semantic_weight,
                     self.fusion,
                 )
-                result.entries = merge_results(hits, limit)
-                if result.entries:
-                    result.bridge_message = bridge.retrieval_bridge(
-                        len(result.entries), 3, result.keywords_used, result.average_similarity
-                    )
-                result.search_duration_ms = (time.perf_counter() - started) * 1000.0
+                self._finish_result(result, merge_results(hits, limit), started)
                 self._bump_stats(now, total_retrievals=1, entries_retrieved=len(result.entries))
                 self._record("*", "retrieve", len(result.entries), "Tiers: [3], all sessions", now)
                 return result
