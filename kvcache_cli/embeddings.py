@@ -289,6 +289,15 @@ def _dot(a: Sequence[float], b: Sequence[float]) -> float:
     return sum(map(operator.mul, a, b))
 
 
+def _vector_and_norm(blob: bytes, dim: int) -> tuple[array[float], float] | None:
+    """A stored vector and its L2 norm; None if it is not ``dim`` long or is all zeros."""
+    vec = unpack_vector(blob)
+    if len(vec) != dim:
+        return None
+    norm = math.sqrt(_dot(vec, vec))
+    return (vec, norm) if norm != 0.0 else None
+
+
 class _Matrix:
     """One session's unit vectors of one model/size: message ids, vectors, id watermark."""
 
@@ -304,12 +313,10 @@ class _Matrix:
         for eid, mid, blob in rows:
             self.count += 1
             self.last = max(self.last, int(eid))
-            vec = unpack_vector(blob)
-            if len(vec) != dim:
+            found = _vector_and_norm(blob, dim)
+            if found is None:
                 continue
-            norm = math.sqrt(_dot(vec, vec))
-            if norm == 0.0:
-                continue
+            vec, norm = found
             self.ids.append(int(mid))
             self.vectors.append(array("f", [x / norm for x in vec]) if abs(norm - 1.0) > 1e-6 else vec)
 
@@ -386,12 +393,8 @@ def semantic_search(
             (m.Embedding.model == model) & (m.Embedding.dim == dim)
         )
         for mid, blob in query.tuples().iterator():
-            vec = unpack_vector(blob)
-            if len(vec) != dim:
-                continue
-            norm = math.sqrt(_dot(vec, vec))
-            if norm == 0.0:
-                continue
-            scored.append((_dot(qvec, vec) / norm, -int(mid)))
+            found = _vector_and_norm(blob, dim)
+            if found is not None:
+                scored.append((_dot(qvec, found[0]) / found[1], -int(mid)))
     best = heapq.nlargest(limit, scored)
     return [(-neg_id, max(-1.0, min(1.0, sim))) for sim, neg_id in best]
