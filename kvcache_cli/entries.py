@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from .errors import BadInputError
 
 ROLES = ("system", "user", "assistant", "function", "tool")
 
@@ -83,3 +86,26 @@ def key_hash_for(session_key: str, message_index: int, content: str) -> str:
     """Stable key hash of an entry derived from a message."""
     digest = hashlib.sha256(f"{session_key}\x00{message_index}\x00{content}".encode())
     return digest.hexdigest()[:32]
+
+
+def stored_prefix(
+    stored: Iterable[tuple[int, str, str]], messages: Sequence[ChatMessage], label: str, session_key: str
+) -> int:
+    """How many of ``messages`` a session stores already, from its stored
+    ``(message_index, role, content)`` rows in index order.
+
+    A file may extend a stored conversation, never rewrite it: a stored message that
+    differs from the file's is refused (``BadInputError`` naming the file and index).
+    """
+    count = 0
+    for index, role, content in stored:
+        if index >= len(messages):
+            break
+        msg = messages[index]
+        if msg.role != role or msg.content != content:
+            raise BadInputError(
+                f"{label}: session {session_key!r}: message {index} differs from the "
+                "stored conversation (the file must extend it, not rewrite it)"
+            )
+        count += 1
+    return count

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .entries import stored_prefix
 from .errors import BadInputError
 from .loaders import Conversation, iter_file
 from .memory import estimate_tokens
@@ -203,18 +204,7 @@ def _stored_prefix(session_id: int, conv: Conversation, label: str, key: str) ->
         f"SELECT message_index, role, content FROM messages WHERE session_id = {p} ORDER BY message_index",
         (session_id,),
     ).fetchall()
-    count = 0
-    for index, role, content in stored:
-        if index >= len(conv.messages):
-            break
-        msg = conv.messages[index]
-        if msg.role != role or msg.content != content:
-            raise BadInputError(
-                f"{label}: session {key!r}: message {index} differs from the "
-                "stored conversation (the file must extend it, not rewrite it)"
-            )
-        count += 1
-    return count
+    return stored_prefix(stored, conv.messages, label, key)
 
 
 def import_file(

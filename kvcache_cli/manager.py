@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import bridge
 from .config import Config
-from .entries import ChatMessage, KVEntry, entries_hash, key_hash_for
+from .entries import ChatMessage, KVEntry, entries_hash, key_hash_for, stored_prefix
 from .errors import BadInputError, IntegrityError, NotFoundError
 from .extractor import PRESERVE_SHARE, extract_entries, filter_preserved, fit_to_budget
 from .loaders import Conversation
@@ -431,18 +431,7 @@ class KVCacheManager:
             .order_by(m.Message.message_index)
             .tuples()
         )
-        count = 0
-        for index, role, content in m.rows_of(stored):
-            if index >= len(messages):
-                break
-            msg = messages[index]
-            if msg.role != role or msg.content != content:
-                raise BadInputError(
-                    f"{label}: session {session_key!r}: message {index} differs from the "
-                    "stored conversation (the file must extend it, not rewrite it)"
-                )
-            count += 1
-        return count
+        return stored_prefix(m.rows_of(stored), messages, label, session_key)
 
     def process_conversation(
         self,
