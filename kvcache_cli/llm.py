@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Self, TypeGuard
 from urllib.parse import urlsplit, urlunsplit
 
+from kvcache_cli.config import LLMConfig
 from kvcache_cli.errors import BadInputError, ConfigError, ServerError
 
 if TYPE_CHECKING:
@@ -93,6 +94,9 @@ _USER_PROMPT_UPDATE = (
 )
 
 
+_CONFIG_DEFAULTS = LLMConfig()
+
+
 @dataclass
 class LLMSettings:
     """Where the LLM server is and how to talk to it.
@@ -104,14 +108,15 @@ class LLMSettings:
     base_url: str | None = None
     embeddings_url: str | None = None
     api_key_env: str | None = None
-    model: str = "default"
+    # the numbers' defaults are the config's ([llm] in kvcache.toml), stated once there
+    model: str = _CONFIG_DEFAULTS.model
     embedding_model: str | None = None
-    connect_timeout: float = 3.0
-    read_timeout: float = 120.0
-    retries: int = 2
-    backoff: float = 0.5
-    summary_max_tokens: int = 512
-    embedding_batch_size: int = 32
+    connect_timeout: float = _CONFIG_DEFAULTS.connect_timeout
+    read_timeout: float = _CONFIG_DEFAULTS.read_timeout
+    retries: int = _CONFIG_DEFAULTS.retries
+    backoff: float = _CONFIG_DEFAULTS.backoff
+    summary_max_tokens: int = _CONFIG_DEFAULTS.summary_max_tokens
+    embedding_batch_size: int = _CONFIG_DEFAULTS.embedding_batch_size
 
     def __post_init__(self) -> None:
         if self.embeddings_url is None:
