@@ -36,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from locomo_to_conversations import session_numbers  # noqa: E402
 
 from kvcache_cli.config import RETRIEVAL_STRATEGIES, Config  # noqa: E402
 from kvcache_cli.importer import import_file  # noqa: E402
@@ -63,11 +66,6 @@ def iso_date(text: str) -> str | None:
         return datetime.strptime(text.strip(), "%I:%M %p on %d %B, %Y").isoformat()
     except ValueError:
         return None
-
-
-def session_numbers(conv: dict[str, Any]) -> list[int]:
-    nums = [int(m.group(1)) for k in conv if (m := re.fullmatch(r"session_(\d+)", k))]
-    return sorted(n for n in nums if isinstance(conv[f"session_{n}"], list))
 
 
 def convert(path: Path, out_dir: Path) -> tuple[str, Path, dict[int, str], list[dict[str, Any]]]:

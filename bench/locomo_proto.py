@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sqlite3
 import sys
 import tempfile
@@ -27,6 +26,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from locomo import parse_evidence  # noqa: E402
+from locomo_to_conversations import session_numbers  # noqa: E402
 
 from kvcache_cli import search_sqlite, textsearch  # noqa: E402
 
@@ -42,22 +45,6 @@ MESSAGES_DDL = [
 ]
 
 
-def parse_evidence(raw: Sequence[str]) -> list[str]:
-    """Normalise evidence ids: 'D8:6; D9:17' -> two ids, 'D:11:26' -> 'D11:26'."""
-    out: list[str] = []
-    for item in raw:
-        for part in re.split(r"[;,\s]+", str(item)):
-            m = re.fullmatch(r"D:?(\d+):(\d+)", part.strip())
-            if m:
-                out.append(f"D{int(m.group(1))}:{int(m.group(2))}")
-    return list(dict.fromkeys(out))
-
-
-def session_keys(conv: dict[str, Any]) -> list[int]:
-    nums = [int(m.group(1)) for k in conv if (m := re.fullmatch(r"session_(\d+)", k))]
-    return sorted(n for n in nums if isinstance(conv[f"session_{n}"], list))
-
-
 def load(conn: sqlite3.Connection, files: Sequence[str]) -> tuple[dict[int, str], list[dict[str, Any]]]:
     """Insert the conversations; return message id -> dia_id and the questions."""
     dia_of: dict[int, str] = {}
@@ -68,7 +55,7 @@ def load(conn: sqlite3.Connection, files: Sequence[str]) -> tuple[dict[int, str]
         conn.execute("INSERT INTO sessions(id, name) VALUES (?, ?)", (sid, Path(path).stem))
         idx = 0
         rows = []
-        for n in session_keys(conv):
+        for n in session_numbers(conv):
             date = iso_date(conv.get(f"session_{n}_date_time", ""))
             for turn in conv[f"session_{n}"]:
                 mid += 1
