@@ -521,14 +521,7 @@ def _sessions_table(data: dict[str, Any], insights: dict[str, Any], limit: int =
     threshold = insights.get("memory_threshold_percent", 0.6)
     by_key = {s["session_id"]: s for s in data["sessions"]}
     ordered = insights["sessions_by_fill"]
-    table = Table(
-        title="sessions by cache fill (fullest first)",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        show_edge=False,
-        collapse_padding=True,
-    )
+    table = _simple_table("sessions by cache fill (fullest first)")
     table.add_column("session", overflow="ellipsis", max_width=48, no_wrap=True)
     table.add_column("cache vs capacity", no_wrap=True)
     table.add_column("fill", no_wrap=True)
@@ -563,14 +556,7 @@ def _sessions_table(data: dict[str, Any], insights: dict[str, Any], limit: int =
 
 
 def _top_tables(insights: dict[str, Any]) -> Table:
-    size = Table(
-        title="largest caches",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        show_edge=False,
-        collapse_padding=True,
-    )
+    size = _simple_table("largest caches")
     size.add_column("session", overflow="ellipsis", max_width=48, no_wrap=True)
     size.add_column("cache", justify="right")
     size.add_column("fill", justify="right")
@@ -578,14 +564,7 @@ def _top_tables(insights: dict[str, Any]) -> Table:
         size.add_row(
             printable(s["session_id"]), human_bytes(s["cache_size_bytes"]), f"{s['fill'] * 100:.0f}%"
         )
-    clears = Table(
-        title="most clears",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        show_edge=False,
-        collapse_padding=True,
-    )
+    clears = _simple_table("most clears")
     clears.add_column("session", overflow="ellipsis", max_width=48, no_wrap=True)
     clears.add_column("clears", justify="right")
     for s in insights["top_by_clears"]:
@@ -602,7 +581,7 @@ def _ops_panel(insights: dict[str, Any]) -> Group:
     ops = insights["operations_per_hour"]
     hours = ops["hours"]
     title = Text(f"operations per hour, last {hours} h (UTC, hour starting at the label)", style="italic")
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+    table = _simple_table()
     table.add_column("operation")
     table.add_column("per hour", no_wrap=True)
     table.add_column("total", justify="right")
@@ -639,14 +618,7 @@ def _maintenance_line(insights: dict[str, Any]) -> Text:
 
 
 def _recent_ops(data: dict[str, Any]) -> Table:
-    ops = Table(
-        title="recent operations",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        show_edge=False,
-        collapse_padding=True,
-    )
+    ops = _simple_table("recent operations")
     for name in ("time", "operation", "session", "entries", "details"):
         ops.add_column(name, overflow="fold")
     for op in data["recent_operations"]:
@@ -716,14 +688,7 @@ def _session_view(data: dict[str, Any], insights: dict[str, Any] | None, width: 
     ]
     snaps = detail["snapshots"]
     if snaps:
-        table = Table(
-            title=f"snapshots ({len(snaps)})",
-            title_justify="left",
-            box=box.SIMPLE_HEAD,
-            pad_edge=False,
-            show_edge=False,
-            collapse_padding=True,
-        )
+        table = _simple_table(f"snapshots ({len(snaps)})")
         for name in ("id", "type", "reason", "turn", "entries", "size", "age", "slot file"):
             table.add_column(
                 name, justify="right" if name in ("id", "turn", "entries", "size", "age") else "left"
@@ -790,14 +755,7 @@ def stats_view(data: dict[str, Any], insights: dict[str, Any] | None = None, wid
             parts.append(_ops_panel(insights))
             parts.append(_maintenance_line(insights))
     if data.get("slots"):
-        slots = Table(
-            title="server slots",
-            title_justify="left",
-            box=box.SIMPLE_HEAD,
-            pad_edge=False,
-            show_edge=False,
-            collapse_padding=True,
-        )
+        slots = _simple_table("server slots")
         for name in ("id", "n_ctx", "cached tokens", "processing"):
             slots.add_column(name)
         for s in data["slots"]:
