@@ -65,9 +65,8 @@ def drop_database(url: str) -> None:
         conn.close()  # type: ignore[attr-defined]
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """URL of a fresh PostgreSQL database (skips when no test server is configured)."""
+def _fresh_database() -> Iterator[str]:
+    """A fresh PostgreSQL database's URL, dropped afterwards (skips without a test server)."""
     if not PG_URL:
         pytest.skip(f"set {ENV} to run the PostgreSQL tests")
     url = create_database()
@@ -75,6 +74,12 @@ def pg_url() -> Iterator[str]:
         yield url
     finally:
         drop_database(url)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """URL of a fresh PostgreSQL database (skips when no test server is configured)."""
+    yield from _fresh_database()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -83,13 +88,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[str]
     if request.param == "sqlite":
         yield str(tmp_path / "kvcache.db")  # type: ignore[operator]
         return
-    if not PG_URL:
-        pytest.skip(f"set {ENV} to run the PostgreSQL tests")
-    url = create_database()
-    try:
-        yield url
-    finally:
-        drop_database(url)
+    yield from _fresh_database()
 
 
 @pytest.fixture(params=BACKENDS)
