@@ -16,7 +16,7 @@ written, so a bad file writes nothing.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -195,6 +195,18 @@ def _check_kv_entry(entry: dict[str, Any], where: str) -> None:
         raise _fail(f"{where}.importance_score", f"must be a number between 0 and 1, not {score!r}")
 
 
+def _each_item(
+    items: list[Any], where: str, key: str, parse: Callable[[dict[str, Any], str], Conversation]
+) -> list[Conversation]:
+    """``parse`` each item of a list of conversations; an item without ``key`` is refused."""
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or key not in item:
+            raise _fail(f"{where}[{i}]", f"item has no '{key}'")
+        out.append(parse(item, f"{where}[{i}]."))
+    return out
+
+
 def _sharegpt_item(raw: dict[str, Any], where: str) -> Conversation:
     turns = raw["conversations"]
     if not isinstance(turns, list):
@@ -235,19 +247,9 @@ def _from_value(value: Any, where: str, fmt: str) -> list[Conversation]:
             return []
         first = value[0]
         if isinstance(first, dict) and "conversations" in first and fmt != "openai":
-            out = []
-            for i, item in enumerate(value):
-                if not isinstance(item, dict) or "conversations" not in item:
-                    raise _fail(f"{where}[{i}]", "item has no 'conversations'")
-                out.append(_sharegpt_item(item, f"{where}[{i}]."))
-            return out
+            return _each_item(value, where, "conversations", _sharegpt_item)
         if isinstance(first, dict) and "messages" in first and "role" not in first:
-            out = []
-            for i, item in enumerate(value):
-                if not isinstance(item, dict) or "messages" not in item:
-                    raise _fail(f"{where}[{i}]", "item has no 'messages'")
-                out.append(_native(item, f"{where}[{i}]."))
-            return out
+            return _each_item(value, where, "messages", _native)
         return [Conversation(None, _parse_messages(value, f"{where}messages"), [], where)]
     raise _fail(where.rstrip(". :") or "file", f"expected a JSON object or list, not {_json_type(value)}")
 
