@@ -23,7 +23,7 @@ from .extractor import PRESERVE_SHARE, extract_entries, filter_preserved, fit_to
 from .loaders import Conversation
 from .memory import TokenCounter, capacity_bytes
 from .retrieval import TIER_THRESHOLDS, RetrievalResult, RetrievedEntry, merge_results, rank_entries
-from .scoring import CacheEntryScorer, decayed_engagement, next_engagement
+from .scoring import CacheEntryScorer, next_engagement
 from .store import models as m
 from .store import search
 from .store.backend import Store
@@ -1454,7 +1454,7 @@ class KVCacheManager:
                 (sid, *touched),
             )
         )
-        # decayed_engagement in SQL; a key already at the 0.1 floor stays there, so only
+        # scoring.decayed_engagement in SQL; a key already at the 0.1 floor stays there, so only
         # the rows above it are rewritten (most of a long session's keys sit at the floor)
         greatest = "max" if self.store.is_sqlite else "GREATEST"
         self.store.query(
@@ -1474,7 +1474,6 @@ class KVCacheManager:
                     "INSERT INTO engagement (session_id, key_hash, score) VALUES (?, ?, ?)",
                     (sid, key, value),
                 )
-        _ = decayed_engagement  # the SQL above applies the same decay
 
     def retrieve(
         self,
