@@ -179,6 +179,15 @@ def process(
     ] = None,
     as_json: JsonOpt = False,
     turns: Annotated[bool, typer.Option("--turns/--no-turns", help="Per-turn detail in --json.")] = False,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            "-j",
+            min=0,
+            help="Worker processes for conversations new to a SQLite store (0: one per CPU core; 1: none).",
+        ),
+    ] = 0,
 ) -> None:
     """Replay conversation files turn by turn: clears, snapshots, retrievals, bridges."""
     from . import render
@@ -193,13 +202,18 @@ def process(
     results: list[dict[str, Any]] = []
     failures: list[str] = []
     interrupted = False
-    try:
+    runner: Any = None
+
+    def fail(exc: KVCacheError) -> None:
+        failures.append(str(exc))
+        _stderr(f"kvcache: error: {exc}")
+
+    def loaded() -> Any:  # (path, conversations, session keys) per readable file
         for path in files:
             try:
                 conversations = load_file(path, fmt)
             except KVCacheError as exc:
-                failures.append(str(exc))
-                _stderr(f"kvcache: error: {exc}")
+                fail(exc)
                 continue
             keys = [
                 conv.session_key
@@ -207,24 +221,32 @@ def process(
                 or (path.stem if len(conversations) == 1 else f"{path.stem}-{index + 1}")
                 for index, conv in enumerate(conversations)
             ]
+            yield path, conversations, keys
+
+    try:
+        units: Any = loaded()
+        on_worker: dict[int, int] = {}  # id(conversation) -> the runner's job index
+        if store.is_sqlite:
+            units, runner, on_worker = _start_workers(manager, store, files, units, jobs)
+        for path, conversations, keys in units:
             try:  # a file that rewrites a stored conversation is refused before any write
                 for conv, key in zip(conversations, keys, strict=True):
                     manager.check_prefix(key, conv.messages, conv.place.rstrip(": ") or str(path))
             except KVCacheError as exc:
                 if exc.exit_code == 1:
                     raise
-                failures.append(str(exc))
-                _stderr(f"kvcache: error: {exc}")
+                fail(exc)
                 continue
             for conv, key in zip(conversations, keys, strict=True):
                 try:
                     with render.turn_progress(key, enabled=not (STATE.quiet or as_json)) as on_turn:
-                        result = manager.process_conversation(conv, key, on_turn=on_turn)
+                        result = runner.result(on_worker[id(conv)]) if id(conv) in on_worker else None
+                        if result is None:  # not sent to a worker, or stored meanwhile by another run
+                            result = manager.process_conversation(conv, key, on_turn=on_turn)
                 except KVCacheError as exc:
                     if exc.exit_code == 1:
                         raise
-                    failures.append(str(exc))
-                    _stderr(f"kvcache: error: {exc}")
+                    fail(exc)
                     continue
                 for notice in result.notices:
                     info(f"kvcache: {notice}")
@@ -234,6 +256,8 @@ def process(
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        if runner is not None:
+            runner.close()
         store.close()
     if as_json:
         emit_json({"sessions": results, "failed": failures})
@@ -242,6 +266,47 @@ def process(
         raise typer.Exit(130)
     if failures:
         raise typer.Exit(2)
+
+
+def _start_workers(
+    manager: "KVCacheManager", store: "Store", files: list[Path], units: Any, jobs: int
+) -> Any:
+    """Send the conversations that may run on workers (``parallel_replay``) to them.
+
+    Returns the (now loaded) files, the runner or None, and id(conversation) -> job.
+    """
+    from .parallel_replay import (
+        MAX_PARALLEL_INPUT_BYTES,
+        ParallelReplay,
+        ReplayJob,
+        can_fork,
+        eligible,
+        remove_stale_scratch,
+        worker_count,
+    )
+
+    if remove_stale_scratch(store):
+        debug("kvcache: removed scratch files of an interrupted parallel replay")
+    workers = worker_count(jobs)
+    if jobs == 1 or workers < 2 or not can_fork() or not store.is_sqlite or manager.llm is not None:
+        return units, None, {}
+    try:
+        size = sum(os.path.getsize(p) for p in files)
+    except OSError:
+        size = MAX_PARALLEL_INPUT_BYTES + 1
+    if size > MAX_PARALLEL_INPUT_BYTES:
+        return units, None, {}
+    units = list(units)
+    pairs = [
+        (conv, key) for _, conversations, keys in units for conv, key in zip(conversations, keys, strict=True)
+    ]
+    flags = eligible(store, manager.llm, [ReplayJob(conv, key) for conv, key in pairs])
+    chosen = [ReplayJob(conv, key) for (conv, key), ok in zip(pairs, flags, strict=True) if ok]
+    if len(chosen) < 2:
+        return units, None, {}
+    runner = ParallelReplay(store, manager.config, chosen, workers)
+    debug(f"kvcache: replaying {len(chosen)} new conversations on {runner.workers} worker processes")
+    return units, runner, {id(job.conv): index for index, job in enumerate(chosen)}
 
 
 @app.command("import")

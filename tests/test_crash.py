@@ -65,7 +65,8 @@ def test_sigkill_at_random_points_then_replay_equals_uninterrupted(tmp_path: Pat
     db = tmp_path / "killed.db"
     killed_at: list[int] = []
     for _ in range(KILLS):
-        proc = start_cli(home, "-q", "--db", str(db), "process", str(src), str(src2))
+        # -j 1: the turn-by-turn path (new sessions would otherwise be merged whole from workers)
+        proc = start_cli(home, "-q", "--db", str(db), "process", "-j", "1", str(src), str(src2))
         # a random point: wait for some progress past what is already stored, then a random delay
         _wait_for_progress(db, proc, min(total - 1, _stored(db) + rng.randint(1, 12)))
         time.sleep(rng.uniform(0.0, 0.05))
@@ -81,6 +82,46 @@ def test_sigkill_at_random_points_then_replay_equals_uninterrupted(tmp_path: Pat
     assert integrity(db) == "ok"
     assert logical_state(db) == logical_state(ref)
     print(f"\nSIGKILL x{KILLS}: messages stored at each kill {killed_at} of {total}; final state equal")
+
+
+def test_sigkill_of_a_parallel_replay_keeps_whole_sessions_and_stops_its_workers(tmp_path: Path) -> None:
+    """Workers merge a session at once: a killed run leaves each session whole or absent,
+    takes its workers with it, and the next run removes its scratch folder."""
+    import psutil
+
+    home = tmp_path / "home"
+    data = {f"w{i}": conversation(f"w{i}", TURNS, topic=f"w{i}", seed=i) for i in range(8)}
+    srcs = [str(write_json(tmp_path / f"{key}.json", conv)) for key, conv in data.items()]
+    ref = tmp_path / "ref.db"
+    assert run_cli(home, "-q", "--db", str(ref), "process", "-j", "1", *srcs).returncode == 0
+    rng = random.Random(7)
+    db = tmp_path / "killed.db"
+    sessions_at_kill = []
+    for _ in range(3):
+        proc = start_cli(home, "-q", "--db", str(db), "process", "-j", "2", *srcs)
+        # wait for one or two more merged sessions, then kill soon after
+        most = (len(srcs) - 1) * 2 * TURNS
+        _wait_for_progress(db, proc, min(most, _stored(db) + 2 * TURNS * rng.randint(1, 2)))
+        time.sleep(rng.uniform(0.0, 0.05))
+        children = psutil.Process(proc.pid).children()
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, alive  # the workers died with their parent
+        assert integrity(db) == "ok"
+        check_turn_boundaries(db, data)
+        conn = sqlite3.connect(db)
+        try:
+            counts = dict(conn.execute("SELECT session_id, count(*) FROM messages GROUP BY 1").fetchall())
+        finally:
+            conn.close()
+        assert all(n == 2 * TURNS for n in counts.values()), counts  # whole sessions only
+        sessions_at_kill.append(len(counts))
+    assert any(0 < n < len(srcs) for n in sessions_at_kill), sessions_at_kill  # kills landed mid-run
+    again = run_cli(home, "-q", "--db", str(db), "process", *srcs)
+    assert again.returncode == 0, again.stderr
+    assert not list(tmp_path.glob(".kvcache-replay-*"))  # the killed runs' scratch folders
+    assert logical_state(db) == logical_state(ref)
 
 
 def test_ctrl_c_stops_at_a_turn_boundary_with_exit_130(tmp_path: Path) -> None:

@@ -1,0 +1,380 @@
+"""Replay several new conversations at once, on worker processes (SQLite store).
+
+A replay is CPU-bound Python: one conversation keeps one core busy, and SQLite lets
+one writer in at a time. So each worker replays one whole conversation, with the same
+``KVCacheManager.process_conversation`` as a sequential run, into a private scratch
+SQLite file; the parent then copies the finished session into the store in **one
+transaction** (``merge_session``), in the order the conversations were given.
+
+Exactness: ids are shifted by the store's current maximum of each table (snapshots:
+by ``max(max id, total_snapshots)``, the rule of ``_next_snapshot_id``), so a merged
+session gets the very rows, ids included, that a sequential replay in the same order
+would have written; wall-clock columns aside. Only conversations whose replay cannot
+depend on anything outside their own session are sent to a worker (``eligible``):
+
+- SQLite store (the merge is SQLite SQL; PostgreSQL takes concurrent writers itself);
+- no LLM server (summaries, embeddings and token counts then wait on the server, not
+  the CPU, and a server's slots are shared);
+- a session new to the store, named once in the command;
+- small enough for the replay's in-memory tier-3 index (``session_index`` limits):
+  a bigger session ranks with the store's full-text statistics, which span sessions.
+
+Everything else is replayed in the parent, turn by turn, as before.
+
+Durability: a worker's conversation reaches the store at once when merged, not turn
+by turn; an interrupted run keeps the conversations merged so far, and replaying the
+same files again finishes the rest (stored sessions are then extended in the parent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peewee import ForeignKeyField
+
+from .config import Config
+from .errors import KVCacheError, StoreError
+from .loaders import Conversation
+from .results import ProcessResult
+from .store import models as m
+from .store.backend import Store, open_store
+
+#: The most input (bytes on disk) read ahead of a parallel replay: the parent loads
+#: every file first to know the sessions; above this it replays file by file.
+MAX_PARALLEL_INPUT_BYTES = 256 * 1024 * 1024
+#: Scratch folders are made beside the database, named with this prefix.
+SCRATCH_PREFIX = ".kvcache-replay-"
+
+
+@dataclass
+class ReplayJob:
+    """One conversation to replay and its session key."""
+
+    conv: Conversation
+    key: str
+
+
+@dataclass
+class _Task:
+    job: ReplayJob
+    config: Config
+    scratch: str
+
+
+@dataclass
+class _Done:
+    result: ProcessResult | None = None
+    error: KVCacheError | None = None
+
+
+def worker_count(requested: int) -> int:
+    """Workers for ``--jobs``: 0 means one per usable CPU core."""
+    if requested > 0:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def can_fork() -> bool:
+    """Workers are forked (no re-import, nothing to pickle but the conversation); Linux only."""
+    return sys.platform.startswith("linux")
+
+
+def eligible(store: Store, manager_llm: Any, jobs: Sequence[ReplayJob]) -> list[bool]:
+    """Which jobs may be replayed on a worker (see the module doc for the rules)."""
+    if not store.is_sqlite or store.location.target == ":memory:" or manager_llm is not None:
+        return [False] * len(jobs)
+    from .session_index import MAX_INDEXED_MESSAGES, MAX_INDEXED_TEXT
+
+    counts: dict[str, int] = {}
+    for job in jobs:
+        counts[job.key] = counts.get(job.key, 0) + 1
+    keys = [job.key for job in jobs if counts[job.key] == 1]
+    stored: set[str] = set()
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        marks = ", ".join("?" * len(chunk))
+        stored.update(r[0] for r in store.query(f"SELECT key FROM sessions WHERE key IN ({marks})", chunk))
+    return [
+        counts[job.key] == 1
+        and job.key not in stored
+        and len(job.conv.messages) <= MAX_INDEXED_MESSAGES
+        and all(len(msg.content) <= MAX_INDEXED_TEXT for msg in job.conv.messages)
+        for job in jobs
+    ]
+
+
+def _worker_setup(parent: int) -> None:
+    """Workers leave Ctrl-C to the parent (which stops them) and die with it.
+
+    Without the death signal a worker of a killed parent would wait on its task queue
+    forever (every worker holds the queue's write end, so it never sees end-of-file).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the signal was set
+        os._exit(1)
+
+
+def remove_stale_scratch(store: Store) -> int:
+    """Remove the scratch folders that killed runs left beside the database; returns
+    how many. A live run holds its folder's lock; a folder without a lock file is a
+    run killed while starting, removed once it is a minute old."""
+    if not store.is_sqlite or store.location.target == ":memory:":
+        return 0
+    import fcntl
+    import time
+
+    removed = 0
+    for old in Path(store.location.target).parent.glob(SCRATCH_PREFIX + "*"):
+        try:
+            fd = os.open(old / "lock", os.O_RDWR)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                if time.time() - old.stat().st_mtime > 60:
+                    shutil.rmtree(old)
+                    removed += 1
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(old)
+            removed += 1
+        except OSError:
+            pass  # a live run's folder (or one we may not remove)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _scratch_folder(beside: Path) -> tuple[str, int]:
+    """A new private folder for scratch stores, locked while this run (or any of its
+    workers) lives."""
+    import fcntl
+
+    folder = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=beside)
+    fd = os.open(os.path.join(folder, "lock"), os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # inherited by the forked workers
+    return folder, fd
+
+
+def _replay_in_worker(task: _Task) -> _Done:
+    """Replay one conversation into a fresh scratch store (runs in a worker process)."""
+    from .manager import KVCacheManager
+
+    store = open_store(task.scratch)
+    try:
+        # a scratch file, thrown away if anything fails: no need to sync it to disk
+        store.db.execute_sql("PRAGMA synchronous = OFF")
+        manager = KVCacheManager(store, task.config, None)
+        try:
+            return _Done(result=manager.process_conversation(task.job.conv, task.job.key))
+        except KVCacheError as exc:
+            return _Done(error=exc)
+    finally:
+        store.close()
+
+
+# ------------------------------------------------------------------------------ merge
+def _shifted_columns(model: type[m.BaseModel]) -> list[tuple[str, str | None]]:
+    """(column, table whose id offset it takes or None) for every column of ``model``."""
+    out: list[tuple[str, str | None]] = []
+    for field in model._meta.sorted_fields:
+        if field.primary_key:
+            out.append((field.column_name, model._meta.table_name))
+        elif isinstance(field, ForeignKeyField):
+            out.append((field.column_name, field.rel_model._meta.table_name))
+        elif model is m.Session and field.name == "last_snapshot_id":
+            out.append((field.column_name, m.Snapshot._meta.table_name))
+        else:
+            out.append((field.column_name, None))
+    return out
+
+
+#: Tables copied by ``merge_session``, parents first; ``statistics`` is added, not copied.
+MERGED: list[type[m.BaseModel]] = [
+    model for model in m.ALL_MODELS if model not in (m.SchemaMigration, m.Statistics)
+]
+_COUNTERS = [
+    f.column_name
+    for f in m.Statistics._meta.sorted_fields
+    if not f.primary_key and f.name != "last_operation"
+]
+
+
+def _offsets(store: Store) -> dict[str, int]:
+    """Per table, the id the scratch's id 0 maps to: the store's current maximum."""
+    offsets = {
+        model._meta.table_name: int(
+            store.query(f"SELECT COALESCE(MAX(id), 0) FROM main.{model._meta.table_name}")[0][0]
+        )
+        for model in MERGED
+    }
+    made = store.query("SELECT total_snapshots FROM main.statistics WHERE id = 1")
+    snapshots = m.Snapshot._meta.table_name
+    offsets[snapshots] = max(offsets[snapshots], int(made[0][0] or 0) if made else 0)
+    return offsets
+
+
+def merge_session(store: Store, scratch: str, key: str) -> dict[str, int] | None:
+    """Copy the one session of the scratch store ``scratch`` into ``store``, ids shifted.
+
+    One transaction: the session's rows in every table, its full-text index rows, and
+    the scratch's statistics added to the store's. Returns the per-table id offsets, or
+    None (nothing written) when the store meanwhile holds a session ``key``.
+    """
+    store.db.execute_sql("ATTACH DATABASE ? AS scratch", (scratch,))
+    try:
+        return store.transaction(lambda: _merge(store, key))
+    finally:
+        store.db.execute_sql("DETACH DATABASE scratch")
+
+
+def _merge(store: Store, key: str) -> dict[str, int] | None:
+    if store.query("SELECT 1 FROM main.sessions WHERE key = ?", (key,)):
+        return None
+    scratch_keys = [r[0] for r in store.query("SELECT key FROM scratch.sessions")]
+    if scratch_keys != [key]:
+        raise StoreError(f"replay worker left sessions {scratch_keys!r}, expected [{key!r}]")
+    offsets = _offsets(store)
+    first_message = offsets[m.Message._meta.table_name] + 1
+    for model in MERGED:
+        table = model._meta.table_name
+        columns = _shifted_columns(model)
+        names = ", ".join(column for column, _ in columns)
+        exprs: list[str] = []
+        params: list[Any] = []
+        for column, shift in columns:
+            if shift is None:
+                exprs.append(column)
+            else:
+                exprs.append(f"{column} + ?")
+                params.append(offsets[shift])
+        if model is m.Operation:  # "Snapshot ID: 7" in a snapshot/restore record
+            where = exprs.index("details")
+            exprs[where] = (
+                "CASE WHEN operation_type IN ('snapshot', 'restore') AND details LIKE 'Snapshot ID: %' "
+                "THEN 'Snapshot ID: ' || (CAST(substr(details, 14) AS INTEGER) + ?) ELSE details END"
+            )
+            params.insert(sum(1 for e in exprs[:where] if "?" in e), offsets[m.Snapshot._meta.table_name])
+        store.query(
+            f"INSERT INTO main.{table} ({names}) SELECT {', '.join(exprs)} FROM scratch.{table} ORDER BY id",
+            params,
+        )
+    store.query(
+        "INSERT INTO main.message_fts(rowid, sess, content) "
+        "SELECT id, sess, content FROM main.message_fts_src WHERE id >= ?",
+        (first_message,),
+    )
+    sets = ", ".join(f"{c} = {c} + (SELECT {c} FROM scratch.statistics WHERE id = 1)" for c in _COUNTERS)
+    # the scratch's last operation is the store's now, as after a sequential replay
+    store.query(
+        f"UPDATE main.statistics SET {sets}, last_operation = COALESCE("
+        "(SELECT last_operation FROM scratch.statistics WHERE id = 1), last_operation) WHERE id = 1"
+    )
+    return offsets
+
+
+def _shift_snapshot_ids(result: ProcessResult, offset: int) -> None:
+    """The worker's snapshot ids, as merged into the store."""
+    for turn in result.turns:
+        turn.snapshot_ids = [i + offset for i in turn.snapshot_ids]
+        if turn.clear is not None and turn.clear.snapshot_id is not None:
+            turn.clear.snapshot_id += offset
+
+
+# ------------------------------------------------------------------------------ runner
+class ParallelReplay:
+    """Replays ``jobs`` on worker processes; ``result(i)`` merges job ``i`` and returns it.
+
+    Call ``result`` in the jobs' order (the store's ids then follow that order). The
+    store's connection is closed while the workers are forked (a SQLite connection must
+    not cross a fork); the store reconnects on its next query.
+    """
+
+    def __init__(self, store: Store, config: Config, jobs: Sequence[ReplayJob], workers: int) -> None:
+        self.store = store
+        self.jobs = list(jobs)
+        # beside the database: same disk, same private folder, never a shared /tmp
+        self._dir, self._lock = _scratch_folder(Path(store.location.target).parent)
+        self._futures: dict[int, Future[_Done]] = {}
+        store.close()
+        import multiprocessing
+
+        self.workers = max(1, min(workers, len(self.jobs)))
+        self._pool = ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=_worker_setup,
+            initargs=(os.getpid(),),
+        )
+        # longest first: the last conversation to finish is then a short one
+        order = sorted(range(len(self.jobs)), key=lambda i: -len(self.jobs[i].conv.messages))
+        for index in order:
+            task = _Task(self.jobs[index], config, os.path.join(self._dir, f"{index}.db"))
+            self._futures[index] = self._pool.submit(_replay_in_worker, task)
+
+    def result(self, index: int) -> ProcessResult | None:
+        """Job ``index``'s replay, merged into the store; None when the caller must replay
+        it itself: the store gained its session meanwhile, or the worker's replay failed
+        (the caller's own replay then stores and reports exactly what a sequential run
+        does, including the turns before a bad one)."""
+        try:
+            done = self._futures.pop(index).result()
+        except BrokenProcessPool:
+            raise StoreError(
+                "a replay worker process died (out of memory?); none of its work was stored"
+            ) from None
+        scratch = os.path.join(self._dir, f"{index}.db")
+        try:
+            if done.result is None:
+                return None
+            offsets = merge_session(self.store, scratch, self.jobs[index].key)
+            if offsets is None:
+                return None
+            _shift_snapshot_ids(done.result, offsets[m.Snapshot._meta.table_name])
+            return done.result
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(scratch + suffix)
+
+    def close(self) -> None:
+        """Stop the workers (pending jobs are dropped) and remove the scratch files."""
+        if self._lock < 0:
+            return
+        for future in self._futures.values():
+            future.cancel()
+        processes = dict(getattr(self._pool, "_processes", None) or {})
+        for process in processes.values():  # a running replay would finish otherwise
+            process.terminate()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self._dir, ignore_errors=True)
+        os.close(self._lock)
+        self._lock = -1
+
+    def __enter__(self) -> ParallelReplay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,302 @@
+"""``process --jobs``: conversations replayed on worker processes and merged.
+
+The contract: the store a parallel replay leaves is the store a sequential replay of
+the same files in the same order leaves, row for row and id for id (wall-clock columns
+aside), and the output is the same.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvcache_cli.config import Config
+from kvcache_cli.loaders import load_file
+from kvcache_cli.manager import KVCacheManager
+from kvcache_cli.parallel_replay import ParallelReplay, ReplayJob, eligible
+from kvcache_cli.store.backend import open_store
+from tests.helpers import (
+    EXAMPLES,
+    cli_env,
+    conversation,
+    kvcache_command,
+    run_kvcache,
+    strip_wall_clock,
+    truncated,
+    write_json,
+)
+
+WALL = {"last_activity", "created_at", "updated_at", "applied_at", "last_operation", "last_accessed"}
+
+
+def dump(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every table in id order, wall-clock columns left out, plus full-text hits."""
+    con = sqlite3.connect(path)
+    try:
+        out: dict[str, list[tuple[Any, ...]]] = {}
+        tables = [
+            r[0]
+            for r in con.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'message_fts%' "
+                "AND name NOT LIKE 'sqlite_%'"
+            )
+        ]
+        for table in tables:
+            wall = WALL | (
+                {"timestamp"} if table == "operations" else set()
+            )  # wall clock without a file time
+            columns = [r[1] for r in con.execute(f"PRAGMA table_info({table})") if r[1] not in wall]
+            out[table] = con.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY 1").fetchall()
+        con.execute("INSERT INTO message_fts(message_fts) VALUES ('integrity-check')")
+        for word in ("deadlock", "lisbon", "invoice", "item", "paragraph", "lifetimes"):
+            out[f"fts:{word}"] = con.execute(
+                "SELECT rowid, sess FROM message_fts WHERE message_fts MATCH ? ORDER BY rowid", (word,)
+            ).fetchall()
+        return out
+    finally:
+        con.close()
+
+
+def recall_conversation(key: str, turns: int, topic: str) -> dict[str, Any]:
+    """A conversation whose later questions recall earlier turns (retrievals fire)."""
+    data = conversation(turns, session_id=key)
+    for n, msg in enumerate(data["messages"]):
+        if msg["role"] == "user" and n % 6 == 5:
+            msg["content"] = f"Do you remember what we said about {topic} item {n // 3}?"
+    return data
+
+
+def inputs(folder: Path) -> list[Path]:
+    """Single- and multi-conversation files in every supported form."""
+    folder.mkdir(exist_ok=True)
+    return [
+        EXAMPLES / "support-chat.json",
+        write_json(folder / "gen-a.json", recall_conversation("gen-a", 40, "groceries")),
+        EXAMPLES / "sharegpt.json",
+        EXAMPLES / "openai.jsonl",
+        write_json(folder / "gen-b.json", recall_conversation("gen-b", 35, "paint")),
+        EXAMPLES / "long-messages.json",
+    ]
+
+
+def _home(tmp_path: Path) -> Path:
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return home
+
+
+def prior_store(tmp_path: Path, name: str) -> Path:
+    """A store already holding a session (with snapshots and a clear), so every id the
+    merge shifts starts above 1."""
+    db = tmp_path / name
+    prior = write_json(tmp_path / f"prior-{name}.json", recall_conversation("prior", 34, "camping"))
+    rc, _, err = run_kvcache("process", "-j", "1", prior, home=_home(tmp_path), db=db)
+    assert rc == 0, err
+    return db
+
+
+def test_workers_leave_exactly_the_store_of_a_sequential_replay(tmp_path: Path) -> None:
+    files = inputs(tmp_path / "in")
+    seq_db, par_db = prior_store(tmp_path, "seq.db"), prior_store(tmp_path, "par.db")
+    home = _home(tmp_path)
+    rc, seq_out, err = run_kvcache("process", "-j", "1", "--json", "--turns", *files, home=home, db=seq_db)
+    assert rc == 0, err
+    rc, par_out, err = run_kvcache(
+        "-v", "process", "-j", "2", "--json", "--turns", *files, home=home, db=par_db
+    )
+    assert rc == 0, err
+    assert "replaying 9 new conversations on 2 worker processes" in err  # the workers did run
+    assert strip_wall_clock(json.loads(par_out)) == strip_wall_clock(json.loads(seq_out))
+    seq, par = dump(seq_db), dump(par_db)
+    assert seq["sessions"][0][1] == "prior" and len(seq["sessions"]) == 10
+    assert len(seq["snapshots"]) > 0 and sum(r[1] for r in seq["statistics"]) > 0
+    assert any(row[2] == "snapshot" for row in seq["operations"])  # "Snapshot ID: n" records
+    for table in seq:
+        assert par[table] == seq[table], table
+    assert not list(tmp_path.glob(".kvcache-replay-*"))  # the scratch folder is gone
+
+
+def test_repeated_and_stored_sessions_stay_in_the_parent(tmp_path: Path) -> None:
+    """A key named twice (the second file extends the first) and a stored session are
+    replayed in the parent, in order; the rest on workers; same store as -j 1."""
+    folder = tmp_path / "in"
+    files = inputs(folder)
+    whole = recall_conversation("twice", 30, "music")
+    part = write_json(folder / "twice-1.json", truncated(whole, 31))
+    rest = write_json(folder / "twice-2.json", whole)
+    more_prior = write_json(folder / "prior-more.json", recall_conversation("prior", 40, "camping"))
+    order = [part, *files[:3], more_prior, rest, *files[3:]]
+    seq_db, par_db = prior_store(tmp_path, "seq.db"), prior_store(tmp_path, "par.db")
+    home = _home(tmp_path)
+    rc, seq_out, err = run_kvcache("process", "-j", "1", "--json", *order, home=home, db=seq_db)
+    assert rc == 0, err
+    rc, par_out, err = run_kvcache("-v", "process", "-j", "2", "--json", *order, home=home, db=par_db)
+    assert rc == 0, err
+    assert "replaying 9 new conversations on 2 worker processes" in err
+    assert strip_wall_clock(json.loads(par_out)) == strip_wall_clock(json.loads(seq_out))
+    assert dump(par_db) == dump(seq_db)
+
+
+def test_a_failed_worker_merges_nothing_and_the_caller_replays_it(tmp_path: Path) -> None:
+    """A worker's replay that raises (here a kv entry the loader would have refused)
+    writes nothing; ``result`` returns None and the caller's own replay then stores
+    the turns before the bad one and raises the error a sequential run raises."""
+    from kvcache_cli.errors import BadInputError
+    from kvcache_cli.loaders import Conversation
+
+    good = load_file(write_json(tmp_path / "good.json", recall_conversation("good", 20, "cake")), "auto")[0]
+    bad = load_file(write_json(tmp_path / "bad.json", recall_conversation("bad", 20, "tea")), "auto")[0]
+    bad = Conversation(
+        bad.session_key, bad.messages, [{"message_index": 21, "text": "x", "layer_index": "7x"}]
+    )
+    store = open_store(tmp_path / "kv.db")
+    try:
+        with ParallelReplay(store, Config(), [ReplayJob(bad, "bad"), ReplayJob(good, "good")], 2) as runner:
+            assert runner.result(0) is None
+            assert store.query("SELECT count(*) FROM sessions")[0][0] == 0
+            assert runner.result(1) is not None
+        with pytest.raises(BadInputError, match=r"kv_entries\[0\]: invalid literal for int"):
+            KVCacheManager(store, Config()).process_conversation(bad, "bad")
+        rows = store.query(
+            "SELECT s.key, count(*) FROM messages JOIN sessions s ON s.id = session_id GROUP BY 1"
+        )
+        assert sorted(rows) == [("bad", 21), ("good", 41)]  # the turns before message 21
+    finally:
+        store.close()
+
+
+def test_a_session_stored_meanwhile_is_not_merged(tmp_path: Path) -> None:
+    """Another writer stores a job's session while the workers run: the merge writes
+    nothing of it (the caller replays it itself), and the other jobs merge."""
+    db = tmp_path / "kv.db"
+    home = _home(tmp_path)
+    a = write_json(tmp_path / "a.json", recall_conversation("a", 20, "tea"))
+    b = write_json(tmp_path / "b.json", recall_conversation("b", 20, "cake"))
+    other = write_json(tmp_path / "other.json", conversation(3, session_id="a"))
+    store = open_store(db)
+    try:
+        jobs = [ReplayJob(load_file(p, "auto")[0], key) for p, key in ((a, "a"), (b, "b"))]
+        assert eligible(store, None, jobs) == [True, True]
+        with ParallelReplay(store, Config(), jobs, 2) as runner:
+            rc, _, err = run_kvcache("process", "-j", "1", other, home=home, db=db)
+            assert rc == 0, err
+            assert runner.result(0) is None
+            merged = runner.result(1)
+        assert merged is not None and merged.session_id == "b" and merged.messages_added == 41
+        rows = store.query(
+            "SELECT s.key, count(*) FROM messages JOIN sessions s ON s.id = session_id GROUP BY 1"
+        )
+        assert sorted(rows) == [("a", 7), ("b", 41)]  # "a" is the other writer's 7 messages
+    finally:
+        store.close()
+
+
+def test_which_conversations_go_to_workers(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "kv.db")
+    try:
+        convs = [
+            load_file(write_json(tmp_path / f"{k}.json", conversation(2, session_id=k)), "auto")[0]
+            for k in "abc"
+        ]
+        manager = KVCacheManager(store, Config())
+        manager.process_conversation(convs[2], "c")  # stored already
+        jobs = [
+            ReplayJob(convs[0], "a"),
+            ReplayJob(convs[1], "b"),
+            ReplayJob(convs[0], "a"),
+            ReplayJob(convs[2], "c"),
+        ]
+        assert eligible(store, None, jobs) == [False, True, False, False]  # "a" twice, "c" stored
+        assert eligible(store, object(), jobs) == [False] * 4  # an LLM server: the parent replays
+        huge = load_file(
+            write_json(
+                tmp_path / "huge.json",
+                {"session_id": "h", "messages": [{"role": "user", "content": "x" * 200_001}]},
+            ),
+            "auto",
+        )[0]
+        assert eligible(store, None, [ReplayJob(huge, "h")]) == [False]  # too big for the index
+    finally:
+        store.close()
+    memory = open_store(":memory:")
+    try:
+        assert eligible(memory, None, [ReplayJob(convs[0], "a")]) == [False]
+    finally:
+        memory.close()
+
+
+def test_ctrl_c_keeps_whole_sessions_and_a_rerun_finishes(tmp_path: Path) -> None:
+    """SIGINT during a parallel replay: exit 130, no scratch files, every stored session
+    complete (merged sessions are all-or-nothing); the same command then finishes."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    files = [
+        write_json(folder / f"c{i}.json", recall_conversation(f"c{i}", 150, f"topic{i}")) for i in range(10)
+    ]
+    db = tmp_path / "kv.db"
+    home = _home(tmp_path)
+    command = [*kvcache_command(), "--db", str(db), "-q", "process", "-j", "2", *map(str, files)]
+    proc = subprocess.Popen(
+        command, env=cli_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the replay finished before the interrupt (a very fast machine)")
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob(".kvcache-replay-*"))
+    con = sqlite3.connect(db)
+    try:
+        counts = con.execute("SELECT session_id, count(*) FROM messages GROUP BY 1").fetchall()
+        con.execute("INSERT INTO message_fts(message_fts) VALUES ('integrity-check')")
+    finally:
+        con.close()
+    assert all(n == 301 for _, n in counts) and len(counts) < 10
+    rc, _, err = run_kvcache("process", *files, home=home, db=db)
+    assert rc == 0, err
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("SELECT count(*), count(DISTINCT session_id) FROM messages").fetchone() == (
+            3010,
+            10,
+        )
+    finally:
+        con.close()
+
+
+def test_stale_scratch_folders_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    from kvcache_cli.parallel_replay import SCRATCH_PREFIX, remove_stale_scratch
+
+    store = open_store(tmp_path / "kv.db")
+    try:
+        folders = {name: tmp_path / f"{SCRATCH_PREFIX}{name}" for name in ("dead", "live", "new", "old")}
+        for folder in folders.values():
+            folder.mkdir()
+            (folder / "0.db").write_bytes(b"scratch")
+        (folders["dead"] / "lock").touch()  # its run was killed: nobody holds the lock
+        (folders["live"] / "lock").touch()
+        held = os.open(folders["live"] / "lock", os.O_RDWR)
+        fcntl.flock(held, fcntl.LOCK_EX)  # a run in progress
+        os.utime(folders["old"], (time.time() - 3600, time.time() - 3600))  # killed before its lock
+        try:
+            assert remove_stale_scratch(store) == 2
+        finally:
+            os.close(held)
+        assert sorted(p.name for p in tmp_path.glob(f"{SCRATCH_PREFIX}*")) == [
+            f"{SCRATCH_PREFIX}live",
+            f"{SCRATCH_PREFIX}new",
+        ]
+    finally:
+        store.close()
