@@ -9,6 +9,9 @@ turn as a user message and its replies (1,388 here). Both rates are reported.
 
 ``kvcache process`` runs with default settings (retrieval triggers, clears, snapshots,
 extractive summaries all on) on a fresh store, as a child process (start-up included).
+By default it replays new conversations on one worker process per CPU core
+(``parallel_replay``); the same replay with ``--jobs 1`` (one process, turn by turn)
+is timed too and reported beside it.
 Reference, same run: a child Python process replaying the same messages with raw
 sqlite3 into a migrated kvcache store, one transaction per kvcache turn (insert the
 turn's messages and their FTS rows): the floor of a per-turn transactional replay.
@@ -28,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import KVCACHE, PYTHON, bench_env, create_store, machine, median, run_timed  # noqa: E402
 from locomo_to_conversations import convert_file  # noqa: E402
+
+from kvcache_cli.parallel_replay import worker_count  # noqa: E402
 
 LOCOMO = Path("/work/shared/bench/locomo-dev")
 
@@ -78,6 +83,7 @@ def measure(runs: int = 3, locomo: Path = LOCOMO) -> dict[str, float]:
         script = folder / "reference.py"
         script.write_text(REFERENCE)
         kv_times: list[float] = []
+        one_times: list[float] = []
         ref_times: list[float] = []
         for run in range(runs):
             ref_db = folder / f"ref{run}.db"
@@ -85,7 +91,12 @@ def measure(runs: int = 3, locomo: Path = LOCOMO) -> dict[str, float]:
             ref_times.append(run_timed([PYTHON, str(script), str(ref_db), *files], env))
             kv_db = folder / f"kv{run}.db"
             kv_times.append(run_timed([KVCACHE, "--db", str(kv_db), "-q", "process", *files], env))
+            one_db = folder / f"one{run}.db"
+            one_times.append(
+                run_timed([KVCACHE, "--db", str(one_db), "-q", "process", "--jobs", "1", *files], env)
+            )
     kv = median(kv_times)
+    one = median(one_times)
     ref = median(ref_times)
     return {
         "messages": messages,
@@ -93,6 +104,9 @@ def measure(runs: int = 3, locomo: Path = LOCOMO) -> dict[str, float]:
         "kvcache_seconds": kv,
         "dialog_turns_per_s": messages / kv,
         "kvcache_turns_per_s": turns / kv,
+        "jobs1_seconds": one,
+        "jobs1_dialog_turns_per_s": messages / one,
+        "workers": worker_count(0),
         "reference_seconds": ref,
         "reference_dialog_turns_per_s": messages / ref,
         "ratio_to_reference": ref / kv,
@@ -121,6 +135,11 @@ def main() -> int:
         f"kvcache process              {result['kvcache_seconds']:6.2f} s "
         f"{result['dialog_turns_per_s']:8.0f} dialog turns/s, {result['kvcache_turns_per_s']:.0f} kvcache turns/s "
         f"= {result['ratio_to_reference']:.2f}x the reference (target >= 1,000 turns/s)"
+    )
+    print(
+        f"  with --jobs 1 (one process)  {result['jobs1_seconds']:6.2f} s "
+        f"{result['jobs1_dialog_turns_per_s']:8.0f} dialog turns/s "
+        f"(default: {result['workers']} workers, {result['jobs1_seconds'] / result['kvcache_seconds']:.2f}x faster)"
     )
     return 0
 

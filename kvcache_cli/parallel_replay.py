@@ -139,8 +139,8 @@ def remove_stale_scratch(store: Store) -> int:
     """Remove the scratch folders that killed runs left beside the database; returns
     how many. A live run holds its folder's lock; a folder without a lock file is a
     run killed while starting, removed once it is a minute old."""
-    if not store.is_sqlite or store.location.target == ":memory:":
-        return 0
+    if not can_fork() or not store.is_sqlite or store.location.target == ":memory:":
+        return 0  # no workers, so no scratch folders, where processes are not forked
     import fcntl
     import time
 
