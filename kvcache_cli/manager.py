@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 from . import bridge
 from .config import Config
 from .entries import ChatMessage, KVEntry, entries_hash, key_hash_for, stored_prefix
-from .errors import BadInputError, IntegrityError, NotFoundError
+from .errors import BadInputError, IntegrityError, NotFoundError, StoreError
 from .extractor import PRESERVE_SHARE, extract_entries, filter_preserved, fit_to_budget
 from .loaders import Conversation
 from .memory import TokenCounter, capacity_bytes
@@ -213,6 +213,10 @@ class KVCacheManager:
         self._fts_len: dict[int, tuple[int, int, int, int]] = {}  # see ``_fts_avg_len``
         self._llm_down = False  # set after "cannot connect": no more server calls this run
         self._ready_summary: tuple[tuple[Any, ...], str | None] | None = None
+        # False only in a parallel replay's worker (parallel_replay): its scratch store
+        # keeps no full-text index (the merge indexes the rows in the real store), so a
+        # search there is refused and the worker's conversation is replayed in the parent
+        self.index_history = True
 
     # -------------------------------------------------------------- session access
     def _session(self, key: str) -> m.Session:
@@ -634,7 +638,8 @@ class KVCacheManager:
             "WHERE session_id = ? AND message_index >= ? ORDER BY message_index",
             (session.get_id(), start),
         )
-        search.index_messages(self.store, [(mid, session.id, content) for mid, _, content in ids])
+        if self.index_history:
+            search.index_messages(self.store, [(mid, session.id, content) for mid, _, content in ids])
         if self._embedder is not None:  # vectors computed before this transaction
             self._embedder.store_for([(mid, index) for mid, index, _ in ids], utcnow())
         return self.derive_entries(session.key, start, msgs, tokens, now)
@@ -1313,6 +1318,7 @@ class KVCacheManager:
         ts_rank_cd order); on SQLite the session's average length is followed
         incrementally (``_fts_avg_len``) instead of read whole at every turn.
         """
+        self._require_history_index()
         options: dict[str, Any] = dict(BIG_SESSION_SEARCH)
         if self.store.is_sqlite:
             avg = self._fts_avg_len(session.get_id())
@@ -1360,9 +1366,14 @@ class KVCacheManager:
         self._indexes.forget()
         self._fts_len.clear()
 
+    def _require_history_index(self) -> None:
+        if not self.index_history:
+            raise StoreError("this store keeps no full-text index (a parallel replay's scratch store)")
+
     def _search_history(
         self, query: str, session: m.Session | None, limit: int, **options: Any
     ) -> list[RetrievedEntry]:
+        self._require_history_index()
         hits = search.search_messages(self.store, query, session.id if session else None, limit, **options)
         return self._history_entries(
             [(int(h.message_id), h.score, list(h.matched_keywords)) for h in hits], session

@@ -187,6 +187,7 @@ def _replay_in_worker(task: _Task) -> _Done:
         # a scratch file, thrown away if anything fails: no need to sync it to disk
         store.db.execute_sql("PRAGMA synchronous = OFF")
         manager = KVCacheManager(store, task.config, None)
+        manager.index_history = False  # merge_session indexes the rows in the real store
         try:
             return _Done(result=manager.process_conversation(task.job.conv, task.job.key))
         except KVCacheError as exc:
