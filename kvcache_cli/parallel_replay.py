@@ -12,14 +12,23 @@ session gets the very rows, ids included, that a sequential replay in the same o
 would have written; wall-clock columns aside. Only conversations whose replay cannot
 depend on anything outside their own session are sent to a worker (``eligible``):
 
-- SQLite store (the merge is SQLite SQL; PostgreSQL takes concurrent writers itself);
+- a SQLite file store (the merge is SQLite SQL; on PostgreSQL a replay stays in one
+  process: not done, as the issue's target is the embedded default);
 - no LLM server (summaries, embeddings and token counts then wait on the server, not
   the CPU, and a server's slots are shared);
 - a session new to the store, named once in the command;
 - small enough for the replay's in-memory tier-3 index (``session_index`` limits):
   a bigger session ranks with the store's full-text statistics, which span sessions.
 
-Everything else is replayed in the parent, turn by turn, as before.
+Everything else is replayed in the parent, turn by turn, as before. So is a job whose
+worker failed, or whose session another process stored meanwhile: the parent's own
+replay then stores and reports exactly what a sequential run would.
+
+A scratch store keeps no full-text index (``KVCacheManager.index_history``): the
+replay's tier 3 reads its in-memory index, and ``merge_session`` indexes the merged
+rows in the real store. Scratch files live in a locked ``.kvcache-replay-*`` folder
+beside the database; folders left by a killed run are removed by the next ``process``
+(``remove_stale_scratch``), and workers die with their parent (``PR_SET_PDEATHSIG``).
 
 Durability: a worker's conversation reaches the store at once when merged, not turn
 by turn; an interrupted run keeps the conversations merged so far, and replaying the
