@@ -208,12 +208,12 @@ def process(
         failures.append(str(exc))
         _stderr(f"kvcache: error: {exc}")
 
-    def loaded() -> Any:  # (path, conversations, session keys) per readable file
+    def loaded() -> Any:  # (path, conversations, session keys, load error) per file
         for path in files:
             try:
                 conversations = load_file(path, fmt)
             except KVCacheError as exc:
-                fail(exc)
+                yield path, [], [], exc  # reported in file order, even when read ahead
                 continue
             keys = [
                 conv.session_key
@@ -221,14 +221,17 @@ def process(
                 or (path.stem if len(conversations) == 1 else f"{path.stem}-{index + 1}")
                 for index, conv in enumerate(conversations)
             ]
-            yield path, conversations, keys
+            yield path, conversations, keys, None
 
     try:
         units: Any = loaded()
         on_worker: dict[int, int] = {}  # id(conversation) -> the runner's job index
         if store.is_sqlite:
             units, runner, on_worker = _start_workers(manager, store, files, units, jobs)
-        for path, conversations, keys in units:
+        for path, conversations, keys, error in units:
+            if error is not None:
+                fail(error)
+                continue
             try:  # a file that rewrites a stored conversation is refused before any write
                 for conv, key in zip(conversations, keys, strict=True):
                     manager.check_prefix(key, conv.messages, conv.place.rstrip(": ") or str(path))
@@ -258,6 +261,8 @@ def process(
     finally:
         if runner is not None:
             runner.close()
+            for notice in runner.notices:
+                info(f"kvcache: {notice}")
         store.close()
     if as_json:
         emit_json({"sessions": results, "failed": failures})
@@ -298,13 +303,19 @@ def _start_workers(
         return units, None, {}
     units = list(units)
     pairs = [
-        (conv, key) for _, conversations, keys in units for conv, key in zip(conversations, keys, strict=True)
+        (conv, key)
+        for _, conversations, keys, _ in units
+        for conv, key in zip(conversations, keys, strict=True)
     ]
     flags = eligible(store, manager.llm, [ReplayJob(conv, key) for conv, key in pairs])
     chosen = [ReplayJob(conv, key) for (conv, key), ok in zip(pairs, flags, strict=True) if ok]
     if len(chosen) < 2:
         return units, None, {}
-    runner = ParallelReplay(store, manager.config, chosen, workers)
+    try:
+        runner = ParallelReplay(store, manager.config, chosen, workers)
+    except OSError as exc:  # no scratch folder beside the database, no processes: one process
+        debug(f"kvcache: replaying in one process: {exc}")
+        return units, None, {}
     debug(f"kvcache: replaying {len(chosen)} new conversations on {runner.workers} worker processes")
     return units, runner, {id(job.conv): index for index, job in enumerate(chosen)}
 

@@ -17,12 +17,15 @@ depend on anything outside their own session are sent to a worker (``eligible``)
 - no LLM server (summaries, embeddings and token counts then wait on the server, not
   the CPU, and a server's slots are shared);
 - a session new to the store, named once in the command;
+- at least ``MIN_WORKER_MESSAGES`` messages (a shorter replay costs less than a
+  worker's scratch store and merge);
 - small enough for the replay's in-memory tier-3 index (``session_index`` limits):
   a bigger session ranks with the store's full-text statistics, which span sessions.
 
 Everything else is replayed in the parent, turn by turn, as before. So is a job whose
-worker failed, or whose session another process stored meanwhile: the parent's own
-replay then stores and reports exactly what a sequential run would.
+worker failed or died, or whose session another process stored meanwhile: the
+parent's own replay then stores and reports exactly what a sequential run would.
+Ctrl-C is held back while the workers are forked, so it never lands half-way there.
 
 A scratch store keeps no full-text index (``KVCacheManager.index_history``): the
 replay's tier 3 reads its in-memory index, and ``merge_session`` indexes the merged
@@ -64,6 +67,12 @@ from .store.backend import Store, open_store
 MAX_PARALLEL_INPUT_BYTES = 256 * 1024 * 1024
 #: Scratch folders are made beside the database, named with this prefix.
 SCRATCH_PREFIX = ".kvcache-replay-"
+#: A folder being set up (renamed to ``SCRATCH_PREFIX...`` once its lock is held).
+_STAGING_PREFIX = ".kvcache-staging-"
+#: Fewer messages stay in the parent: a worker's scratch store (~10 ms) and merge
+#: (~4 ms) cost more than replaying a short conversation (~1.2 ms a message; 300
+#: two-turn conversations took 4.5x longer on workers than in one process).
+MIN_WORKER_MESSAGES = 40
 
 
 @dataclass
@@ -120,7 +129,7 @@ def eligible(store: Store, manager_llm: Any, jobs: Sequence[ReplayJob]) -> list[
     return [
         counts[job.key] == 1
         and job.key not in stored
-        and len(job.conv.messages) <= MAX_INDEXED_MESSAGES
+        and MIN_WORKER_MESSAGES <= len(job.conv.messages) <= MAX_INDEXED_MESSAGES
         and all(len(msg.content) <= MAX_INDEXED_TEXT for msg in job.conv.messages)
         for job in jobs
     ]
@@ -146,23 +155,23 @@ def _worker_setup(parent: int) -> None:
 
 def remove_stale_scratch(store: Store) -> int:
     """Remove the scratch folders that killed runs left beside the database; returns
-    how many. A live run holds its folder's lock; a folder without a lock file is a
-    run killed while starting, removed once it is a minute old."""
+    how many. A live run holds its folder's lock; a staging folder is a run killed
+    while setting up, removed once it is a minute old."""
     if not can_fork() or not store.is_sqlite or store.location.target == ":memory:":
         return 0  # no workers, so no scratch folders, where processes are not forked
     import fcntl
     import time
 
     removed = 0
-    for old in Path(store.location.target).parent.glob(SCRATCH_PREFIX + "*"):
+    beside = Path(store.location.target).parent
+    for old in beside.glob(_STAGING_PREFIX + "*"):  # a run killed while setting up
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > 60:
+                shutil.rmtree(old)
+                removed += 1
+    for old in beside.glob(SCRATCH_PREFIX + "*"):
         try:
             fd = os.open(old / "lock", os.O_RDWR)
-        except FileNotFoundError:
-            with contextlib.suppress(OSError):
-                if time.time() - old.stat().st_mtime > 60:
-                    shutil.rmtree(old)
-                    removed += 1
-            continue
         except OSError:
             continue
         try:
@@ -178,12 +187,20 @@ def remove_stale_scratch(store: Store) -> int:
 
 def _scratch_folder(beside: Path) -> tuple[str, int]:
     """A new private folder for scratch stores, locked while this run (or any of its
-    workers) lives."""
+    workers) lives. It is made under a staging name and renamed once its lock is held,
+    so ``remove_stale_scratch`` never sees it unlocked."""
     import fcntl
 
-    folder = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=beside)
-    fd = os.open(os.path.join(folder, "lock"), os.O_CREAT | os.O_RDWR, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # inherited by the forked workers
+    staging = tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=beside)
+    fd = os.open(os.path.join(staging, "lock"), os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # inherited by the forked workers
+        folder = os.path.join(beside, SCRATCH_PREFIX + os.path.basename(staging)[len(_STAGING_PREFIX) :])
+        os.rename(staging, folder)
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return folder, fd
 
 
@@ -323,26 +340,39 @@ class ParallelReplay:
     """
 
     def __init__(self, store: Store, config: Config, jobs: Sequence[ReplayJob], workers: int) -> None:
-        self.store = store
-        self.jobs = list(jobs)
-        # beside the database: same disk, same private folder, never a shared /tmp
-        self._dir, self._lock = _scratch_folder(Path(store.location.target).parent)
-        self._futures: dict[int, Future[_Done]] = {}
-        store.close()
         import multiprocessing
 
+        self.store = store
+        self.jobs = list(jobs)
         self.workers = max(1, min(workers, len(self.jobs)))
-        self._pool = ProcessPoolExecutor(
-            max_workers=self.workers,
-            mp_context=multiprocessing.get_context("fork"),
-            initializer=_worker_setup,
-            initargs=(os.getpid(),),
-        )
-        # longest first: the last conversation to finish is then a short one
-        order = sorted(range(len(self.jobs)), key=lambda i: -len(self.jobs[i].conv.messages))
-        for index in order:
-            task = _Task(self.jobs[index], config, os.path.join(self._dir, f"{index}.db"))
-            self._futures[index] = self._pool.submit(_replay_in_worker, task)
+        self.notices: list[str] = []
+        self._futures: dict[int, Future[_Done]] = {}
+        self._pool: ProcessPoolExecutor | None = None
+        self._dir, self._lock = "", -1
+        # Ctrl-C is held back until the workers are forked and the jobs queued: a
+        # KeyboardInterrupt inside the fork would leave a worker half set up (it hangs
+        # the exit) or be swallowed; once unblocked it lands here and close() runs
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            # beside the database: same disk, same private folder, never a shared /tmp
+            self._dir, self._lock = _scratch_folder(Path(store.location.target).parent)
+            store.close()
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context("fork"),
+                initializer=_worker_setup,
+                initargs=(os.getpid(),),
+            )
+            # longest first: the last conversation to finish is then a short one
+            order = sorted(range(len(self.jobs)), key=lambda i: -len(self.jobs[i].conv.messages))
+            for index in order:
+                task = _Task(self.jobs[index], config, os.path.join(self._dir, f"{index}.db"))
+                self._futures[index] = self._pool.submit(_replay_in_worker, task)
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            self.close()
+            raise
 
     def result(self, index: int) -> ProcessResult | None:
         """Job ``index``'s replay, merged into the store; None when the caller must replay
@@ -351,10 +381,11 @@ class ParallelReplay:
         does, including the turns before a bad one)."""
         try:
             done = self._futures.pop(index).result()
-        except BrokenProcessPool:
-            raise StoreError(
-                "a replay worker process died (out of memory?); none of its work was stored"
-            ) from None
+        except BrokenProcessPool:  # every job not merged yet is lost: the caller replays it
+            notice = "a replay worker process died (out of memory?); replaying in the main process"
+            if notice not in self.notices:
+                self.notices.append(notice)
+            return None
         scratch = os.path.join(self._dir, f"{index}.db")
         try:
             if done.result is None:
@@ -375,10 +406,11 @@ class ParallelReplay:
             return
         for future in self._futures.values():
             future.cancel()
-        processes = dict(getattr(self._pool, "_processes", None) or {})
-        for process in processes.values():  # a running replay would finish otherwise
-            process.terminate()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            processes = dict(getattr(self._pool, "_processes", None) or {})
+            for process in processes.values():  # a running replay would finish otherwise
+                process.terminate()
+            self._pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self._dir, ignore_errors=True)
         os.close(self._lock)
         self._lock = -1

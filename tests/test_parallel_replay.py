@@ -112,7 +112,7 @@ def test_workers_leave_exactly_the_store_of_a_sequential_replay(tmp_path: Path) 
         "-v", "process", "-j", "2", "--json", "--turns", *files, home=home, db=par_db
     )
     assert rc == 0, err
-    assert "replaying 9 new conversations on 2 worker processes" in err  # the workers did run
+    assert "replaying 3 new conversations on 2 worker processes" in err  # the workers did run
     assert strip_wall_clock(json.loads(par_out)) == strip_wall_clock(json.loads(seq_out))
     seq, par = dump(seq_db), dump(par_db)
     assert seq["sessions"][0][1] == "prior" and len(seq["sessions"]) == 10
@@ -139,7 +139,7 @@ def test_repeated_and_stored_sessions_stay_in_the_parent(tmp_path: Path) -> None
     assert rc == 0, err
     rc, par_out, err = run_kvcache("-v", "process", "-j", "2", "--json", *order, home=home, db=par_db)
     assert rc == 0, err
-    assert "replaying 9 new conversations on 2 worker processes" in err
+    assert "replaying 3 new conversations on 2 worker processes" in err
     assert strip_wall_clock(json.loads(par_out)) == strip_wall_clock(json.loads(seq_out))
     assert dump(par_db) == dump(seq_db)
 
@@ -199,37 +199,68 @@ def test_a_session_stored_meanwhile_is_not_merged(tmp_path: Path) -> None:
 
 
 def test_which_conversations_go_to_workers(tmp_path: Path) -> None:
+    from kvcache_cli.parallel_replay import MIN_WORKER_MESSAGES
+
+    def conv(key: str, turns: int, **extra: Any) -> Any:
+        data = conversation(turns, session_id=key) | extra
+        return load_file(write_json(tmp_path / f"{key}.json", data), "auto")[0]
+
     store = open_store(tmp_path / "kv.db")
     try:
-        convs = [
-            load_file(write_json(tmp_path / f"{k}.json", conversation(2, session_id=k)), "auto")[0]
-            for k in "abc"
-        ]
-        manager = KVCacheManager(store, Config())
-        manager.process_conversation(convs[2], "c")  # stored already
-        jobs = [
-            ReplayJob(convs[0], "a"),
-            ReplayJob(convs[1], "b"),
-            ReplayJob(convs[0], "a"),
-            ReplayJob(convs[2], "c"),
-        ]
-        assert eligible(store, None, jobs) == [False, True, False, False]  # "a" twice, "c" stored
-        assert eligible(store, object(), jobs) == [False] * 4  # an LLM server: the parent replays
-        huge = load_file(
-            write_json(
-                tmp_path / "huge.json",
-                {"session_id": "h", "messages": [{"role": "user", "content": "x" * 200_001}]},
-            ),
-            "auto",
-        )[0]
+        a, b, c = conv("a", 20), conv("b", 20), conv("c", 20)
+        KVCacheManager(store, Config()).process_conversation(c, "c")  # stored already
+        short = conv("s", (MIN_WORKER_MESSAGES - 2) // 2)  # one message short, with the system one
+        empty = conv("e", 0, messages=[])
+        assert len(a.messages) >= MIN_WORKER_MESSAGES > len(short.messages)
+        jobs = [ReplayJob(a, "a"), ReplayJob(b, "b"), ReplayJob(a, "a"), ReplayJob(c, "c")]
+        jobs += [ReplayJob(short, "s"), ReplayJob(empty, "e")]
+        # "a" named twice, "c" stored, "s" and "e" too short to be worth a worker
+        assert eligible(store, None, jobs) == [False, True, False, False, False, False]
+        assert eligible(store, object(), jobs) == [False] * 6  # an LLM server: the parent replays
+        huge = conv("h", 20)
+        huge.messages[3].content = "x" * 200_001
         assert eligible(store, None, [ReplayJob(huge, "h")]) == [False]  # too big for the index
     finally:
         store.close()
     memory = open_store(":memory:")
     try:
-        assert eligible(memory, None, [ReplayJob(convs[0], "a")]) == [False]
+        assert eligible(memory, None, [ReplayJob(a, "a")]) == [False]
     finally:
         memory.close()
+
+
+def test_errors_are_reported_in_file_order_and_short_or_empty_ones_stay_in_the_parent(
+    tmp_path: Path,
+) -> None:
+    """Files are read ahead for the workers; their errors still come in file order, and
+    an empty conversation (which stores no session) is the parent's, as with -j 1."""
+    folder = tmp_path / "in"
+    files = inputs(folder)
+    stored = write_json(folder / "x.json", conversation(3, session_id="x"))
+    changed = conversation(3, session_id="x")
+    changed["messages"][1]["content"] = "something else"
+    order = [
+        stored,
+        files[1],
+        write_json(folder / "x-changed.json", changed),
+        files[0],
+        folder / "missing.json",
+        write_json(folder / "empty.json", {"session_id": "nothing", "messages": []}),
+        files[4],
+    ]
+    (folder / "broken.json").write_text("{not json")
+    order.insert(3, folder / "broken.json")
+    runs = {}
+    for jobs in ("1", "2"):
+        db = tmp_path / f"j{jobs}.db"
+        rc, out, err = run_kvcache("-v", "process", "-j", jobs, "--json", *order, home=_home(tmp_path), db=db)
+        errors = [line for line in err.splitlines() if line.startswith("kvcache: error:")]
+        runs[jobs] = (rc, strip_wall_clock(json.loads(out)), errors, dump(db))
+    assert runs["2"] == runs["1"]
+    rc, out, errors, _ = runs["2"]
+    assert rc == 2 and len(errors) == 3
+    assert "x-changed.json" in errors[0] and "broken.json" in errors[1] and "missing.json" in errors[2]
+    assert out["failed"] == [line.removeprefix("kvcache: error: ") for line in errors]
 
 
 def _sessions(db: Path) -> int:
@@ -288,45 +319,52 @@ def test_stale_scratch_folders_are_removed_and_live_ones_kept(tmp_path: Path) ->
     import fcntl
     import os
 
-    from kvcache_cli.parallel_replay import SCRATCH_PREFIX, remove_stale_scratch
+    from kvcache_cli.parallel_replay import _STAGING_PREFIX, SCRATCH_PREFIX, remove_stale_scratch
 
     store = open_store(tmp_path / "kv.db")
     try:
-        folders = {name: tmp_path / f"{SCRATCH_PREFIX}{name}" for name in ("dead", "live", "new", "old")}
+        folders = {
+            "dead": tmp_path / f"{SCRATCH_PREFIX}dead",  # its run was killed: nobody holds the lock
+            "live": tmp_path / f"{SCRATCH_PREFIX}live",  # a run in progress holds it
+            "new": tmp_path / f"{_STAGING_PREFIX}new",  # a run setting up, right now
+            "old": tmp_path / f"{_STAGING_PREFIX}old",  # a run killed while setting up
+        }
         for folder in folders.values():
             folder.mkdir()
+            (folder / "lock").touch()
             (folder / "0.db").write_bytes(b"scratch")
-        (folders["dead"] / "lock").touch()  # its run was killed: nobody holds the lock
-        (folders["live"] / "lock").touch()
         held = os.open(folders["live"] / "lock", os.O_RDWR)
-        fcntl.flock(held, fcntl.LOCK_EX)  # a run in progress
-        os.utime(folders["old"], (time.time() - 3600, time.time() - 3600))  # killed before its lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        os.utime(folders["old"], (time.time() - 3600, time.time() - 3600))
         try:
             assert remove_stale_scratch(store) == 2
         finally:
             os.close(held)
-        assert sorted(p.name for p in tmp_path.glob(f"{SCRATCH_PREFIX}*")) == [
+        assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
             f"{SCRATCH_PREFIX}live",
-            f"{SCRATCH_PREFIX}new",
+            f"{_STAGING_PREFIX}new",
         ]
     finally:
         store.close()
 
 
-def test_a_worker_store_keeps_no_full_text_index_and_refuses_to_search_it(tmp_path: Path) -> None:
-    """Workers skip the full-text index (the merge builds it in the real store); a
-    search that would need it fails, so that worker's conversation goes to the parent."""
-    from kvcache_cli.errors import StoreError
+def test_a_dead_worker_leaves_its_jobs_to_the_caller(tmp_path: Path) -> None:
+    """A worker killed (the OOM killer, say): nothing of its jobs is merged, ``result``
+    returns None so the caller replays them itself, and one notice says why."""
+    import psutil
 
-    conv = load_file(write_json(tmp_path / "s.json", recall_conversation("s", 20, "tea")), "auto")[0]
-    store = open_store(tmp_path / "scratch.db")
+    convs = [
+        load_file(write_json(tmp_path / f"{k}.json", conversation(200, session_id=k)), "auto")[0]
+        for k in "ab"
+    ]
+    store = open_store(tmp_path / "kv.db")
     try:
-        manager = KVCacheManager(store, Config())
-        manager.index_history = False
-        result = manager.process_conversation(conv, "s")  # tier 3 from the in-memory index
-        assert sum(t.retrieved for t in result.turns) > 0
-        assert store.query("SELECT count(*) FROM message_fts_docsize")[0][0] == 0
-        with pytest.raises(StoreError, match="no full-text index"):
-            manager.retrieve("s", "grocery list")
+        with ParallelReplay(store, Config(), [ReplayJob(c, c.session_key or "") for c in convs], 2) as runner:
+            for worker in psutil.Process().children():
+                worker.kill()
+            assert runner.result(0) is None and runner.result(1) is None
+            assert len(runner.notices) == 1 and "worker process died" in runner.notices[0]
+        assert store.query("SELECT count(*) FROM sessions")[0][0] == 0
+        assert not list(tmp_path.glob(".kvcache-*"))
     finally:
         store.close()
