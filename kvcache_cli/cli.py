@@ -202,7 +202,6 @@ def process(
     results: list[dict[str, Any]] = []
     failures: list[str] = []
     interrupted = False
-    runner: Any = None
 
     def fail(exc: KVCacheError) -> None:
         failures.append(str(exc))
@@ -223,46 +222,57 @@ def process(
             ]
             yield path, conversations, keys, None
 
-    try:
-        units: Any = loaded()
-        on_worker: dict[int, int] = {}  # id(conversation) -> the runner's job index
-        if store.is_sqlite:
-            units, runner, on_worker = _start_workers(manager, store, files, units, jobs)
-        for path, conversations, keys, error in units:
-            if error is not None:
-                fail(error)
-                continue
-            try:  # a file that rewrites a stored conversation is refused before any write
-                for conv, key in zip(conversations, keys, strict=True):
-                    manager.check_prefix(key, conv.messages, conv.place.rstrip(": ") or str(path))
+    def replay(path: Path, conversations: list[Any], keys: list[str], runner: Any) -> None:
+        try:  # a file that rewrites a stored conversation is refused before any write
+            for conv, key in zip(conversations, keys, strict=True):
+                manager.check_prefix(key, conv.messages, conv.place.rstrip(": ") or str(path))
+        except KVCacheError as exc:
+            if exc.exit_code == 1:
+                raise
+            fail(exc)
+            return
+        for conv, key in zip(conversations, keys, strict=True):
+            try:
+                with render.turn_progress(key, enabled=not (STATE.quiet or as_json)) as on_turn:
+                    result = runner.take(conv) if runner is not None else None
+                    if result is None:  # not sent to a worker, or stored meanwhile by another run
+                        result = manager.process_conversation(conv, key, on_turn=on_turn)
             except KVCacheError as exc:
                 if exc.exit_code == 1:
                     raise
                 fail(exc)
                 continue
-            for conv, key in zip(conversations, keys, strict=True):
-                try:
-                    with render.turn_progress(key, enabled=not (STATE.quiet or as_json)) as on_turn:
-                        result = runner.result(on_worker[id(conv)]) if id(conv) in on_worker else None
-                        if result is None:  # not sent to a worker, or stored meanwhile by another run
-                            result = manager.process_conversation(conv, key, on_turn=on_turn)
-                except KVCacheError as exc:
-                    if exc.exit_code == 1:
-                        raise
-                    fail(exc)
-                    continue
-                for notice in result.notices:
-                    info(f"kvcache: {notice}")
-                results.append(result.to_dict(with_turns=turns))
-                if not as_json:
-                    render.process_result(result, STATE.config().cache.memory_threshold_percent)
+            for notice in result.notices:
+                info(f"kvcache: {notice}")
+            results.append(result.to_dict(with_turns=turns))
+            if not as_json:
+                render.process_result(result, STATE.config().cache.memory_threshold_percent)
+
+    try:
+        workers, budget = 0, 0
+        if store.is_sqlite:
+            from . import parallel_replay as par
+
+            if par.remove_stale_scratch(store):
+                debug("kvcache: removed scratch files of an interrupted parallel replay")
+            workers = par.workers_for(manager, jobs)
+            budget = par.READ_AHEAD_BYTES if workers else 0
+        for batch in _read_ahead(loaded(), budget):
+            runner = _start_workers(manager, batch, workers) if workers else None
+            try:
+                for path, conversations, keys, error in batch:
+                    if error is not None:
+                        fail(error)
+                    else:
+                        replay(path, conversations, keys, runner)
+            finally:
+                if runner is not None:
+                    runner.close()
+                    for notice in runner.notices:
+                        info(f"kvcache: {notice}")
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        if runner is not None:
-            runner.close()
-            for notice in runner.notices:
-                info(f"kvcache: {notice}")
         store.close()
     if as_json:
         emit_json({"sessions": results, "failed": failures})
@@ -273,51 +283,36 @@ def process(
         raise typer.Exit(2)
 
 
-def _start_workers(
-    manager: "KVCacheManager", store: "Store", files: list[Path], units: Any, jobs: int
-) -> Any:
-    """Send the conversations that may run on workers (``parallel_replay``) to them.
+def _read_ahead(units: Any, budget: int) -> Any:
+    """Loaded files in batches of about ``budget`` bytes on disk (one by one for 0)."""
+    from .parallel_replay import read_ahead
 
-    Returns the (now loaded) files, the runner or None, and id(conversation) -> job.
-    """
-    from .parallel_replay import (
-        MAX_PARALLEL_INPUT_BYTES,
-        ParallelReplay,
-        ReplayJob,
-        can_fork,
-        eligible,
-        remove_stale_scratch,
-        worker_count,
-    )
+    def size(unit: Any) -> int:
+        try:
+            return os.path.getsize(unit[0])
+        except OSError:
+            return 0
 
-    if remove_stale_scratch(store):
-        debug("kvcache: removed scratch files of an interrupted parallel replay")
-    workers = worker_count(jobs)
-    if jobs == 1 or workers < 2 or not can_fork() or not store.is_sqlite or manager.llm is not None:
-        return units, None, {}
-    try:
-        size = sum(os.path.getsize(p) for p in files)
-    except OSError:
-        size = MAX_PARALLEL_INPUT_BYTES + 1
-    if size > MAX_PARALLEL_INPUT_BYTES:
-        return units, None, {}
-    units = list(units)
-    pairs = [
-        (conv, key)
-        for _, conversations, keys, _ in units
+    return read_ahead(units, size, budget)
+
+
+def _start_workers(manager: "KVCacheManager", batch: list[Any], workers: int) -> Any:
+    """Send a batch's conversations that may run on workers (``parallel_replay``) to them."""
+    from .parallel_replay import ReplayJob, start
+
+    jobs = [
+        ReplayJob(conv, key)
+        for _, conversations, keys, _ in batch
         for conv, key in zip(conversations, keys, strict=True)
     ]
-    flags = eligible(store, manager.llm, [ReplayJob(conv, key) for conv, key in pairs])
-    chosen = [ReplayJob(conv, key) for (conv, key), ok in zip(pairs, flags, strict=True) if ok]
-    if len(chosen) < 2:
-        return units, None, {}
     try:
-        runner = ParallelReplay(store, manager.config, chosen, workers)
+        runner = start(manager, jobs, workers)
     except OSError as exc:  # no scratch folder beside the database, no processes: one process
         debug(f"kvcache: replaying in one process: {exc}")
-        return units, None, {}
-    debug(f"kvcache: replaying {len(chosen)} new conversations on {runner.workers} worker processes")
-    return units, runner, {id(job.conv): index for index, job in enumerate(chosen)}
+        return None
+    if runner is not None:
+        debug(f"kvcache: replaying {len(runner.jobs)} new conversations on {runner.workers} worker processes")
+    return runner
 
 
 @app.command("import")

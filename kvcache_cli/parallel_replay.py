@@ -33,6 +33,9 @@ rows in the real store. Scratch files live in a locked ``.kvcache-replay-*`` fol
 beside the database; folders left by a killed run are removed by the next ``process``
 (``remove_stale_scratch``), and workers die with their parent (``PR_SET_PDEATHSIG``).
 
+Memory: the caller reads its files ahead in batches of ``READ_AHEAD_BYTES`` (at least
+one file) and starts workers per batch, so it holds about one batch of input at a time.
+
 Durability: a worker's conversation reaches the store at once when merged, not turn
 by turn; an interrupted run keeps the conversations merged so far, and replaying the
 same files again finishes the rest (stored sessions are then extended in the parent).
@@ -46,12 +49,12 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from peewee import ForeignKeyField
 
@@ -62,9 +65,15 @@ from .results import ProcessResult
 from .store import models as m
 from .store.backend import Store, open_store
 
-#: The most input (bytes on disk) read ahead of a parallel replay: the parent loads
-#: every file first to know the sessions; above this it replays file by file.
-MAX_PARALLEL_INPUT_BYTES = 256 * 1024 * 1024
+if TYPE_CHECKING:
+    from .manager import KVCacheManager
+
+U = TypeVar("U")
+
+#: Files are read ahead in batches of about this many bytes on disk (at least one
+#: file): the parent must hold a batch's conversations to hand them to workers, so
+#: this bounds what a parallel replay holds at once (a sequential one holds one file).
+READ_AHEAD_BYTES = 64 * 1024 * 1024
 #: Scratch folders are made beside the database, named with this prefix.
 SCRATCH_PREFIX = ".kvcache-replay-"
 #: A folder being set up (renamed to ``SCRATCH_PREFIX...`` once its lock is held).
@@ -109,6 +118,46 @@ def worker_count(requested: int) -> int:
 def can_fork() -> bool:
     """Workers are forked (no re-import, nothing to pickle but the conversation); Linux only."""
     return sys.platform.startswith("linux")
+
+
+def workers_for(manager: KVCacheManager, jobs: int) -> int:
+    """Workers a replay with ``--jobs jobs`` may use: 0 when it must stay in one process
+    (``--jobs 1``, one core, no ``fork``, not a SQLite file, an LLM server in use)."""
+    store = manager.store
+    workers = worker_count(jobs)
+    if jobs == 1 or workers < 2 or not can_fork() or manager.llm is not None:
+        return 0
+    if not store.is_sqlite or store.location.target == ":memory:":
+        return 0
+    return workers
+
+
+def read_ahead(units: Iterable[U], size_of: Callable[[U], int], budget: int) -> Iterator[list[U]]:
+    """``units`` in consecutive batches of about ``budget`` (by ``size_of``), at least one
+    unit each; ``budget`` 0 gives them one by one."""
+    batch: list[U] = []
+    total = 0
+    for unit in units:
+        batch.append(unit)
+        total += size_of(unit)
+        if total >= budget:
+            yield batch
+            batch, total = [], 0
+    if batch:
+        yield batch
+
+
+def start(manager: KVCacheManager, jobs: Sequence[ReplayJob], workers: int) -> ParallelReplay | None:
+    """Send the ``eligible`` jobs to ``workers`` processes; None when fewer than two are.
+
+    Then call ``take`` for every job, in order (the others return None: replay them in
+    the caller).
+    """
+    flags = eligible(manager.store, manager.llm, jobs)
+    chosen = [job for job, ok in zip(jobs, flags, strict=True) if ok]
+    if len(chosen) < 2:
+        return None
+    return ParallelReplay(manager.store, manager.config, chosen, workers)
 
 
 def eligible(store: Store, manager_llm: Any, jobs: Sequence[ReplayJob]) -> list[bool]:
@@ -347,6 +396,7 @@ class ParallelReplay:
         self.workers = max(1, min(workers, len(self.jobs)))
         self.notices: list[str] = []
         self._futures: dict[int, Future[_Done]] = {}
+        self._by_conversation = {id(job.conv): index for index, job in enumerate(self.jobs)}
         self._pool: ProcessPoolExecutor | None = None
         self._dir, self._lock = "", -1
         # Ctrl-C is held back until the workers are forked and the jobs queued: a
@@ -373,6 +423,11 @@ class ParallelReplay:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             self.close()
             raise
+
+    def take(self, conv: Conversation) -> ProcessResult | None:
+        """``result`` of the job replaying ``conv``; None if none does (or see ``result``)."""
+        index = self._by_conversation.pop(id(conv), None)
+        return None if index is None else self.result(index)
 
     def result(self, index: int) -> ProcessResult | None:
         """Job ``index``'s replay, merged into the store; None when the caller must replay

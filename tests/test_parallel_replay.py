@@ -368,3 +368,37 @@ def test_a_dead_worker_leaves_its_jobs_to_the_caller(tmp_path: Path) -> None:
         assert not list(tmp_path.glob(".kvcache-*"))
     finally:
         store.close()
+
+
+def test_files_are_read_ahead_in_batches_and_each_batch_merges_exactly(tmp_path: Path) -> None:
+    """With a tiny read-ahead budget every file is its own batch (so a parallel replay
+    never holds more than about ``READ_AHEAD_BYTES`` of input): two JSON Lines files of
+    two conversations each give two worker batches and the store of ``--jobs 1``."""
+    import sys
+
+    from kvcache_cli.parallel_replay import read_ahead
+
+    assert list(read_ahead([3, 1, 1, 5, 2], lambda n: n, 4)) == [[3, 1], [1, 5], [2]]
+    assert list(read_ahead([3, 1], lambda n: n, 0)) == [[3], [1]]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    files = []
+    for name in ("one", "two"):
+        lines = [json.dumps(recall_conversation(f"{name}-{i}", 25, name)) for i in range(2)]
+        files.append(folder / f"{name}.jsonl")
+        files[-1].write_text("\n".join(lines) + "\n")
+    home = _home(tmp_path)
+    rc, seq_out, err = run_kvcache("process", "-j", "1", "--json", *files, home=home, db=tmp_path / "seq.db")
+    assert rc == 0, err
+    script = (
+        "import sys; import kvcache_cli.parallel_replay as p; p.READ_AHEAD_BYTES = 1; "
+        "from kvcache_cli.cli import main; sys.argv[0] = 'kvcache'; main()"
+    )
+    command = [sys.executable, "-c", script, "--db", str(tmp_path / "par.db"), "-v", "process", "-j", "2"]
+    proc = subprocess.run(
+        [*command, "--json", *map(str, files)], env=cli_env(home), capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("replaying 2 new conversations on 2 worker processes") == 2
+    assert strip_wall_clock(json.loads(proc.stdout)) == strip_wall_clock(json.loads(seq_out))
+    assert dump(tmp_path / "par.db") == dump(tmp_path / "seq.db")
