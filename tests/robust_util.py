@@ -162,6 +162,18 @@ def logical_state(db: Path | str) -> dict[str, Any]:
         close()
 
 
+def committed_rows(db: Path, table: str) -> int:
+    """Rows of ``table`` committed so far, read-only (0 while the store is being created)."""
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
+
+
 def integrity(db: Path) -> str:
     conn = connect(db)
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from robust_util import (
     check_turn_boundaries,
+    committed_rows,
     conversation,
     integrity,
     logical_state,
@@ -30,14 +31,7 @@ TURNS = 60
 
 def _stored(db: Path) -> int:
     """Messages committed so far (0 while the store is still being created)."""
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return 0
+    return committed_rows(db, "messages")
 
 
 def _wait_for_progress(db: Path, proc: object, at_least: int, limit: float = 60.0) -> None:

@@ -32,6 +32,7 @@ from tests.helpers import (
     truncated,
     write_json,
 )
+from tests.robust_util import committed_rows
 
 WALL = {"last_activity", "created_at", "updated_at", "applied_at", "last_operation", "last_accessed"}
 
@@ -263,17 +264,6 @@ def test_errors_are_reported_in_file_order_and_short_or_empty_ones_stay_in_the_p
     assert out["failed"] == [line.removeprefix("kvcache: error: ") for line in errors]
 
 
-def _sessions(db: Path) -> int:
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            return int(con.execute("SELECT count(*) FROM sessions").fetchone()[0])
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0  # not created yet
-
-
 def test_ctrl_c_keeps_whole_sessions_and_a_rerun_finishes(tmp_path: Path) -> None:
     """SIGINT during a parallel replay: exit 130, no scratch files, every stored session
     complete (merged sessions are all-or-nothing); the same command then finishes."""
@@ -289,7 +279,7 @@ def test_ctrl_c_keeps_whole_sessions_and_a_rerun_finishes(tmp_path: Path) -> Non
         command, env=cli_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None and not _sessions(db):
+    while time.monotonic() < deadline and proc.poll() is None and not committed_rows(db, "sessions"):
         time.sleep(0.005)  # until the first merge
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
