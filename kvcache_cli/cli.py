@@ -258,8 +258,13 @@ def process(
             workers = par.workers_for(manager, jobs)
             budget = par.READ_AHEAD_BYTES if workers else 0
         for batch in _read_ahead(loaded(), budget):
-            runner = _start_workers(manager, batch, workers) if workers else None
+            runner = None
             try:
+                if workers:
+                    from .parallel_replay import sigint_held
+
+                    with sigint_held():  # a Ctrl-C waits until the runner is here to be closed
+                        runner = _start_workers(manager, batch, workers)
                 for path, conversations, keys, error in batch:
                     if error is not None:
                         fail(error)

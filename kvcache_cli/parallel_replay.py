@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from peewee import ForeignKeyField
 
 from .config import Config
-from .errors import KVCacheError, StoreError
+from .errors import StoreError
 from .loaders import Conversation
 from .results import ProcessResult
 from .store import models as m
@@ -102,7 +102,7 @@ class _Task:
 @dataclass
 class _Done:
     result: ProcessResult | None = None
-    error: KVCacheError | None = None
+    failure: str | None = None  # why the worker could not replay it (the parent then does)
 
 
 def worker_count(requested: int) -> int:
@@ -184,6 +184,17 @@ def eligible(store: Store, manager_llm: Any, jobs: Sequence[ReplayJob]) -> list[
     ]
 
 
+@contextlib.contextmanager
+def sigint_held() -> Iterator[None]:
+    """Hold Ctrl-C back for the block: a SIGINT that arrives meanwhile is raised as
+    KeyboardInterrupt when the block ends, never half-way through it."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def _worker_setup(parent: int) -> None:
     """Workers leave Ctrl-C to the parent (which stops them) and die with it.
 
@@ -221,6 +232,12 @@ def remove_stale_scratch(store: Store) -> int:
     for old in beside.glob(SCRATCH_PREFIX + "*"):
         try:
             fd = os.open(old / "lock", os.O_RDWR)
+        except FileNotFoundError:  # half removed by a run killed while closing
+            with contextlib.suppress(OSError):
+                if time.time() - old.stat().st_mtime > 60:
+                    shutil.rmtree(old)
+                    removed += 1
+            continue
         except OSError:
             continue
         try:
@@ -257,18 +274,18 @@ def _replay_in_worker(task: _Task) -> _Done:
     """Replay one conversation into a fresh scratch store (runs in a worker process)."""
     from .manager import KVCacheManager
 
-    store = open_store(task.scratch)
-    try:
-        # a scratch file, thrown away if anything fails: no need to sync it to disk
-        store.db.execute_sql("PRAGMA synchronous = OFF")
-        manager = KVCacheManager(store, task.config, None)
-        manager.index_history = False  # merge_session indexes the rows in the real store
+    try:  # any failure (bad input, a full disk, no memory) sends the job back to the parent
+        store = open_store(task.scratch)
         try:
+            # a scratch file, thrown away if anything fails: no need to sync it to disk
+            store.db.execute_sql("PRAGMA synchronous = OFF")
+            manager = KVCacheManager(store, task.config, None)
+            manager.index_history = False  # merge_session indexes the rows in the real store
             return _Done(result=manager.process_conversation(task.job.conv, task.job.key))
-        except KVCacheError as exc:
-            return _Done(error=exc)
-    finally:
-        store.close()
+        finally:
+            store.close()
+    except Exception as exc:
+        return _Done(failure=f"{type(exc).__name__}: {exc}")
 
 
 # ------------------------------------------------------------------------------ merge
@@ -323,6 +340,11 @@ def merge_session(store: Store, scratch: str, key: str) -> dict[str, int] | None
     try:
         return store.transaction(lambda: _merge(store, key))
     finally:
+        # a Ctrl-C between BEGIN and peewee's bookkeeping leaves the transaction open
+        # (DETACH would then fail and hide the interrupt): roll it back first
+        connection = store.db.connection()
+        if connection.in_transaction:
+            connection.rollback()
         store.db.execute_sql("DETACH DATABASE scratch")
 
 
@@ -401,28 +423,26 @@ class ParallelReplay:
         self._dir, self._lock = "", -1
         # Ctrl-C is held back until the workers are forked and the jobs queued: a
         # KeyboardInterrupt inside the fork would leave a worker half set up (it hangs
-        # the exit) or be swallowed; once unblocked it lands here and close() runs
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            # beside the database: same disk, same private folder, never a shared /tmp
-            self._dir, self._lock = _scratch_folder(Path(store.location.target).parent)
-            store.close()
-            self._pool = ProcessPoolExecutor(
-                max_workers=self.workers,
-                mp_context=multiprocessing.get_context("fork"),
-                initializer=_worker_setup,
-                initargs=(os.getpid(),),
-            )
-            # longest first: the last conversation to finish is then a short one
-            order = sorted(range(len(self.jobs)), key=lambda i: -len(self.jobs[i].conv.messages))
-            for index in order:
-                task = _Task(self.jobs[index], config, os.path.join(self._dir, f"{index}.db"))
-                self._futures[index] = self._pool.submit(_replay_in_worker, task)
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        except BaseException:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            self.close()
-            raise
+        # the exit) or be swallowed. Callers hold it too until they hold the runner.
+        with sigint_held():
+            try:
+                # beside the database: same disk, same private folder, never a shared /tmp
+                self._dir, self._lock = _scratch_folder(Path(store.location.target).parent)
+                store.close()
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self.workers,
+                    mp_context=multiprocessing.get_context("fork"),
+                    initializer=_worker_setup,
+                    initargs=(os.getpid(),),
+                )
+                # longest first: the last conversation to finish is then a short one
+                order = sorted(range(len(self.jobs)), key=lambda i: -len(self.jobs[i].conv.messages))
+                for index in order:
+                    task = _Task(self.jobs[index], config, os.path.join(self._dir, f"{index}.db"))
+                    self._futures[index] = self._pool.submit(_replay_in_worker, task)
+            except BaseException:
+                self.close()
+                raise
 
     def take(self, conv: Conversation) -> ProcessResult | None:
         """``result`` of the job replaying ``conv``; None if none does (or see ``result``)."""
@@ -443,7 +463,7 @@ class ParallelReplay:
             return None
         scratch = os.path.join(self._dir, f"{index}.db")
         try:
-            if done.result is None:
+            if done.result is None:  # done.failure says why; the caller's replay reports it
                 return None
             offsets = merge_session(self.store, scratch, self.jobs[index].key)
             if offsets is None:
@@ -456,19 +476,23 @@ class ParallelReplay:
                     os.remove(scratch + suffix)
 
     def close(self) -> None:
-        """Stop the workers (pending jobs are dropped) and remove the scratch files."""
+        """Stop the workers (pending jobs are dropped) and remove the scratch files.
+
+        Ctrl-C is held back meanwhile, so the workers, folder and lock always go.
+        """
         if self._lock < 0:
             return
-        for future in self._futures.values():
-            future.cancel()
-        if self._pool is not None:
-            processes = dict(getattr(self._pool, "_processes", None) or {})
-            for process in processes.values():  # a running replay would finish otherwise
-                process.terminate()
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(self._dir, ignore_errors=True)
-        os.close(self._lock)
-        self._lock = -1
+        with sigint_held():
+            if self._pool is not None:
+                # stop the running replays; the pool's own thread then fails or cancels
+                # every job (cancelling futures from here would race with it) and is
+                # joined, so no pipe of it is left for the interpreter's exit hook
+                for process in dict(getattr(self._pool, "_processes", None) or {}).values():
+                    process.terminate()
+                self._pool.shutdown(wait=True, cancel_futures=True)
+            shutil.rmtree(self._dir, ignore_errors=True)
+            os.close(self._lock)
+            self._lock = -1
 
     def __enter__(self) -> ParallelReplay:
         return self

@@ -392,3 +392,48 @@ def test_files_are_read_ahead_in_batches_and_each_batch_merges_exactly(tmp_path:
     assert proc.stderr.count("replaying 2 new conversations on 2 worker processes") == 2
     assert strip_wall_clock(json.loads(proc.stdout)) == strip_wall_clock(json.loads(seq_out))
     assert dump(tmp_path / "par.db") == dump(tmp_path / "seq.db")
+
+
+def test_ctrl_c_inside_a_merge_rolls_it_back_and_exits_130(tmp_path: Path) -> None:
+    """SIGINT right after a merge's BEGIN (before peewee records the transaction): the
+    merge is rolled back, the scratch store detached, and the run ends as any Ctrl-C."""
+    import sys
+
+    files = [
+        write_json(tmp_path / f"m{i}.json", recall_conversation(f"m{i}", 25, f"topic{i}")) for i in range(3)
+    ]
+    script = """
+import os, signal, sys, traceback
+import peewee
+push = peewee.Database.push_transaction
+armed = [True]
+def interrupted_push(self, transaction):
+    if armed[0] and any(f.name == "merge_session" for f in traceback.extract_stack()):
+        armed[0] = False
+        os.kill(os.getpid(), signal.SIGINT)  # lands between BEGIN and the bookkeeping
+    return push(self, transaction)
+peewee.Database.push_transaction = interrupted_push
+from kvcache_cli.cli import main
+sys.argv[0] = "kvcache"
+main()
+"""
+    db = tmp_path / "kv.db"
+    command = [
+        sys.executable,
+        "-c",
+        script,
+        "--db",
+        str(db),
+        "process",
+        "-j",
+        "2",
+        "--json",
+        *map(str, files),
+    ]
+    proc = subprocess.run(command, env=cli_env(_home(tmp_path)), capture_output=True, text=True, check=False)
+    assert proc.returncode == 130, proc.stderr
+    assert json.loads(proc.stdout) == {"sessions": [], "failed": []}
+    assert proc.stderr.strip().endswith("stopped cleanly at a turn boundary (replay again to finish)")
+    assert "Traceback" not in proc.stderr and "locked" not in proc.stderr
+    assert committed_rows(db, "sessions") == 0 and committed_rows(db, "messages") == 0
+    assert not list(tmp_path.glob(".kvcache-*"))
