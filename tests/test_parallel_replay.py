@@ -437,3 +437,22 @@ main()
     assert "Traceback" not in proc.stderr and "locked" not in proc.stderr
     assert committed_rows(db, "sessions") == 0 and committed_rows(db, "messages") == 0
     assert not list(tmp_path.glob(".kvcache-*"))
+
+
+def test_a_worker_store_keeps_no_full_text_index_and_refuses_to_search_it(tmp_path: Path) -> None:
+    """Workers skip the full-text index (the merge builds it in the real store); a
+    search that would need it fails, so that worker's conversation goes to the parent."""
+    from kvcache_cli.errors import StoreError
+
+    conv = load_file(write_json(tmp_path / "s.json", recall_conversation("s", 20, "tea")), "auto")[0]
+    store = open_store(tmp_path / "scratch.db")
+    try:
+        manager = KVCacheManager(store, Config())
+        manager.index_history = False
+        result = manager.process_conversation(conv, "s")  # tier 3 from the in-memory index
+        assert sum(t.retrieved for t in result.turns) > 0
+        assert store.query("SELECT count(*) FROM message_fts_docsize")[0][0] == 0
+        with pytest.raises(StoreError, match="no full-text index"):
+            manager.retrieve("s", "grocery list")
+    finally:
+        store.close()
