@@ -99,14 +99,26 @@ def probe_words(text: str, vocabulary: frozenset[str]) -> Probe | None:
     return folded, vocabulary.intersection(folded.split())
 
 
+def probed_search(
+    pattern: re.Pattern[str],
+    text: str,
+    probe: Probe | None,
+    words: frozenset[str],
+    fragments: tuple[str, ...],
+) -> bool:
+    """``pattern.search(text)`` for a pattern of whole ``words`` or other branches whose
+    every match holds, folded, one of ``fragments``; sped up by ``probe``."""
+    if probe is None:
+        return pattern.search(text) is not None
+    folded, found = probe
+    if not words.isdisjoint(found):
+        return True
+    return any(fragment in folded for fragment in fragments) and pattern.search(text) is not None
+
+
 def system_prompt_match(text: str, probe: Probe | None) -> bool:
     """``SYSTEM_PROMPT_RE.search(text)``, sped up by ``probe`` (from ``probe_words(text)``)."""
-    if probe is None:
-        return SYSTEM_PROMPT_RE.search(text) is not None
-    folded, found = probe
-    if not SYSTEM_WORDS.isdisjoint(found):
-        return True
-    return ("you are" in folded or "your role" in folded) and SYSTEM_PROMPT_RE.search(text) is not None
+    return probed_search(SYSTEM_PROMPT_RE, text, probe, SYSTEM_WORDS, ("you are", "your role"))
 
 
 def code_match(text: str, probe: Probe | None) -> bool:

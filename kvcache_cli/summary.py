@@ -18,6 +18,7 @@ from .scoring import (
     code_match,
     numeric_match,
     probe_words,
+    probed_search,
 )
 
 MIN_MESSAGES = 4
@@ -54,24 +55,13 @@ def _sentences(text: str) -> list[str]:
     return [s for s in stripped if len(s) > 3]
 
 
+#: What each match of _DECISION_RE's non-word branches holds, folded.
+_DECISION_FRAGMENTS = ("decid", "agree", "plan", "switch", "fix", "prefer", "need", "going to", "let s")
+
+
 def _decision_match(sentence: str, probe: Probe | None) -> bool:
     """``_DECISION_RE.search(sentence)``, sped up by ``probe`` (``scoring.probe_words``)."""
-    if probe is None:
-        return _DECISION_RE.search(sentence) is not None
-    folded, found = probe
-    if not _DECISION_WORDS.isdisjoint(found):
-        return True
-    return (  # what each match of the other branches holds, folded
-        "decid" in folded
-        or "agree" in folded
-        or "plan" in folded
-        or "switch" in folded
-        or "fix" in folded
-        or "prefer" in folded
-        or "need" in folded
-        or "going to" in folded
-        or "let s" in folded
-    ) and _DECISION_RE.search(sentence) is not None
+    return probed_search(_DECISION_RE, sentence, probe, _DECISION_WORDS, _DECISION_FRAGMENTS)
 
 
 def sentence_score(sentence: str) -> float:
