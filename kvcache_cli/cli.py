@@ -261,9 +261,7 @@ def process(
             runner = None
             try:
                 if workers:
-                    from .parallel_replay import sigint_held
-
-                    with sigint_held():  # a Ctrl-C waits until the runner is here to be closed
+                    with par.sigint_held():  # a Ctrl-C waits until the runner is here to be closed
                         runner = _start_workers(manager, batch, workers)
                 for path, conversations, keys, error in batch:
                     if error is not None:

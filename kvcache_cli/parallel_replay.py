@@ -99,12 +99,6 @@ class _Task:
     scratch: str
 
 
-@dataclass
-class _Done:
-    result: ProcessResult | None = None
-    failure: str | None = None  # why the worker could not replay it (the parent then does)
-
-
 def worker_count(requested: int) -> int:
     """Workers for ``--jobs``: 0 means one per usable CPU core."""
     if requested > 0:
@@ -120,16 +114,18 @@ def can_fork() -> bool:
     return sys.platform.startswith("linux")
 
 
+def _file_store(store: Store) -> bool:
+    """A SQLite store in a file: what a merge writes to and scratch folders sit beside."""
+    return store.is_sqlite and store.location.target != ":memory:"
+
+
 def workers_for(manager: KVCacheManager, jobs: int) -> int:
     """Workers a replay with ``--jobs jobs`` may use: 0 when it must stay in one process
     (``--jobs 1``, one core, no ``fork``, not a SQLite file, an LLM server in use)."""
-    store = manager.store
     workers = worker_count(jobs)
     if jobs == 1 or workers < 2 or not can_fork() or manager.llm is not None:
         return 0
-    if not store.is_sqlite or store.location.target == ":memory:":
-        return 0
-    return workers
+    return workers if _file_store(manager.store) else 0
 
 
 def read_ahead(units: Iterable[U], size_of: Callable[[U], int], budget: int) -> Iterator[list[U]]:
@@ -162,7 +158,7 @@ def start(manager: KVCacheManager, jobs: Sequence[ReplayJob], workers: int) -> P
 
 def eligible(store: Store, manager_llm: Any, jobs: Sequence[ReplayJob]) -> list[bool]:
     """Which jobs may be replayed on a worker (see the module doc for the rules)."""
-    if not store.is_sqlite or store.location.target == ":memory:" or manager_llm is not None:
+    if not _file_store(store) or manager_llm is not None:
         return [False] * len(jobs)
     from .session_index import MAX_INDEXED_MESSAGES, MAX_INDEXED_TEXT
 
@@ -217,26 +213,19 @@ def remove_stale_scratch(store: Store) -> int:
     """Remove the scratch folders that killed runs left beside the database; returns
     how many. A live run holds its folder's lock; a staging folder is a run killed
     while setting up, removed once it is a minute old."""
-    if not can_fork() or not store.is_sqlite or store.location.target == ":memory:":
+    if not can_fork() or not _file_store(store):
         return 0  # no workers, so no scratch folders, where processes are not forked
     import fcntl
-    import time
 
     removed = 0
     beside = Path(store.location.target).parent
     for old in beside.glob(_STAGING_PREFIX + "*"):  # a run killed while setting up
-        with contextlib.suppress(OSError):
-            if time.time() - old.stat().st_mtime > 60:
-                shutil.rmtree(old)
-                removed += 1
+        removed += _remove_if_old(old)
     for old in beside.glob(SCRATCH_PREFIX + "*"):
         try:
             fd = os.open(old / "lock", os.O_RDWR)
         except FileNotFoundError:  # half removed by a run killed while closing
-            with contextlib.suppress(OSError):
-                if time.time() - old.stat().st_mtime > 60:
-                    shutil.rmtree(old)
-                    removed += 1
+            removed += _remove_if_old(old)
             continue
         except OSError:
             continue
@@ -249,6 +238,17 @@ def remove_stale_scratch(store: Store) -> int:
         finally:
             os.close(fd)
     return removed
+
+
+def _remove_if_old(folder: Path, seconds: float = 60) -> bool:
+    """Remove ``folder`` if it was last changed over ``seconds`` ago (no live run's)."""
+    import time
+
+    with contextlib.suppress(OSError):
+        if time.time() - folder.stat().st_mtime > seconds:
+            shutil.rmtree(folder)
+            return True
+    return False
 
 
 def _scratch_folder(beside: Path) -> tuple[str, int]:
@@ -270,8 +270,9 @@ def _scratch_folder(beside: Path) -> tuple[str, int]:
     return folder, fd
 
 
-def _replay_in_worker(task: _Task) -> _Done:
-    """Replay one conversation into a fresh scratch store (runs in a worker process)."""
+def _replay_in_worker(task: _Task) -> ProcessResult | None:
+    """Replay one conversation into a fresh scratch store (runs in a worker process);
+    None when it failed, for any reason: the parent then replays it and reports why."""
     from .manager import KVCacheManager
 
     try:  # any failure (bad input, a full disk, no memory) sends the job back to the parent
@@ -281,11 +282,11 @@ def _replay_in_worker(task: _Task) -> _Done:
             store.db.execute_sql("PRAGMA synchronous = OFF")
             manager = KVCacheManager(store, task.config, None)
             manager.index_history = False  # merge_session indexes the rows in the real store
-            return _Done(result=manager.process_conversation(task.job.conv, task.job.key))
+            return manager.process_conversation(task.job.conv, task.job.key)
         finally:
             store.close()
-    except Exception as exc:
-        return _Done(failure=f"{type(exc).__name__}: {exc}")
+    except Exception:
+        return None
 
 
 # ------------------------------------------------------------------------------ merge
@@ -313,6 +314,13 @@ _COUNTERS = [
     for f in m.Statistics._meta.sorted_fields
     if not f.primary_key and f.name != "last_operation"
 ]
+
+
+#: ``operations.details`` with the snapshot id of a snapshot/restore record shifted by ``?``.
+_SNAPSHOT_DETAILS = (
+    "CASE WHEN operation_type IN ('snapshot', 'restore') AND details LIKE 'Snapshot ID: %' "
+    "THEN 'Snapshot ID: ' || (CAST(substr(details, 14) AS INTEGER) + ?) ELSE details END"
+)
 
 
 def _offsets(store: Store) -> dict[str, int]:
@@ -363,18 +371,14 @@ def _merge(store: Store, key: str) -> dict[str, int] | None:
         exprs: list[str] = []
         params: list[Any] = []
         for column, shift in columns:
-            if shift is None:
+            if model is m.Operation and column == "details":  # "Snapshot ID: 7" records
+                exprs.append(_SNAPSHOT_DETAILS)
+                params.append(offsets[m.Snapshot._meta.table_name])
+            elif shift is None:
                 exprs.append(column)
             else:
                 exprs.append(f"{column} + ?")
                 params.append(offsets[shift])
-        if model is m.Operation:  # "Snapshot ID: 7" in a snapshot/restore record
-            where = exprs.index("details")
-            exprs[where] = (
-                "CASE WHEN operation_type IN ('snapshot', 'restore') AND details LIKE 'Snapshot ID: %' "
-                "THEN 'Snapshot ID: ' || (CAST(substr(details, 14) AS INTEGER) + ?) ELSE details END"
-            )
-            params.insert(sum(1 for e in exprs[:where] if "?" in e), offsets[m.Snapshot._meta.table_name])
         store.query(
             f"INSERT INTO main.{table} ({names}) SELECT {', '.join(exprs)} FROM scratch.{table} ORDER BY id",
             params,
@@ -417,7 +421,7 @@ class ParallelReplay:
         self.jobs = list(jobs)
         self.workers = max(1, min(workers, len(self.jobs)))
         self.notices: list[str] = []
-        self._futures: dict[int, Future[_Done]] = {}
+        self._futures: dict[int, Future[ProcessResult | None]] = {}
         self._by_conversation = {id(job.conv): index for index, job in enumerate(self.jobs)}
         self._pool: ProcessPoolExecutor | None = None
         self._dir, self._lock = "", -1
@@ -455,7 +459,7 @@ class ParallelReplay:
         (the caller's own replay then stores and reports exactly what a sequential run
         does, including the turns before a bad one)."""
         try:
-            done = self._futures.pop(index).result()
+            replayed = self._futures.pop(index).result()
         except BrokenProcessPool:  # every job not merged yet is lost: the caller replays it
             notice = "a replay worker process died (out of memory?); replaying in the main process"
             if notice not in self.notices:
@@ -463,13 +467,13 @@ class ParallelReplay:
             return None
         scratch = os.path.join(self._dir, f"{index}.db")
         try:
-            if done.result is None:  # done.failure says why; the caller's replay reports it
+            if replayed is None:  # the worker failed: the caller's replay reports why
                 return None
             offsets = merge_session(self.store, scratch, self.jobs[index].key)
             if offsets is None:
                 return None
-            _shift_snapshot_ids(done.result, offsets[m.Snapshot._meta.table_name])
-            return done.result
+            _shift_snapshot_ids(replayed, offsets[m.Snapshot._meta.table_name])
+            return replayed
         finally:
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
