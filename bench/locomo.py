@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from locomo_to_conversations import session_numbers  # noqa: E402
 
 from kvcache_cli.config import RETRIEVAL_STRATEGIES, Config  # noqa: E402
-from kvcache_cli.importer import import_file  # noqa: E402
-from kvcache_cli.manager import KVCacheManager  # noqa: E402
+from kvcache_cli.services.importing import import_file  # noqa: E402
+from kvcache_cli.services.manager import KVCacheManager  # noqa: E402
 from kvcache_cli.store.backend import open_store  # noqa: E402
 
 KS = (1, 5, 10, 20)
@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.cache.hybrid.keyword_weight, config.cache.hybrid.semantic_weight = kw, sem
         llm = None
         if args.server:
-            from kvcache_cli.llm import LLMClient, LLMSettings
+            from kvcache_cli.llm.client import LLMClient, LLMSettings
 
             llm = LLMClient(
                 LLMSettings(

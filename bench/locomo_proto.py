@@ -1,4 +1,4 @@
-"""Prototype LoCoMo retrieval bench for kvcache_cli.search_sqlite (plain sqlite3).
+"""Prototype LoCoMo retrieval bench for kvcache_cli.store.search_sqlite (plain sqlite3).
 
 Usage: python bench/locomo_proto.py [--ablation] FILE.json [FILE.json ...]
 
@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from locomo import parse_evidence  # noqa: E402
 from locomo_to_conversations import session_numbers  # noqa: E402
 
-from kvcache_cli import search_sqlite, textsearch  # noqa: E402
+from kvcache_cli.retrieval import textsearch  # noqa: E402
+from kvcache_cli.store import search_sqlite
 
 KS = (1, 5, 10, 20)
 CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop"}

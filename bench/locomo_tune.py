@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from locomo import convert  # noqa: E402
 
-from kvcache_cli import search_sqlite  # noqa: E402
-from kvcache_cli.importer import import_file  # noqa: E402
+from kvcache_cli.services.importing import import_file  # noqa: E402
+from kvcache_cli.store import search_sqlite  # noqa: E402
 from kvcache_cli.store.backend import open_store  # noqa: E402
 
 KS = (5, 10)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import KVCACHE, PYTHON, bench_env, create_store, machine, median, run_timed  # noqa: E402
 from locomo_to_conversations import convert_file  # noqa: E402
 
-from kvcache_cli.parallel_replay import worker_count  # noqa: E402
+from kvcache_cli.services.parallel_replay import worker_count  # noqa: E402
 
 LOCOMO = Path("/work/shared/bench/locomo-dev")
 

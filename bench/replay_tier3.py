@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import locomo  # noqa: E402
 
-from kvcache_cli.importer import import_file  # noqa: E402
-from kvcache_cli.manager import REPLAY_BRIDGE_TOP, REPLAY_CANDIDATES  # noqa: E402
-from kvcache_cli.session_index import SessionIndex  # noqa: E402
+from kvcache_cli.retrieval.session_index import SessionIndex  # noqa: E402
+from kvcache_cli.services.importing import import_file  # noqa: E402
+from kvcache_cli.services.manager import REPLAY_BRIDGE_TOP, REPLAY_CANDIDATES  # noqa: E402
 from kvcache_cli.store.backend import open_store  # noqa: E402
 
 LOCOMO = Path("/work/shared/bench/locomo-dev")

@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import gen_sharegpt  # noqa: E402
 from bench._common import KVCACHE, bench_env  # noqa: E402
 from kvcache_cli.config import Config  # noqa: E402
-from kvcache_cli.importer import import_file  # noqa: E402
-from kvcache_cli.manager import KVCacheManager  # noqa: E402
+from kvcache_cli.services.importing import import_file  # noqa: E402
+from kvcache_cli.services.manager import KVCacheManager  # noqa: E402
 from kvcache_cli.store.backend import open_store  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def summary(ms: list[float]) -> dict[str, float]:
 
 def make_queries(store_db: Any, n: int, sessions: int, rng: random.Random) -> list[tuple[str, str]]:
     """(session key, question) pairs from words of random stored messages."""
-    from kvcache_cli.textsearch import query_terms
+    from kvcache_cli.retrieval.textsearch import query_terms
 
     out: list[tuple[str, str]] = []
     while len(out) < n:

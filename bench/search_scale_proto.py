@@ -1,4 +1,4 @@
-"""Latency of kvcache_cli.search_sqlite on a synthetic store (not a test).
+"""Latency of kvcache_cli.store.search_sqlite on a synthetic store (not a test).
 
 Usage: python bench/search_scale_proto.py [--messages 1000000] [--sessions 2000] [--db PATH]
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvcache_cli import search_sqlite  # noqa: E402
+from kvcache_cli.store import search_sqlite  # noqa: E402
 
 DDL = [
     "CREATE TABLE sessions (id INTEGER PRIMARY KEY, name TEXT)",

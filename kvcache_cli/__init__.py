@@ -2,7 +2,9 @@
 
 Library use::
 
-    from kvcache_cli import open_store, KVCacheManager, load_config
+    from kvcache_cli import open_store
+    from kvcache_cli import KVCacheManager
+    from kvcache_cli import load_config
     store = open_store("/tmp/kv.db")
     manager = KVCacheManager(store, load_config())
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .lazy_drivers import import_peewee as _import_peewee
+from kvcache_cli.lazy_drivers import import_peewee as _import_peewee
 
 _import_peewee()  # when imported, peewee comes without psycopg2 until PostgreSQL is used (start-up)
 
@@ -23,19 +25,19 @@ __all__ = ["KVCacheManager", "load_config", "load_file", "open_store", "__versio
 def __getattr__(name: str) -> Any:
     """Lazy exports, so that ``import kvcache_cli`` stays cheap for the CLI."""
     if name == "KVCacheManager":
-        from .manager import KVCacheManager
+        from kvcache_cli.services.manager import KVCacheManager
 
         return KVCacheManager
     if name == "open_store":
-        from .store.backend import open_store
+        from kvcache_cli.store.backend import open_store
 
         return open_store
     if name == "load_config":
-        from .config import load_config
+        from kvcache_cli.config import load_config
 
         return load_config
     if name == "load_file":
-        from .loaders import load_file
+        from kvcache_cli.loaders import load_file
 
         return load_file
     raise AttributeError(name)

@@ -1,5 +1,5 @@
 """``python -m kvcache_cli``."""
 
-from .cli import main
+from kvcache_cli.cli.app import main
 
 main()

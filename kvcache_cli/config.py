@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .paths import default_config_path
+from kvcache_cli.errors import ConfigError
+from kvcache_cli.paths import default_config_path
 
 SNAPSHOT_KINDS = ("none", "full", "incremental", "adaptive")
 RETRIEVAL_STRATEGIES = (

@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .entries import ROLES, ChatMessage
-from .errors import BadInputError
+from kvcache_cli.engine.entries import ROLES, ChatMessage
+from kvcache_cli.errors import BadInputError
 
 FORMATS = ("auto", "native", "openai", "sharegpt", "jsonl")
 SHAREGPT_ROLES = {

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcache_cli.config import Config
-from kvcache_cli.entries import ChatMessage
+from kvcache_cli.engine.entries import ChatMessage
 from kvcache_cli.loaders import Conversation
 
 #: The replays' clock: every message is timestamped from here on, a minute apart.
@@ -68,7 +68,7 @@ def conversation(
 
 def build_store(path: Path, config: Config | None = None) -> tuple[Any, list[Any]]:
     """Four sessions of different shapes in a fresh SQLite store; returns (store, results)."""
-    from kvcache_cli.manager import KVCacheManager
+    from kvcache_cli.services.manager import KVCacheManager
     from kvcache_cli.store.backend import open_store
 
     config = config or small_config()

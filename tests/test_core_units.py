@@ -6,10 +6,10 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from kvcache_cli import bridge
-from kvcache_cli.entries import KVEntry, entries_hash
-from kvcache_cli.extractor import ExtractedEntry, classify, extract_entries, filter_preserved
-from kvcache_cli.scoring import (
+from kvcache_cli.engine import bridge
+from kvcache_cli.engine.entries import KVEntry, entries_hash
+from kvcache_cli.engine.extractor import ExtractedEntry, classify, extract_entries, filter_preserved
+from kvcache_cli.engine.scoring import (
     CacheEntryScorer,
     ScoringWeights,
     decayed_engagement,
@@ -255,7 +255,7 @@ def test_role_system_entries_always_kept_when_preserving_system_prompts() -> Non
 
 
 def test_fit_to_budget_keeps_system_then_most_important_within_bytes() -> None:
-    from kvcache_cli.extractor import fit_to_budget
+    from kvcache_cli.engine.extractor import fit_to_budget
 
     def sized(text: str, size: int, key_type: str = "attention_key", imp: float = 0.9) -> ExtractedEntry:
         e = entry(text, key_type=key_type)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcache_cli import scoring, summary
+from kvcache_cli.engine import scoring, summary
 
 WORDS = sorted(
     scoring.SYSTEM_WORDS | scoring.CODE_WORDS | scoring.IMPORTANT_WORDS | scoring.NUMERIC_WORDS

@@ -12,8 +12,8 @@ import pytest
 from fake_llama_server import FakeLlamaServer
 from robust_util import connect, run_cli, write_json
 
-from kvcache_cli.llm import make_slot_filename
-from kvcache_cli.manager import KVCacheManager
+from kvcache_cli.llm.client import make_slot_filename
+from kvcache_cli.services.manager import KVCacheManager
 from kvcache_cli.store.backend import open_store
 
 HOSTILE = [

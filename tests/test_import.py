@@ -11,8 +11,8 @@ import pytest
 from helpers import run_kvcache as _run
 
 from kvcache_cli.errors import BadInputError
-from kvcache_cli.importer import import_file
 from kvcache_cli.loaders import iter_file
+from kvcache_cli.services.importing import import_file
 from kvcache_cli.store.backend import open_store
 
 

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvcache_cli.errors import BadInputError, ConfigError, ServerError
-from kvcache_cli.llm import (
+from kvcache_cli.llm.client import (
     EmbeddingBatch,
     LLMClient,
     LLMSettings,
@@ -101,7 +101,7 @@ def chat_bodies(srv: FakeLlamaServer) -> list[Any]:
 
 
 def test_importing_the_module_does_not_import_requests() -> None:
-    code = "import sys, kvcache_cli.llm; sys.exit('requests' in sys.modules)"
+    code = "import sys, kvcache_cli.llm.client; sys.exit('requests' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     assert (
         subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode

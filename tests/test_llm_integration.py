@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 
-from kvcache_cli.embeddings import (
+from kvcache_cli.llm.client import LLMClient, LLMSettings
+from kvcache_cli.retrieval.embeddings import (
     cosine,
     pack_vector,
     semantic_search,
     store_vectors,
     unpack_vector,
 )
-from kvcache_cli.llm import LLMClient, LLMSettings
 from kvcache_cli.store import models as m
 from kvcache_cli.store.backend import Store, open_store
 from kvcache_cli.store.migrations import utcnow

@@ -19,8 +19,8 @@ import pytest
 
 from kvcache_cli.config import Config
 from kvcache_cli.loaders import load_file
-from kvcache_cli.manager import KVCacheManager
-from kvcache_cli.parallel_replay import ParallelReplay, ReplayJob, eligible
+from kvcache_cli.services.manager import KVCacheManager
+from kvcache_cli.services.parallel_replay import ParallelReplay, ReplayJob, eligible
 from kvcache_cli.store.backend import open_store
 from tests.helpers import (
     EXAMPLES,
@@ -200,7 +200,7 @@ def test_a_session_stored_meanwhile_is_not_merged(tmp_path: Path) -> None:
 
 
 def test_which_conversations_go_to_workers(tmp_path: Path) -> None:
-    from kvcache_cli.parallel_replay import MIN_WORKER_MESSAGES
+    from kvcache_cli.services.parallel_replay import MIN_WORKER_MESSAGES
 
     def conv(key: str, turns: int, **extra: Any) -> Any:
         data = conversation(turns, session_id=key) | extra
@@ -309,7 +309,7 @@ def test_stale_scratch_folders_are_removed_and_live_ones_kept(tmp_path: Path) ->
     import fcntl
     import os
 
-    from kvcache_cli.parallel_replay import _STAGING_PREFIX, SCRATCH_PREFIX, remove_stale_scratch
+    from kvcache_cli.services.parallel_replay import _STAGING_PREFIX, SCRATCH_PREFIX, remove_stale_scratch
 
     store = open_store(tmp_path / "kv.db")
     try:
@@ -366,7 +366,7 @@ def test_files_are_read_ahead_in_batches_and_each_batch_merges_exactly(tmp_path:
     two conversations each give two worker batches and the store of ``--jobs 1``."""
     import sys
 
-    from kvcache_cli.parallel_replay import read_ahead
+    from kvcache_cli.services.parallel_replay import read_ahead
 
     assert list(read_ahead([3, 1, 1, 5, 2], lambda n: n, 4)) == [[3, 1], [1, 5], [2]]
     assert list(read_ahead([3, 1], lambda n: n, 0)) == [[3], [1]]
@@ -381,8 +381,8 @@ def test_files_are_read_ahead_in_batches_and_each_batch_merges_exactly(tmp_path:
     rc, seq_out, err = run_kvcache("process", "-j", "1", "--json", *files, home=home, db=tmp_path / "seq.db")
     assert rc == 0, err
     script = (
-        "import sys; import kvcache_cli.parallel_replay as p; p.READ_AHEAD_BYTES = 1; "
-        "from kvcache_cli.cli import main; sys.argv[0] = 'kvcache'; main()"
+        "import sys; import kvcache_cli.services.parallel_replay as p; p.READ_AHEAD_BYTES = 1; "
+        "from kvcache_cli.cli.app import main; sys.argv[0] = 'kvcache'; main()"
     )
     command = [sys.executable, "-c", script, "--db", str(tmp_path / "par.db"), "-v", "process", "-j", "2"]
     proc = subprocess.run(
@@ -413,7 +413,7 @@ def interrupted_push(self, transaction):
         os.kill(os.getpid(), signal.SIGINT)  # lands between BEGIN and the bookkeeping
     return push(self, transaction)
 peewee.Database.push_transaction = interrupted_push
-from kvcache_cli.cli import main
+from kvcache_cli.cli.app import main
 sys.argv[0] = "kvcache"
 main()
 """

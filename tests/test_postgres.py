@@ -81,7 +81,7 @@ def test_every_command_gives_the_same_json_on_both_backends(tmp_path: Path, pg_u
 def test_search_index_ranks_identically(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
     from kvcache_cli.config import Config
     from kvcache_cli.loaders import load_file
-    from kvcache_cli.manager import KVCacheManager
+    from kvcache_cli.services.manager import KVCacheManager
     from kvcache_cli.store import search
     from kvcache_cli.store.backend import open_store
 
@@ -326,7 +326,7 @@ def test_missing_driver_names_the_extra(tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['psycopg2'] = None; "
         "sys.argv = ['kvcache', '--db', 'postgresql://kv:Hidden-77@127.0.0.1:5432/kv', 'stats']; "
-        "from kvcache_cli.cli import main; main()"
+        "from kvcache_cli.cli.app import main; main()"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], env=cli_env(_home(tmp_path)), capture_output=True, text=True, timeout=60

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from kvcache_cli import bridge
 from kvcache_cli.config import Config
-from kvcache_cli.entries import entries_hash
+from kvcache_cli.engine import bridge
+from kvcache_cli.engine.entries import entries_hash
+from kvcache_cli.engine.memory import estimate_tokens
 from kvcache_cli.errors import BadInputError, NotFoundError
 from kvcache_cli.loaders import Conversation, load_file
-from kvcache_cli.manager import KVCacheManager, split_turns
-from kvcache_cli.memory import estimate_tokens
+from kvcache_cli.services.manager import KVCacheManager, split_turns
 from kvcache_cli.store import models as m
 from kvcache_cli.store.backend import Store, open_store
 from tests.helpers import EXAMPLES, conversation, dump_db, truncated, write_json

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from kvcache_cli.errors import BadInputError
 from kvcache_cli.loaders import load_file
-from kvcache_cli.manager import KVCacheManager
+from kvcache_cli.services.manager import KVCacheManager
 from kvcache_cli.store.backend import open_store
 
 JSON = st.recursive(
@@ -73,7 +73,7 @@ def test_loaders_never_crash_on_arbitrary_bytes(tmp_path: Path, raw: bytes) -> N
 
 @pytest.fixture(scope="module")
 def manager(tmp_path_factory: pytest.TempPathFactory) -> KVCacheManager:
-    from kvcache_cli.entries import ChatMessage
+    from kvcache_cli.engine.entries import ChatMessage
     from kvcache_cli.loaders import Conversation
 
     db = tmp_path_factory.mktemp("prop") / "kv.db"
@@ -96,7 +96,7 @@ ENTRY_TEXT = st.text(min_size=0, max_size=60)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(texts=st.lists(ENTRY_TEXT, min_size=0, max_size=8))
 def test_snapshot_then_restore_is_identity_on_entries(manager: KVCacheManager, texts: list[str]) -> None:
-    from kvcache_cli.entries import ChatMessage
+    from kvcache_cli.engine.entries import ChatMessage
     from kvcache_cli.loaders import Conversation
 
     key = f"snap-{abs(hash(tuple(texts)))}"

@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from render_data import NOW, build_store, conversation, small_config  # noqa: E402
 
-from kvcache_cli import insights, render  # noqa: E402
-from kvcache_cli.manager import KVCacheManager  # noqa: E402
+from kvcache_cli.cli import render  # noqa: E402
+from kvcache_cli.services import insights
+from kvcache_cli.services.manager import KVCacheManager  # noqa: E402
 
 KVCACHE = str(Path(sys.executable).with_name("kvcache"))
 
@@ -302,7 +303,7 @@ def test_watch_refuses_without_a_terminal(known: dict[str, Any]) -> None:
 
 
 def test_watch_seconds_rewrite() -> None:
-    from kvcache_cli.cli import _watch_seconds_args
+    from kvcache_cli.cli.app import _watch_seconds_args
 
     assert _watch_seconds_args(["--watch", "5", "s"]) == ["--watch", "--interval", "5", "s"]
     assert _watch_seconds_args(["--watch=0.5"]) == ["--watch", "--interval", "0.5"]

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from kvcache_cli import ranking
 from kvcache_cli.config import Config
-from kvcache_cli.importer import import_file
+from kvcache_cli.engine.scoring import decayed_engagement, next_engagement
 from kvcache_cli.loaders import load_file
-from kvcache_cli.manager import KVCacheManager
-from kvcache_cli.retrieval import RetrievalResult, RetrievedEntry
-from kvcache_cli.scoring import decayed_engagement, next_engagement
-from kvcache_cli.session_index import SessionIndex, SessionIndexes
+from kvcache_cli.retrieval import ranking
+from kvcache_cli.retrieval.fusion import RetrievalResult, RetrievedEntry
+from kvcache_cli.retrieval.session_index import SessionIndex, SessionIndexes
+from kvcache_cli.services.importing import import_file
+from kvcache_cli.services.manager import KVCacheManager
 from kvcache_cli.store import search
 from kvcache_cli.store.backend import Store, open_store
 
@@ -214,7 +214,7 @@ def test_a_session_too_big_to_index_is_searched_through_the_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Above the cap the replay asks the store's index each turn, and still retrieves."""
-    from kvcache_cli import session_index
+    from kvcache_cli.retrieval import session_index
 
     def replay(cap: int | None) -> tuple[list[int], int]:
         if cap is not None:
@@ -238,7 +238,7 @@ def test_a_session_too_big_to_index_is_searched_through_the_store(
 def test_a_huge_message_sends_the_session_to_the_store_search(
     support: tuple[Store, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kvcache_cli import session_index
+    from kvcache_cli.retrieval import session_index
 
     monkeypatch.setattr(session_index, "MAX_INDEXED_TEXT", 200)  # support-chat has longer messages
     store, sid = support

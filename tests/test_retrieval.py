@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from fake_llama_server import FakeLlamaServer
 
-from kvcache_cli import strategies as st
 from kvcache_cli.config import RETRIEVAL_STRATEGIES, Config
-from kvcache_cli.manager import KVCacheManager
-from kvcache_cli.retrieval import RetrievedEntry, merge_results
+from kvcache_cli.retrieval import strategies as st
+from kvcache_cli.retrieval.fusion import RetrievedEntry, merge_results
+from kvcache_cli.services.manager import KVCacheManager
 from kvcache_cli.store.backend import open_store
 from tests.helpers import run_kvcache
 
@@ -180,7 +180,7 @@ def test_every_strategy_with_a_server(stores: dict[str, Any]) -> None:
 def test_semantic_only_finds_paraphrase_the_keywords_miss(tmp_path: Path) -> None:
     """In-process, with the process path storing vectors; semantic ranks by similarity."""
     conv = _conversation(tmp_path / "c.json", "s", TURNS)
-    from kvcache_cli.llm import LLMClient, LLMSettings
+    from kvcache_cli.llm.client import LLMClient, LLMSettings
     from kvcache_cli.loaders import load_file  # noqa: PLC0415
 
     store = open_store(str(tmp_path / "kv.db"))
@@ -305,7 +305,7 @@ def test_session_results_do_not_depend_on_other_sessions(tmp_path: Path) -> None
 def _dated_hits(
     url: str, conv: Path, queries: list[str], **options: Any
 ) -> list[list[tuple[int, float, float]]]:
-    from kvcache_cli.importer import import_file
+    from kvcache_cli.services.importing import import_file
     from kvcache_cli.store import search
 
     store = open_store(url)

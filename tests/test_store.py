@@ -153,8 +153,8 @@ def test_size_bytes(store_url: str) -> None:  # noqa: F811
 def test_missing_folder_or_missing_source_is_refused_not_created(tmp_path: Path) -> None:
     """``must_exist`` (read-only commands on an explicit --db, copy-store's source): a
     missing database is an error, and nothing is created."""
-    from kvcache_cli.copy_store import copy_store
     from kvcache_cli.errors import NotFoundError
+    from kvcache_cli.services.copy_store import copy_store
 
     with pytest.raises(NotFoundError, match="no such database"):
         open_store(tmp_path / "nope" / "x.db", must_exist=True)

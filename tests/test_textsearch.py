@@ -1,4 +1,4 @@
-"""Tests of the keyword retrieval helpers (kvcache_cli.textsearch, search_sqlite)."""
+"""Tests of the keyword retrieval helpers (kvcache_cli.retrieval.textsearch, search_sqlite)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvcache_cli import search_sqlite as ss
-from kvcache_cli import textsearch as ts
+from kvcache_cli.retrieval import textsearch as ts
+from kvcache_cli.store import search_sqlite as ss
 
 HOSTILE = [
     "",
@@ -349,7 +349,7 @@ def test_pair_proximity_matches_the_quadratic_definition_and_scales() -> None:
     """``_near`` (binary search) counts what the all-pairs scan counts, in linear time."""
     import random
 
-    from kvcache_cli.ranking import _near
+    from kvcache_cli.retrieval.ranking import _near
 
     rng = random.Random(7)
     for _ in range(500):

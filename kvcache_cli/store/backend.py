@@ -23,9 +23,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import peewee
 
-from ..errors import BadInputError, LockBusyError, NotFoundError, StoreError
-from ..paths import default_db_path, ensure_private_dir
-from .models import database_proxy
+from kvcache_cli.errors import BadInputError, LockBusyError, NotFoundError, StoreError
+from kvcache_cli.paths import default_db_path, ensure_private_dir
+from kvcache_cli.store.models import database_proxy
 
 T = TypeVar("T")
 
@@ -257,13 +257,13 @@ def open_store(
     """
     location = parse_location(url)
     if location.backend == "postgresql":
-        from .postgres import open_postgres
+        from kvcache_cli.store.postgres import open_postgres
 
         db: Any = open_postgres(location.target)
     else:
         db = open_sqlite(location.target, busy_timeout_ms, must_exist)
     store = Store(db, location)
-    from .migrations import migrate
+    from kvcache_cli.store.migrations import migrate
 
     try:
         migrate(store)

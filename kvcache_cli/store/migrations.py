@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 import peewee
 
-from ..errors import StoreError
-from . import models as m
+from kvcache_cli.errors import StoreError
+from kvcache_cli.store import models as m
 
 if TYPE_CHECKING:
-    from .backend import Store
+    from kvcache_cli.store.backend import Store
 
 
 def utcnow() -> datetime:
@@ -29,7 +29,7 @@ def utcnow() -> datetime:
 
 def _v1_initial_schema(store: Store) -> None:
     """Tables of the first released schema (frozen in ``schema_v1``) and the statistics row."""
-    from . import schema_v1
+    from kvcache_cli.store import schema_v1
 
     store.db.create_tables(schema_v1.ALL_MODELS, safe=True)
     stats = schema_v1.Statistics
@@ -39,7 +39,7 @@ def _v1_initial_schema(store: Store) -> None:
 
 def _v2_search_index(store: Store) -> None:
     """The full-text index over the message history, filled from existing messages."""
-    from .search import create_index
+    from kvcache_cli.store.search import create_index
 
     create_index(store)
 

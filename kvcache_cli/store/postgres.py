@@ -12,8 +12,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import peewee
 
-from ..errors import BadInputError, StoreError
-from .backend import redact_url
+from kvcache_cli.errors import BadInputError, StoreError
+from kvcache_cli.store.backend import redact_url
 
 DRIVER_MISSING = "PostgreSQL support needs the driver: pip install 'kvcache-cli[postgres]'"
 

@@ -19,7 +19,7 @@ from peewee import (
     TextField,
 )
 
-from .models import database_proxy
+from kvcache_cli.store.models import database_proxy
 
 
 class BaseModel(Model):

@@ -11,16 +11,16 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..search_sqlite import Hit
-    from .backend import Store
+    from kvcache_cli.store.backend import Store
+    from kvcache_cli.store.search_sqlite import Hit
 
 
 def _module(store: Store) -> Any:
     if store.is_sqlite:
-        from .. import search_sqlite
+        from kvcache_cli.store import search_sqlite
 
         return search_sqlite
-    from . import search_postgres
+    from kvcache_cli.store import search_postgres
 
     return search_postgres
 
@@ -30,7 +30,7 @@ def _connection(store: Store) -> Any:
     conn = store.db.connection()
     if store.is_sqlite:
         return conn
-    from .search_postgres import PgConnection
+    from kvcache_cli.store.search_postgres import PgConnection
 
     return PgConnection(conn)
 
@@ -75,6 +75,6 @@ def rank_texts(
     limit: int | None = None,
 ) -> list[tuple[int, float, list[str]]]:
     """Rank in-memory texts (tiers 1 and 2) with the tier-3 method (``ranking``); best ``limit``."""
-    from ..ranking import rank_texts as rank
+    from kvcache_cli.retrieval.ranking import rank_texts as rank
 
     return rank(query, texts, indexes=indexes, names=names, limit=limit)

@@ -1,6 +1,6 @@
 """Ranked keyword retrieval over ``messages`` with PostgreSQL's tsvector + GIN.
 
-Same functions and the same results as :mod:`kvcache_cli.search_sqlite`.
+Same functions and the same results as :mod:`kvcache_cli.store.search_sqlite`.
 
 Index
     ``message_search(message_id, session_id, length, tsv)``: one row per message,
@@ -18,7 +18,7 @@ Queries
     ``tsquery`` literal with every lexeme quoted, so any input is safe. Candidates
     are all matches of the session (bounded), else the best by ``ts_rank_cd``; they
     are then scored by the one backend-neutral implementation,
-    :func:`kvcache_cli.ranking.rank_candidates`, with the same statistics as on SQLite
+    :func:`kvcache_cli.retrieval.ranking.rank_candidates`, with the same statistics as on SQLite
     (per-session N, document frequencies and average length for a per-session query).
 
 Writes use the caller's connection and transaction; nothing here commits.
@@ -31,9 +31,9 @@ import inspect
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from kvcache_cli import search_sqlite as sq
-from kvcache_cli import textsearch as ts
-from kvcache_cli.ranking import Hit, RankParams, make_doc, rank_candidates, session_idf
+from kvcache_cli.retrieval import textsearch as ts
+from kvcache_cli.retrieval.ranking import Hit, RankParams, make_doc, rank_candidates, session_idf
+from kvcache_cli.store import search_sqlite as sq
 
 __all__ = [
     "SCHEMA",
@@ -214,7 +214,7 @@ def search_messages(conn: Any, query: str, session_id: int | None, limit: int, *
     """Rank the messages of one session (or all, ``session_id=None``) for ``query``.
 
     Finds the candidates and statistics with PostgreSQL, then scores them with
-    :func:`kvcache_cli.ranking.rank_candidates`, as the SQLite search does (same
+    :func:`kvcache_cli.retrieval.ranking.rank_candidates`, as the SQLite search does (same
     keyword options and defaults, same scores).
     """
     opts = {**_defaults(), **options}

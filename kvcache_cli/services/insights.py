@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from peewee import fn
 
-from .store import models as m
-from .store.migrations import utcnow
+from kvcache_cli.store import models as m
+from kvcache_cli.store.migrations import utcnow
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .store.backend import Store
+    from kvcache_cli.config import Config
+    from kvcache_cli.store.backend import Store
 
 #: A session is "near" its memory threshold from this fraction of it on.
 NEAR_FRACTION = 0.8
@@ -85,7 +85,7 @@ def compute(
 
     ``now`` (naive UTC) fixes the end of the time window, for tests and replays.
     """
-    from .memory import capacity_bytes
+    from kvcache_cli.engine.memory import capacity_bytes
 
     now = now or utcnow()
     threshold = config.cache.memory_threshold_percent

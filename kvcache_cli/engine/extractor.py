@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from .entries import KVEntry
-from .scoring import (
+from kvcache_cli.engine.entries import KVEntry
+from kvcache_cli.engine.scoring import (
     CODE_RE,
     IMPORTANT_RE,
     NUMERIC_RE,

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from .entries import KVEntry
+from kvcache_cli.engine.entries import KVEntry
 
 SYSTEM_PROMPT_RE = re.compile(r"\b(system|instructions?|prompt)\b|\byou are\b|\byour role\b", re.I)
 CODE_RE = re.compile(

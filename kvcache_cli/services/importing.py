@@ -30,14 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .entries import stored_prefix
-from .errors import BadInputError
-from .loaders import Conversation, iter_file
-from .memory import estimate_tokens
-from .store import models as m
-from .store import search
-from .store.backend import Store
-from .store.migrations import utcnow
+from kvcache_cli.engine.entries import stored_prefix
+from kvcache_cli.engine.memory import estimate_tokens
+from kvcache_cli.errors import BadInputError
+from kvcache_cli.loaders import Conversation, iter_file
+from kvcache_cli.store import models as m
+from kvcache_cli.store import search
+from kvcache_cli.store.backend import Store
+from kvcache_cli.store.migrations import utcnow
 
 DEFAULT_BATCH_MESSAGES = 50_000
 
@@ -179,7 +179,7 @@ class _Writer:
             if self.store.is_sqlite:
                 # one INSERT ... SELECT over the id range just written: the same rows as
                 # search_sqlite.index_messages, without binding every text again (~1.4x faster)
-                from .search_sqlite import FTS_TABLE
+                from kvcache_cli.store.search_sqlite import FTS_TABLE
 
                 self.db.execute_sql(
                     f"INSERT INTO {FTS_TABLE}(rowid, sess, content) "

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from .retrieval import RetrievedEntry
+from kvcache_cli.retrieval.fusion import RetrievedEntry
 
 __all__ = [
     "FUSIONS",
@@ -229,7 +229,7 @@ def semantic_entries(
     """
     if sims is None:
         return None
-    from .textsearch import matched_keywords
+    from kvcache_cli.retrieval.textsearch import matched_keywords
 
     out: list[tuple[float, int, RetrievedEntry]] = []
     for pos, entry in enumerate(entries):

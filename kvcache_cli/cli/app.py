@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from .errors import BadInputError, KVCacheError
-from .typer_speedups import install as _install_typer_speedups
+from kvcache_cli.errors import BadInputError, KVCacheError
+from kvcache_cli.typer_speedups import install as _install_typer_speedups
 
 _install_typer_speedups()  # plain parameters without importing pydantic (start-up time)
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .manager import KVCacheManager
-    from .store.backend import Store
+    from kvcache_cli.config import Config
+    from kvcache_cli.services.manager import KVCacheManager
+    from kvcache_cli.store.backend import Store
 
 app = typer.Typer(
     name="kvcache",
@@ -46,7 +46,7 @@ class AppState:
 
     def config(self) -> "Config":
         if self._config is None:
-            from .config import load_config
+            from kvcache_cli.config import load_config
 
             self._config = load_config(self.config_path)
         return self._config  # type: ignore[no-any-return]
@@ -58,7 +58,7 @@ class AppState:
     def open_store(self, read_only: bool = False) -> "Store":
         """The store; a read-only command on an explicit ``--db``/URL that names no
         existing database fails (a typo) instead of creating an empty one."""
-        from .store.backend import open_store
+        from kvcache_cli.store.backend import open_store
 
         url = self.db_url()
         return open_store(url, self.config().database.busy_timeout_ms, must_exist=read_only and bool(url))
@@ -105,7 +105,7 @@ def _llm_client(server: str | None, required: bool = False) -> Any:
         if required:
             raise BadInputError("this needs an LLM server: pass --server URL or set [llm].base_url")
         return None
-    from .llm import LLMClient, LLMSettings
+    from kvcache_cli.llm.client import LLMClient, LLMSettings
 
     settings = LLMSettings(
         base_url=base,
@@ -129,7 +129,7 @@ def _manager(
     server: str | None = None, need_server: bool = False, read_only: bool = False
 ) -> "tuple[KVCacheManager, Store]":
     """The manager and its store; ``read_only``: the command works on an existing store."""
-    from .manager import KVCacheManager
+    from kvcache_cli.services.manager import KVCacheManager
 
     config = STATE.config()
     llm = _llm_client(server, need_server)
@@ -190,8 +190,8 @@ def process(
     ] = 0,
 ) -> None:
     """Replay conversation files turn by turn: clears, snapshots, retrievals, bridges."""
-    from . import render
-    from .loaders import load_file
+    from kvcache_cli.cli import render
+    from kvcache_cli.loaders import load_file
 
     manager, store = _manager(server, need_server=slot is not None)
     try:
@@ -251,7 +251,7 @@ def process(
     try:
         workers, budget = 0, 0
         if store.is_sqlite:
-            from . import parallel_replay as par
+            from kvcache_cli.services import parallel_replay as par
 
             if par.remove_stale_scratch(store):
                 debug("kvcache: removed scratch files of an interrupted parallel replay")
@@ -288,7 +288,7 @@ def process(
 
 def _read_ahead(units: Any, budget: int) -> Any:
     """Loaded files in batches of about ``budget`` bytes on disk (one by one for 0)."""
-    from .parallel_replay import read_ahead
+    from kvcache_cli.services.parallel_replay import read_ahead
 
     def size(unit: Any) -> int:
         try:
@@ -301,7 +301,7 @@ def _read_ahead(units: Any, budget: int) -> Any:
 
 def _start_workers(manager: "KVCacheManager", batch: list[Any], workers: int) -> Any:
     """Send a batch's conversations that may run on workers (``parallel_replay``) to them."""
-    from .parallel_replay import ReplayJob, start
+    from kvcache_cli.services.parallel_replay import ReplayJob, start
 
     jobs = [
         ReplayJob(conv, key)
@@ -328,7 +328,7 @@ def import_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Bulk-import conversation files into the searchable history (no clears/snapshots)."""
-    from .importer import import_files
+    from kvcache_cli.services.importing import import_files
 
     store = STATE.open_store()
     try:
@@ -355,7 +355,7 @@ def clear(
     as_json: JsonOpt = False,
 ) -> None:
     """Clear a session's cache now, keeping its important entries (reason Manual)."""
-    from . import render
+    from kvcache_cli.cli import render
 
     manager, store = _manager(server, need_server=slot is not None, read_only=True)
     try:
@@ -402,7 +402,7 @@ def retrieve(
     as_json: JsonOpt = False,
 ) -> None:
     """Find past context for QUERY in the active cache, snapshots and full history."""
-    from . import render
+    from kvcache_cli.cli import render
 
     if all_sessions:
         if len(args) != 1:
@@ -416,7 +416,7 @@ def retrieve(
     if not 0.0 <= min_score <= 1.0:  # also refuses NaN
         raise BadInputError(f"--min-score must be between 0 and 1, not {min_score}")
     if strategy is not None:
-        from .config import RETRIEVAL_STRATEGIES
+        from kvcache_cli.config import RETRIEVAL_STRATEGIES
 
         if strategy not in RETRIEVAL_STRATEGIES:
             raise BadInputError(f"--strategy must be one of {', '.join(RETRIEVAL_STRATEGIES)}")
@@ -440,7 +440,7 @@ def snapshot(
     as_json: JsonOpt = False,
 ) -> None:
     """Snapshot a session's active cache now, or list snapshots."""
-    from . import render
+    from kvcache_cli.cli import render
 
     if not list_ and session is None:
         raise BadInputError("give SESSION to snapshot, or --list")
@@ -474,7 +474,7 @@ def restore(
     as_json: JsonOpt = False,
 ) -> None:
     """Put a snapshot's entries back into the session's active cache."""
-    from . import render
+    from kvcache_cli.cli import render
 
     manager, store = _manager(server, need_server=slot is not None, read_only=True)
     try:
@@ -501,8 +501,8 @@ def maintain(
     as_json: JsonOpt = False,
 ) -> None:
     """Release idle sessions' caches, prune snapshots, trim history (quiet for cron)."""
-    from . import render
-    from .errors import LockBusyError
+    from kvcache_cli.cli import render
+    from kvcache_cli.errors import LockBusyError
 
     manager, store = _manager(read_only=True)
     try:
@@ -579,8 +579,8 @@ def stats(
     until Ctrl-C; it needs a terminal on stdout (exit 2 otherwise) and does not combine
     with --json. A number right after --watch is SECONDS: put a numeric SESSION first.
     """
-    from . import render
-    from .insights import compute as compute_insights
+    from kvcache_cli.cli import render
+    from kvcache_cli.services.insights import compute as compute_insights
 
     if watch:
         if as_json:
@@ -610,7 +610,7 @@ def stats(
     if client is not None:
         import dataclasses
 
-        from .errors import ServerError
+        from kvcache_cli.errors import ServerError
 
         try:
             data["slots"] = [dataclasses.asdict(s) for s in client.slots()]
@@ -637,7 +637,7 @@ def copy_store_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Copy a whole store between SQLite and PostgreSQL, verified by row counts and hashes."""
-    from .copy_store import copy_store
+    from kvcache_cli.services.copy_store import copy_store
 
     result = copy_store(source, dest, force=force)
     if as_json:
@@ -645,7 +645,7 @@ def copy_store_command(
         return
     from rich.table import Table
 
-    from . import render
+    from kvcache_cli.cli import render
 
     table = Table(title=f"copied {result.source} -> {result.destination}")
     for name in ("table", "rows", "sha256", "match"):
@@ -665,8 +665,8 @@ def init_config(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a starter kvcache.toml with every key at its default."""
-    from .config import starter_toml
-    from .paths import default_config_path, ensure_private_dir
+    from kvcache_cli.config import starter_toml
+    from kvcache_cli.paths import default_config_path, ensure_private_dir
 
     target = path or default_config_path()
     if target.exists() and not force:

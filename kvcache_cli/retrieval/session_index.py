@@ -30,12 +30,12 @@ import heapq
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import ranking
-from . import textsearch as ts
-from .errors import StoreError
+from kvcache_cli.errors import StoreError
+from kvcache_cli.retrieval import ranking
+from kvcache_cli.retrieval import textsearch as ts
 
 if TYPE_CHECKING:
-    from .store.backend import Store
+    from kvcache_cli.store.backend import Store
 
 __all__ = ["SessionIndex", "SessionIndexes"]
 

@@ -35,13 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 from peewee import JOIN, fn
 
-from .errors import ServerError
-from .store import models as m
+from kvcache_cli.errors import ServerError
+from kvcache_cli.store import models as m
 
 if TYPE_CHECKING:
-    from .entries import ChatMessage
-    from .llm import LLMClient
-    from .store.backend import Store
+    from kvcache_cli.engine.entries import ChatMessage
+    from kvcache_cli.llm.client import LLMClient
+    from kvcache_cli.store.backend import Store
 
 __all__ = [
     "MAX_EMBED_CHARS",

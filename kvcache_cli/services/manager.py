@@ -15,23 +15,29 @@ from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
-from . import bridge
-from .config import Config
-from .entries import ChatMessage, KVEntry, entries_hash, key_hash_for, stored_prefix
-from .errors import BadInputError, IntegrityError, NotFoundError, StoreError
-from .extractor import PRESERVE_SHARE, extract_entries, filter_preserved, fit_to_budget
-from .loaders import Conversation
-from .memory import TokenCounter, capacity_bytes
-from .retrieval import TIER_THRESHOLDS, RetrievalResult, RetrievedEntry, merge_results, rank_entries
-from .scoring import CacheEntryScorer, next_engagement
-from .store import models as m
-from .store import search
-from .store.backend import Store
-from .store.migrations import utcnow
-from .summary import MIN_MESSAGES, TAIL_MESSAGES, extractive_summary
+from kvcache_cli.config import Config
+from kvcache_cli.engine import bridge
+from kvcache_cli.engine.entries import ChatMessage, KVEntry, entries_hash, key_hash_for, stored_prefix
+from kvcache_cli.engine.extractor import PRESERVE_SHARE, extract_entries, filter_preserved, fit_to_budget
+from kvcache_cli.engine.memory import TokenCounter, capacity_bytes
+from kvcache_cli.engine.scoring import CacheEntryScorer, next_engagement
+from kvcache_cli.engine.summary import MIN_MESSAGES, TAIL_MESSAGES, extractive_summary
+from kvcache_cli.errors import BadInputError, IntegrityError, NotFoundError, StoreError
+from kvcache_cli.loaders import Conversation
+from kvcache_cli.retrieval.fusion import (
+    TIER_THRESHOLDS,
+    RetrievalResult,
+    RetrievedEntry,
+    merge_results,
+    rank_entries,
+)
+from kvcache_cli.store import models as m
+from kvcache_cli.store import search
+from kvcache_cli.store.backend import Store
+from kvcache_cli.store.migrations import utcnow
 
 if TYPE_CHECKING:
-    from .session_index import SessionIndex, SessionIndexes
+    from kvcache_cli.retrieval.session_index import SessionIndex, SessionIndexes
 
 RETRIEVAL_TRIGGERS = ("explain", "how to", "what is", "remember", "recall")
 PROCESS_TIERS = (1, 2, 3)
@@ -47,7 +53,7 @@ BIG_SESSION_SEARCH: dict[str, Any] = {"max_session_matches": 50, "candidates": 5
 MAX_QUERY_CHARS = 4000  # retrieval during replay queries with at most this much of a question
 
 
-from .results import (  # noqa: E402  (re-exported: the public result types)
+from kvcache_cli.services.results import (  # noqa: E402  (re-exported: the public result types)
     ClearInfo,
     MaintenanceResult,
     ProcessResult,
@@ -240,7 +246,7 @@ class KVCacheManager:
     def _indexes(self) -> SessionIndexes:
         """A replay's per-session tier-3 indexes (made on first use: not imported by ``stats``)."""
         if self._replay_indexes is None:
-            from .session_index import SessionIndexes
+            from kvcache_cli.retrieval.session_index import SessionIndexes
 
             self._replay_indexes = SessionIndexes()
         return self._replay_indexes
@@ -299,7 +305,7 @@ class KVCacheManager:
             return
         if self.config.model.n_ctx != 0:
             return
-        from .errors import ServerError
+        from kvcache_cli.errors import ServerError
 
         try:
             slots = self.llm.slots()
@@ -523,8 +529,8 @@ class KVCacheManager:
         messages = (stored + new_msgs)[-TAIL_MESSAGES:]
         if len(messages) < MIN_MESSAGES:
             return
-        from .errors import ServerError
-        from .llm import summarize
+        from kvcache_cli.errors import ServerError
+        from kvcache_cli.llm.client import summarize
 
         try:
             text = summarize(self.llm, prior, [msg.to_dict() for msg in messages])
@@ -553,7 +559,7 @@ class KVCacheManager:
         """
         if self.llm is None or not self.config.cache.generate_cache_embeddings or self._server_down():
             return None
-        from .embeddings import TurnEmbedder, backfill_session
+        from kvcache_cli.retrieval.embeddings import TurnEmbedder, backfill_session
 
         if self._embedder is None:
             self._embedder = TurnEmbedder(self.llm, self.store, self.notices)
@@ -767,8 +773,8 @@ class KVCacheManager:
             if notice not in self.notices:
                 self.notices.append(notice)
         elif self.chat_llm is not None:
-            from .errors import ServerError
-            from .llm import summarize
+            from kvcache_cli.errors import ServerError
+            from kvcache_cli.llm.client import summarize
 
             try:
                 text = summarize(self.chat_llm, prior, [msg.to_dict() for msg in messages])
@@ -1118,7 +1124,7 @@ class KVCacheManager:
         ``semantic`` is the query's embedding and model name (computed before the
         transaction); without it a semantic strategy runs as keyword_only (``notice``).
         """
-        from . import strategies as st
+        from kvcache_cli.retrieval import strategies as st
 
         started = time.perf_counter()
         result = self._new_result(query, semantic, notice)
@@ -1236,8 +1242,8 @@ class KVCacheManager:
     ) -> RetrievalResult:
         """An empty result for ``query`` with the strategy that will run (keyword_only for a
         semantic strategy without the query's embedding), the notice and the keywords."""
-        from . import strategies as st
-        from .textsearch import query_terms
+        from kvcache_cli.retrieval import strategies as st
+        from kvcache_cli.retrieval.textsearch import query_terms
 
         result = RetrievalResult(query=query, strategy=self.config.cache.retrieval_strategy)
         if notice:
@@ -1334,7 +1340,7 @@ class KVCacheManager:
         another writer) starts over from the whole session. Dropped with the indexes
         when a turn rolls back (``_forget_replay_state``).
         """
-        from .search_sqlite import FTS_TABLE, _varints
+        from kvcache_cli.store.search_sqlite import FTS_TABLE, _varints
 
         state = self._fts_len
         sid = int(session_id)
@@ -1383,7 +1389,7 @@ class KVCacheManager:
         self, session_id: int, semantic: tuple[list[float], str]
     ) -> dict[int, tuple[int, float]]:
         """Cosine of the query with every stored vector of the session: index -> (message id, cos)."""
-        from .embeddings import semantic_search
+        from kvcache_cli.retrieval.embeddings import semantic_search
 
         vector, model = semantic
         pairs = semantic_search(self.store, session_id, vector, model, 1 << 30)
@@ -1403,7 +1409,7 @@ class KVCacheManager:
         self, hits: list[tuple[int, float, list[str] | None]], session: m.Session | None, query: str = ""
     ) -> list[RetrievedEntry]:
         """Tier-3 results for ``(message id, score, matched keywords or None)``, in that order."""
-        from .textsearch import matched_keywords, query_terms
+        from kvcache_cli.retrieval.textsearch import matched_keywords, query_terms
 
         if not hits:
             return []
@@ -1504,8 +1510,8 @@ class KVCacheManager:
         def work() -> RetrievalResult:
             now = utcnow()
             if session_key is None:
-                from . import strategies as st
-                from .embeddings import semantic_search
+                from kvcache_cli.retrieval import strategies as st
+                from kvcache_cli.retrieval.embeddings import semantic_search
 
                 started = time.perf_counter()
                 result = self._new_result(query, semantic, notice)
@@ -1558,7 +1564,7 @@ class KVCacheManager:
         HTTP, so call it outside any transaction. For a one-session query, the session's
         stored messages that lack a vector are embedded first (in batches).
         """
-        from . import strategies as st
+        from kvcache_cli.retrieval import strategies as st
 
         strategy = self.config.cache.retrieval_strategy
         if not st.needs_semantic(strategy):
@@ -1569,9 +1575,9 @@ class KVCacheManager:
                 # the default: its keyword stage stands on its own, so no server is no news
                 return None, None
             return None, f"retrieval: no embeddings server configured; {fallback}"
-        from .embeddings import TurnEmbedder, backfill_session, embed_query
-        from .errors import ConfigError, ServerError
-        from .textsearch import query_terms
+        from kvcache_cli.errors import ConfigError, ServerError
+        from kvcache_cli.retrieval.embeddings import TurnEmbedder, backfill_session, embed_query
+        from kvcache_cli.retrieval.textsearch import query_terms
 
         if not query.strip() or (not query_terms(query) and not any(ch.isalnum() for ch in query)):
             return None, None  # nothing to search for: empty result, no server call
@@ -1597,30 +1603,30 @@ class KVCacheManager:
         check: bool = False,
     ) -> MaintenanceResult:
         """Release idle sessions' caches and snapshots, prune snapshots, trim history."""
-        from .maintenance import maintain
+        from kvcache_cli.services.maintain import maintain
 
         return maintain(self, dry_run, inactive_hours, check)
 
     def integrity_check(self) -> str:
         """``PRAGMA integrity_check`` (SQLite) or ``ok`` when PostgreSQL answers."""
-        from .maintenance import integrity_check
+        from kvcache_cli.services.maintain import integrity_check
 
         return integrity_check(self.store)
 
     def statistics(self, session_key: str | None = None, history: int = 10) -> dict[str, Any]:
         """The seed's statistics export, the session states and recent operations."""
-        from .reporting import statistics
+        from kvcache_cli.services.stats import statistics
 
         return statistics(self, session_key, history)
 
     def session_state(self, session: Any, capacity: int | None = None) -> dict[str, Any]:
         """The seed's ``SessionCacheState`` plus the persisted extras."""
-        from .reporting import session_state
+        from kvcache_cli.services.stats import session_state
 
         return session_state(self, session, capacity)
 
     def session_detail(self, session: m.Session) -> dict[str, Any]:
         """One session's snapshots, summary and cache usage turn by turn."""
-        from .reporting import session_detail
+        from kvcache_cli.services.stats import session_detail
 
         return session_detail(self, session)

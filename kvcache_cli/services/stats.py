@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 from peewee import fn
 
-from .store import models as m
+from kvcache_cli.store import models as m
 
 if TYPE_CHECKING:
-    from .manager import KVCacheManager
+    from kvcache_cli.services.manager import KVCacheManager
 
 
 def statistics(manager: KVCacheManager, session_key: str | None = None, history: int = 10) -> dict[str, Any]:

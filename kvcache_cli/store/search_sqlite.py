@@ -38,15 +38,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from kvcache_cli import ranking as _ranking
-from kvcache_cli import textsearch as ts
-from kvcache_cli.ranking import BM25_B as BM25_B  # re-exported (one scoring implementation)
-from kvcache_cli.ranking import BM25_K1 as BM25_K1
-from kvcache_cli.ranking import Doc, RankParams, make_doc, rank_candidates
-from kvcache_cli.ranking import Hit as Hit
-from kvcache_cli.ranking import bm25_terms as bm25_terms
-from kvcache_cli.ranking import ideal_score as ideal_score
-from kvcache_cli.ranking import similarity as similarity
+from kvcache_cli.retrieval import ranking as _ranking
+from kvcache_cli.retrieval import textsearch as ts
+from kvcache_cli.retrieval.ranking import BM25_B as BM25_B  # re-exported (one scoring implementation)
+from kvcache_cli.retrieval.ranking import BM25_K1 as BM25_K1
+from kvcache_cli.retrieval.ranking import Doc, RankParams, make_doc, rank_candidates
+from kvcache_cli.retrieval.ranking import Hit as Hit
+from kvcache_cli.retrieval.ranking import bm25_terms as bm25_terms
+from kvcache_cli.retrieval.ranking import ideal_score as ideal_score
+from kvcache_cli.retrieval.ranking import similarity as similarity
 
 __all__ = [
     "FTS_TABLE",

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import CacheConfig, ModelConfig
+from kvcache_cli.config import CacheConfig, ModelConfig
 
 TEMPLATE_TOKENS = 4
 MIB = 1024 * 1024
@@ -67,7 +67,7 @@ class TokenCounter:
     def count(self, texts: list[str]) -> list[int]:
         """Counts per text; a server failure switches to estimates for good (see ``failure``)."""
         if self.remote is not None and texts:
-            from .errors import ServerError
+            from kvcache_cli.errors import ServerError
 
             try:
                 return [n + TEMPLATE_TOKENS for n in self.remote(texts)]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from .entries import ChatMessage
-from .scoring import (
+from kvcache_cli.engine.entries import ChatMessage
+from kvcache_cli.engine.scoring import (
     CODE_WORDS,
     NUMERIC_WORDS,
     Probe,

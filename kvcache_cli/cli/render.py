@@ -20,8 +20,14 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from .manager import ClearInfo, MaintenanceResult, ProcessResult, RestoreResult, SnapshotInfo
-    from .retrieval import RetrievalResult
+    from kvcache_cli.retrieval.fusion import RetrievalResult
+    from kvcache_cli.services.manager import (
+        ClearInfo,
+        MaintenanceResult,
+        ProcessResult,
+        RestoreResult,
+        SnapshotInfo,
+    )
 
 #: Width of piped output (no terminal, no COLUMNS): Rich's default 80 truncates tables.
 PIPE_WIDTH = 160
@@ -516,7 +522,7 @@ def _totals_panel(data: dict[str, Any], insights: dict[str, Any] | None) -> Pane
 
 
 def _sessions_table(data: dict[str, Any], insights: dict[str, Any], limit: int = 20) -> Table:
-    from .insights import NEAR_FRACTION
+    from kvcache_cli.services.insights import NEAR_FRACTION
 
     threshold = insights.get("memory_threshold_percent", 0.6)
     by_key = {s["session_id"]: s for s in data["sessions"]}
@@ -638,7 +644,7 @@ def _session_view(data: dict[str, Any], insights: dict[str, Any] | None, width: 
     threshold = data.get("memory_threshold_percent", 0.6)
     capacity = state["capacity_bytes"] or data.get("capacity_bytes", 0)
     fill = state["cache_size_bytes"] / capacity if capacity else 0.0
-    from .insights import threshold_state
+    from kvcache_cli.services.insights import threshold_state
 
     level = threshold_state(fill, threshold)
     now = (

@@ -22,9 +22,9 @@ from typing import Any
 
 import peewee
 
-from .errors import BadInputError, IntegrityError
-from .store import models as m
-from .store.backend import Store, open_store, parse_location
+from kvcache_cli.errors import BadInputError, IntegrityError
+from kvcache_cli.store import models as m
+from kvcache_cli.store.backend import Store, open_store, parse_location
 
 #: Tables copied and verified, in dependency order (``schema_migrations`` is each
 #: store's own: both sides are migrated to the latest version when opened).
@@ -174,7 +174,7 @@ def _copy_into(source: Store, dest: Store) -> None:
         with dest.db.bind_ctx([model], bind_refs=False, bind_backrefs=False):
             model.delete().execute()
     if not dest.is_sqlite:
-        from .store import search_postgres
+        from kvcache_cli.store import search_postgres
 
         dest.db.execute_sql(f"DELETE FROM {search_postgres.TABLE}")
     for model in COPIED:
@@ -184,7 +184,7 @@ def _copy_into(source: Store, dest: Store) -> None:
                 model.insert_many(rows, fields=fields).execute()
     if not dest.is_sqlite:
         _reset_sequences(dest)
-    from .store.search import create_index
+    from kvcache_cli.store.search import create_index
 
     create_index(dest)
 

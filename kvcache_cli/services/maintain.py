@@ -9,13 +9,13 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from .results import MaintenanceResult
-from .store import models as m
-from .store.migrations import utcnow
+from kvcache_cli.services.results import MaintenanceResult
+from kvcache_cli.store import models as m
+from kvcache_cli.store.migrations import utcnow
 
 if TYPE_CHECKING:
-    from .manager import KVCacheManager
-    from .store.backend import Store
+    from kvcache_cli.services.manager import KVCacheManager
+    from kvcache_cli.store.backend import Store
 
 
 def maintain(

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvcache_cli import textsearch as ts
+from kvcache_cli.retrieval import textsearch as ts
 
 __all__ = [
     "BM25_K1",

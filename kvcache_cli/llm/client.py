@@ -236,7 +236,7 @@ class LLMClient:
     """
 
     def __init__(self, settings: LLMSettings) -> None:
-        import requests as _requests  # lazy: keeps `import kvcache_cli.llm` cheap
+        import requests as _requests  # lazy: keeps `import kvcache_cli.llm.client` cheap
 
         self._requests = _requests
         self.settings = settings

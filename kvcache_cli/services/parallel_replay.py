@@ -58,15 +58,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from peewee import ForeignKeyField
 
-from .config import Config
-from .errors import StoreError
-from .loaders import Conversation
-from .results import ProcessResult
-from .store import models as m
-from .store.backend import Store, open_store
+from kvcache_cli.config import Config
+from kvcache_cli.errors import StoreError
+from kvcache_cli.loaders import Conversation
+from kvcache_cli.services.results import ProcessResult
+from kvcache_cli.store import models as m
+from kvcache_cli.store.backend import Store, open_store
 
 if TYPE_CHECKING:
-    from .manager import KVCacheManager
+    from kvcache_cli.services.manager import KVCacheManager
 
 U = TypeVar("U")
 
@@ -160,7 +160,7 @@ def eligible(store: Store, manager_llm: Any, jobs: Sequence[ReplayJob]) -> list[
     """Which jobs may be replayed on a worker (see the module doc for the rules)."""
     if not _file_store(store) or manager_llm is not None:
         return [False] * len(jobs)
-    from .session_index import MAX_INDEXED_MESSAGES, MAX_INDEXED_TEXT
+    from kvcache_cli.retrieval.session_index import MAX_INDEXED_MESSAGES, MAX_INDEXED_TEXT
 
     counts: dict[str, int] = {}
     for job in jobs:
@@ -273,7 +273,7 @@ def _scratch_folder(beside: Path) -> tuple[str, int]:
 def _replay_in_worker(task: _Task) -> ProcessResult | None:
     """Replay one conversation into a fresh scratch store (runs in a worker process);
     None when it failed, for any reason: the parent then replays it and reports why."""
-    from .manager import KVCacheManager
+    from kvcache_cli.services.manager import KVCacheManager
 
     try:  # any failure (bad input, a full disk, no memory) sends the job back to the parent
         store = open_store(task.scratch)

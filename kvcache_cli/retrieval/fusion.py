@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .entries import KVEntry
+from kvcache_cli.engine.entries import KVEntry
 
 TIER_THRESHOLDS = {1: 0.3, 2: 0.4, 3: 0.5}
 
@@ -98,7 +98,7 @@ def rank_entries(
     Neighbour context follows the entries' message indexes; ``names`` maps a message
     index to its speaker (speaker boost). Only the best ``limit`` (all if None).
     """
-    from .store.search import rank_texts
+    from kvcache_cli.store.search import rank_texts
 
     texts = [e.key_data or "" for e in entries]
     indexes = [e.message_index for e in entries]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .errors import BadInputError
+from kvcache_cli.errors import BadInputError
 
 ROLES = ("system", "user", "assistant", "function", "tool")
 
