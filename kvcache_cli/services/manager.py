@@ -59,6 +59,7 @@ from kvcache_cli.services.results import (  # noqa: E402  (re-exported: the publ
     ProcessResult,
     RestoreResult,
     SnapshotInfo,
+    TurnOutcome,
     TurnReport,
 )
 
@@ -451,6 +452,24 @@ class KVCacheManager:
     ) -> ProcessResult:
         """Replay a conversation turn by turn; already stored turns are skipped."""
         result = ProcessResult(session_id=session_key, source=conv.place.rstrip(": "))
+        self._replay(conv, session_key, result, on_turn)
+        return result
+
+    def _replay(
+        self,
+        conv: Conversation,
+        session_key: str,
+        result: ProcessResult,
+        on_turn: Callable[[int, int], None] | None = None,
+        known_tokens: list[int] | None = None,
+        outcome_of_last: bool = False,
+    ) -> TurnOutcome | None:
+        """Store and decide every turn of ``conv`` not stored yet, one transaction each.
+
+        ``known_tokens``: the messages' token counts when already known (no counting).
+        ``outcome_of_last``: read the full ``TurnOutcome`` of the last turn (the server's
+        ``begin_turn``); otherwise only the reports are collected.
+        """
         result.messages_total = len(conv.messages)
         result.capacity_bytes = self.capacity()
         done = self.check_prefix(session_key, conv.messages, result.source or session_key)
@@ -464,22 +483,192 @@ class KVCacheManager:
         turns = split_turns(conv.messages)
         pending = [(lo, hi) for lo, hi in turns if hi > done]
         embedder = self._start_embeddings(session_key)  # also embeds stored messages lacking vectors
+        outcome: TurnOutcome | None = None
         for number, (lo, hi) in enumerate(pending, start=1):
-            tokens = self.tokens.count([msg.content for msg in conv.messages[max(lo, done) : hi]])
+            if known_tokens is not None:
+                tokens = known_tokens[max(lo, done) : hi]
+            else:
+                tokens = self.tokens.count([msg.content for msg in conv.messages[max(lo, done) : hi]])
             if embedder is not None and not self._server_down():  # HTTP before the turn's transaction
                 embedder.prefetch(conv.messages, max(lo, done), hi)
             self._prepare_turn_summary(session_key, conv.messages[max(lo, done) : hi], tokens)
-            report = self.store.transaction(
-                partial(self._turn, conv, session_key, lo, hi, tokens, result), self._forget_replay_state
-            )
-            if report is not None:
-                result.turns.append(report)
+            full = outcome_of_last and number == len(pending)
+            work = partial(self._turn, conv, session_key, lo, hi, tokens, result, full)
+            outcome = self.store.transaction(work, self._forget_replay_state)
+            if outcome is not None and outcome.report is not None:
+                result.turns.append(outcome.report)
             if on_turn is not None:
                 on_turn(number, len(pending))
         self._server_down()  # records a token-count failure as a notice
         result.notices.extend(self.notices)
         self.notices.clear()
+        return outcome
+
+    # -------------------------------------------------------------- the live turn API
+    def begin_turn(self, session_key: str, messages: list[ChatMessage]) -> TurnOutcome:
+        """Store a request's new messages and decide its turn (see docs: TURN_API).
+
+        ``messages`` is the whole history through the new user message. The stored
+        prefix is skipped (a history that diverges from it is a ``BadInputError``);
+        earlier new turns are replayed as ``process`` would, each in its own
+        transaction; the last one's decision is returned with what the prompt needs.
+        """
+        place = f"session {session_key}: "
+        conv = Conversation(session_key=session_key, messages=list(messages), place=place)
+        result = ProcessResult(session_id=session_key, source=f"session {session_key}")
+        outcome = self._replay(conv, session_key, result, outcome_of_last=True)
+        if outcome is None:  # nothing new: the state as it stands
+            outcome = self.store.transaction(partial(self._outcome_now, session_key))
+        outcome.messages_stored = result.messages_added
+        outcome.notices = result.notices
+        return outcome
+
+    def finish_turn(self, session_key: str, reply: list[ChatMessage]) -> int:
+        """Store the turn's reply messages after the stored history (one transaction).
+
+        Returns how many messages were stored. Token counts and embeddings are
+        fetched before the transaction.
+        """
+        if not reply:
+            return 0
+        self.check_prefix(session_key, [], f"session {session_key}")  # NUL check of the key
+        tokens = self.tokens.count([msg.content for msg in reply])
+        self._prefetch_vectors(session_key, reply)
+
+        def work() -> int:
+            wall = utcnow()
+            session = self._session_for_update(session_key, create=False, now=wall)
+            start = self._stored_count(session)
+            self._store_reply(session, None, start, reply, tokens, reply[0].timestamp or wall)
+            session.last_activity = wall
+            self._save_session(session)
+            return len(reply)
+
+        stored = self.store.transaction(work, self._forget_replay_state)
+        self._server_down()
+        return stored
+
+    def replace_reply(self, session_key: str, reply: list[ChatMessage]) -> int:
+        """Regenerate: drop the stored messages after the last user message, store ``reply``.
+
+        One transaction; the dropped messages leave the history, its full-text index,
+        their vectors and the active cache. Returns how many messages were dropped.
+        """
+        tokens = self.tokens.count([msg.content for msg in reply])
+        self._prefetch_vectors(session_key, reply)
+
+        def work() -> int:
+            wall = utcnow()
+            session = self._session_for_update(session_key, create=False, now=wall)
+            rows = self.store.query(
+                "SELECT max(message_index) FROM messages WHERE session_id = ? AND role = 'user'",
+                (session.get_id(),),
+            )
+            last_user = rows[0][0] if rows and rows[0][0] is not None else -1
+            dropped = self._drop_messages_after(session, int(last_user))
+            start = self._stored_count(session)
+            if reply:
+                self._store_reply(session, None, start, reply, tokens, reply[0].timestamp or wall)
+            session.last_activity = wall
+            self._save_session(session)
+            return dropped
+
+        dropped = self.store.transaction(work, self._forget_replay_state)
+        self._forget_replay_state()
+        self._server_down()
+        return dropped
+
+    def branch_session(self, source_key: str, new_key: str, n_messages: int) -> ProcessResult:
+        """Edit: a new session replaying the first ``n_messages`` stored messages of another.
+
+        The copy is replayed turn by turn (clears, summaries, snapshots as ``process``
+        makes them) with the stored token counts, so no server is asked for counts.
+        """
+        source = self._session(source_key)
+        if self.store.query("SELECT 1 FROM sessions WHERE key = ?", (new_key,)):
+            raise BadInputError(f"session {new_key!r} exists already")
+        rows = self.store.query(
+            "SELECT role, content, name, timestamp, tokens FROM messages "
+            "WHERE session_id = ? AND message_index < ? ORDER BY message_index",
+            (source.get_id(), int(n_messages)),
+        )
+        to_time = m.Message.timestamp.python_value
+        messages = [
+            ChatMessage(role=role, content=content, name=name, timestamp=to_time(ts))
+            for role, content, name, ts, _ in rows
+        ]
+        conv = Conversation(session_key=new_key, messages=messages, place=f"session {new_key}: ")
+        result = ProcessResult(session_id=new_key, source=f"branch of {source_key}")
+        self._replay(conv, new_key, result, known_tokens=[int(r[4]) for r in rows])
         return result
+
+    def _prefetch_vectors(self, session_key: str, reply: list[ChatMessage]) -> None:
+        """Embed reply messages before their transaction (indexes as they will be stored)."""
+        embedder = self._start_embeddings(session_key)
+        if embedder is None or self._server_down():
+            return
+        session = m.Session.get_or_none(m.Session.key == session_key)
+        start = self._stored_count(session) if session is not None else 0
+        padded: list[ChatMessage] = [ChatMessage(role="user", content="")] * start + list(reply)
+        embedder.prefetch(padded, start, len(padded))
+
+    def _stored_count(self, session: m.Session) -> int:
+        """Messages stored for the session (contiguous from 0: max index + 1, from the index)."""
+        return int(
+            self.store.query(
+                "SELECT COALESCE(MAX(message_index) + 1, 0) FROM messages WHERE session_id = ?",
+                (session.get_id(),),
+            )[0][0]
+        )
+
+    def _drop_messages_after(self, session: m.Session, index: int) -> int:
+        """Delete the session's messages after ``index`` and their cache entries."""
+        sid = session.get_id()
+        ids = [
+            r[0]
+            for r in self.store.query(
+                "SELECT id FROM messages WHERE session_id = ? AND message_index > ?", (sid, index)
+            )
+        ]
+        if not ids:
+            return 0
+        if self.index_history:
+            search.delete_messages(self.store, ids)
+        self.store.query("DELETE FROM cache_entries WHERE session_id = ? AND message_index > ?", (sid, index))
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            self.store.query(f"DELETE FROM embeddings WHERE message_id IN ({marks})", chunk)
+            self.store.query(f"DELETE FROM messages WHERE id IN ({marks})", chunk)
+        size, count = self.store.query(
+            "SELECT COALESCE(SUM(size_bytes), 0), count(*) FROM cache_entries WHERE session_id = ?", (sid,)
+        )[0]
+        session.cache_size_bytes = int(size)
+        session.entry_count = int(count)
+        return len(ids)
+
+    def _outcome_now(self, session_key: str) -> TurnOutcome:
+        session = self._session_for_update(session_key, create=False, now=utcnow())
+        return self._outcome(session, None, None)
+
+    def _outcome(
+        self, session: m.Session, report: TurnReport | None, found: RetrievalResult | None
+    ) -> TurnOutcome:
+        """The turn's decision with what a prompt builder needs (inside the transaction)."""
+        sid = session.get_id()
+        summary = self.store.query("SELECT text FROM summaries WHERE session_id = ?", (sid,))
+        start = self.store.query(
+            "SELECT max(message_index) FROM turn_log WHERE session_id = ? AND cleared = ?",
+            (sid, m.TurnLog.cleared.db_value(True)),
+        )
+        return TurnOutcome(
+            session_id=session.key,
+            report=report,
+            retrieved=list(found.entries) if found is not None else [],
+            summary=summary[0][0] if summary else None,
+            active=self._active_entries(session),
+            context_start=int(start[0][0]) if start and start[0][0] is not None else 0,
+        )
 
     def _prepare_turn_summary(self, session_key: str, msgs: list[ChatMessage], tokens: list[int]) -> None:
         """Before a turn's transaction: when the turn looks set to clear, get the LLM summary now.
@@ -577,18 +766,12 @@ class KVCacheManager:
         hi: int,
         tokens: list[int],
         result: ProcessResult,
-    ) -> TurnReport | None:
-        """One turn in one transaction: store, decide, clear, snapshot, retrieve."""
+        full_outcome: bool = False,
+    ) -> TurnOutcome | None:
+        """One turn in one transaction: store, decide, clear, snapshot, retrieve, store the reply."""
         wall = utcnow()
         session = self._session_for_update(session_key, create=True, now=wall)
-        # messages are stored contiguously from index 0: max + 1 is the count, read
-        # from the (session_id, message_index) index instead of counting every row
-        stored = int(
-            self.store.query(
-                "SELECT COALESCE(MAX(message_index) + 1, 0) FROM messages WHERE session_id = ?",
-                (session.get_id(),),
-            )[0][0]
-        )
+        stored = self._stored_count(session)
         if stored >= hi:
             return None  # another process stored this turn meanwhile
         start = max(lo, stored)
@@ -608,18 +791,33 @@ class KVCacheManager:
         self._add_to_cache(session, new_entries, len(active))
         active += new_entries
         report: TurnReport | None = None
+        found: RetrievalResult | None = None
         if question is not None and user_pos is not None:
-            report = self._decide(session, active, start + user_pos, question, now)
+            report, found = self._decide(session, active, start + user_pos, question, now)
+        outcome = self._outcome(session, report, found) if full_outcome else TurnOutcome(session_key, report)
         if after:
-            later = self._insert_messages(session, start + cut, after, tokens[cut:], now)
-            later += self._file_entries(conv, start + cut, hi, now)
-            self._add_to_cache(session, later, session.entry_count)
+            self._store_reply(session, conv, start + cut, after, tokens[cut:], now)
             result.messages_added += len(after)
-            session.cache_size_bytes += sum(e.size_bytes for e in later)
-            session.entry_count += len(later)
         session.last_activity = wall
         self._save_session(session)
-        return report
+        return outcome
+
+    def _store_reply(
+        self,
+        session: m.Session,
+        conv: Conversation | None,
+        start: int,
+        msgs: list[ChatMessage],
+        tokens: list[int],
+        now: datetime,
+    ) -> None:
+        """Store the messages after a turn's question and add them to the cache (in a transaction)."""
+        later = self._insert_messages(session, start, msgs, tokens, now)
+        if conv is not None:
+            later += self._file_entries(conv, start, start + len(msgs), now)
+        self._add_to_cache(session, later, session.entry_count)
+        session.cache_size_bytes += sum(e.size_bytes for e in later)
+        session.entry_count += len(later)
 
     def _insert_messages(
         self, session: m.Session, start: int, msgs: list[ChatMessage], tokens: list[int], now: datetime
@@ -672,7 +870,7 @@ class KVCacheManager:
 
     def _decide(
         self, session: m.Session, active: list[KVEntry], user_index: int, question: ChatMessage, now: datetime
-    ) -> TurnReport:
+    ) -> tuple[TurnReport, RetrievalResult | None]:
         """The seed's ``process_conversation`` for the turn ending in ``question``."""
         cfg = self.config.cache
         capacity = self.capacity()
@@ -693,6 +891,7 @@ class KVCacheManager:
             entry_count=len(active),
         )
         bridges: list[str] = []
+        found: RetrievalResult | None = None
         if by_turns or by_memory:
             reason = "ConversationLimit" if by_turns else "MemoryThreshold"
             clear = self._clear(session, active, reason, now, turn=session.turn_count)
@@ -741,7 +940,7 @@ class KVCacheManager:
                 report.retrieved,
             ),
         )
-        return report
+        return report, found
 
     # -------------------------------------------------------------- clear
     def _summary_messages(self, session: m.Session, since: int) -> list[ChatMessage]:

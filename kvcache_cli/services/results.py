@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from kvcache_cli.engine.entries import KVEntry
+from kvcache_cli.retrieval.fusion import RetrievedEntry
+
 
 @dataclass
 class ClearInfo:
@@ -69,6 +72,37 @@ class TurnReport:
             "tiers_searched": self.retrieval_tiers,
             "bridge_messages": self.bridge_messages,
         }
+
+
+@dataclass
+class TurnOutcome:
+    """A live turn's decision and what a prompt builder needs (``begin_turn``).
+
+    ``report`` is None when the request held no new user message. ``retrieved`` are the
+    entries retrieval found for the question (role, text, message_index, score, tier);
+    ``summary`` is the session's cumulative summary text (None before any clear);
+    ``active`` the active cache after the decision (after a clear: the preserved
+    entries and what came later); ``context_start`` the index of the message where the
+    context since the last clear starts (0 when never cleared).
+    """
+
+    session_id: str
+    report: TurnReport | None = None
+    retrieved: list[RetrievedEntry] = field(default_factory=list)
+    summary: str | None = None
+    active: list[KVEntry] = field(default_factory=list)
+    context_start: int = 0
+    messages_stored: int = 0
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def clear(self) -> ClearInfo | None:
+        """The clear this turn made, if any."""
+        return self.report.clear if self.report is not None else None
+
+    @property
+    def bridge_messages(self) -> list[str]:
+        return self.report.bridge_messages if self.report is not None else []
 
 
 @dataclass

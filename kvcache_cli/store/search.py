@@ -54,6 +54,11 @@ def delete_session(store: Store, session_id: int) -> None:
     _module(store).delete_session(_connection(store), session_id)
 
 
+def delete_messages(store: Store, message_ids: list[int]) -> None:
+    """Drop some messages from the index (before deleting the rows)."""
+    _module(store).delete_messages(_connection(store), message_ids)
+
+
 def search_messages(
     store: Store, query: str, session_id: int | None, limit: int, **options: Any
 ) -> list[Hit]:
