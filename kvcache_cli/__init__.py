@@ -13,10 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvcache_cli.lazy_drivers import import_peewee as _import_peewee
-
-_import_peewee()  # when imported, peewee comes without psycopg2 until PostgreSQL is used (start-up)
-
 __version__ = "0.1.0"
 
 __all__ = ["KVCacheManager", "load_config", "load_file", "open_store", "__version__"]

@@ -133,7 +133,8 @@ def clear_result(result: ClearInfo) -> None:
     console.print(printable(result.bridge_message))
 
 
-def retrieval_result(result: RetrievalResult) -> None:
+def retrieval_result(result: RetrievalResult, verbose: bool = False) -> None:
+    """The ranked results; ``verbose``: each result's whole text after the table."""
     if not result.entries:
         console.print(printable(f"nothing found for {result.query!r}"))
         return
@@ -154,6 +155,9 @@ def retrieval_result(result: RetrievalResult) -> None:
             printable(snippet),
         )
     console.print(table)
+    if verbose:
+        for rank, e in enumerate(result.entries, start=1):
+            console.print(printable(f"#{rank} tier {e.tier} score {e.score:.4f}: {e.text}"))
     if result.bridge_message:
         console.print(printable(result.bridge_message))
 
@@ -458,8 +462,67 @@ def process_view(result: ProcessResult, threshold: float = 0.6, width: int = 100
     return Group(*parts)
 
 
-def process_result(result: ProcessResult, threshold: float = 0.6) -> None:
+def process_result(result: ProcessResult, threshold: float = 0.6, verbose: bool = False) -> None:
+    """One replayed session; ``verbose``: its turns one by one after the summary."""
     console.print(process_view(result, threshold, console.width))
+    if verbose:
+        console.print(turns_table(result))
+
+
+def turns_table(result: ProcessResult) -> Table:
+    """Every turn: the cache after it and what happened at it (``process -v``)."""
+    table = _simple_table(f"turns of {printable(result.session_id)}")
+    for name in ("turn", "msg", "entries", "cache", "clear", "snapshots", "retrieved"):
+        table.add_column(name, justify="left" if name == "clear" else "right")
+    for t in result.turns:
+        table.add_row(
+            str(t.turn),
+            str(t.message_index),
+            str(t.entry_count),
+            human_bytes(t.cache_size_bytes),
+            printable(t.clear.reason) if t.clear else "",
+            ", ".join(map(str, t.snapshot_ids)),
+            str(t.retrieved) if t.retrieval_tiers else "",
+        )
+    return table
+
+
+def import_result(result: Any) -> None:
+    """One row per imported file (stdout), the totals under it."""
+    table = _simple_table("imported")
+    for name in ("file", "conversations", "new sessions", "messages added", "messages"):
+        table.add_column(name, justify="left" if name == "file" else "right")
+    for item in result.files:
+        table.add_row(
+            printable(item.path),
+            str(item.conversations),
+            str(item.sessions_created),
+            str(item.messages_added),
+            str(item.messages_total),
+        )
+    console.print(table)
+    files = len(result.files)
+    console.print(f"{plural(result.messages_added, 'message')} added from {plural(files, 'file')}")
+
+
+def copy_result(result: Any) -> None:
+    """Each table's copied rows and hash, and the total."""
+    table = Table(title=f"copied {result.source} -> {result.destination}")
+    for name in ("table", "rows", "sha256", "match"):
+        table.add_column(name, justify="right" if name == "rows" else "left")
+    for item in result.tables:
+        table.add_row(item.table, str(item.dest_rows), item.dest_sha256[:16], "yes" if item.match else "NO")
+    console.print(table)
+    console.print(f"{result.total_rows} rows copied and verified")
+
+
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """``1 entry``, ``2 entries``, ``0 sessions``."""
+    if count == 1:
+        return f"{count} {noun}"
+    if plural_form is None:
+        plural_form = noun[:-1] + "ies" if noun.endswith("y") and noun[-2:-1] not in "aeiou" else noun + "s"
+    return f"{count} {plural_form}"
 
 
 # ----------------------------------------------------------------------------- stats

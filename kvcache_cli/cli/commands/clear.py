@@ -1,0 +1,28 @@
+"""``kvcache clear``: clear a session's cache now."""
+
+from __future__ import annotations
+
+import typer
+
+from kvcache_cli.cli.context import cli_context
+from kvcache_cli.cli.options import JsonOpt, ServerOpt, SessionArg, SlotOpt
+
+
+def clear(
+    ctx: typer.Context,
+    session: SessionArg,
+    slot: SlotOpt = None,
+    server: ServerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Clear a session's cache now, keeping its important entries (reason Manual)."""
+    from kvcache_cli.cli import render
+    from kvcache_cli.cli.output import show
+    from kvcache_cli.services.cache_ops import clear_session
+
+    manager, store = cli_context(ctx).manager(server, need_server=slot is not None, read_only=True)
+    try:
+        result = clear_session(manager, session, slot)
+    finally:
+        store.close()
+    show(result, as_json, render.clear_result)

@@ -1,0 +1,30 @@
+"""``kvcache copy-store``: copy a whole store between SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kvcache_cli.cli.options import JsonOpt
+
+
+def copy_store_command(
+    ctx: typer.Context,
+    source: Annotated[
+        str, typer.Argument(metavar="SOURCE", help="Store to copy from (file, sqlite:/// or postgresql://).")
+    ],
+    dest: Annotated[
+        str, typer.Argument(metavar="DEST", help="Store to copy into (created and migrated if needed).")
+    ],
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the rows of a non-empty destination.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy a whole store between SQLite and PostgreSQL, verified by row counts and hashes."""
+    from kvcache_cli.cli import render
+    from kvcache_cli.cli.output import show
+    from kvcache_cli.services.copy_store import copy_store
+
+    show(copy_store(source, dest, force=force), as_json, render.copy_result)

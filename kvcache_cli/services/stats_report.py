@@ -1,0 +1,64 @@
+"""What ``kvcache stats`` shows: the store's statistics, insights, and the server's slots.
+
+The store part never depends on the server: when the server cannot be reached the
+report still has everything from the store, plus ``server: {url, error}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from kvcache_cli.errors import ServerError
+
+if TYPE_CHECKING:
+    from kvcache_cli.config import Config
+    from kvcache_cli.llm.client import LLMClient
+    from kvcache_cli.services.manager import KVCacheManager
+    from kvcache_cli.store.backend import Store
+
+
+def _shown(url: str) -> str:
+    """``url`` without user, password, query or fragment (it may carry credentials)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+@dataclass
+class StatsReport:
+    """The report (``data``, as ``stats --json`` prints it) and the server failure, if any."""
+
+    data: dict[str, Any]
+    server_error: ServerError | None = None
+
+
+def store_report(
+    manager: KVCacheManager, store: Store, config: Config, session: str | None, history: int
+) -> dict[str, Any]:
+    """The store's statistics with their insights (no server involved)."""
+    from kvcache_cli.services.insights import compute as compute_insights
+
+    data = manager.statistics(session, history)
+    data["insights"] = compute_insights(store, config)
+    return data
+
+
+def add_server_slots(data: dict[str, Any], client: LLMClient | None, configured_only: bool) -> StatsReport:
+    """Add the server's slots to ``data``; a failure goes under ``server`` (and, for a
+    server that was configured rather than asked for, ``slots_error``)."""
+    report = StatsReport(data)
+    if client is None:
+        return report
+    try:
+        data["slots"] = [dataclasses.asdict(s) for s in client.slots()]
+    except ServerError as exc:
+        report.server_error = exc
+        data["server"] = {"url": _shown(client.settings.base_url or ""), "error": str(exc)}
+        if configured_only:
+            data["slots_error"] = str(exc)
+    finally:
+        client.close()
+    return report
