@@ -7,7 +7,9 @@ aside), and the output is the same.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -275,14 +277,25 @@ def test_ctrl_c_keeps_whole_sessions_and_a_rerun_finishes(tmp_path: Path) -> Non
     db = tmp_path / "kv.db"
     home = _home(tmp_path)
     command = [*kvcache_command(), "--db", str(db), "-q", "process", "-j", "2", *map(str, files)]
+    # its own process group: whatever happens, the finally kills the run and its workers
     proc = subprocess.Popen(
-        command, env=cli_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        command,
+        env=cli_env(home),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None and not committed_rows(db, "sessions"):
-        time.sleep(0.005)  # until the first merge
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and not committed_rows(db, "sessions"):
+            time.sleep(0.005)  # until the first merge
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert not list(tmp_path.glob(".kvcache-replay-*"))
@@ -307,7 +320,6 @@ def test_ctrl_c_keeps_whole_sessions_and_a_rerun_finishes(tmp_path: Path) -> Non
 
 def test_stale_scratch_folders_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
     import fcntl
-    import os
 
     from kvcache_cli.services.parallel_replay import _STAGING_PREFIX, SCRATCH_PREFIX, remove_stale_scratch
 

@@ -45,13 +45,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 import signal
+import struct
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -90,13 +90,6 @@ class ReplayJob:
 
     conv: Conversation
     key: str
-
-
-@dataclass
-class _Task:
-    job: ReplayJob
-    config: Config
-    scratch: str
 
 
 def worker_count(requested: int) -> int:
@@ -194,8 +187,8 @@ def sigint_held() -> Iterator[None]:
 def _worker_setup(parent: int) -> None:
     """Workers leave Ctrl-C to the parent (which stops them) and die with it.
 
-    Without the death signal a worker of a killed parent would wait on its task queue
-    forever (every worker holds the queue's write end, so it never sees end-of-file).
+    Without the death signal a worker of a killed parent would go on replaying the
+    remaining jobs into scratch files nobody merges.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -270,19 +263,19 @@ def _scratch_folder(beside: Path) -> tuple[str, int]:
     return folder, fd
 
 
-def _replay_in_worker(task: _Task) -> ProcessResult | None:
+def _replay_in_worker(job: ReplayJob, config: Config, scratch: str) -> ProcessResult | None:
     """Replay one conversation into a fresh scratch store (runs in a worker process);
     None when it failed, for any reason: the parent then replays it and reports why."""
     from kvcache_cli.services.manager import KVCacheManager
 
     try:  # any failure (bad input, a full disk, no memory) sends the job back to the parent
-        store = open_store(task.scratch)
+        store = open_store(scratch)
         try:
             # a scratch file, thrown away if anything fails: no need to sync it to disk
             store.db.execute_sql("PRAGMA synchronous = OFF")
-            manager = KVCacheManager(store, task.config, None)
+            manager = KVCacheManager(store, config, None)
             manager.index_history = False  # merge_session indexes the rows in the real store
-            return manager.process_conversation(task.job.conv, task.job.key)
+            return manager.process_conversation(job.conv, job.key)
         finally:
             store.close()
     except Exception:
@@ -406,47 +399,103 @@ def _shift_snapshot_ids(result: ProcessResult, offset: int) -> None:
 
 
 # ------------------------------------------------------------------------------ runner
+#: Report records a worker writes on its pipe: (kind, job index), 8 bytes, so every
+#: write is atomic (under ``PIPE_BUF``) and a killed worker never leaves half a record.
+_RECORD = struct.Struct("<ii")
+_STARTED, _REPLAYED, _FAILED = 1, 2, 3
+
+
+def _claim(queue: int, count: int) -> int | None:
+    """The next position in the job order, claimed from the shared ``queue`` file
+    (an 8-byte counter under ``flock``, which the kernel releases if a worker dies)."""
+    import fcntl
+
+    fcntl.flock(queue, fcntl.LOCK_EX)
+    try:
+        position = int.from_bytes(os.pread(queue, 8, 0), "little")
+        if position >= count:
+            return None
+        os.pwrite(queue, (position + 1).to_bytes(8, "little"), 0)
+        return position
+    finally:
+        fcntl.flock(queue, fcntl.LOCK_UN)
+
+
+def _work(jobs: list[ReplayJob], order: list[int], config: Config, folder: str, report: int) -> None:
+    """A worker's loop: claim a job, replay it into ``folder/<index>.db``, leave the
+    pickled result in ``folder/<index>.result`` and report it; until none is left."""
+    queue = os.open(os.path.join(folder, "queue"), os.O_RDWR)
+    while (position := _claim(queue, len(order))) is not None:
+        index = order[position]
+        os.write(report, _RECORD.pack(_STARTED, index))
+        result = _replay_in_worker(jobs[index], config, os.path.join(folder, f"{index}.db"))
+        if result is not None:
+            path = os.path.join(folder, f"{index}.result")
+            with open(path + ".tmp", "wb") as handle:
+                pickle.dump(result, handle, pickle.HIGHEST_PROTOCOL)
+            os.rename(path + ".tmp", path)
+        os.write(report, _RECORD.pack(_REPLAYED if result is not None else _FAILED, index))
+
+
 class ParallelReplay:
     """Replays ``jobs`` on worker processes; ``result(i)`` merges job ``i`` and returns it.
 
     Call ``result`` in the jobs' order (the store's ids then follow that order). The
     store's connection is closed while the workers are forked (a SQLite connection must
     not cross a fork); the store reconnects on its next query.
+
+    The workers are forked once, share the jobs by fork (nothing is pickled to them),
+    take them from a file counter, and hand results back as files. Each reports on its
+    own pipe in atomic 8-byte records; the parent reads them on its main thread. No
+    pool, no helper threads, no half-written message: ``close`` kills the workers and
+    reaps them, and nothing is left that could wait on a dead one.
     """
 
     def __init__(self, store: Store, config: Config, jobs: Sequence[ReplayJob], workers: int) -> None:
-        import multiprocessing
-
         self.store = store
         self.jobs = list(jobs)
         self.workers = max(1, min(workers, len(self.jobs)))
         self.notices: list[str] = []
-        self._futures: dict[int, Future[ProcessResult | None]] = {}
         self._by_conversation = {id(job.conv): index for index, job in enumerate(self.jobs)}
-        self._pool: ProcessPoolExecutor | None = None
         self._dir, self._lock = "", -1
-        # Ctrl-C is held back until the workers are forked and the jobs queued: a
-        # KeyboardInterrupt inside the fork would leave a worker half set up (it hangs
-        # the exit) or be swallowed. Callers hold it too until they hold the runner.
+        self._pids: dict[int, int] = {}  # report pipe (read end) -> worker pid
+        self._running: dict[int, int] = {}  # report pipe -> job index its worker replays
+        self._pending: dict[int, bytes] = {}  # report pipe -> bytes of an unfinished record
+        self._outcome: dict[int, int] = {}  # job index -> _REPLAYED or _FAILED
+        # Ctrl-C is held back until the workers are forked: a KeyboardInterrupt inside a
+        # fork would leave a worker half set up or be swallowed. Callers hold it too
+        # until they hold the runner.
         with sigint_held():
             try:
                 # beside the database: same disk, same private folder, never a shared /tmp
                 self._dir, self._lock = _scratch_folder(Path(store.location.target).parent)
+                with open(os.path.join(self._dir, "queue"), "wb") as queue:
+                    queue.write(bytes(8))
                 store.close()
-                self._pool = ProcessPoolExecutor(
-                    max_workers=self.workers,
-                    mp_context=multiprocessing.get_context("fork"),
-                    initializer=_worker_setup,
-                    initargs=(os.getpid(),),
-                )
                 # longest first: the last conversation to finish is then a short one
                 order = sorted(range(len(self.jobs)), key=lambda i: -len(self.jobs[i].conv.messages))
-                for index in order:
-                    task = _Task(self.jobs[index], config, os.path.join(self._dir, f"{index}.db"))
-                    self._futures[index] = self._pool.submit(_replay_in_worker, task)
+                for _ in range(self.workers):
+                    self._fork(order, config)
             except BaseException:
                 self.close()
                 raise
+
+    def _fork(self, order: list[int], config: Config) -> None:
+        parent = os.getpid()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns into the caller's code
+            code = 1
+            try:
+                for other in (read, *self._pids):  # only its own write end stays open
+                    os.close(other)
+                _worker_setup(parent)
+                _work(self.jobs, order, config, self._dir, write)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        self._pids[read] = pid
 
     def take(self, conv: Conversation) -> ProcessResult | None:
         """``result`` of the job replaying ``conv``; None if none does (or see ``result``)."""
@@ -456,28 +505,67 @@ class ParallelReplay:
     def result(self, index: int) -> ProcessResult | None:
         """Job ``index``'s replay, merged into the store; None when the caller must replay
         it itself: the store gained its session meanwhile, or the worker's replay failed
-        (the caller's own replay then stores and reports exactly what a sequential run
-        does, including the turns before a bad one)."""
+        or its worker died (the caller's own replay then stores and reports exactly what
+        a sequential run does, including the turns before a bad one)."""
+        while index not in self._outcome and self._pids:
+            self._read_reports()
+        base = os.path.join(self._dir, str(index))  # the worker's <index>.db and .result
         try:
-            replayed = self._futures.pop(index).result()
-        except BrokenProcessPool:  # every job not merged yet is lost: the caller replays it
-            notice = "a replay worker process died (out of memory?); replaying in the main process"
-            if notice not in self.notices:
-                self.notices.append(notice)
-            return None
-        scratch = os.path.join(self._dir, f"{index}.db")
-        try:
-            if replayed is None:  # the worker failed: the caller's replay reports why
+            outcome = self._outcome.pop(index, None)
+            if outcome is None:  # its worker died, or every worker did before it started
+                self._note_death()
                 return None
-            offsets = merge_session(self.store, scratch, self.jobs[index].key)
+            if outcome != _REPLAYED:  # the worker failed: the caller's replay reports why
+                return None
+            with open(base + ".result", "rb") as handle:
+                replayed: ProcessResult = pickle.load(handle)
+            offsets = merge_session(self.store, base + ".db", self.jobs[index].key)
             if offsets is None:
                 return None
             _shift_snapshot_ids(replayed, offsets[m.Snapshot._meta.table_name])
             return replayed
         finally:
-            for suffix in ("", "-wal", "-shm"):
+            for suffix in (".db", ".db-wal", ".db-shm", ".result"):
                 with contextlib.suppress(FileNotFoundError):
-                    os.remove(scratch + suffix)
+                    os.remove(base + suffix)
+
+    def _read_reports(self) -> None:
+        """Wait for the next reports of any worker (a Ctrl-C interrupts the wait)."""
+        import select
+
+        poller = select.poll()
+        for read in self._pids:
+            poller.register(read, select.POLLIN)
+        for read, _ in poller.poll():
+            data = os.read(read, 4096)
+            if not data:  # the worker ended: exited when done, or killed
+                self._reap(read)
+                continue
+            data = self._pending.pop(read, b"") + data
+            whole = len(data) - len(data) % _RECORD.size
+            if whole < len(data):
+                self._pending[read] = data[whole:]
+            for kind, job in _RECORD.iter_unpack(data[:whole]):
+                if kind == _STARTED:
+                    self._running[read] = job
+                else:
+                    self._running.pop(read, None)
+                    self._outcome[job] = kind
+
+    def _reap(self, read: int) -> None:
+        """A worker's pipe closed: collect the process; a job it was replaying is lost."""
+        pid = self._pids.pop(read)
+        os.close(read)
+        self._pending.pop(read, None)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        if self._running.pop(read, None) is not None:
+            self._note_death()
+
+    def _note_death(self) -> None:
+        notice = "a replay worker process died (out of memory?); replaying in the main process"
+        if notice not in self.notices:
+            self.notices.append(notice)
 
     def close(self) -> None:
         """Stop the workers (pending jobs are dropped) and remove the scratch files.
@@ -487,13 +575,12 @@ class ParallelReplay:
         if self._lock < 0:
             return
         with sigint_held():
-            if self._pool is not None:
-                # stop the running replays; the pool's own thread then fails or cancels
-                # every job (cancelling futures from here would race with it) and is
-                # joined, so no pipe of it is left for the interpreter's exit hook
-                for process in dict(getattr(self._pool, "_processes", None) or {}).values():
-                    process.terminate()
-                self._pool.shutdown(wait=True, cancel_futures=True)
+            for pid in self._pids.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for read in list(self._pids):
+                self._running.pop(read, None)  # no notice: the caller stopped them
+                self._reap(read)
             shutil.rmtree(self._dir, ignore_errors=True)
             os.close(self._lock)
             self._lock = -1
