@@ -6,7 +6,16 @@ Accepted forms (detected, or forced with ``fmt``):
 - ``openai``: a bare messages list, or ``{"messages": [...]}``
 - ``sharegpt``: a list of ``{"id", "conversations": [{"from", "value"}]}`` (one session each)
 - ``jsonl``: JSON Lines, each line one of the above (or one message per line, which
-  makes the whole file one conversation).
+  makes the whole file one conversation). A chat-completions request log (each line a
+  request whose ``messages`` repeat the history so far) is one conversation: a line
+  without a session id whose messages start with all of the previous such line's
+  messages continues that conversation instead of starting a new one.
+
+A forced format (``--format``) refuses a file of another form and says what it found.
+``-`` reads standard input. UTF-8 (with or without a byte-order mark) and UTF-16/UTF-32
+with a byte-order mark are read. Image, audio and file content parts become a visible
+placeholder such as ``[image: https://...]``; OpenAI's ``developer`` role is kept (it is
+treated like ``system``); ShareGPT's top-level ``system`` text is the first message.
 
 Errors are ``BadInputError`` naming the file and the place (line and column for JSON,
 ``messages[i]`` for a message). ``validate_file`` checks a whole file before anything is
@@ -16,6 +25,8 @@ written, so a bad file writes nothing.
 from __future__ import annotations
 
 import json
+import sys
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -81,6 +92,38 @@ def parse_timestamp(value: Any, where: str) -> datetime | None:
     raise _fail(where, f"timestamp must be ISO-8601 text or a number, not {type(value).__name__}")
 
 
+DATA_URL_SHOWN = 40
+"""Characters of a ``data:`` URL kept in a placeholder (the rest is counted, not shown)."""
+
+
+def _shorten_url(url: str) -> str:
+    """A URL as shown in a placeholder: ``data:`` URLs cut to their type and size."""
+    if url.startswith("data:"):
+        head, _, payload = url.partition(",")
+        return f"{head[:DATA_URL_SHOWN]}, {len(payload)} characters"
+    return url
+
+
+def _part_placeholder(part: dict[str, Any]) -> str | None:
+    """``[image: URL]``, ``[audio: wav data]``, ``[file: name]`` for a non-text part."""
+    kind = part.get("type")
+    if not isinstance(kind, str) or kind in ("text", "input_text"):
+        return None
+    label = kind.removeprefix("input_").removesuffix("_url")
+    value = part.get(kind)
+    if isinstance(value, dict):
+        ref = value.get("url") or value.get("filename") or value.get("file_id")
+        if ref is None and "data" in value:
+            ref = f"{value.get('format') or 'inline'} data"
+    else:
+        ref = value if isinstance(value, str) else part.get("url") or part.get("source")
+        if isinstance(ref, dict):  # e.g. {"type": "base64", "media_type": ...}
+            ref = f"{ref.get('media_type') or ref.get('type') or 'inline'} data"
+    if isinstance(ref, str) and ref:
+        return f"[{label}: {_shorten_url(ref)}]"
+    return f"[{label}]"
+
+
 def _content_text(value: Any, where: str) -> str:
     if isinstance(value, str):
         return value
@@ -91,8 +134,8 @@ def _content_text(value: Any, where: str) -> str:
                 parts.append(part)
             elif isinstance(part, dict) and isinstance(part.get("text"), str):
                 parts.append(part["text"])
-            elif isinstance(part, dict) and part.get("type") not in (None, "text"):
-                continue
+            elif isinstance(part, dict) and (placeholder := _part_placeholder(part)) is not None:
+                parts.append(placeholder)
             else:
                 raise _fail(f"{where}.content[{i}]", "content part has no text")
         return "\n".join(parts)
@@ -212,6 +255,12 @@ def _sharegpt_item(raw: dict[str, Any], where: str) -> Conversation:
     if not isinstance(turns, list):
         raise _fail(f"{where}conversations", f"must be a list, not {type(turns).__name__}")
     messages = []
+    system = raw.get("system")
+    if system is not None:  # LLaMA-Factory's form keeps the system prompt beside the turns
+        if not isinstance(system, str):
+            raise _fail(f"{where}system", f"must be a string, not {_json_type(system)}")
+        if system.strip():
+            messages.append(ChatMessage(role="system", content=system))
     for i, turn in enumerate(turns):
         place = f"{where}conversations[{i}]"
         if not isinstance(turn, dict):
@@ -234,21 +283,76 @@ def _sharegpt_item(raw: dict[str, Any], where: str) -> Conversation:
     return Conversation(_session_key(raw, where.rstrip(".") or "file"), messages, [], where)
 
 
+# what each forced format reads, and the shapes (see ``_shape``) it accepts
+_EXPECTS = {
+    "native": ("an object with 'messages' (and 'session_id'), or a list of them", {"messages"}),
+    "openai": ("a list of messages, or an object with 'messages'", {"messages", "message list"}),
+    "sharegpt": ("ShareGPT: objects with 'conversations' of {from, value} turns", {"sharegpt"}),
+}
+
+
+def _shape(value: Any) -> str:
+    """The form of a JSON value: ``sharegpt``, ``messages``, ``message list``, ``message``
+    or ``other``."""
+    first = value[0] if isinstance(value, list) and value else value
+    if not isinstance(first, dict):
+        return "message list" if isinstance(value, list) else "other"
+    if "conversations" in first:
+        return "sharegpt"
+    if "messages" in first and "role" not in first:
+        return "messages"
+    if "role" in first:
+        return "message list" if isinstance(value, list) else "message"
+    return "message list" if isinstance(value, list) else "other"
+
+
+def _found(value: Any) -> str:
+    """What a JSON value looks like, in words, for an error."""
+    many = isinstance(value, list)
+    described = {
+        "sharegpt": "a ShareGPT list (items with 'conversations')" if many else "a ShareGPT item",
+        "messages": "a list of objects with 'messages'" if many else "an object with 'messages'",
+        "message list": "a list of OpenAI messages (items with 'role')",
+        "message": "a single message (an object with 'role')",
+    }.get(_shape(value))
+    if described:
+        return described
+    if isinstance(value, dict):
+        keys = ", ".join(repr(k) for k in list(value)[:6])
+        return f"an object with keys {keys}" if keys else "an empty object"
+    return _json_type(value)
+
+
+def _check_format(value: Any, where: str, fmt: str) -> None:
+    """A forced ``--format`` refuses a value of another form, naming what it found."""
+    if fmt not in _EXPECTS:
+        return
+    expects, shapes = _EXPECTS[fmt]
+    if _shape(value) not in shapes:
+        place = where.rstrip(". :") or "file"
+        raise _fail(place, f"--format {fmt} expects {expects}, but found {_found(value)}")
+
+
 def _from_value(value: Any, where: str, fmt: str) -> list[Conversation]:
     """Conversations held by one JSON value (a whole file or one JSONL line)."""
+    if isinstance(value, (dict, list)) and value:
+        _check_format(value, where, fmt)
     if isinstance(value, dict):
-        if "conversations" in value and fmt in ("auto", "sharegpt", "jsonl"):
+        if "conversations" in value:
             return [_sharegpt_item(value, where)]
-        if "messages" in value and fmt != "sharegpt":
+        if "messages" in value:
             return [_native(value, where)]
-        raise _fail(where.rstrip(". :") or "file", "object has neither 'messages' nor 'conversations'")
+        raise _fail(
+            where.rstrip(". :") or "file",
+            f"object has neither 'messages' nor 'conversations' (found {_found(value)})",
+        )
     if isinstance(value, list):
         if not value:
             return []
-        first = value[0]
-        if isinstance(first, dict) and "conversations" in first and fmt != "openai":
+        shape = _shape(value)
+        if shape == "sharegpt":
             return _each_item(value, where, "conversations", _sharegpt_item)
-        if isinstance(first, dict) and "messages" in first and "role" not in first:
+        if shape == "messages":
             return _each_item(value, where, "messages", _native)
         return [Conversation(None, _parse_messages(value, f"{where}messages"), [], where)]
     raise _fail(where.rstrip(". :") or "file", f"expected a JSON object or list, not {_json_type(value)}")
@@ -260,22 +364,89 @@ def _json_type(value: Any) -> str:
     return {bool: "boolean", int: "number", float: "number", str: "string"}.get(type(value), "value")
 
 
+STDIN = "-"
+"""The file name that means standard input."""
+
+_BOMS = (  # longest first: the UTF-32 LE mark starts with the UTF-16 LE one
+    (b"\xff\xfe\x00\x00", "utf-32-le", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "utf-32-be", "UTF-32"),
+    (b"\xef\xbb\xbf", "utf-8", "UTF-8"),
+    (b"\xff\xfe", "utf-16-le", "UTF-16"),
+    (b"\xfe\xff", "utf-16-be", "UTF-16"),
+)
+
+_stdin_read: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+
+
+def is_stdin(path: str | Path) -> bool:
+    """Whether ``path`` is ``-`` (standard input)."""
+    return str(path) == STDIN
+
+
+def source_label(path: str | Path) -> str:
+    """How errors name a file: its path, or ``<stdin>``."""
+    return "<stdin>" if is_stdin(path) else str(path)
+
+
+def file_stem(path: str | Path) -> str:
+    """The session id a file's conversation gets when it names none: the file's stem
+    (``stdin`` for ``-``)."""
+    return "stdin" if is_stdin(path) else Path(path).stem
+
+
+def no_conversations_notice(path: str | Path) -> str:
+    """The warning for a file that holds no conversation (``[]``)."""
+    return f"warning: {source_label(path)}: no conversations in this file; nothing to do"
+
+
+def _stdin_bytes() -> bytes:
+    """Standard input's bytes, read once per stream (``import`` reads a file twice)."""
+    stream = getattr(sys.stdin, "buffer", sys.stdin)
+    if stream not in _stdin_read:
+        data = stream.read()
+        _stdin_read[stream] = data.encode("utf-8") if isinstance(data, str) else data
+    return _stdin_read[stream]
+
+
+def _bom(data: bytes) -> tuple[int, str, str] | None:
+    """(length, codec, name) of the byte-order mark ``data`` starts with."""
+    for mark, codec, name in _BOMS:
+        if data.startswith(mark):
+            return len(mark), codec, name
+    return None
+
+
 def _read_text(path: Path) -> str:
-    label = str(path)
-    if path.is_dir():
-        raise BadInputError(f"{label}: is a directory, not a conversation file")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise BadInputError(f"{label}: no such file") from None
-    except OSError as exc:
-        raise BadInputError(f"{label}: cannot read ({exc.strerror})") from None
+    label = source_label(path)
+    if is_stdin(path):
+        data = _stdin_bytes()
+    else:
+        if path.is_dir():
+            raise BadInputError(f"{label}: is a directory, not a conversation file")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BadInputError(f"{label}: no such file") from None
+        except OSError as exc:
+            raise BadInputError(f"{label}: cannot read ({exc.strerror})") from None
+    bom = _bom(data)
+    if bom is not None and bom[1] != "utf-8":
+        size, codec, name = bom
+        try:
+            text = data[size:].decode(codec)
+        except UnicodeDecodeError as exc:
+            raise BadInputError(
+                f"{label}: invalid {name} at byte {exc.start + size} (the file starts with a {name} mark)"
+            ) from None
+        if not text.strip():
+            raise BadInputError(f"{label}: file is empty")
+        return text
     if not data.strip():
         raise BadInputError(f"{label}: file is empty")
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
+    if bom is not None:
+        data = data[bom[0] :]
     if b"\x00" in data[:4096]:
-        raise BadInputError(f"{label}: binary file, not JSON")
+        raise BadInputError(f"{label}: binary file, not JSON (UTF-16 or UTF-32 needs a byte-order mark)")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -297,11 +468,43 @@ def _line_format(fmt: str) -> str:
     return "auto" if fmt == "jsonl" else fmt
 
 
+def _same_message(a: ChatMessage, b: ChatMessage) -> bool:
+    return a.role == b.role and a.content == b.content and a.name == b.name
+
+
+def _continues(previous: Conversation, conv: Conversation) -> bool:
+    """``conv`` is a later request of ``previous``'s conversation: neither names a session
+    or carries KV entries, and ``conv``'s messages start with all of ``previous``'s."""
+    if previous.session_key is not None or conv.session_key is not None:
+        return False
+    if previous.kv_entries or conv.kv_entries or not previous.messages:
+        return False
+    if len(conv.messages) < len(previous.messages):
+        return False
+    return all(_same_message(a, b) for a, b in zip(previous.messages, conv.messages, strict=False))
+
+
+def _reply(value: Any, where: str) -> ChatMessage | None:
+    """The assistant reply a request-log line may carry (``response.choices[0].message``)."""
+    response = value.get("response") if isinstance(value, dict) else None
+    if not isinstance(response, dict):
+        return None
+    choices = response.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return None
+    message = choices[0].get("message")
+    if not isinstance(message, dict) or not message.get("content"):
+        return None
+    return parse_message(message, f"{where}response.choices[0].message")
+
+
 def _jsonl_conversations(lines: Iterable[tuple[int, str]], label: str, fmt: str) -> Iterator[Conversation]:
-    """Conversations of numbered JSON Lines; loose one-message lines make one conversation."""
+    """Conversations of numbered JSON Lines; loose one-message lines make one conversation,
+    and request-log lines that repeat a growing history make one (see ``_continues``)."""
     fmt = _line_format(fmt)
     loose: list[ChatMessage] = []
     loose_line = 0
+    pending: Conversation | None = None  # an unnamed conversation a later line may continue
     for number, line in lines:
         if not line.strip():
             continue
@@ -310,11 +513,32 @@ def _jsonl_conversations(lines: Iterable[tuple[int, str]], label: str, fmt: str)
         except json.JSONDecodeError as exc:
             raise _json_error(label, exc, number - 1) from None
         where = f"{label}:{number}: "
-        if fmt != "sharegpt" and isinstance(value, dict) and "role" in value and "messages" not in value:
+        if (
+            fmt in ("auto", "openai")
+            and isinstance(value, dict)
+            and "role" in value
+            and "messages" not in value
+        ):
             loose.append(parse_message(value, f"{label}:{number}: message"))
             loose_line = loose_line or number
             continue
-        yield from _from_value(value, where, fmt)
+        conversations = _from_value(value, where, fmt)
+        reply = _reply(value, where)
+        if reply is not None and len(conversations) == 1:
+            conversations[0].messages.append(reply)
+        for conv in conversations:
+            if pending is not None and _continues(pending, conv):
+                pending = conv
+                continue
+            if pending is not None:
+                yield pending
+                pending = None
+            if conv.session_key is None and not conv.kv_entries:
+                pending = conv
+            else:
+                yield conv
+    if pending is not None:
+        yield pending
     if loose:
         yield Conversation(None, loose, [], f"{label}:{loose_line}")
 
@@ -337,7 +561,7 @@ def load_file(path: str | Path, fmt: str = "auto") -> list[Conversation]:
     if fmt not in FORMATS:
         raise BadInputError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
     file = Path(path)
-    label = str(path)
+    label = source_label(path)
     text = _read_text(file)
     if detect_jsonl(file, text, fmt):
         return list(_iter_jsonl(text, label, fmt))
@@ -391,10 +615,20 @@ def iter_file(path: str | Path, fmt: str = "auto") -> Iterator[Conversation]:
     if fmt not in FORMATS:
         raise BadInputError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
     file = Path(path)
-    label = str(path)
-    if file.is_dir():
+    label = source_label(path)
+    if not is_stdin(path) and file.is_dir():
         raise BadInputError(f"{label}: is a directory, not a conversation file")
-    if detect_jsonl(file, "", fmt):
+    if not is_stdin(path) and detect_jsonl(file, "", fmt) and not _starts_with_wide_bom(file):
         yield from _iter_jsonl_stream(file, label, fmt)
         return
     yield from load_file(path, fmt)
+
+
+def _starts_with_wide_bom(path: Path) -> bool:
+    """A UTF-16/UTF-32 byte-order mark: such a file is decoded whole, not streamed by line."""
+    try:
+        with path.open("rb") as handle:
+            bom = _bom(handle.read(4))
+    except OSError:
+        return False  # the streaming reader names the error
+    return bom is not None and bom[1] != "utf-8"

@@ -56,7 +56,7 @@ def test_openai_content_parts(tmp_path: Path) -> None:
         }
     ]
     [conv] = load_file(write(tmp_path, "p.json", data))
-    assert conv.messages[0].content == "look"
+    assert conv.messages[0].content == "look\n[image]"  # a part without a URL is still shown
 
 
 def test_sharegpt_one_session_per_item() -> None:
@@ -85,7 +85,8 @@ def test_jsonl_of_conversations_and_of_messages(tmp_path: Path) -> None:
 
 
 def test_forced_formats(tmp_path: Path) -> None:
-    path = write(tmp_path, "a.txt", "\n".join(json.dumps({"messages": MSGS}) for _ in range(2)))
+    lines = (json.dumps({"messages": [{"role": "user", "content": f"question {i}"}]}) for i in range(2))
+    path = write(tmp_path, "a.txt", "\n".join(lines))
     assert len(load_file(path, "jsonl")) == 2
     assert len(load_file(path)) == 2  # auto: "Extra data" falls back to JSON Lines
     with pytest.raises(BadInputError, match="unknown format"):

@@ -11,7 +11,9 @@ from typing import Any
 
 from kvcache_cli.errors import BadInputError
 
-ROLES = ("system", "user", "assistant", "function", "tool")
+ROLES = ("system", "developer", "user", "assistant", "function", "tool")
+SYSTEM_ROLES = frozenset({"system", "developer"})
+"""Roles that instruct the model (OpenAI's ``developer`` is its newer name for ``system``)."""
 
 
 @dataclass

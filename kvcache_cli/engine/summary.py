@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from kvcache_cli.engine.entries import ChatMessage
+from kvcache_cli.engine.entries import SYSTEM_ROLES, ChatMessage
 from kvcache_cli.engine.scoring import (
     CODE_WORDS,
     NUMERIC_WORDS,
@@ -114,7 +114,7 @@ def extractive_summary(prior: str | None, messages: list[ChatMessage]) -> str | 
     candidates: list[tuple[float, int, str]] = []
     order = 0
     for message in messages[-TAIL_MESSAGES:]:
-        if message.role == "system":
+        if message.role in SYSTEM_ROLES:
             continue
         for bullet in _code_bullets(message):
             candidates.append((5.0, order, bullet))

@@ -683,7 +683,9 @@ def build_summary_messages(
         user = _USER_PROMPT_FIRST
     tail = list(messages)[-SUMMARY_TAIL_MESSAGES:]
     out = [{"role": "system", "content": system}]
-    out.extend({"role": str(m["role"]), "content": str(m["content"])} for m in tail)
+    for m in tail:  # servers' chat templates may not know OpenAI's newer "developer" role
+        role = "system" if m["role"] == "developer" else str(m["role"])
+        out.append({"role": role, "content": str(m["content"])})
     out.append({"role": "user", "content": user})
     return out
 

@@ -33,7 +33,7 @@ from typing import Any
 from kvcache_cli.engine.entries import stored_prefix
 from kvcache_cli.engine.memory import estimate_tokens
 from kvcache_cli.errors import BadInputError
-from kvcache_cli.loaders import Conversation, iter_file
+from kvcache_cli.loaders import Conversation, file_stem, iter_file
 from kvcache_cli.store import models as m
 from kvcache_cli.store import search
 from kvcache_cli.store.backend import Store
@@ -82,7 +82,8 @@ class ImportResult:
 
 def session_key_for(conv: Conversation, session: str | None, path: Path, index: int, count: int) -> str:
     """The session id ``process`` would use for conversation ``index`` of ``count``."""
-    return conv.session_key or session or (path.stem if count == 1 else f"{path.stem}-{index + 1}")
+    stem = file_stem(path)
+    return conv.session_key or session or (stem if count == 1 else f"{stem}-{index + 1}")
 
 
 def validate(path: Path, fmt: str = "auto") -> tuple[int, int]:

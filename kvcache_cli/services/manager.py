@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any, cast
 
 from kvcache_cli.config import Config
 from kvcache_cli.engine import bridge
-from kvcache_cli.engine.entries import ChatMessage, KVEntry, entries_hash, key_hash_for, stored_prefix
+from kvcache_cli.engine.entries import (
+    SYSTEM_ROLES,
+    ChatMessage,
+    KVEntry,
+    entries_hash,
+    key_hash_for,
+    stored_prefix,
+)
 from kvcache_cli.engine.extractor import PRESERVE_SHARE, extract_entries, filter_preserved, fit_to_budget
 from kvcache_cli.engine.memory import TokenCounter, capacity_bytes
 from kvcache_cli.engine.scoring import CacheEntryScorer, next_engagement
@@ -366,7 +373,7 @@ class KVCacheManager:
             entry = KVEntry(
                 key_hash=key_hash_for(session_key, index, msg.content),
                 key_data=msg.content,
-                key_type="system_prompt" if msg.role == "system" else "attention_key",
+                key_type="system_prompt" if msg.role in SYSTEM_ROLES else "attention_key",
                 value_bytes=len(msg.content.encode("utf-8")),
                 last_accessed=msg.timestamp or now,
                 size_bytes=count * per_token,

@@ -100,10 +100,12 @@ class _Loaded:
 
 def session_keys(path: Path, conversations: Sequence[Conversation], session: str | None) -> list[str]:
     """Each conversation's session: its own id, else ``session``, else from the file name."""
+    from kvcache_cli.loaders import file_stem
+
     return [
         conv.session_key
         or session
-        or (path.stem if len(conversations) == 1 else f"{path.stem}-{index + 1}")
+        or (file_stem(path) if len(conversations) == 1 else f"{file_stem(path)}-{index + 1}")
         for index, conv in enumerate(conversations)
     ]
 
@@ -146,6 +148,10 @@ def replay_files(
         events.failed(failure, exc)
 
     def replay(unit: _Loaded, runner: ParallelReplay | None) -> None:
+        if not unit.conversations:
+            from kvcache_cli.loaders import no_conversations_notice
+
+            events.notice(no_conversations_notice(unit.path))
         pairs = list(zip(unit.conversations, unit.keys, strict=True))
         try:  # a file that rewrites a stored conversation is refused before any write
             for conv, key in pairs:

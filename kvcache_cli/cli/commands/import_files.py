@@ -32,5 +32,10 @@ def import_command(
     finally:
         store.close()
     show(result, as_json, render.import_result)
+    for item in result.files:
+        if item.conversations == 0:
+            from kvcache_cli.loaders import no_conversations_notice
+
+            state.info(f"kvcache: {no_conversations_notice(item.path)}")
     if result.failed:
         raise typer.Exit(2)
