@@ -100,7 +100,10 @@ def test_media_parts_become_visible_placeholders(tmp_path: Path) -> None:
             ],
         },
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}}]},
-        {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "UklGR", "format": "wav"}}]},
+        {
+            "role": "user",
+            "content": [{"type": "input_audio", "input_audio": {"data": "UklGR", "format": "wav"}}],
+        },
     ]
     [conv] = load_file(write(tmp_path / "m.json", data))
     first, image_only, audio = (m.content for m in conv.messages)
