@@ -9,8 +9,10 @@ naming the key and the file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,7 @@ class LLMConfig:
     summary_max_tokens: int = 512
     embedding_batch_size: int = 32
     use_tokenize: bool = True
+    slot_save_path: str = ""
 
 
 @dataclass
@@ -117,6 +120,18 @@ class MaintenanceConfig:
 
 
 @dataclass
+class ServeConfig:
+    """``kvcache serve``: where it listens, the model server it manages, its limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 8088
+    upstream: str = ""
+    api_key_env: str = ""
+    max_body_bytes: int = 8 * 1024 * 1024
+    reply_reserve: int = 512
+
+
+@dataclass
 class Config:
     """Everything kvcache can be told; ``source`` is the file it came from, if any."""
 
@@ -125,6 +140,7 @@ class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     maintenance: MaintenanceConfig = field(default_factory=MaintenanceConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     source: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,6 +156,7 @@ _SECTIONS: dict[str, type] = {
     "database": DatabaseConfig,
     "llm": LLMConfig,
     "maintenance": MaintenanceConfig,
+    "serve": ServeConfig,
 }
 
 
@@ -167,6 +184,21 @@ def _check_value(name: str, value: Any, default: Any, where: str) -> Any:
     raise ConfigError(f"{where}: {name} has an unsupported value {value!r}")
 
 
+def _suggestion(key: str, known: Iterable[str], prefix: str | None) -> str:
+    """`` (did you mean X?)``: the nearest known key (difflib), or the section that has
+    ``key``; empty when nothing is close."""
+    names = list(known)
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if not close:
+        close = difflib.get_close_matches(key.lower().replace("-", "_"), names, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {f'{prefix}.' if prefix else ''}{close[0]}?)"
+    for section, cls in _SECTIONS.items():
+        if section != prefix and key in {f.name for f in dataclasses.fields(cls)}:
+            return f" (it belongs in [{section}])"
+    return ""
+
+
 def _build(cls: type, table: Any, prefix: str, where: str) -> Any:
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: [{prefix}] must be a table")
@@ -176,7 +208,7 @@ def _build(cls: type, table: Any, prefix: str, where: str) -> Any:
     for key, value in table.items():
         name = f"{prefix}.{key}"
         if key not in known:
-            raise ConfigError(f"{where}: unknown key {name}")
+            raise ConfigError(f"{where}: unknown key {name}{_suggestion(key, known, prefix)}")
         default = getattr(defaults, key)
         if dataclasses.is_dataclass(default):
             values[key] = _build(type(default), value, name, where)
@@ -204,7 +236,10 @@ def validate(config: Config, where: str = "configuration") -> Config:
         ("cache.snapshot.min_importance_threshold", cache.snapshot.min_importance_threshold),
     ):
         if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{where}: {name} must be between 0 and 1, not {value!r}")
+            hint = f"; {value:g}% is {value / 100:g}" if 1.0 < value <= 100.0 else ""
+            raise ConfigError(
+                f"{where}: {name} is a fraction between 0 and 1 (0.6 = 60%), not {value!r}{hint}"
+            )
     if cache.clear_after_conversations < 1:
         raise ConfigError(f"{where}: cache.clear_after_conversations must be at least 1")
     if cache.hybrid.keyword_weight + cache.hybrid.semantic_weight <= 0:
@@ -217,6 +252,15 @@ def validate(config: Config, where: str = "configuration") -> Config:
         raise ConfigError(f"{where}: maintenance.history_limit must be at least 1")
     _validate_llm(config.llm, where)
     _validate_database_url(config.database.url, where)
+    serve = config.serve
+    if not 0 <= serve.port <= 65535:
+        raise ConfigError(f"{where}: serve.port must be 0..65535, not {serve.port!r}")
+    if serve.upstream and not _is_http_url(serve.upstream):
+        raise ConfigError(f"{where}: serve.upstream must be an http(s) URL, not {serve.upstream!r}")
+    if serve.max_body_bytes < 1024 or serve.reply_reserve < 1:
+        raise ConfigError(
+            f"{where}: serve.max_body_bytes must be at least 1024 and serve.reply_reserve at least 1"
+        )
     return config
 
 
@@ -267,7 +311,7 @@ def parse_config(data: dict[str, Any], where: str) -> Config:
     sections: dict[str, Any] = {}
     for key, table in data.items():
         if key not in _SECTIONS:
-            raise ConfigError(f"{where}: unknown section or key {key}")
+            raise ConfigError(f"{where}: unknown section or key {key}{_suggestion(key, _SECTIONS, None)}")
         sections[key] = _build(_SECTIONS[key], table, key, where)
     return validate(Config(**sections), where)
 
@@ -307,8 +351,12 @@ def load_config(explicit: str | Path | None = None) -> Config:
     return config
 
 
-def starter_toml(config: Config | None = None) -> str:
-    """A complete ``kvcache.toml`` with every key at its value (tomli-w)."""
-    import tomli_w
+EXAMPLE_RESOURCE = "data/kvcache.toml.example"
+"""The commented example configuration shipped in the package (every key, its default)."""
 
-    return tomli_w.dumps((config or Config()).to_dict())
+
+def starter_toml() -> str:
+    """The commented ``kvcache.toml`` that ``init-config`` writes (every key at its default)."""
+    from importlib.resources import files
+
+    return files("kvcache_cli").joinpath(EXAMPLE_RESOURCE).read_text(encoding="utf-8")

@@ -125,3 +125,51 @@ def test_starter_toml_round_trips(tmp_path: Path) -> None:
     import tomllib
 
     assert parse_config(tomllib.loads(starter_toml()), "x").to_dict() == Config().to_dict()
+
+
+def test_init_config_writes_the_commented_example(tmp_path: Path) -> None:
+    import tomllib
+
+    from typer.testing import CliRunner
+
+    from kvcache_cli.cli.app import app
+
+    target = tmp_path / "conf" / "kvcache.toml"
+    result = CliRunner().invoke(app, ["init-config", str(target)])
+    assert result.exit_code == 0, result.stderr
+    text = target.read_text(encoding="utf-8")
+    assert text == starter_toml()
+    assert "# Clear a session's cache when its turn count" in text  # the comments are kept
+    assert tomllib.loads(text) == Config().to_dict()  # every key, each at its default
+    assert load_config(target).to_dict() == Config().to_dict()
+
+
+def test_the_shipped_example_is_the_repository_one() -> None:
+    repo_copy = Path(__file__).resolve().parents[1] / "kvcache.toml.example"
+    assert repo_copy.read_text(encoding="utf-8") == starter_toml()
+
+
+@pytest.mark.parametrize(("value", "hint"), [("60", "; 60% is 0.6"), ("150", "")])
+def test_a_percentage_is_explained_as_a_fraction(tmp_path: Path, value: str, hint: str) -> None:
+    path = write(tmp_path, f"[cache]\nmemory_threshold_percent = {value}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "cache.memory_threshold_percent is a fraction between 0 and 1 (0.6 = 60%)" in str(info.value)
+    assert str(info.value).endswith(f"not {float(value)!r}{hint}")
+
+
+@pytest.mark.parametrize(
+    ("text", "suggestion"),
+    [
+        ("[cache]\nclear_after_conversation = 3\n", "(did you mean cache.clear_after_conversations?)"),
+        ("[cache]\nMemory-Threshold-Percent = 0.5\n", "(did you mean cache.memory_threshold_percent?)"),
+        ("[cahce]\nenabled = true\n", "(did you mean cache?)"),
+        ("[cache.snapshot]\nmax_snapshot = 2\n", "(did you mean cache.snapshot.max_snapshots?)"),
+        ("[cache]\nbase_url = 'http://h'\n", "(it belongs in [llm])"),
+    ],
+)
+def test_an_unknown_key_suggests_the_nearest(tmp_path: Path, text: str, suggestion: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).endswith(suggestion)
