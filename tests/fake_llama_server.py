@@ -158,6 +158,40 @@ class _Failure:
     path: str | None
 
 
+class _Streamed(Exception):
+    """Raised inside a route to answer with server-sent events."""
+
+    def __init__(self, events: list[bytes]) -> None:
+        super().__init__("stream")
+        self.events = events
+
+
+def stream_events(answer: dict[str, Any]) -> list[bytes]:
+    """A chat completion as llama-server streams it (``chat_stream.txt``): a role
+    chunk, one chunk per token piece, a final chunk with ``finish_reason`` and
+    ``timings``, then ``data: [DONE]``."""
+    choice = answer["choices"][0]
+    head = {
+        "created": answer["created"],
+        "id": answer["id"],
+        "model": answer["model"],
+        "system_fingerprint": answer["system_fingerprint"],
+        "object": "chat.completion.chunk",
+    }
+
+    def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        chunk = {"choices": [{"finish_reason": finish, "index": 0, "delta": delta}]}
+        chunk.update(head)
+        chunk.update(extra)
+        return b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+    events = [event({"role": "assistant", "content": None})]
+    events += [event({"content": piece}) for _, piece in tokenize_text(choice["message"]["content"])]
+    events.append(event({}, choice["finish_reason"], timings=answer["timings"]))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
 class _Answer(Exception):
     """Raised inside a route to answer at once (used for errors)."""
 
@@ -167,9 +201,7 @@ class _Answer(Exception):
         self.payload = payload
 
 
-def error_body(
-    status: int, message: str, err_type: str | None = None
-) -> dict[str, Any]:
+def error_body(status: int, message: str, err_type: str | None = None) -> dict[str, Any]:
     """llama-server's error object."""
     return {
         "error": {
@@ -193,9 +225,7 @@ def validate_filename(name: str) -> bool:
     """An approximation of llama.cpp's ``fs_validate_filename`` (no sub-folders)."""
     if not name or len(name.encode("utf-8")) > 255:
         return False
-    if any(
-        c in _ILLEGAL_FILENAME_CHARS or ord(c) < 0x20 or ord(c) == 0x7F for c in name
-    ):
+    if any(c in _ILLEGAL_FILENAME_CHARS or ord(c) < 0x20 or ord(c) == 0x7F for c in name):
         return False
     return name == name.strip() and not name.endswith(".") and name not in (".", "..")
 
@@ -203,9 +233,7 @@ def validate_filename(name: str) -> bool:
 def embed_text(text: str, dim: int) -> list[float]:
     """A unit vector from hashed lower-case words: texts sharing words are similar."""
     vec = [0.0] * dim
-    words = re.findall(r"\w+", text.lower()) or [
-        p.strip() for _, p in tokenize_text(text)
-    ]
+    words = re.findall(r"\w+", text.lower()) or [p.strip() for _, p in tokenize_text(text)]
     for word in words:
         digest = hashlib.sha256(word.encode("utf-8")).digest()
         for k in range(4):
@@ -236,9 +264,10 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in self.headers.items()}
         port = int(self.client_address[1])
-        status, body, ctype = self.server.fake.handle(
-            method, self.path, headers, raw, port
-        )
+        status, body, ctype = self.server.fake.handle(method, self.path, headers, raw, port)
+        if isinstance(body, list):  # a streamed answer: server-sent events, chunked
+            self._stream(status, body)
+            return
         try:
             self.send_response(status)
             self.send_header("Content-Type", ctype)
@@ -249,6 +278,26 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+            self.close_connection = True
+
+    def _stream(self, status: int, events: list[bytes]) -> None:
+        """Send ``events`` as chunked ``text/event-stream``, one flush per event."""
+        delay = self.server.fake.stream_delay
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("X-Accel-Buffering", "no")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.flush()
+            for event in events:
+                if delay:
+                    time.sleep(delay)
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):  # the client went away mid-stream
             self.close_connection = True
 
     def do_GET(self) -> None:
@@ -289,9 +338,7 @@ class FakeLlamaServer:
     ) -> None:
         self.n_slots = n_slots
         self.n_ctx = n_ctx
-        self.slot_save_path = (
-            Path(slot_save_path) if slot_save_path is not None else None
-        )
+        self.slot_save_path = Path(slot_save_path) if slot_save_path is not None else None
         self.embeddings = embeddings
         self.embedding_dim = embedding_dim
         self.pooling = pooling
@@ -302,6 +349,7 @@ class FakeLlamaServer:
         self.mode = "normal"
         self.chat_reply: str | None = None  # force the assistant's text
         self.chat_delay = 0.0  # seconds a chat keeps its slot "is_processing"
+        self.stream_delay = 0.0  # seconds before each event of a streamed reply
         self.requests: list[RecordedRequest] = []
         self._failures: list[_Failure] = []
         self._slots = [_Slot(id=i, n_ctx=n_ctx) for i in range(n_slots)]
@@ -364,11 +412,7 @@ class FakeLlamaServer:
         with ``status`` and ``body`` (a dict/list as JSON, a str/bytes as is, None for
         llama-server's error object)."""
         if body is None:
-            phrase = (
-                HTTPStatus(status).phrase
-                if status in HTTPStatus._value2member_map_
-                else ""
-            )
+            phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
             body = error_body(status, phrase or f"error {status}")
         if isinstance(body, (dict, list)):
             raw, ctype = json.dumps(body).encode(), "application/json; charset=utf-8"
@@ -377,9 +421,7 @@ class FakeLlamaServer:
         else:
             raw, ctype = bytes(body), "application/octet-stream"
         with self._lock:
-            self._failures.extend(
-                _Failure(status, raw, ctype, path) for _ in range(count)
-            )
+            self._failures.extend(_Failure(status, raw, ctype, path) for _ in range(count))
 
     def set_mode(self, mode: str, seconds: float | None = None) -> None:
         """Switch to ``normal``, ``loading`` (503 everywhere), ``slow`` (sleep
@@ -396,8 +438,7 @@ class FakeLlamaServer:
             return sum(
                 1
                 for r in self.requests
-                if (method is None or r.method == method)
-                and (path is None or r.path == path)
+                if (method is None or r.method == method) and (path is None or r.path == path)
             )
 
     @property
@@ -424,8 +465,9 @@ class FakeLlamaServer:
         headers: dict[str, str],
         raw: bytes,
         client_port: int = 0,
-    ) -> tuple[int, bytes, str]:
-        """Answer one request: (status, body, content type)."""
+    ) -> tuple[int, bytes | list[bytes], str]:
+        """Answer one request: (status, body, content type); a streamed body is the
+        list of its server-sent events."""
         parts = urlsplit(raw_path)
         path = parts.path
         query = dict(parse_qsl(parts.query, keep_blank_values=True))
@@ -437,9 +479,7 @@ class FakeLlamaServer:
                 body = raw.decode("utf-8", "replace")
         with self._lock:
             self.requests.append(
-                RecordedRequest(
-                    method, path, query, raw_path, body, raw, headers, client_port
-                )
+                RecordedRequest(method, path, query, raw_path, body, raw, headers, client_port)
             )
             mode = self.mode
             failure = None
@@ -452,9 +492,7 @@ class FakeLlamaServer:
         if failure is not None:
             return failure.status, failure.body, failure.content_type
         if mode == "loading":
-            return self._json(
-                503, error_body(503, "Loading model", "unavailable_error")
-            )
+            return self._json(503, error_body(503, "Loading model", "unavailable_error"))
         if mode == "garbage":
             return 200, b"<html><body>Bad Gateway</body></html>", "text/html"
         public = path in ("/health", "/v1/health", "/models", "/v1/models")
@@ -465,6 +503,8 @@ class FakeLlamaServer:
             return self._json(200, self._route(method, path, query, raw))
         except _Answer as answer:
             return self._json(answer.status, answer.payload)
+        except _Streamed as streamed:
+            return 200, streamed.events, "text/event-stream"
 
     @staticmethod
     def _json(status: int, payload: Any) -> tuple[int, bytes, str]:
@@ -474,18 +514,24 @@ class FakeLlamaServer:
     def _route(self, method: str, path: str, query: dict[str, str], raw: bytes) -> Any:
         if method == "GET" and path in ("/health", "/v1/health"):
             return {"status": "ok"}
+        if method == "GET" and path == "/props":
+            return self._props()
+        if method == "GET" and path in ("/models", "/v1/models"):
+            return self._models()
         if method == "GET" and path == "/slots":
             return self._slots_json()
         if method == "POST" and path.startswith("/slots/"):
-            return self._slot_action(
-                path[len("/slots/") :], query.get("action", ""), raw
-            )
+            return self._slot_action(path[len("/slots/") :], query.get("action", ""), raw)
         if method == "POST" and path == "/tokenize":
             return self._tokenize(self._parse(raw))
         if method == "POST" and path == "/detokenize":
             return self._detokenize(self._parse(raw))
         if method == "POST" and path in ("/v1/chat/completions", "/chat/completions"):
-            return self._chat(self._parse(raw))
+            data = self._parse(raw)
+            answer = self._chat(data)
+            if isinstance(data, dict) and data.get("stream"):
+                raise _Streamed(stream_events(answer))
+            return answer
         if method == "POST" and path in ("/v1/embeddings", "/embeddings"):
             return self._embeddings(self._parse(raw))
         raise _Answer(404, error_body(404, "File Not Found"))
@@ -544,14 +590,38 @@ class FakeLlamaServer:
                 out.append(item)
         return out
 
+    def _props(self) -> dict[str, Any]:
+        """The parts of ``GET /props`` a client reads: model path, slots and context."""
+        return {
+            "default_generation_settings": {"n_ctx": self.n_ctx, "params": dict(_SLOT_PARAMS)},
+            "total_slots": self.n_slots,
+            "model_path": self.model,
+            "modalities": {"vision": False, "audio": False},
+            "build_info": "b0-0c1e570",
+        }
+
+    def _models(self) -> dict[str, Any]:
+        """``GET /v1/models``: the one loaded model."""
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "llamacpp",
+                    "meta": {"n_ctx_train": self.n_ctx},
+                }
+            ],
+        }
+
     def _slot_action(self, id_text: str, action: str, raw: bytes) -> Any:
         if self.slot_save_path is None:
             raise _Answer(
                 501,
                 error_body(
                     501,
-                    "This server does not support slots action. "
-                    "Start it with `--slot-save-path`",
+                    "This server does not support slots action. Start it with `--slot-save-path`",
                 ),
             )
         if not re.fullmatch(r"[+-]?\d+", id_text):
@@ -569,9 +639,7 @@ class FakeLlamaServer:
         if not isinstance(data, dict) or "filename" not in data:
             raise _Answer(
                 500,
-                error_body(
-                    500, "[json.exception.out_of_range.403] key 'filename' not found"
-                ),
+                error_body(500, "[json.exception.out_of_range.403] key 'filename' not found"),
             )
         filename = data["filename"]
         if not isinstance(filename, str):
@@ -585,10 +653,7 @@ class FakeLlamaServer:
         if action == "save":
             with self._lock:
                 tokens = list(slot.tokens)
-            blob = (
-                _FILE_MAGIC
-                + json.dumps({"n_tokens": len(tokens), "tokens": tokens}).encode()
-            )
+            blob = _FILE_MAGIC + json.dumps({"n_tokens": len(tokens), "tokens": tokens}).encode()
             target.write_bytes(blob)
             return {
                 "id_slot": id_slot,
@@ -610,8 +675,7 @@ class FakeLlamaServer:
                 400,
                 error_body(
                     400,
-                    "Unable to restore slot: No available space in KV cache or invalid "
-                    "slot save file",
+                    "Unable to restore slot: No available space in KV cache or invalid slot save file",
                 ),
             ) from None
         with self._lock:
@@ -658,9 +722,7 @@ class FakeLlamaServer:
         convo = [m for m in messages if m.get("role") != "system"]
         counts: dict[str, int] = {}
         for msg in convo:
-            for word in re.findall(
-                r"[a-z0-9]{4,}", str(msg.get("content") or "").lower()
-            ):
+            for word in re.findall(r"[a-z0-9]{4,}", str(msg.get("content") or "").lower()):
                 if word not in _STOP_WORDS:
                     counts[word] = counts.get(word, 0) + 1
         top = sorted(counts, key=lambda w: (-counts[w], w))[:8]
@@ -727,9 +789,7 @@ class FakeLlamaServer:
             slot.is_processing = False
             slot.last_used = time.monotonic()
             params = dict(_SLOT_PARAMS)
-            params["max_tokens"] = params["n_predict"] = (
-                max_tokens if isinstance(max_tokens, int) else -1
-            )
+            params["max_tokens"] = params["n_predict"] = max_tokens if isinstance(max_tokens, int) else -1
             for key in ("seed", "temperature", "top_k", "top_p", "min_p"):
                 if isinstance(data.get(key), (int, float)):
                     params[key] = data[key]
@@ -781,8 +841,7 @@ class FakeLlamaServer:
                 400,
                 error_body(
                     400,
-                    "Pooling type 'none' is not OAI compatible. Please use a different "
-                    "pooling type",
+                    "Pooling type 'none' is not OAI compatible. Please use a different pooling type",
                 ),
             )
         if not isinstance(data, dict) or "input" not in data:
@@ -791,9 +850,7 @@ class FakeLlamaServer:
         if isinstance(inputs, str):
             inputs = [inputs]
         if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs):
-            raise _Answer(
-                400, error_body(400, '"input" must be a string or a list of strings')
-            )
+            raise _Answer(400, error_body(400, '"input" must be a string or a list of strings'))
         b64 = data.get("encoding_format") == "base64"
         items: list[dict[str, Any]] = []
         total = 0

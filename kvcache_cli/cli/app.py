@@ -21,6 +21,7 @@ from kvcache_cli.cli.commands.maintain import maintain
 from kvcache_cli.cli.commands.process import process
 from kvcache_cli.cli.commands.restore import restore
 from kvcache_cli.cli.commands.retrieve import retrieve
+from kvcache_cli.cli.commands.serve import serve
 from kvcache_cli.cli.commands.snapshot import snapshot
 from kvcache_cli.cli.commands.stats import StatsCommand, stats
 from kvcache_cli.cli.context import CliContext, error_line
@@ -69,6 +70,7 @@ register(app, maintain)
 register(app, stats, cls=StatsCommand)
 register(app, copy_store_command, "copy-store")
 register(app, init_config, "init-config")
+register(app, serve)
 
 
 def main() -> Any:

@@ -1,0 +1,230 @@
+"""The FastAPI app of ``kvcache serve`` and the uvicorn run loop.
+
+Routes: ``POST /v1/chat/completions`` (managed, see ``serving_chat``), pass-through
+``GET /v1/models``, ``POST /v1/embeddings``, ``POST /tokenize``, ``POST /detokenize``,
+and kvcache's own ``GET /health`` and ``GET /metrics``. Every error is an
+OpenAI-style body. Endpoints run the synchronous core in the thread pool.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from kvcache_cli.errors import BadInputError, KVCacheError
+from kvcache_cli.server.metrics import CONTENT_TYPE, Metrics
+from kvcache_cli.server.protocol import ChatCompletionRequest, describe_validation_error, error_body
+from kvcache_cli.server.serving_chat import ChatService, ServeError, TurnResult
+from kvcache_cli.server.upstream import Upstream, UpstreamError
+
+PUBLIC_PATHS = ("/health",)
+PASS_THROUGH = {
+    ("GET", "/v1/models"),
+    ("POST", "/v1/embeddings"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+}
+
+
+@dataclass
+class AppSettings:
+    """What the routes need besides the chat service."""
+
+    api_key: str | None = None  # the key clients must present (its value), or None
+    max_body_bytes: int = 8 * 1024 * 1024
+    verbose: int = 0
+    quiet: bool = False
+    store_label: str = ""
+
+
+def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, code), status_code=status)
+
+
+class _Log:
+    """One line per request on stderr (``-q`` silences it, ``-v`` adds detail)."""
+
+    def __init__(self, settings: AppSettings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+
+    def request(self, method: str, path: str, status: int, seconds: float, facts: dict[str, Any]) -> None:
+        if self.settings.quiet:
+            return
+        extra = " ".join(f"{k}={v}" for k, v in facts.items() if v is not None)
+        line = f"{method} {path} {status} {seconds * 1000:.0f}ms" + (f" {extra}" if extra else "")
+        with self._lock:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+    def detail(self, message: str) -> None:
+        if self.settings.verbose and not self.settings.quiet:
+            with self._lock:
+                sys.stderr.write(message + "\n")
+                sys.stderr.flush()
+
+
+def _stream_in_threads(events: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """An async view of a blocking event iterator: each step runs in the thread pool;
+    when the client goes away, the iterator is closed once no step is running, so
+    its ``finally`` (release the session, keep the store consistent) always runs."""
+    busy = threading.Lock()
+    end = object()
+
+    def step() -> Any:
+        with busy:
+            return next(events, end)
+
+    def close() -> None:
+        with busy:
+            close_events = getattr(events, "close", None)
+            if close_events is not None:
+                close_events()
+
+    async def relay() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                chunk = await run_in_threadpool(step)
+                if chunk is end:
+                    break
+                yield chunk
+        finally:
+            await run_in_threadpool(close)
+
+    return relay()
+
+
+def create_app(service: ChatService, upstream: Upstream, metrics: Metrics, settings: AppSettings) -> FastAPI:
+    """The app: routes over ``service`` (chat) and ``upstream`` (pass-through)."""
+    app = FastAPI(title="kvcache serve", docs_url=None, redoc_url=None, openapi_url=None)
+    log = _Log(settings)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        path = request.url.path
+        response: Response
+        if (
+            settings.api_key is not None
+            and path not in PUBLIC_PATHS
+            and not _authorized(request, settings.api_key)
+        ):
+            response = _error(
+                401, "missing or wrong API key (Authorization: Bearer <key>)", "invalid_api_key"
+            )
+        else:
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+                response = _error(
+                    413, f"request body is larger than {settings.max_body_bytes} bytes", "request_too_large"
+                )
+            else:
+                response = await call_next(request)
+        seconds = time.perf_counter() - started
+        route = path if path in _KNOWN_ROUTES else "other"
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        if not isinstance(response, StreamingResponse) or response.status_code != 200:
+            metrics.latency.labels(route).observe(seconds)
+        facts = getattr(request.state, "facts", {})
+        log.request(request.method, path, response.status_code, seconds, facts)
+        return response
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        raw = await request.body()
+        if len(raw) > settings.max_body_bytes:
+            return _error(
+                413, f"request body is larger than {settings.max_body_bytes} bytes", "request_too_large"
+            )
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _error(400, f"the request body is not valid JSON ({exc})", "invalid_json")
+        if not isinstance(body, dict):
+            return _error(400, "the request body must be a JSON object", "invalid_json")
+        try:
+            chat = ChatCompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            return _error(400, describe_validation_error(exc.errors()), "invalid_request")
+        hint = request.headers.get("x-session-id")
+        try:
+            result: TurnResult = await run_in_threadpool(service.handle, chat, body, hint)
+        except ServeError as exc:
+            request.state.facts = {"error": exc.reason or None}
+            return JSONResponse(exc.body, status_code=exc.status)
+        except BadInputError as exc:
+            return _error(400, str(exc), "invalid_request")
+        except KVCacheError as exc:
+            return _error(500, f"kvcache: {exc}", "store_error")
+        request.state.facts = result.log or {"session": result.headers.get("X-KVCache-Session")}
+        if result.stream is not None:
+            return StreamingResponse(
+                _stream_in_threads(result.stream),
+                media_type="text/event-stream",
+                headers={**result.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return JSONResponse(result.body, headers=result.headers)
+
+    async def pass_through(request: Request) -> Response:
+        raw = await request.body()
+        try:
+            status, content, ctype = await run_in_threadpool(
+                upstream.forward, request.method, request.url.path, raw or None
+            )
+        except UpstreamError as exc:
+            metrics.upstream_errors.labels(exc.reason).inc()
+            return JSONResponse(exc.body, status_code=exc.status)
+        return Response(content, status_code=status, media_type=ctype)
+
+    for method, path in sorted(PASS_THROUGH):
+        app.add_api_route(path, pass_through, methods=[method], include_in_schema=False)
+
+    @app.get("/health")
+    async def health() -> Response:
+        def probe() -> dict[str, Any]:
+            upstream_health = upstream.get_json("/health")
+            ok = isinstance(upstream_health, dict) and upstream_health.get("status") == "ok"
+            return {
+                "status": "ok" if ok else "degraded",
+                "kvcache": {"status": "ok", "store": settings.store_label, "n_ctx": service.n_ctx},
+                "upstream": {"url": upstream.base_url, "status": "ok" if ok else "unavailable"},
+            }
+
+        data = await run_in_threadpool(probe)
+        return JSONResponse(data, status_code=200 if data["status"] == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return _error(404, f"no route {request.method} {request.url.path}", "not_found")
+
+    @app.exception_handler(405)
+    async def not_allowed(request: Request, exc: Exception) -> Response:
+        return _error(405, f"{request.method} is not allowed on {request.url.path}", "method_not_allowed")
+
+    return app
+
+
+_KNOWN_ROUTES = {"/v1/chat/completions", "/health", "/metrics"} | {p for _, p in PASS_THROUGH}
+
+
+def _authorized(request: Request, key: str) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(presented.strip().encode(), key.encode())

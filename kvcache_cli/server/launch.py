@@ -1,0 +1,178 @@
+"""Start ``kvcache serve``: check the options, wire store, upstream and app, run uvicorn.
+
+The socket is bound before the start-up line is printed, so the line (which carries
+the real port, also for ``--port 0``) means the server is reachable. uvicorn's own
+SIGINT/SIGTERM handling stops accepting, lets in-flight requests (streams included)
+finish for up to ``GRACE_SECONDS``, then the store is closed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+from kvcache_cli.config import Config
+from kvcache_cli.errors import BadInputError, ConfigError, KVCacheError, ServerError
+
+GRACE_SECONDS = 30
+
+
+@dataclass
+class ServeOptions:
+    """The command's options (defaults from ``[serve]`` of the config)."""
+
+    upstream: str
+    host: str = "127.0.0.1"
+    port: int = 8088
+    api_key_env: str | None = None
+    insecure: bool = False
+    trace: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    reply_reserve: int = 512
+    verbose: int = 0
+    quiet: bool = False
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_options(options: ServeOptions) -> str | None:
+    """Refuse unsafe or unusable options; returns the clients' API key (or None)."""
+    if not options.upstream.startswith(("http://", "https://")):
+        raise BadInputError(f"--upstream must be an http:// or https:// URL, not {options.upstream!r}")
+    key = None
+    if options.api_key_env:
+        key = os.environ.get(options.api_key_env)
+        if not key:
+            raise ConfigError(f"--api-key-env {options.api_key_env}: that variable is not set or empty")
+    if not is_loopback(options.host) and key is None and not options.insecure:
+        raise BadInputError(
+            f"refusing to listen on {options.host} without --api-key-env NAME "
+            "(clients would reach the model and the store unauthenticated); add --insecure to do it anyway"
+        )
+    if not 0 <= options.port <= 65535:
+        raise BadInputError(f"--port must be 0..65535, not {options.port}")
+    return key
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise KVCacheError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _upstream_n_ctx(llm: object, upstream: object) -> tuple[int | None, int, str]:
+    """(smallest slot n_ctx, slot count, where it came from) of the upstream."""
+    try:
+        slots = llm.slots()  # type: ignore[attr-defined]
+        if slots:
+            return min(s.n_ctx for s in slots), len(slots), "/slots"
+    except ServerError:
+        pass
+    props = upstream.get_json("/props")  # type: ignore[attr-defined]
+    if isinstance(props, dict):
+        n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx")
+        if isinstance(n_ctx, int) and n_ctx > 0:
+            return n_ctx, int(props.get("total_slots") or 1), "/props"
+    return None, 0, ""
+
+
+def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
+    """Serve until SIGINT/SIGTERM; returns the exit code."""
+    client_key = check_options(options)
+    import uvicorn
+
+    from kvcache_cli.server.api_server import AppSettings, create_app
+    from kvcache_cli.server.metrics import Metrics
+    from kvcache_cli.server.serving_chat import ChatService, TraceWriter
+    from kvcache_cli.server.upstream import Upstream
+    from kvcache_cli.services.llm_setup import llm_client
+    from kvcache_cli.store.backend import open_store
+
+    llm_cfg = dataclasses.replace(config.llm, base_url=options.upstream)
+    upstream_key = None
+    if llm_cfg.api_key_env:
+        upstream_key = os.environ.get(llm_cfg.api_key_env)
+        if not upstream_key:
+            raise ConfigError(f"[llm] api_key_env: the variable {llm_cfg.api_key_env} is not set")
+    sock = _bind(options.host, options.port)
+    store = open_store(store_url, config.database.busy_timeout_ms)
+    upstream = Upstream(options.upstream, upstream_key, llm_cfg.connect_timeout, llm_cfg.read_timeout)
+    llm = llm_client(llm_cfg, options.upstream, required=True)
+    trace = TraceWriter(options.trace) if options.trace else None
+    try:
+        n_ctx, n_slots, source = _upstream_n_ctx(llm, upstream)
+        metrics = Metrics()
+        service = ChatService(
+            store,
+            config,
+            upstream,
+            llm,
+            metrics,
+            n_ctx=n_ctx,
+            trace=trace,
+            default_reserve=options.reply_reserve,
+            pg_url=None if store.is_sqlite else store.location.target,
+        )
+        settings = AppSettings(
+            api_key=client_key,
+            max_body_bytes=options.max_body_bytes,
+            verbose=options.verbose,
+            quiet=options.quiet,
+            store_label=store.location.display,
+        )
+        app = create_app(service, upstream, metrics, settings)
+        port = sock.getsockname()[1]
+        shown_host = f"[{options.host}]" if ":" in options.host else options.host
+        context = (
+            f"n_ctx {n_ctx} per slot from {source}, {n_slots} slot(s)"
+            if n_ctx
+            else f"upstream context unknown, using [model] n_ctx {config.model.n_ctx}"
+        )
+        sys.stderr.write(
+            f"kvcache serve: listening on http://{shown_host}:{port}, managing {options.upstream} "
+            f"({context}; store {store.location.display})\n"
+        )
+        sys.stderr.write(
+            "kvcache serve: slot swapping is off (sessions share the upstream's own prompt cache)\n"
+        )
+        sys.stderr.flush()
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                log_level="info" if options.verbose > 1 else "warning",
+                access_log=False,
+                timeout_graceful_shutdown=GRACE_SECONDS,
+                lifespan="off",
+            )
+        )
+        server.run(sockets=[sock])
+    finally:
+        if trace is not None:
+            trace.close()
+        upstream.close()
+        if llm is not None:
+            llm.close()
+        store.close()
+        sock.close()
+    if not options.quiet:
+        sys.stderr.write("kvcache serve: stopped\n")
+    return 0

@@ -1,0 +1,445 @@
+"""A managed chat turn: session, engine, prompt, upstream call, stored reply, trace.
+
+``ChatService.handle`` answers one ``POST /v1/chat/completions``. It turns every
+failure into :class:`ServeError` (status and OpenAI-style body) before anything is
+stored when the request is bad; once the turn's messages are stored, an upstream
+failure leaves them stored once, so the client's retry continues the same turn.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvcache_cli.config import Config
+from kvcache_cli.engine.entries import ChatMessage
+from kvcache_cli.errors import BadInputError, KVCacheError
+from kvcache_cli.loaders import parse_message
+from kvcache_cli.server import sessions as ses
+from kvcache_cli.server.context import TokenBudget, build_prompt, fit_prompt
+from kvcache_cli.server.metrics import Metrics
+from kvcache_cli.server.protocol import ChatCompletionRequest, error_body
+from kvcache_cli.server.upstream import ChatStream, ContextExceededError, Upstream, UpstreamError
+from kvcache_cli.services import chat_turn
+from kvcache_cli.store.backend import Store
+
+DEFAULT_REPLY_RESERVE = 512  # tokens kept free for the reply when the request sets no max_tokens
+
+
+class ServeError(Exception):
+    """An answer that is an error: ``status`` and the OpenAI-style ``body``."""
+
+    def __init__(self, status: int, body: dict[str, Any], reason: str = "") -> None:
+        super().__init__(reason or body.get("error", {}).get("message", ""))
+        self.status = status
+        self.body = body
+        self.reason = reason
+
+
+class TraceWriter:
+    """``--trace FILE``: one JSON line per turn, appended and flushed as it ends."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        self._lock = threading.Lock()
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False, default=str)
+        with self._lock:
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+@dataclass
+class TurnResult:
+    """What the route sends back: a JSON body, or a stream of events; plus headers."""
+
+    headers: dict[str, str]
+    body: dict[str, Any] | None = None
+    stream: Iterator[bytes] | None = None
+    log: dict[str, Any] = field(default_factory=dict)  # facts for the request's log line
+
+
+@dataclass
+class _Turn:
+    """One turn in progress (shared by its stages)."""
+
+    request: ChatCompletionRequest
+    raw: list[dict[str, Any]]  # the client's messages as sent
+    messages: list[ChatMessage]  # the same, normalised as stored
+    capacity: int
+    key: str = ""
+    kind: str = "new"
+    branched_from: str | None = None
+    common: int = 0  # messages shared with the stored history
+    plan: chat_turn.TurnPlan | None = None
+    prompt: list[dict[str, Any]] = field(default_factory=list)
+    estimate: int = 0
+    dropped: int = 0
+    retried: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    upstream_s: float = 0.0
+    traced: bool = False
+    branch_release: Callable[[], None] | None = None
+
+
+class ChatService:
+    """The chat turn logic over one store and one upstream."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        upstream: Upstream,
+        llm: Any,
+        metrics: Metrics,
+        *,
+        n_ctx: int | None,
+        trace: TraceWriter | None = None,
+        lock_timeout: float = 300.0,
+        default_reserve: int = DEFAULT_REPLY_RESERVE,
+        pg_url: str | None = None,
+        slots: Any = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.upstream = upstream
+        self.llm = llm
+        self.metrics = metrics
+        self.n_ctx = n_ctx
+        self.trace = trace
+        self.lock_timeout = lock_timeout
+        self.default_reserve = default_reserve
+        self.locks = ses.SessionLocks(store, pg_url)
+        self.budget = TokenBudget(self._count_texts)
+        self.slots = slots
+        # where the context restarts after a clear this process forced (see chat_turn.force_clear)
+        self._forced_start: dict[str, int] = {}
+        self._forced_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ helpers
+    def _count_texts(self, texts: list[str]) -> list[int]:
+        if self.llm is not None:
+            try:
+                return [int(n) for n in self.llm.tokenize(texts)]
+            except KVCacheError:
+                pass
+        return [(len(t) + 2) // 3 for t in texts]  # pessimistic when the upstream cannot count
+
+    def _normalise(self, raw: list[dict[str, Any]]) -> list[ChatMessage]:
+        try:
+            return [parse_message(m, f"messages[{i}]") for i, m in enumerate(raw)]
+        except BadInputError as exc:
+            raise ServeError(400, error_body(400, str(exc), "invalid_message"), "bad_message") from None
+
+    # ------------------------------------------------------------------ entry point
+    def handle(
+        self, request: ChatCompletionRequest, body: dict[str, Any], session_hint: str | None
+    ) -> TurnResult:
+        raw = [m if isinstance(m, dict) else {} for m in body.get("messages", [])]
+        messages = self._normalise(raw)
+        if not any(m.role == "user" for m in messages):
+            raise ServeError(
+                400, error_body(400, "messages: a chat turn needs a user message", "no_user_message")
+            )
+        n_ctx = self.n_ctx or self.config.model.n_ctx
+        reserve = request.reply_reserve(min(self.default_reserve, n_ctx // 4))
+        capacity = n_ctx - reserve
+        if capacity <= 0:
+            raise ServeError(
+                400,
+                error_body(
+                    400,
+                    f"max_tokens ({reserve}) leaves no room in the upstream context ({n_ctx})",
+                    "context_length_exceeded",
+                ),
+            )
+        turn = _Turn(request, raw, messages, capacity)
+        self._refuse_oversized(turn)
+        hint = session_hint or request.user
+        if hint is not None:
+            turn.key = ses.validate_session_id(hint, "X-Session-Id" if session_hint else "user")
+        else:
+            turn.key = ses.find_by_prefix(self.store, messages) or ses.new_session_id()
+        release = self.locks.acquire(turn.key, self.lock_timeout)
+        if release is None:
+            raise ServeError(
+                503, error_body(503, f"session {turn.key!r} is busy with another turn", "session_busy")
+            )
+        try:
+            self._classify(turn, release)
+            manager = self._manager(turn)
+            if turn.kind == "branch" and turn.branched_from is not None:
+                chat_turn.branch(manager, turn.branched_from, turn.key, turn.common)
+            with self._forced_lock:
+                forced = self._forced_start.get(turn.key, 0)
+            turn.plan = chat_turn.begin_turn(manager, turn.key, messages, forced)
+            self._prepare_prompt(turn, manager)
+            if self.slots is not None:
+                self.slots.before_turn(turn.key, turn.plan)
+            if request.stream:
+                stream = self._open_stream(turn, manager)
+                result = TurnResult(self._headers(turn), stream=self._relay(turn, manager, stream, release))
+                result.log = self._log_facts(turn)
+                release = None  # the stream releases it when it ends
+                return result
+            answer = self._complete(turn, manager)
+            return TurnResult(self._headers(turn), body=answer, log=self._log_facts(turn))
+        finally:
+            if release is not None:
+                self._release_branch(turn)
+                release()
+
+    def _manager(self, turn: _Turn) -> Any:
+        return chat_turn.manager_for(self.store, self.config, self.llm, turn.capacity)
+
+    def _refuse_oversized(self, turn: _Turn) -> None:
+        """The system messages and the last user message must fit on their own: refuse
+        before storing anything."""
+        last_user = max(i for i, m in enumerate(turn.messages) if m.role == "user")
+        core = [m for m in turn.raw[:last_user] if m.get("role") in ("system", "developer")]
+        core.append(turn.raw[last_user])
+        need = self.budget.total(core)
+        if need > turn.capacity:
+            raise ServeError(
+                400,
+                error_body(
+                    400,
+                    f"the system messages and the last user message take about {need} tokens; the upstream "
+                    f"context holds {turn.capacity} besides the reply",
+                    "context_length_exceeded",
+                ),
+            )
+
+    def _match(self, turn: _Turn, key: str) -> ses.Match:
+        n = len(turn.messages)
+        total = chat_turn.stored_count(self.store, key)
+        stored = chat_turn.stored_messages(self.store, key, n + 1) if total else []
+        return ses.classify(stored, total, turn.messages, key)
+
+    def _classify(self, turn: _Turn, release: Callable[[], None]) -> None:
+        """new, extend, regenerate, or branch: an edited history continues in a session
+        of its own (``<key>~<digest>``), made from the common prefix unless it exists."""
+        match = self._match(turn, turn.key)
+        turn.kind, turn.common = match.kind, match.common
+        if match.kind != "branch":
+            return
+        turn.branched_from = turn.key
+        release()
+        turn.key = f"{turn.key[:100]}~{ses.history_digest(turn.messages)[:12]}"
+        inner = self.locks.acquire(turn.key, self.lock_timeout)
+        if inner is None:
+            raise ServeError(503, error_body(503, f"session {turn.key!r} is busy", "session_busy"))
+        turn.branch_release = inner
+        again = self._match(turn, turn.key)
+        if again.kind != "new":  # the same edit came before (a retry): continue that branch
+            turn.kind, turn.common = again.kind, again.common
+            if again.kind == "branch":
+                raise ServeError(
+                    409, error_body(409, "the edited history conflicts with its branch", "conflict")
+                )
+            turn.kind = "branch" if again.kind == "extend" and again.common == 0 else again.kind
+
+    # ------------------------------------------------------------------ prompt
+    def _prepare_prompt(self, turn: _Turn, manager: Any) -> None:
+        assert turn.plan is not None
+        if "cleared" in turn.plan.action:
+            self.metrics.clears.labels(turn.plan.clear_reason or "unknown").inc()
+        prompt = build_prompt(turn.raw, turn.plan)
+        if self.budget.total(prompt) > turn.capacity and "cleared" not in turn.plan.action:
+            self._force_clear(turn, manager)
+            prompt = build_prompt(turn.raw, turn.plan)
+        fitted = fit_prompt(prompt, self.budget, turn.capacity)
+        if fitted.tokens > turn.capacity:
+            raise ServeError(
+                400,
+                error_body(400, "the prompt does not fit the upstream context", "context_length_exceeded"),
+            )
+        turn.prompt, turn.estimate, turn.dropped = fitted.messages, fitted.tokens, fitted.dropped
+        if turn.plan.retrieved:
+            self.metrics.retrievals.inc()
+
+    def _force_clear(self, turn: _Turn, manager: Any) -> None:
+        last_user = max(i for i, m in enumerate(turn.messages) if m.role == "user")
+        assert turn.plan is not None
+        turn.plan = chat_turn.force_clear(manager, turn.key, last_user, turn.plan)
+        with self._forced_lock:
+            self._forced_start[turn.key] = last_user
+        self.metrics.clears.labels(chat_turn.FORCED_CLEAR).inc()
+
+    def _upstream_body(self, turn: _Turn) -> dict[str, Any]:
+        body = turn.request.model_dump(exclude_unset=True, exclude={"messages", "user"})
+        body["messages"] = turn.prompt
+        if self.slots is not None:
+            body.update(self.slots.request_fields(turn.key))
+        return body
+
+    def _on_context_error(self, turn: _Turn, manager: Any) -> None:
+        """The upstream said the prompt is too long: clear (once) and shrink the estimate."""
+        self.metrics.context_retries.inc()
+        turn.retried = True
+        self.budget.per_message += 4
+        assert turn.plan is not None
+        if "cleared" not in turn.plan.action:
+            self._force_clear(turn, manager)
+        fitted = fit_prompt(build_prompt(turn.raw, turn.plan), self.budget, int(turn.capacity * 0.9))
+        turn.prompt, turn.estimate, turn.dropped = fitted.messages, fitted.tokens, fitted.dropped
+
+    def _call(self, turn: _Turn, manager: Any, send: Callable[[dict[str, Any]], Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            try:
+                return send(self._upstream_body(turn))
+            except ContextExceededError:
+                self._on_context_error(turn, manager)
+                return send(self._upstream_body(turn))
+        except UpstreamError as exc:
+            self.metrics.upstream_errors.labels(exc.reason).inc()
+            self._write_trace(turn, status=exc.status, error=exc.reason)
+            raise ServeError(exc.status, exc.body, exc.reason) from None
+        finally:
+            turn.upstream_s += time.perf_counter() - started
+
+    # ------------------------------------------------------------------ answers
+    def _complete(self, turn: _Turn, manager: Any) -> dict[str, Any]:
+        answer: dict[str, Any] = self._call(turn, manager, self.upstream.chat)
+        choice = (answer.get("choices") or [{}])[0]
+        message = choice.get("message") or {}
+        self._learn(turn, answer.get("usage"))
+        reply = self._reply_message(message)
+        stored = self._store_reply(turn, manager, reply) if reply is not None else False
+        answer["kvcache"] = {"session_id": turn.key, "action": self._action(turn), "stored": stored}
+        self._after(turn, answer.get("timings"), answer.get("usage"), stored)
+        return answer
+
+    def _open_stream(self, turn: _Turn, manager: Any) -> ChatStream:
+        stream: ChatStream = self._call(turn, manager, self.upstream.chat_stream)
+        return stream
+
+    def _relay(
+        self, turn: _Turn, manager: Any, stream: ChatStream, release: Callable[[], None]
+    ) -> Iterator[bytes]:
+        """Pass the upstream's events through; store the reply only once the last one
+        was handed on (a client that goes away stops this generator before that)."""
+        stored = False
+        status = 200
+        try:
+            try:
+                yield from stream
+            except UpstreamError as exc:
+                status = exc.status
+                self.metrics.upstream_errors.labels(exc.reason).inc()
+                yield b"data: " + json.dumps(exc.body).encode() + b"\n\n"
+                return
+            if stream.finish_reason is not None:
+                self._learn(turn, stream.usage)
+                reply = ChatMessage(role="assistant", content=stream.text)
+                stored = self._store_reply(turn, manager, reply)
+            self._after(turn, stream.timings, stream.usage, stored)
+        finally:
+            stream.close()
+            if not stored and status == 200 and not turn.traced:
+                self._write_trace(turn, status=499, error="client went away")
+            self._release_branch(turn)
+            release()
+
+    def _reply_message(self, message: dict[str, Any]) -> ChatMessage | None:
+        raw = {"role": "assistant", "content": message.get("content")}
+        if message.get("tool_calls"):
+            raw["tool_calls"] = message["tool_calls"]
+        if raw["content"] is None and "tool_calls" not in raw:
+            raw["content"] = ""
+        try:
+            return parse_message(raw, "reply")
+        except BadInputError:
+            return None
+
+    def _store_reply(self, turn: _Turn, manager: Any, reply: ChatMessage) -> bool:
+        if turn.kind == "regenerate":
+            chat_turn.replace_reply(manager, turn.key, reply)
+        else:
+            chat_turn.finish_turn(manager, turn.key, reply)
+        self.metrics.sessions_stored.labels(turn.kind).inc()
+        return True
+
+    def _learn(self, turn: _Turn, usage: Any) -> None:
+        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+            self.budget.learn(turn.prompt, usage["prompt_tokens"])
+
+    def _after(self, turn: _Turn, timings: Any, usage: Any, stored: bool) -> None:
+        cached_share = None
+        if isinstance(timings, dict) and isinstance(timings.get("prompt_n"), int):
+            cache_n = int(timings.get("cache_n") or 0)
+            total = cache_n + int(timings["prompt_n"])
+            cached_share = cache_n / total if total else None
+            if cached_share is not None:
+                self.metrics.cached_share.set(cached_share)
+        prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        self.metrics.prompt_tokens.observe(prompt_tokens or turn.estimate)
+        self.metrics.overhead.observe(max(0.0, time.perf_counter() - turn.started - turn.upstream_s))
+        if self.slots is not None:
+            self.slots.after_turn(turn.key, timings)
+        self._write_trace(
+            turn, status=200, timings=timings, usage=usage, cached_share=cached_share, stored=stored
+        )
+
+    # ------------------------------------------------------------------ reporting
+    def _action(self, turn: _Turn) -> str:
+        return turn.plan.action if turn.plan is not None else "none"
+
+    def _headers(self, turn: _Turn) -> dict[str, str]:
+        headers = {
+            "X-KVCache-Session": turn.key,
+            "X-KVCache-Action": self._action(turn),
+            "X-KVCache-Turn": turn.kind,
+        }
+        if turn.branched_from is not None:
+            headers["X-KVCache-Branched-From"] = turn.branched_from
+        return headers
+
+    def _log_facts(self, turn: _Turn) -> dict[str, Any]:
+        return {
+            "session": turn.key,
+            "turn": turn.kind,
+            "action": self._action(turn),
+            "tokens": f"{turn.estimate}/{turn.capacity}",
+        }
+
+    def _write_trace(self, turn: _Turn, **extra: Any) -> None:
+        if self.trace is None:
+            return
+        plan = turn.plan
+        record = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "session": turn.key,
+            "turn": turn.kind,
+            "branched_from": turn.branched_from,
+            "action": self._action(turn),
+            "clear_reason": plan.clear_reason if plan else None,
+            "context_start": plan.context_start if plan else None,
+            "retrieved": [i for i, _, _ in plan.retrieved] if plan else [],
+            "messages_in_request": len(turn.raw),
+            "messages": turn.prompt,
+            "prompt_tokens_estimate": turn.estimate,
+            "capacity": turn.capacity,
+            "dropped": turn.dropped,
+            "retried": turn.retried,
+            "kvcache_ms": round((time.perf_counter() - turn.started - turn.upstream_s) * 1000, 2),
+            "upstream_ms": round(turn.upstream_s * 1000, 2),
+        }
+        record.update(extra)
+        turn.traced = True
+        self.trace.write(record)
+
+    def _release_branch(self, turn: _Turn) -> None:
+        inner, turn.branch_release = turn.branch_release, None
+        if inner is not None:
+            inner()

@@ -1,0 +1,187 @@
+"""Which stored session a request continues, and one lock per session.
+
+A request names its session with the ``X-Session-Id`` header, else the body's
+``user`` field; else kvcache looks for a recently active stored session whose
+history the request extends (the prefix rule of ``process``); else it starts a new
+session. Against the session's stored history, a request is one of:
+
+- ``extend``: it holds the whole stored history and more (a normal turn; also the
+  retry of a turn whose reply never came: nothing new to store);
+- ``regenerate``: the stored history up to its last user message, without the reply
+  that followed (the stored reply is replaced);
+- ``branch``: it differs from the stored history earlier (an edited message): a new
+  session, branched from the common prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import secrets
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from kvcache_cli.engine.entries import ChatMessage
+from kvcache_cli.errors import BadInputError
+from kvcache_cli.store.backend import Store
+
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+PREFIX_CANDIDATES = 64  # recently active sessions compared against a request without an id
+
+
+def validate_session_id(value: str, where: str) -> str:
+    """A session id from a client: 1 to 128 of ``A-Z a-z 0-9 . _ : @ -``, not starting
+    with punctuation (it may end up in a slot file name)."""
+    if not SESSION_ID_RE.fullmatch(value):
+        raise BadInputError(
+            f"{where}: a session id is 1 to 128 characters of letters, digits and . _ : @ - "
+            "(starting with a letter or digit)"
+        )
+    return value
+
+
+def new_session_id() -> str:
+    return "serve-" + secrets.token_hex(8)
+
+
+@dataclass
+class Match:
+    """How a request relates to a stored session (see the module docstring)."""
+
+    kind: str  # new | extend | regenerate | branch
+    session_key: str
+    common: int = 0  # messages the request shares with the stored history
+    stored: int = 0  # messages the session stores
+
+
+def classify(
+    stored: list[tuple[str, str]], stored_total: int, messages: list[ChatMessage], key: str
+) -> Match:
+    """Compare a request's messages with a session's stored ``(role, content)`` prefix
+    (``stored`` holds at least ``len(messages) + 1`` rows when the session has them)."""
+    if stored_total == 0:
+        return Match("new", key)
+    common = 0
+    for (role, content), msg in zip(stored, messages, strict=False):
+        if role != msg.role or content != msg.content:
+            break
+        common += 1
+    n = len(messages)
+    if common == stored_total:
+        return Match("extend", key, common, stored_total)
+    if common == n and n < stored_total and stored[n][0] == "assistant" and stored_total == n + 1:
+        return Match("regenerate", key, common, stored_total)
+    return Match("branch", key, common, stored_total)
+
+
+def find_by_prefix(store: Store, messages: list[ChatMessage]) -> str | None:
+    """The recently active session whose stored history the request extends (or
+    regenerates) the most of; None when none does.
+
+    Compares the last stored message of each of the ``PREFIX_CANDIDATES`` most
+    recently active sessions first, and the whole prefix only for those that match.
+    """
+    n = len(messages)
+    rows = store.query(
+        "SELECT s.key, (SELECT COALESCE(MAX(m.message_index) + 1, 0) FROM messages m "
+        "WHERE m.session_id = s.id) "
+        "FROM sessions s ORDER BY s.last_activity DESC, s.id DESC LIMIT ?",
+        (PREFIX_CANDIDATES,),
+    )
+    best: tuple[int, str] | None = None
+    for key, total in rows:
+        total = int(total)
+        if total == 0 or total > n + 1:
+            continue
+        probe = total - 1 if total <= n else n - 1  # regenerate: compare the last user message
+        last = store.query(
+            "SELECT m.role, m.content FROM messages m JOIN sessions s ON s.id = m.session_id "
+            "WHERE s.key = ? AND m.message_index = ?",
+            (key, probe),
+        )
+        if not last or (last[0][0], last[0][1]) != (messages[probe].role, messages[probe].content):
+            continue
+        if best is None or total > best[0]:
+            best = (total, str(key))
+    return best[1] if best else None
+
+
+def history_digest(messages: list[ChatMessage]) -> str:
+    h = hashlib.sha256()
+    for msg in messages:
+        h.update(msg.role.encode() + b"\0" + msg.content.encode("utf-8", "surrogatepass") + b"\0")
+    return h.hexdigest()
+
+
+class SessionLocks:
+    """One lock per session: a session's turns never interleave.
+
+    In one process, a ``threading.Lock`` per session key (released by whichever thread
+    finishes the turn: a streamed turn ends on another thread). On PostgreSQL, also a
+    session-level advisory lock on a connection of its own, so two ``serve`` processes
+    sharing a store never interleave a session's turns either.
+    """
+
+    def __init__(self, store: Store, pg_url: str | None = None) -> None:
+        self._store = store
+        self._pg_url = pg_url if not store.is_sqlite else None
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def _lock_for(self, key: str) -> threading.Lock:
+        with self._guard:
+            lock = self._locks.get(key)
+            if lock is None:
+                lock = self._locks[key] = threading.Lock()
+            return lock
+
+    def acquire(self, key: str, timeout: float) -> Any:
+        """Take the session's lock (waiting up to ``timeout`` s); returns a release
+        callable, or None when it stayed busy."""
+        lock = self._lock_for(key)
+        if not lock.acquire(timeout=timeout):
+            return None
+        conn = None
+        if self._pg_url:
+            try:
+                conn = self._advisory(key)
+            except BaseException:
+                lock.release()
+                raise
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()  # closing the connection releases its advisory lock
+            lock.release()
+
+        return release
+
+    def _advisory(self, key: str) -> Any:
+        import psycopg2
+
+        number = int.from_bytes(
+            hashlib.sha256(b"kvcache-serve:" + key.encode()).digest()[:8], "big", signed=True
+        )
+        conn = psycopg2.connect(self._pg_url)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(%s)", (number,))
+        return conn
+
+    @contextlib.contextmanager
+    def held(self, key: str, timeout: float) -> Iterator[bool]:
+        release = self.acquire(key, timeout)
+        try:
+            yield release is not None
+        finally:
+            if release is not None:
+                release()

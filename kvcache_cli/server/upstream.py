@@ -1,0 +1,211 @@
+"""The HTTP client to the model server: chat (whole or streamed) and pass-through.
+
+Failures become :class:`UpstreamError` carrying the status and OpenAI-style body the
+client gets: unreachable 502, timed out 504, loading 503, any other 5xx 502, a 4xx
+passed through as the upstream sent it. An over-long prompt (llama-server's 400
+``exceed_context_size_error``, or the 500 form some builds send) is
+:class:`ContextExceededError`, so the turn can clear and retry. The API key is sent,
+never put in a message.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from kvcache_cli.server.protocol import error_body
+
+_CONTEXT_MARKERS = ("exceed_context_size_error", "exceeds the available context size", "context size")
+SSE_DONE = b"data: [DONE]"
+
+
+class UpstreamError(Exception):
+    """The upstream failed: ``status`` and ``body`` are what the client is answered."""
+
+    def __init__(self, status: int, body: dict[str, Any], reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.body = body
+        self.reason = reason  # a short label for logs and metrics: unreachable, timeout, http_502...
+
+
+class ContextExceededError(UpstreamError):
+    """The upstream refused the prompt as longer than its context."""
+
+
+class Upstream:
+    """One model server at ``base_url`` (``http://host:port``, no ``/v1``)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 120.0,
+        pool_size: int = 64,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = (connect_timeout, read_timeout)
+        self._http = requests.Session()
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+        self._http.mount("http://", adapter)
+        self._http.mount("https://", adapter)
+        if api_key:
+            self._http.headers["Authorization"] = f"Bearer {api_key}"
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ---------------------------------------------------------------- plumbing
+    def _send(self, method: str, path: str, body: bytes | None, stream: bool = False) -> requests.Response:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        try:
+            return self._http.request(
+                method, self.base_url + path, data=body, headers=headers, timeout=self.timeout, stream=stream
+            )
+        except requests.Timeout:
+            raise UpstreamError(
+                504, error_body(504, f"the upstream did not answer {method} {path} in time"), "timeout"
+            ) from None
+        except requests.RequestException:
+            raise UpstreamError(
+                502, error_body(502, f"cannot reach the upstream for {method} {path}"), "unreachable"
+            ) from None
+
+    @staticmethod
+    def _check(resp: requests.Response, what: str) -> None:
+        """Raise the client-facing error for a non-2xx answer."""
+        if resp.status_code < 400:
+            return
+        text = resp.text
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        lowered = text.lower()
+        if resp.status_code in (400, 500) and any(m in lowered for m in _CONTEXT_MARKERS):
+            raise ContextExceededError(
+                400, body if isinstance(body, dict) else error_body(400, text[:300]), "context_exceeded"
+            )
+        if resp.status_code < 500:  # the client's mistake: passed through as sent
+            raise UpstreamError(
+                resp.status_code,
+                body if isinstance(body, dict) else error_body(resp.status_code, text[:300]),
+                f"http_{resp.status_code}",
+            )
+        status = 503 if resp.status_code == 503 else 502
+        detail = body.get("error", {}).get("message") if isinstance(body, dict) else None
+        message = f"the upstream answered {what} with HTTP {resp.status_code}"
+        if isinstance(detail, str) and detail:
+            message += f": {detail[:300]}"
+        raise UpstreamError(status, error_body(status, message), f"http_{resp.status_code}")
+
+    # ---------------------------------------------------------------- chat
+    def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A whole (non-streamed) chat completion."""
+        resp = self._send("POST", "/v1/chat/completions", json.dumps(body).encode())
+        self._check(resp, "POST /v1/chat/completions")
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+            raise UpstreamError(
+                502, error_body(502, "the upstream's chat answer is not a chat completion"), "malformed"
+            )
+        return data
+
+    def chat_stream(self, body: dict[str, Any]) -> ChatStream:
+        """Open a streamed chat completion; errors before the first event raise here."""
+        resp = self._send("POST", "/v1/chat/completions", json.dumps(body).encode(), stream=True)
+        try:
+            self._check(resp, "POST /v1/chat/completions")
+        except UpstreamError:
+            resp.close()
+            raise
+        return ChatStream(resp)
+
+    # ---------------------------------------------------------------- pass-through
+    def forward(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes, str]:
+        """Any other endpoint: (status, body, content type) as the upstream answered,
+        except that unreachable/timeout/5xx become kvcache's 502/503/504 errors."""
+        resp = self._send(method, path, body)
+        if resp.status_code >= 500:
+            self._check(resp, f"{method} {path}")
+        return resp.status_code, resp.content, resp.headers.get("Content-Type", "application/json")
+
+    def get_json(self, path: str) -> Any:
+        """``GET path`` decoded, or None when it fails (for optional facts like ``/props``)."""
+        try:
+            resp = self._send("GET", path, None)
+            return resp.json() if resp.status_code == 200 else None
+        except (UpstreamError, ValueError):
+            return None
+
+
+class ChatStream:
+    """The server-sent events of a streamed chat, one event (bytes, ending in a blank
+    line) at a time as they arrive, with the reply text and last ``timings`` gathered."""
+
+    def __init__(self, resp: requests.Response) -> None:
+        self._resp = resp
+        self.content: list[str] = []
+        self.timings: dict[str, Any] | None = None
+        self.usage: dict[str, Any] | None = None
+        self.finish_reason: str | None = None
+        self.done = False  # the upstream sent ``[DONE]``
+
+    def __iter__(self) -> Iterator[bytes]:
+        buffer = b""
+        try:
+            for piece in self._resp.iter_content(chunk_size=None):
+                buffer += piece
+                while b"\n\n" in buffer:
+                    event, buffer = buffer.split(b"\n\n", 1)
+                    event = event.strip(b"\r\n")
+                    if event:
+                        self._note(event)
+                        yield event + b"\n\n"
+        except requests.RequestException:
+            raise UpstreamError(
+                502, error_body(502, "the upstream's stream broke off"), "stream_broken"
+            ) from None
+        if buffer.strip():
+            self._note(buffer.strip())
+            yield buffer.strip() + b"\n\n"
+
+    def _note(self, event: bytes) -> None:
+        for line in event.splitlines():
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                self.done = True
+                continue
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                continue
+            if not isinstance(chunk, dict):
+                continue
+            for choice in chunk.get("choices") or []:
+                delta = choice.get("delta") or {}
+                if isinstance(delta.get("content"), str):
+                    self.content.append(delta["content"])
+                if choice.get("finish_reason"):
+                    self.finish_reason = choice["finish_reason"]
+            if isinstance(chunk.get("timings"), dict):
+                self.timings = chunk["timings"]
+            if isinstance(chunk.get("usage"), dict):
+                self.usage = chunk["usage"]
+
+    @property
+    def text(self) -> str:
+        return "".join(self.content)
+
+    def close(self) -> None:
+        self._resp.close()

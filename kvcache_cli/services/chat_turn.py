@@ -1,0 +1,144 @@
+"""A live chat turn for ``kvcache serve``, over the manager's turn API.
+
+``begin_turn`` stores the request's new messages and runs the engine over the turn
+(``KVCacheManager.begin_turn``, the code ``process`` runs) and returns a
+:class:`TurnPlan`: what the engine did and what the model's context should hold.
+``finish_turn`` stores the complete reply, ``replace_reply`` a regenerated one,
+``branch`` starts an edited conversation's session from the common prefix, and
+``force_clear`` clears a session whose prompt would not fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvcache_cli.config import Config
+from kvcache_cli.engine.entries import ChatMessage
+from kvcache_cli.services.manager import KVCacheManager
+from kvcache_cli.store.backend import Store
+
+FORCED_CLEAR = "ContextLimit"
+
+
+@dataclass
+class TurnPlan:
+    """What the engine decided for one turn, as plain data.
+
+    ``context_start``: index of the first message the model sees verbatim (0 until the
+    first clear; after a clear, the user message of the clearing turn). ``preserved``:
+    indexes of earlier messages the clear kept. ``retrieved``: past messages retrieval
+    found for this turn as ``(message_index, role, text)``, none already in the context.
+    """
+
+    session_key: str
+    action: str = "none"  # none | cleared | retrieved | cleared+retrieved
+    clear_reason: str | None = None
+    summary: str | None = None
+    context_start: int = 0
+    preserved: list[int] = field(default_factory=list)
+    retrieved: list[tuple[int, str, str]] = field(default_factory=list)
+    messages_stored: int = 0
+    notices: list[str] = field(default_factory=list)
+
+
+def manager_for(store: Store, config: Config, llm: Any, n_ctx: int | None) -> KVCacheManager:
+    """A manager whose capacity is ``n_ctx`` tokens (the upstream's, less the reply)."""
+    manager = KVCacheManager(store, config, llm)
+    manager.set_server_n_ctx(n_ctx)
+    return manager
+
+
+def stored_messages(store: Store, session_key: str, limit: int) -> list[tuple[str, str]]:
+    """The first ``limit`` stored ``(role, content)`` of a session (empty when unknown)."""
+    rows = store.query(
+        "SELECT m.role, m.content FROM messages m JOIN sessions s ON s.id = m.session_id "
+        "WHERE s.key = ? AND m.message_index < ? ORDER BY m.message_index",
+        (session_key, limit),
+    )
+    return [(str(r), str(c)) for r, c in rows]
+
+
+def stored_count(store: Store, session_key: str) -> int:
+    """How many messages a session stores (0 for an unknown session)."""
+    rows = store.query(
+        "SELECT COALESCE(MAX(m.message_index) + 1, 0) FROM messages m JOIN sessions s ON s.id = m.session_id "
+        "WHERE s.key = ?",
+        (session_key,),
+    )
+    return int(rows[0][0]) if rows else 0
+
+
+def begin_turn(
+    manager: KVCacheManager, session_key: str, messages: list[ChatMessage], forced_start: int = 0
+) -> TurnPlan:
+    """Store ``messages`` not yet stored and run the engine over the turn they end.
+
+    ``forced_start``: the context start of a clear made by :func:`force_clear` (it is
+    later than the engine's own when the last clear was forced).
+    """
+    outcome = manager.begin_turn(session_key, messages)
+    plan = TurnPlan(
+        session_key=session_key, messages_stored=outcome.messages_stored, notices=list(outcome.notices)
+    )
+    if outcome.clear is not None:
+        plan.action, plan.clear_reason = "cleared", outcome.clear.reason
+    start = max(outcome.context_start, forced_start)
+    _fill_context(plan, start, outcome.summary, outcome.active)
+    held = set(plan.preserved)
+    last = len(messages) - 1
+    for entry in outcome.retrieved:
+        index = entry.message_index
+        if (
+            entry.session_id != session_key
+            or index is None
+            or index >= start
+            or index in held
+            or index >= last
+        ):
+            continue
+        held.add(index)
+        plan.retrieved.append((index, entry.role or "user", entry.text))
+    if plan.retrieved:
+        plan.action = "retrieved" if plan.action == "none" else plan.action + "+retrieved"
+    return plan
+
+
+def _fill_context(plan: TurnPlan, start: int, summary: str | None, active: list[Any]) -> None:
+    plan.context_start = start
+    if start <= 0:
+        return
+    plan.summary = summary
+    plan.preserved = sorted(
+        {e.message_index for e in active if e.message_index is not None and e.message_index < start}
+    )
+
+
+def force_clear(manager: KVCacheManager, session_key: str, user_index: int, plan: TurnPlan) -> TurnPlan:
+    """Clear the session now (its prompt would not fit the upstream) and restart its
+    context at ``user_index``, the turn's user message; returns the new plan."""
+    info = manager.clear(session_key, reason=FORCED_CLEAR)
+    outcome = manager.begin_turn(session_key, [])  # nothing new: the state after the clear
+    new = TurnPlan(session_key=session_key, messages_stored=plan.messages_stored, notices=plan.notices)
+    new.action, new.clear_reason = "cleared", info.reason
+    _fill_context(new, user_index, outcome.summary, outcome.active)
+    new.retrieved = plan.retrieved
+    if new.retrieved:
+        new.action += "+retrieved"
+    return new
+
+
+def finish_turn(manager: KVCacheManager, session_key: str, reply: ChatMessage) -> int:
+    """Store the complete reply after the stored history; returns messages stored."""
+    return manager.finish_turn(session_key, [reply])
+
+
+def replace_reply(manager: KVCacheManager, session_key: str, reply: ChatMessage) -> int:
+    """Regenerate: the new reply replaces the stored one; returns messages dropped."""
+    return manager.replace_reply(session_key, [reply])
+
+
+def branch(manager: KVCacheManager, source_key: str, new_key: str, common: int) -> None:
+    """An edited conversation: ``new_key`` starts as the first ``common`` stored
+    messages of ``source_key`` (replayed as ``process`` would)."""
+    manager.branch_session(source_key, new_key, common)
