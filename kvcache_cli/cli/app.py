@@ -15,6 +15,8 @@ import typer
 from kvcache_cli.cli.command import ConfigOpt, DbOpt, QuietOpt, VerboseOpt, register
 from kvcache_cli.cli.commands.clear import clear
 from kvcache_cli.cli.commands.copy_store import copy_store_command
+from kvcache_cli.cli.commands.export import export_command
+from kvcache_cli.cli.commands.forget import forget
 from kvcache_cli.cli.commands.import_files import import_command
 from kvcache_cli.cli.commands.init_config import init_config
 from kvcache_cli.cli.commands.maintain import maintain
@@ -22,6 +24,7 @@ from kvcache_cli.cli.commands.process import process
 from kvcache_cli.cli.commands.restore import restore
 from kvcache_cli.cli.commands.retrieve import retrieve
 from kvcache_cli.cli.commands.serve import serve
+from kvcache_cli.cli.commands.sessions import sessions
 from kvcache_cli.cli.commands.snapshot import snapshot
 from kvcache_cli.cli.commands.stats import StatsCommand, stats
 from kvcache_cli.cli.context import CliContext, error_line
@@ -68,6 +71,9 @@ register(app, snapshot)
 register(app, restore)
 register(app, maintain)
 register(app, stats, cls=StatsCommand)
+register(app, sessions)
+register(app, export_command, "export")
+register(app, forget)
 register(app, copy_store_command, "copy-store")
 register(app, init_config, "init-config")
 register(app, serve)

@@ -1,0 +1,131 @@
+"""Whole sessions for people: list them, read a conversation back, forget one.
+
+Every statement is raw SQL through ``Store.query`` (``?`` marks, both backends). What a
+session owns, and so what ``forget`` deletes, is listed once in ``OWNED``; the full-text
+index rows go through ``search.delete_session`` (each backend keeps its own index).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from kvcache_cli.store import search
+from kvcache_cli.store.models import Message, Session
+
+if TYPE_CHECKING:
+    from kvcache_cli.store.backend import Store
+
+_to_time = Session.last_activity.python_value
+_to_message_time = Message.timestamp.python_value
+
+
+@dataclass
+class SessionRow:
+    """One session as ``kvcache sessions`` lists it."""
+
+    key: str
+    messages: int
+    turns: int
+    clears: int
+    snapshots: int
+    cache_bytes: int
+    capacity_bytes: int
+    entries: int
+    created_at: datetime | None
+    last_activity: datetime | None
+
+
+def list_rows(store: Store, idle_before: datetime | None = None) -> list[SessionRow]:
+    """Every session (most recently active first); with ``idle_before``, only those whose
+    last activity is older."""
+    where, params = "", []
+    if idle_before is not None:
+        where, params = "WHERE s.last_activity < ?", [Session.last_activity.db_value(idle_before)]
+    rows = store.query(
+        "SELECT s.key, COALESCE(mc.n, 0), s.turn_count, s.total_clears, COALESCE(sc.n, 0), "
+        "s.cache_size_bytes, s.capacity_bytes, s.entry_count, s.created_at, s.last_activity "
+        "FROM sessions s "
+        "LEFT JOIN (SELECT session_id, COUNT(*) AS n FROM messages GROUP BY session_id) mc "
+        "ON mc.session_id = s.id "
+        "LEFT JOIN (SELECT session_id, COUNT(*) AS n FROM snapshots GROUP BY session_id) sc "
+        "ON sc.session_id = s.id "
+        f"{where} ORDER BY s.last_activity DESC, s.key",
+        params,
+    )
+    return [
+        SessionRow(
+            key=row[0],
+            messages=int(row[1]),
+            turns=int(row[2] or 0),
+            clears=int(row[3] or 0),
+            snapshots=int(row[4]),
+            cache_bytes=int(row[5] or 0),
+            capacity_bytes=int(row[6] or 0),
+            entries=int(row[7] or 0),
+            created_at=_to_time(row[8]),
+            last_activity=_to_time(row[9]),
+        )
+        for row in rows
+    ]
+
+
+def session_id(store: Store, key: str) -> int | None:
+    """The row id of the session called ``key``."""
+    rows = store.query("SELECT id FROM sessions WHERE key = ?", (key,))
+    return int(rows[0][0]) if rows else None
+
+
+def messages(store: Store, sid: int) -> list[tuple[str, str | None, str, datetime | None]]:
+    """A session's stored messages in order: ``(role, name, content, timestamp)``."""
+    rows = store.query(
+        "SELECT role, name, content, timestamp FROM messages WHERE session_id = ? ORDER BY message_index",
+        (sid,),
+    )
+    return [(role, name, content, _to_message_time(ts)) for role, name, content, ts in rows]
+
+
+# What a session owns, deleted in this order (children before parents): table -> the
+# condition that picks the session's rows (``?`` is the session's row id).
+OWNED: dict[str, str] = {
+    "embeddings": "message_id IN (SELECT id FROM messages WHERE session_id = ?)",
+    "snapshot_entries": "snapshot_id IN (SELECT id FROM snapshots WHERE session_id = ?)",
+    "snapshots": "session_id = ?",
+    "cache_entries": "session_id = ?",
+    "engagement": "session_id = ?",
+    "turn_log": "session_id = ?",
+    "summaries": "session_id = ?",
+    "messages": "session_id = ?",
+}
+
+
+def footprint(store: Store, sid: int, key: str) -> dict[str, int]:
+    """Rows of each kind the session owns (``operations``: its history records)."""
+    counts = {
+        table: int(store.query(f"SELECT COUNT(*) FROM {table} WHERE {condition}", (sid,))[0][0])
+        for table, condition in OWNED.items()
+    }
+    counts["operations"] = int(
+        store.query("SELECT COUNT(*) FROM operations WHERE session_key = ?", (key,))[0][0]
+    )
+    return counts
+
+
+def slot_files(store: Store, sid: int) -> list[str]:
+    """The llama-server slot files the session's snapshots name."""
+    rows = store.query(
+        "SELECT DISTINCT slot_filename FROM snapshots "
+        "WHERE session_id = ? AND slot_filename IS NOT NULL AND slot_filename <> '' ORDER BY slot_filename",
+        (sid,),
+    )
+    return [name for (name,) in rows]
+
+
+def delete(store: Store, sid: int, key: str) -> None:
+    """Delete everything of the session; call inside a transaction (the caller's unit)."""
+    search.delete_session(store, sid)  # the index first: it reads the rows it drops
+    for table, condition in OWNED.items():
+        store.query(f"DELETE FROM {table} WHERE {condition}", (sid,))
+    store.query("DELETE FROM operations WHERE session_key = ?", (key,))
+    store.query("DELETE FROM sessions WHERE id = ?", (sid,))
