@@ -303,7 +303,7 @@ def test_watch_refuses_without_a_terminal(known: dict[str, Any]) -> None:
 
 
 def test_watch_seconds_rewrite() -> None:
-    from kvcache_cli.cli.app import _watch_seconds_args
+    from kvcache_cli.cli.commands.stats import watch_seconds_args as _watch_seconds_args
 
     assert _watch_seconds_args(["--watch", "5", "s"]) == ["--watch", "--interval", "5", "s"]
     assert _watch_seconds_args(["--watch=0.5"]) == ["--watch", "--interval", "0.5"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from collections.abc import Callable
 from typing import Annotated, Any, Optional
 
@@ -113,11 +114,15 @@ def with_global_options(func: Callable[..., Any]) -> Callable[..., Any]:
     signature = inspect.signature(func, eval_str=True)
     ctx_name = _context_param(signature)
     extra = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=_GLOBAL_DEFAULTS[name], annotation=hint)
+        inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, default=_GLOBAL_DEFAULTS[name], annotation=hint
+        )
         for name, hint in _GLOBAL_PARAMS.items()
     ]
     params = [
-        p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD else p
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        else p
         for p in signature.parameters.values()
     ]
 
@@ -212,12 +217,12 @@ def split_optional_values(args: list[str], options: dict[str, str]) -> list[str]
     return out
 
 
+_SECONDS = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)")
+
+
 def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return text.strip() == text and text.lower().lstrip("+-") not in ("nan", "inf", "infinity")
+    """A plain decimal number (``5``, ``0.5``, ``.5``): what an optional value may be."""
+    return _SECONDS.fullmatch(text) is not None
 
 
 def register(

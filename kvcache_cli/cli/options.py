@@ -7,7 +7,6 @@ from typing import Annotated, Any, Optional
 import typer
 
 FORMATS = ("auto", "native", "openai", "sharegpt", "jsonl")
-STRATEGIES = ("keyword", "semantic", "hybrid")
 
 
 def complete_format(incomplete: str) -> list[str]:
@@ -17,13 +16,9 @@ def complete_format(incomplete: str) -> list[str]:
 
 def complete_strategy(incomplete: str) -> list[str]:
     """Values of ``--strategy`` (the config's list, so a new strategy shows up)."""
-    try:
-        from kvcache_cli.config import RETRIEVAL_STRATEGIES
+    from kvcache_cli.config import RETRIEVAL_STRATEGIES
 
-        names: tuple[str, ...] = tuple(RETRIEVAL_STRATEGIES)
-    except ImportError:  # pragma: no cover - the config always has it
-        names = STRATEGIES
-    return [s for s in names if s.startswith(incomplete)]
+    return [s for s in RETRIEVAL_STRATEGIES if s.startswith(incomplete)]
 
 
 def complete_session(ctx: typer.Context, incomplete: str) -> list[str]:

@@ -43,8 +43,43 @@ def _pipe_width(stream: Any) -> int | None:
         return PIPE_WIDTH
 
 
+class _TrimmedStdout:
+    """``sys.stdout`` (looked up at each write, so test runners can swap it) with the
+    spaces Rich pads table lines with cut off when it is not a terminal."""
+
+    _TRAILING = re.compile(r"[ \t]+(?=\n)")
+
+    def write(self, text: str) -> int:
+        stream = sys.stdout
+        if not self.isatty():
+            text = self._TRAILING.sub("", text)
+        return stream.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+    def isatty(self) -> bool:
+        try:
+            return sys.stdout.isatty()
+        except (AttributeError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return sys.stdout.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(sys.stdout, "encoding", None) or "utf-8"
+
+
 # markup=False: stored text such as "[bold]" or "[/x]" is printed as it is.
-console = Console(highlight=False, markup=False, emoji=False, width=_pipe_width(sys.stdout))
+console = Console(
+    file=_TrimmedStdout(),  # type: ignore[arg-type]  # a minimal text stream
+    highlight=False,
+    markup=False,
+    emoji=False,
+    width=_pipe_width(sys.stdout),
+)
 err_console = Console(stderr=True, highlight=False, markup=False, emoji=False, width=_pipe_width(sys.stderr))
 
 _UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -164,7 +199,7 @@ def retrieval_result(result: RetrievalResult, verbose: bool = False) -> None:
 
 def snapshot_table(items: list[SnapshotInfo], title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for name in ("id", "session", "type", "reason", "entries", "size", "created", "slot file"):
+    for name in ("id", "session", "type", "reason", "entries", "size", "created (UTC)", "slot file"):
         table.add_column(name, overflow="fold")
     for s in items:
         table.add_row(
@@ -193,12 +228,14 @@ def snapshot_created(item: SnapshotInfo) -> None:
 
 def restore_result(result: RestoreResult) -> None:
     console.print(
-        f"restored {result.entries_restored} entries from snapshot {result.snapshot_id} "
-        f"into session {printable(result.session_id)} ({human_bytes(result.cache_size_bytes)})"
+        f"restore replaced the active cache of session {printable(result.session_id)} with snapshot "
+        f"{result.snapshot_id}: {plural(result.entries_before, 'entry')} "
+        f"({human_bytes(result.cache_bytes_before)}) before, "
+        f"{plural(result.entries_restored, 'entry')} ({human_bytes(result.cache_size_bytes)}) after"
     )
     if result.slot_n_restored is not None:
         console.print(f"slot restored: {result.slot_n_restored} tokens")
-    console.print(printable(result.bridge_message))
+    console.print(f"bridge message: {printable(result.bridge_message)}")
 
 
 def maintenance_result(result: MaintenanceResult, verbose: bool) -> None:
@@ -224,8 +261,9 @@ def maintenance_result(result: MaintenanceResult, verbose: bool) -> None:
             console.print(f"{prefix}trim {result.operations_trimmed} old operation records")
         return
     console.print(
-        f"released {result.sessions_cleaned} idle sessions, pruned {result.snapshots_pruned} "
-        f"snapshots, trimmed {result.operations_trimmed} operation records"
+        f"released {plural(result.sessions_cleaned, 'idle session')}, pruned "
+        f"{plural(result.snapshots_pruned, 'snapshot')}, trimmed "
+        f"{plural(result.operations_trimmed, 'operation record')}"
     )
 
 
@@ -273,7 +311,8 @@ def _age(seconds: float) -> str:
 
 
 def _when(iso: str | None) -> str:
-    return "-" if not iso else iso[:16].replace("T", " ")
+    """``2026-12-04 10:00 UTC`` (the store keeps UTC times)."""
+    return "-" if not iso else iso[:16].replace("T", " ") + " UTC"
 
 
 def _resample(values: list[int], marks: list[str], width: int) -> tuple[list[int], list[str], list[int]]:
@@ -688,7 +727,7 @@ def _maintenance_line(insights: dict[str, Any]) -> Text:
 
 def _recent_ops(data: dict[str, Any]) -> Table:
     ops = _simple_table("recent operations")
-    for name in ("time", "operation", "session", "entries", "details"):
+    for name in ("time (UTC)", "operation", "session", "entries", "details"):
         ops.add_column(name, overflow="fold")
     for op in data["recent_operations"]:
         ops.add_row(
@@ -810,6 +849,13 @@ def _session_view(data: dict[str, Any], insights: dict[str, Any] | None, width: 
 
 def stats_view(data: dict[str, Any], insights: dict[str, Any] | None = None, width: int = 100) -> Group:
     """Everything ``kvcache stats`` shows, as one renderable (printed, or refreshed live)."""
+    return Group(*stats_sections(data, insights, width))
+
+
+def stats_sections(
+    data: dict[str, Any], insights: dict[str, Any] | None = None, width: int = 100
+) -> list[Any]:
+    """The sections of ``kvcache stats``, most important first."""
     parts: list[Any] = []
     if data.get("session"):
         parts += _session_view(data, insights, width)
@@ -838,28 +884,61 @@ def stats_view(data: dict[str, Any], insights: dict[str, Any] | None = None, wid
         parts.append(slots)
     if data["recent_operations"]:
         parts.append(_recent_ops(data))
-    return Group(*parts)
+    return parts
 
 
 def statistics(data: dict[str, Any], insights: dict[str, Any] | None = None) -> None:
     console.print(stats_view(data, insights, console.width))
 
 
+def fit_sections(sections: list[Any], footer: Text, width: int, height: int) -> Group:
+    """The leading ``sections`` that fit ``height`` lines with ``footer`` under them.
+
+    Lower sections are dropped first (the footer says how many), so a small terminal
+    still shows the top of the view and a live redraw never scrolls.
+    """
+    options = console.options.update(width=width, height=None)
+    room = max(1, height - 1 - len(console.render_lines(footer, options, pad=False)))
+    kept: list[Any] = []
+    for section in sections:
+        lines = len(console.render_lines(section, options, pad=False))
+        if lines > room:
+            break
+        kept.append(section)
+        room -= lines
+    hidden = len(sections) - len(kept)
+    if hidden:
+        footer = footer.copy()
+        footer.append(f" · {hidden} section{'s' if hidden != 1 else ''} hidden")
+    return Group(*kept, footer)
+
+
 def watch_statistics(fetch: Callable[[], tuple[dict[str, Any], dict[str, Any]]], interval: float) -> None:
-    """Redraw ``fetch()`` in place every ``interval`` seconds until Ctrl-C (which propagates)."""
+    """Redraw ``fetch()`` in place every ``interval`` seconds until Ctrl-C (which propagates).
+
+    Each frame fits the terminal as it is now: sections that do not fit are left out,
+    lowest first, and anything still too tall is cropped rather than scrolled.
+    """
     import time
 
     from rich.live import Live
 
     def frame() -> Group:
         data, insights = fetch()
+        width, height = console.size
         stamp = Text(
             f"watching every {interval:g} s, Ctrl-C to stop · {time.strftime('%H:%M:%S')}", style="dim"
         )
-        return Group(stats_view(data, insights, console.width), stamp)
+        return fit_sections(stats_sections(data, insights, width), stamp, width, height)
 
     with Live(
-        frame(), console=console, auto_refresh=False, screen=False, vertical_overflow="visible"
+        frame(),
+        console=console,
+        auto_refresh=False,
+        screen=False,
+        vertical_overflow="crop",
+        redirect_stdout=False,  # the console writes to sys.stdout itself (see _TrimmedStdout)
+        redirect_stderr=False,
     ) as live:
         while True:
             time.sleep(interval)

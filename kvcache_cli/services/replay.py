@@ -13,9 +13,10 @@ import contextlib
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kvcache_cli.errors import KVCacheError
 
@@ -61,10 +62,20 @@ class ReplayFailure:
         return {"file": self.file, "place": self.place, "message": self.message, "exit_code": self.exit_code}
 
 
-class ReplayListener:
-    """What a replay tells its caller as it goes; override what you need (all optional)."""
+class ReplayEvents(Protocol):
+    """What a replay tells its caller as it goes (see :class:`ReplayListener`)."""
 
-    def progress(self, session_key: str) -> ContextManager[OnTurn | None]:
+    def progress(self, session_key: str) -> AbstractContextManager[OnTurn | None]: ...
+    def session_done(self, result: ProcessResult) -> None: ...
+    def failed(self, failure: ReplayFailure, exc: KVCacheError) -> None: ...
+    def notice(self, text: str) -> None: ...
+    def debug(self, text: str) -> None: ...
+
+
+class ReplayListener:
+    """:class:`ReplayEvents` that do nothing: subclass it and override what you need."""
+
+    def progress(self, session_key: str) -> AbstractContextManager[OnTurn | None]:
         """A context giving a ``(done, total)`` turn callback, or None for no progress."""
         return contextlib.nullcontext(None)
 
@@ -136,10 +147,10 @@ def replay_files(
     fmt: str = "auto",
     session: str | None = None,
     jobs: int = 0,
-    listener: ReplayListener | None = None,
+    listener: ReplayEvents | None = None,
 ) -> ReplayOutcome:
     """Replay ``files`` into ``manager``'s store; the caller opens and closes ``store``."""
-    events = listener or ReplayListener()
+    events: ReplayEvents = listener or ReplayListener()
     outcome = ReplayOutcome()
 
     def fail(path: Path, exc: KVCacheError) -> None:
@@ -210,7 +221,7 @@ def replay_files(
 
 
 def _start_workers(
-    manager: KVCacheManager, batch: list[_Loaded], workers: int, events: ReplayListener
+    manager: KVCacheManager, batch: list[_Loaded], workers: int, events: ReplayEvents
 ) -> ParallelReplay | None:
     """Send a batch's conversations that may run on workers (``parallel_replay``) to them."""
     from kvcache_cli.services.parallel_replay import ReplayJob, start

@@ -18,7 +18,7 @@ def clear(
     """Clear a session's cache now, keeping its important entries (reason Manual)."""
     from kvcache_cli.cli import render
     from kvcache_cli.cli.output import show
-    from kvcache_cli.services.cache_ops import clear_session
+    from kvcache_cli.services.slot_ops import clear_session
 
     manager, store = cli_context(ctx).manager(server, need_server=slot is not None, read_only=True)
     try:

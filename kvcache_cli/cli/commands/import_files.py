@@ -28,7 +28,9 @@ def import_command(
     state = cli_context(ctx)
     store = state.open_store()
     try:
-        result = import_files(store, files, fmt, session, on_error=lambda e: error_line(f"kvcache: error: {e}"))
+        result = import_files(
+            store, files, fmt, session, on_error=lambda e: error_line(f"kvcache: error: {e}")
+        )
     finally:
         store.close()
     show(result, as_json, render.import_result)

@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ContextManager, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from kvcache_cli.cli.context import CliContext, cli_context, error_line
 from kvcache_cli.cli.options import FormatOpt, JsonOpt, ServerOpt, SessionOpt
-from kvcache_cli.services.replay import OnTurn, ReplayFailure, ReplayListener
 
 if TYPE_CHECKING:
     from kvcache_cli.errors import KVCacheError
+    from kvcache_cli.services.replay import OnTurn, ReplayFailure
     from kvcache_cli.services.results import ProcessResult
 
 
-class _Printer(ReplayListener):
+class _Printer:
     """Shows a replay as it goes: a table per session, errors and notices on stderr."""
 
     def __init__(self, state: CliContext, as_json: bool) -> None:
         self.state = state
         self.as_json = as_json
 
-    def progress(self, session_key: str) -> ContextManager[OnTurn | None]:
+    def progress(self, session_key: str) -> AbstractContextManager[OnTurn | None]:
         from kvcache_cli.cli import render
 
         return render.turn_progress(session_key, enabled=not (self.state.quiet or self.as_json))

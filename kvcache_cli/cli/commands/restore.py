@@ -13,7 +13,9 @@ from kvcache_cli.cli.options import JsonOpt, ServerOpt, SessionArg, SlotOpt
 def restore(
     ctx: typer.Context,
     session: SessionArg,
-    snapshot_id: Annotated[int, typer.Argument(metavar="SNAPSHOT", help="Snapshot id (see snapshot --list).")],
+    snapshot_id: Annotated[
+        int, typer.Argument(metavar="SNAPSHOT", help="Snapshot id (see snapshot --list).")
+    ],
     slot: SlotOpt = None,
     server: ServerOpt = None,
     as_json: JsonOpt = False,
@@ -21,7 +23,7 @@ def restore(
     """Put a snapshot's entries back into the session's active cache."""
     from kvcache_cli.cli import render
     from kvcache_cli.cli.output import show
-    from kvcache_cli.services.cache_ops import restore_snapshot
+    from kvcache_cli.services.slot_ops import restore_snapshot
 
     manager, store = cli_context(ctx).manager(server, need_server=slot is not None, read_only=True)
     try:

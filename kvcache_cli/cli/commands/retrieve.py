@@ -44,7 +44,7 @@ def retrieve(
         typer.Option(
             "--strategy",
             metavar="STRATEGY",
-            help="Override cache.retrieval_strategy (keyword, semantic or hybrid).",
+            help="Override cache.retrieval_strategy (see kvcache.toml; TAB completes).",
             autocompletion=complete_strategy,
         ),
     ] = None,

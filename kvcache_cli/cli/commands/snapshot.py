@@ -22,7 +22,7 @@ def snapshot(
     """Snapshot a session's active cache now, or list snapshots."""
     from kvcache_cli.cli import render
     from kvcache_cli.cli.output import emit_json, show
-    from kvcache_cli.services.cache_ops import take_snapshot
+    from kvcache_cli.services.slot_ops import take_snapshot
 
     if not list_ and session is None:
         raise BadInputError("give SESSION to snapshot, or --list")

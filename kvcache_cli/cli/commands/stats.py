@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from kvcache_cli.cli.command import KvcacheCommand
+from kvcache_cli.cli.command import KvcacheCommand, split_optional_values
 from kvcache_cli.cli.context import cli_context, error_line
 from kvcache_cli.cli.options import JsonOpt, OptionalSessionArg, ServerOpt
 from kvcache_cli.errors import BadInputError
@@ -17,6 +17,11 @@ class StatsCommand(KvcacheCommand):
     """``--watch`` takes an optional SECONDS value, carried by ``--interval``."""
 
     optional_values = {"--watch": "--interval"}
+
+
+def watch_seconds_args(args: list[str]) -> list[str]:
+    """``--watch N`` / ``--watch=N`` -> ``--watch --interval N`` (what ``stats`` parses)."""
+    return split_optional_values(args, StatsCommand.optional_values)
 
 
 def stats(
