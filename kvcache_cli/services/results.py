@@ -192,11 +192,19 @@ class RestoreResult:
     cache_size_bytes: int
     bridge_message: str
     slot_n_restored: int | None = None
+    entries_before: int = 0
+    cache_bytes_before: int = 0
+    mode: str = "replace"  # the snapshot replaces the active cache (see ``cache_ops.restore``)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "session_id": self.session_id,
             "snapshot_id": self.snapshot_id,
+            "mode": self.mode,
+            "entries_before": self.entries_before,
+            "entries_after": self.entries_restored,
+            "cache_bytes_before": self.cache_bytes_before,
+            "cache_bytes_after": self.cache_size_bytes,
             "entries_restored": self.entries_restored,
             "cache_size_bytes": self.cache_size_bytes,
             "bridge_message": self.bridge_message,
