@@ -111,7 +111,9 @@ def diff(before: Path, after: Path) -> int:
         if left != right:
             bad += 1
             print(f"DIFFERS: {name}")
-            lines = difflib.unified_diff(left.splitlines(), right.splitlines(), "before", "after", lineterm="")
+            lines = difflib.unified_diff(
+                left.splitlines(), right.splitlines(), "before", "after", lineterm=""
+            )
             print("\n".join(list(lines)[:40]))
     print(f"{len(names)} files compared, {bad} differ")
     return 1 if bad else 0

@@ -24,7 +24,7 @@ import locomo  # noqa: E402
 
 from kvcache_cli.retrieval.session_index import SessionIndex  # noqa: E402
 from kvcache_cli.services.importing import import_file  # noqa: E402
-from kvcache_cli.services.manager import REPLAY_BRIDGE_TOP, REPLAY_CANDIDATES  # noqa: E402
+from kvcache_cli.services.retrieve import REPLAY_BRIDGE_TOP, REPLAY_CANDIDATES  # noqa: E402
 from kvcache_cli.store.backend import open_store  # noqa: E402
 
 LOCOMO = Path("/work/shared/bench/locomo-dev")

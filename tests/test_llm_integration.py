@@ -137,13 +137,13 @@ def test_process_with_server_summaries_embeddings_tokenize(env: Env, slot_server
 
     store = env.store()
     try:
-        summary = m.Summary.get()
+        summary = store.bind(m.Summary.select()).get()
         assert summary.source == "llm"
         assert summary.text.startswith("Summary of")
         assert summary.clear_count == 3
         assert summary.token_count > 0
         assert summary.messages_summarized > 0
-        rows = list(m.Embedding.select().join(m.Message).order_by(m.Message.message_index))
+        rows = list(store.bind(m.Embedding.select().join(m.Message).order_by(m.Message.message_index)))
         assert len(rows) == len(texts)
         assert {(r.model, r.dim) for r in rows} == {("mini", 384)}
         first = rows[0]
@@ -152,7 +152,7 @@ def test_process_with_server_summaries_embeddings_tokenize(env: Env, slot_server
         got = unpack_vector(first.vector)
         assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-6
         # message tokens come from the server's count (+4 template tokens), not the estimate
-        msg = m.Message.select().where(m.Message.message_index == 1).get()
+        msg = store.bind(m.Message.select().where(m.Message.message_index == 1)).get()
         assert msg.tokens == len(slot_server._tokens(texts[1])) + 4
     finally:
         store.close()
@@ -209,11 +209,11 @@ def test_process_with_server_stopped_falls_back(env: Env, tmp_path: Path) -> Non
     assert "Traceback" not in proc.stderr
     store = env.store()
     try:
-        summary = m.Summary.get()
+        summary = store.bind(m.Summary.select()).get()
         assert summary.source == "extractive"
         assert summary.clear_count == 2
         assert summary.token_count > 0
-        assert m.Embedding.select().count() == 0
+        assert store.bind(m.Embedding.select()).count() == 0
     finally:
         store.close()
 
@@ -223,7 +223,7 @@ def test_process_with_server_stopped_falls_back(env: Env, tmp_path: Path) -> Non
         assert back.count("POST", "/v1/embeddings") >= 1
     store = env.store()
     try:
-        assert m.Embedding.select().count() == m.Message.select().count()
+        assert store.bind(m.Embedding.select()).count() == store.bind(m.Message.select()).count()
     finally:
         store.close()
 
@@ -248,14 +248,17 @@ def test_embedding_dimension_change_drops_stale_vectors(env: Env, tmp_path: Path
         assert "now gives 16-dim vectors (stored: 384-dim)" in proc.stderr
         store = env.store()
         try:
-            assert {r.dim for r in m.Embedding.select()} == {16}
+            assert {r.dim for r in store.bind(m.Embedding.select())} == {16}
         finally:
             store.close()
         # session a is re-embedded when it is processed again
         env.ok("process", str(tmp_path / "a.json"), "--server", second.url, "--json")
     store = env.store()
     try:
-        assert m.Embedding.select().where(m.Embedding.dim == 16).count() == m.Message.select().count()
+        assert (
+            store.bind(m.Embedding.select().where(m.Embedding.dim == 16)).count()
+            == store.bind(m.Message.select()).count()
+        )
     finally:
         store.close()
 
@@ -431,8 +434,8 @@ def test_semantic_search_ranks_by_cosine(tmp_path: Path) -> None:
     store = open_store(str(tmp_path / "s.db"))
     try:
         now = utcnow()
-        a = m.Session.create(key="a", created_at=now, last_activity=now)
-        b = m.Session.create(key="b", created_at=now, last_activity=now)
+        a = m.Session(id=store.bind(m.Session.insert(key="a", created_at=now, last_activity=now)).execute())
+        b = m.Session(id=store.bind(m.Session.insert(key="b", created_at=now, last_activity=now)).execute())
         vectors = {
             (a.id, 0): [1.0, 0.0, 0.0],
             (a.id, 1): [0.7, 0.7, 0.0],
@@ -441,12 +444,16 @@ def test_semantic_search_ranks_by_cosine(tmp_path: Path) -> None:
         }
         ids = {}
         for (sid, idx), vec in vectors.items():
-            msg = m.Message.create(session=sid, message_index=idx, role="user", content=f"m{sid}-{idx}")
-            ids[(sid, idx)] = msg.id
-            store_vectors("mod", [(msg.id, vec)], now)
-        other = m.Message.create(session=a.id, message_index=3, role="user", content="x")
-        store_vectors("mod", [(other.id, [1.0, 0.0])], now)  # another size: never compared
-        store_vectors("other-model", [(other.id, [1.0, 0.0, 0.0])], now)
+            msg_id = store.bind(
+                m.Message.insert(session=sid, message_index=idx, role="user", content=f"m{sid}-{idx}")
+            ).execute()
+            ids[(sid, idx)] = msg_id
+            store_vectors(store, "mod", [(msg_id, vec)], now)
+        other_id = store.bind(
+            m.Message.insert(session=a.id, message_index=3, role="user", content="x")
+        ).execute()
+        store_vectors(store, "mod", [(other_id, [1.0, 0.0])], now)  # another size: never compared
+        store_vectors(store, "other-model", [(other_id, [1.0, 0.0, 0.0])], now)
 
         hits = semantic_search(store, a.id, [1.0, 0.0, 0.0], "mod", 2)
         assert [h[0] for h in hits] == [ids[(a.id, 0)], ids[(a.id, 1)]]
@@ -469,7 +476,7 @@ def test_embeddings_url_alone_gives_embeddings_but_no_chat_or_tokenize(
     env.ok("process", str(env.conv_file(conversation(10))), "--json")
     store = env.store()
     try:
-        assert m.Embedding.select().count() > 0
+        assert store.bind(m.Embedding.select()).count() > 0
     finally:
         store.close()
     assert slot_server.count("POST", "/v1/embeddings") > 0

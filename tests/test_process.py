@@ -48,7 +48,7 @@ def test_short_conversation_clears_at_16_and_32(store: Store, tmp_path: Path) ->
     assert len(result.turns) == 40
     assert clears(result) == [(16, "ConversationLimit"), (32, "ConversationLimit")]
     assert max(result.to_dict()["usage"]) / result.capacity_bytes < 0.6
-    session = m.Session.get(m.Session.key == "conv")
+    session = store.bind(m.Session.select().where(m.Session.key == "conv")).get()
     assert session.total_clears == 2
     assert session.conversation_count == 8
 
@@ -103,7 +103,7 @@ def test_extension_processes_only_new_turns(store: Store, tmp_path: Path) -> Non
     assert len(second.turns) == 10
     assert second.messages_added == 20
     assert [t.turn for t in second.turns] == list(range(21, 31))
-    assert m.Message.select().count() == 61
+    assert store.bind(m.Message.select()).count() == 61
 
 
 def test_divergent_file_is_refused_with_the_index(store: Store, tmp_path: Path) -> None:
@@ -128,7 +128,7 @@ def test_prior_summary_bridge_and_cumulative_summary(store: Store, tmp_path: Pat
     assert turn16.bridge_messages[0].startswith(bridge.SUMMARY_NOW)
     assert turn17.clear is None
     assert turn17.bridge_messages[0].startswith(bridge.SUMMARY_PRIOR)
-    summary = m.Summary.get()
+    summary = store.bind(m.Summary.select()).get()
     assert summary.clear_count == 2
     assert "Aurelia" in summary.text and "4200" in summary.text
     assert result.turns[31].bridge_messages[0].startswith(bridge.SUMMARY_NOW)
@@ -139,9 +139,9 @@ def test_first_summary_bullets_survive_the_second_clear(store: Store, tmp_path: 
     manager = KVCacheManager(store, Config())
     data = conversation(40)
     manager.process_conversation(load(tmp_path, truncated(data, 1 + 2 * 16), "a.json"), "conv")
-    first = m.Summary.get().text
+    first = store.bind(m.Summary.select()).get().text
     manager.process_conversation(load(tmp_path, data, "b.json"), "conv")
-    second = m.Summary.get()
+    second = store.bind(m.Summary.select()).get()
     assert second.clear_count == 2
     old_bullets = [ln for ln in first.splitlines() if ln.startswith("- ")]
     assert old_bullets and all(b in second.text for b in old_bullets)

@@ -17,6 +17,7 @@ from kvcache_cli.retrieval.fusion import RetrievalResult, RetrievedEntry
 from kvcache_cli.retrieval.session_index import SessionIndex, SessionIndexes
 from kvcache_cli.services.importing import import_file
 from kvcache_cli.services.manager import KVCacheManager
+from kvcache_cli.services.retrieve import after_retrieval
 from kvcache_cli.store import search
 from kvcache_cli.store.backend import Store, open_store
 
@@ -145,7 +146,7 @@ def test_engagement_decay_sql_follows_the_seed(support: tuple[Store, int]) -> No
     """Untouched keys x0.95 with a 0.1 floor, retrieved keys +0.15; rows at the floor stay."""
     store, _ = support
     manager = KVCacheManager(store, Config())
-    session = manager._session("support-4821")
+    session = manager.session("support-4821")
     start = {"a": 0.3, "b": 0.104, "c": 0.1, "d": 0.9}
     for key, score in start.items():
         store.query(
@@ -167,7 +168,7 @@ def test_engagement_decay_sql_follows_the_seed(support: tuple[Store, int]) -> No
     ]
     expected = dict(start)
     for _ in range(3):
-        store.transaction(lambda: manager._after_retrieval(session, result, datetime(2025, 1, 1)))
+        store.transaction(lambda: after_retrieval(manager, session, result, datetime(2025, 1, 1)))
         expected = {
             k: next_engagement(v, retrieved=True) if k in ("d", "new") else decayed_engagement(v)
             for k, v in expected.items()
@@ -224,7 +225,9 @@ def test_a_session_too_big_to_index_is_searched_through_the_store(
             manager = KVCacheManager(store, Config())
             conv = load_file(EXAMPLES / "support-chat.json")[0]
             result = manager.process_conversation(conv, "support-4821")
-            assert manager._indexes._too_big == ({_session_id(store, "support-4821")} if cap == 0 else set())
+            assert manager.replay_indexes._too_big == (
+                {_session_id(store, "support-4821")} if cap == 0 else set()
+            )
             return [t.retrieved for t in result.turns], sum(1 for t in result.turns if 3 in t.retrieval_tiers)
         finally:
             store.close()

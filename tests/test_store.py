@@ -42,7 +42,9 @@ def test_new_store_is_private_and_migrated(tmp_path: Path) -> None:
         assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
         names = {r[0] for r in store.db.execute_sql("SELECT name FROM sqlite_master WHERE type='table'")}
         assert TABLES <= names
-        versions = [r.version for r in m.SchemaMigration.select().order_by(m.SchemaMigration.version)]
+        versions = [
+            r.version for r in store.bind(m.SchemaMigration.select().order_by(m.SchemaMigration.version))
+        ]
         assert versions == list(range(1, LATEST_VERSION + 1))
         assert store.db.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert store.db.execute_sql("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -50,8 +52,8 @@ def test_new_store_is_private_and_migrated(tmp_path: Path) -> None:
         store.close()
     again = open_store(path)  # reopening applies nothing twice
     try:
-        assert m.SchemaMigration.select().count() == LATEST_VERSION
-        assert m.Statistics.select().count() == 1
+        assert store.bind(m.SchemaMigration.select()).count() == LATEST_VERSION
+        assert store.bind(m.Statistics.select()).count() == 1
     finally:
         again.close()
 
@@ -61,14 +63,16 @@ def test_new_store_is_migrated_once_on_each_backend(store_url: str) -> None:  # 
     try:
         assert store.backend == ("postgresql" if is_pg(store_url) else "sqlite")
         assert TABLES <= set(store.db.get_tables())
-        versions = [r.version for r in m.SchemaMigration.select().order_by(m.SchemaMigration.version)]
+        versions = [
+            r.version for r in store.bind(m.SchemaMigration.select().order_by(m.SchemaMigration.version))
+        ]
         assert versions == list(range(1, LATEST_VERSION + 1))
     finally:
         store.close()
     again = open_store(store_url)  # reopening applies nothing twice
     try:
-        assert m.SchemaMigration.select().count() == LATEST_VERSION
-        assert m.Statistics.select().count() == 1
+        assert store.bind(m.SchemaMigration.select()).count() == LATEST_VERSION
+        assert store.bind(m.Statistics.select()).count() == 1
         assert "***" in again.location.display or not is_pg(store_url)
     finally:
         again.close()
@@ -102,19 +106,24 @@ def test_transaction_rolls_back_on_error(store_url: str) -> None:  # noqa: F811
     try:
 
         def work() -> None:
-            m.Session.create(key="s", created_at=utcnow(), last_activity=utcnow())
+            store.bind(m.Session.insert(key="s", created_at=utcnow(), last_activity=utcnow())).execute()
             raise ValueError("boom")
 
         with pytest.raises(ValueError):
             store.transaction(work)
-        assert m.Session.select().count() == 0
+        assert store.bind(m.Session.select()).count() == 0
         assert (
             store.transaction(
-                lambda: m.Session.create(key="t", created_at=utcnow(), last_activity=utcnow())
+                lambda: (
+                    store.bind(
+                        m.Session.insert(key="t", created_at=utcnow(), last_activity=utcnow())
+                    ).execute()
+                    and store.bind(m.Session.select()).get()
+                )
             ).key
             == "t"
         )
-        assert m.Session.select().count() == 1
+        assert store.bind(m.Session.select()).count() == 1
     finally:
         store.close()
 

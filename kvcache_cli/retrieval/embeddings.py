@@ -41,7 +41,7 @@ from kvcache_cli.store import models as m
 if TYPE_CHECKING:
     from kvcache_cli.engine.entries import ChatMessage
     from kvcache_cli.llm.client import LLMClient
-    from kvcache_cli.store.backend import Store
+    from kvcache_cli.store.connection import Store
 
 __all__ = [
     "MAX_EMBED_CHARS",
@@ -115,9 +115,10 @@ def embed_query(llm: LLMClient, text: str) -> tuple[list[float], str]:
 
 
 # ----------------------------------------------------------------------------- storage
-def stored_dim(model: str) -> int | None:
+def stored_dim(store: Store, model: str) -> int | None:
     """The size of the vectors stored under ``model``, or None when there are none."""
-    row = m.Embedding.select(m.Embedding.dim).where(m.Embedding.model == model).limit(1).tuples().first()
+    query = m.Embedding.select(m.Embedding.dim).where(m.Embedding.model == model).limit(1).tuples()
+    row = store.bind(query).first()
     return int(row[0]) if row else None
 
 
@@ -125,14 +126,15 @@ def drop_stale_vectors(store: Store, model: str, dim: int) -> int:
     """Delete the vectors of ``model`` whose size is not ``dim``; return how many went."""
 
     def work() -> int:
-        return int(
-            m.Embedding.delete().where((m.Embedding.model == model) & (m.Embedding.dim != dim)).execute()
-        )
+        query = m.Embedding.delete().where((m.Embedding.model == model) & (m.Embedding.dim != dim))
+        return int(store.bind(query).execute())
 
     return store.transaction(work)
 
 
-def store_vectors(model: str, rows: Iterable[tuple[int, Sequence[float]]], now: datetime) -> int:
+def store_vectors(
+    store: Store, model: str, rows: Iterable[tuple[int, Sequence[float]]], now: datetime
+) -> int:
     """Insert ``(message_id, vector)`` rows under ``model`` (inside the caller's transaction).
 
     A message that already has a vector for ``model`` keeps it. Returns the rows offered.
@@ -142,11 +144,11 @@ def store_vectors(model: str, rows: Iterable[tuple[int, Sequence[float]]], now: 
         for mid, vec in rows
     ]
     for start in range(0, len(data), 100):
-        m.Embedding.insert_many(data[start : start + 100]).on_conflict_ignore().execute()
+        store.bind(m.Embedding.insert_many(data[start : start + 100]).on_conflict_ignore()).execute()
     return len(data)
 
 
-def _missing(session_id: int, model: str, limit: int) -> list[tuple[int, str]]:
+def _missing(store: Store, session_id: int, model: str, limit: int) -> list[tuple[int, str]]:
     """Up to ``limit`` (id, content) of the session's messages without a ``model`` vector."""
     emb: Any = m.Embedding
     msg: Any = m.Message
@@ -158,7 +160,7 @@ def _missing(session_id: int, model: str, limit: int) -> list[tuple[int, str]]:
         .limit(limit)
         .tuples()
     )
-    return [(int(mid), str(content)) for mid, content in query if str(content).strip()]
+    return [(int(mid), str(content)) for mid, content in store.bind(query) if str(content).strip()]
 
 
 # ----------------------------------------------------------------------------- computing
@@ -200,7 +202,7 @@ class TurnEmbedder:
             return None
         self.requests += 1
         if self.dim is None:
-            old = stored_dim(self.model)
+            old = stored_dim(self.store, self.model)
             if old is not None and old != batch.dim:
                 dropped = drop_stale_vectors(self.store, self.model, batch.dim)
                 self._notice(
@@ -238,7 +240,7 @@ class TurnEmbedder:
         """Insert the prepared vectors of ``(message_id, message_index)`` rows (in a transaction)."""
         rows = [(mid, self.vectors[idx]) for mid, idx in stored if idx in self.vectors]
         if rows:
-            self.stored += store_vectors(self.model, rows, now)
+            self.stored += store_vectors(self.store, self.model, rows, now)
         return len(rows)
 
     def vector_for(self, message_index: int) -> list[float] | None:
@@ -258,7 +260,9 @@ def backfill_session(
     while not embedder.failed and done < max_messages:
         todo = [
             (mid, text)
-            for mid, text in _missing(session_id, embedder.model, embedder.batch_size + len(seen))
+            for mid, text in _missing(
+                embedder.store, session_id, embedder.model, embedder.batch_size + len(seen)
+            )
             if mid not in seen
         ]
         todo = todo[: embedder.batch_size]
@@ -271,7 +275,7 @@ def backfill_session(
         pairs: list[tuple[int, Sequence[float]]] = list(zip((mid for mid, _ in todo), vectors, strict=True))
 
         def work(pairs: list[tuple[int, Sequence[float]]] = pairs) -> int:
-            return store_vectors(embedder.model, pairs, now)
+            return store_vectors(embedder.store, embedder.model, pairs, now)
 
         embedder.store.transaction(work)
         embedder.stored += len(pairs)
@@ -337,13 +341,12 @@ def _session_matrix(store: Store, session_id: int, model: str, dim: int) -> _Mat
     emb: Any = m.Embedding
     msg: Any = m.Message
     scope = (msg.session == session_id) & (emb.model == model) & (emb.dim == dim)
-    count, last = (
+    count, last = store.bind(
         emb.select(fn.COUNT(emb.id), fn.MAX(emb.id))
         .join(msg, on=(emb.message == msg.id))
         .where(scope)
         .tuples()
-        .get()
-    )
+    ).get()
     count, last = int(count or 0), int(last or 0)
     key = (id(store), str(getattr(store.db, "database", "")), int(session_id), model, dim)
     mat = _MATRICES.get(key)
@@ -351,12 +354,12 @@ def _session_matrix(store: Store, session_id: int, model: str, dim: int) -> _Mat
         return mat
     base = emb.select(emb.id, emb.message, emb.vector).join(msg, on=(emb.message == msg.id))
     if mat is not None and mat.last <= last:
-        new = list(base.where(scope & (emb.id > mat.last)).order_by(emb.id).tuples())
+        new = list(store.bind(base.where(scope & (emb.id > mat.last)).order_by(emb.id).tuples()))
         if mat.count + len(new) == count:
             mat.add(new, dim)
             return mat
     mat = _Matrix()
-    mat.add(base.where(scope).order_by(emb.id).tuples().iterator(), dim)
+    mat.add(store.bind(base.where(scope).order_by(emb.id).tuples()).iterator(), dim)
     if len(_MATRICES) >= _MATRIX_MAX:
         _MATRICES.pop(next(iter(_MATRICES)))
     _MATRICES[key] = mat
@@ -392,7 +395,7 @@ def semantic_search(
         query: Any = m.Embedding.select(m.Embedding.message, m.Embedding.vector).where(
             (m.Embedding.model == model) & (m.Embedding.dim == dim)
         )
-        for mid, blob in query.tuples().iterator():
+        for mid, blob in store.bind(query.tuples()).iterator():
             found = _vector_and_norm(blob, dim)
             if found is not None:
                 scored.append((_dot(qvec, found[0]) / found[1], -int(mid)))

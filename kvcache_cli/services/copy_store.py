@@ -25,6 +25,7 @@ import peewee
 from kvcache_cli.errors import BadInputError, IntegrityError
 from kvcache_cli.store import models as m
 from kvcache_cli.store.backend import Store, open_store, parse_location
+from kvcache_cli.store.search import create_index
 
 #: Tables copied and verified, in dependency order (``schema_migrations`` is each
 #: store's own: both sides are migrated to the latest version when opened).
@@ -114,11 +115,10 @@ def _batches(db: peewee.Database, model: type[m.BaseModel]) -> Iterator[list[tup
     pk = _primary_key(model)
     last: Any = None
     while True:
-        with db.bind_ctx([model], bind_refs=False, bind_backrefs=False):
-            query = model.select(*fields).order_by(pk).limit(BATCH)
-            if last is not None:
-                query = query.where(pk > last)
-            rows: list[tuple[Any, ...]] = list(query.tuples())  # type: ignore[arg-type]
+        query = model.select(*fields).order_by(pk).limit(BATCH)
+        if last is not None:
+            query = query.where(pk > last)
+        rows: list[tuple[Any, ...]] = list(query.tuples().bind(db))  # type: ignore[arg-type]
         if not rows:
             return
         yield rows
@@ -140,19 +140,17 @@ def table_digest(db: peewee.Database, model: type[m.BaseModel]) -> tuple[int, st
 # ------------------------------------------------------------------------ copying
 def is_empty(store: Store) -> bool:
     """Whether ``store`` holds nothing but a fresh statistics row."""
-    db = store.db
     for model in COPIED:
-        with db.bind_ctx([model], bind_refs=False, bind_backrefs=False):
-            if model is m.Statistics:
-                if model.select().count() > 1:
-                    return False
-                row = model.get_or_none(model._meta.primary_key == 1)
-                if row is not None and (
-                    row.last_operation is not None or row.total_clears or row.total_retrievals
-                ):
-                    return False
-            elif model.select().exists():
+        if model is m.Statistics:
+            if store.bind(model.select()).count() > 1:
                 return False
+            row = store.bind(model.select().where(model._meta.primary_key == 1)).get_or_none()
+            if row is not None and (
+                row.last_operation is not None or row.total_clears or row.total_retrievals
+            ):
+                return False
+        elif store.bind(model.select()).exists():
+            return False
     return True
 
 
@@ -171,8 +169,7 @@ def _reset_sequences(store: Store) -> None:
 def _copy_into(source: Store, dest: Store) -> None:
     """Replace ``dest``'s rows by ``source``'s (inside the caller's transaction)."""
     for model in reversed(COPIED):
-        with dest.db.bind_ctx([model], bind_refs=False, bind_backrefs=False):
-            model.delete().execute()
+        dest.bind(model.delete()).execute()
     if not dest.is_sqlite:
         from kvcache_cli.store import search_postgres
 
@@ -180,12 +177,9 @@ def _copy_into(source: Store, dest: Store) -> None:
     for model in COPIED:
         fields = model._meta.sorted_fields
         for rows in _batches(source.db, model):
-            with dest.db.bind_ctx([model], bind_refs=False, bind_backrefs=False):
-                model.insert_many(rows, fields=fields).execute()
+            dest.bind(model.insert_many(rows, fields=fields)).execute()
     if not dest.is_sqlite:
         _reset_sequences(dest)
-    from kvcache_cli.store.search import create_index
-
     create_index(dest)
 
 

@@ -9,16 +9,14 @@ scan of the ``sessions`` table, so this stays fast on a large store (100k operat
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from peewee import fn
-
+from kvcache_cli.config import Config
+from kvcache_cli.engine.memory import capacity_bytes
 from kvcache_cli.store import models as m
+from kvcache_cli.store import reports
+from kvcache_cli.store.connection import Store
 from kvcache_cli.store.migrations import utcnow
-
-if TYPE_CHECKING:
-    from kvcache_cli.config import Config
-    from kvcache_cli.store.backend import Store
 
 #: A session is "near" its memory threshold from this fraction of it on.
 NEAR_FRACTION = 0.8
@@ -47,19 +45,9 @@ def operations_per_hour(store: Store, now: datetime | None = None, hours: int = 
 
     Grouped in SQL by the hour prefix of the timestamp over the indexed time range.
     """
-    op: Any = m.Operation
     end = _hour_floor(now or utcnow()) + HOUR
     start = end - hours * HOUR
-    if store.is_sqlite:
-        bucket = fn.substr(op.timestamp, 1, 13)
-    else:
-        bucket = fn.to_char(op.timestamp, "YYYY-MM-DD HH24")
-    rows = (
-        op.select(op.operation_type, bucket.alias("hour"), fn.COUNT(op.id))
-        .where((op.timestamp >= start) & (op.timestamp < end))
-        .group_by(op.operation_type, bucket)
-        .tuples()
-    )
+    rows = reports.operations_by_hour(store, start, end)
     series: dict[str, list[int]] = {kind: [0] * hours for kind in OPERATION_TYPES}
     for kind, hour_text, count in rows:
         try:
@@ -85,22 +73,10 @@ def compute(
 
     ``now`` (naive UTC) fixes the end of the time window, for tests and replays.
     """
-    from kvcache_cli.engine.memory import capacity_bytes
-
     now = now or utcnow()
     threshold = config.cache.memory_threshold_percent
     default_capacity = capacity_bytes(config.model, config.cache)
-    session: Any = m.Session
-    rows: list[tuple[Any, ...]] = list(
-        session.select(
-            session.key,
-            session.cache_size_bytes,
-            session.capacity_bytes,
-            session.total_clears,
-            session.entry_count,
-            session.last_activity,
-        ).tuples()
-    )
+    rows = reports.session_fill_rows(store)
     sessions: list[dict[str, Any]] = []
     idle_cutoff = now - timedelta(hours=config.maintenance.inactive_hours)
     overdue: list[tuple[str, datetime]] = []
@@ -127,7 +103,7 @@ def compute(
     states = {
         name: sum(1 for s in sessions if s["threshold_state"] == name) for name in ("below", "near", "over")
     }
-    op_count = m.Operation.select().count()
+    op_count = reports.count(store, m.Operation)
     limit = config.maintenance.history_limit
     oldest = min((when for _, when in overdue), default=None)
     return {

@@ -12,6 +12,5 @@ if TYPE_CHECKING:
 
 def session_ids(store: Store, prefix: str = "", limit: int = 200) -> list[str]:
     """Up to ``limit`` session ids starting with ``prefix``, in order."""
-    with store.db.bind_ctx([m.Session]):
-        query = m.Session.select(m.Session.key).order_by(m.Session.key)
-        return [key for (key,) in query.tuples() if key.startswith(prefix)][:limit]
+    query = m.Session.select(m.Session.key).order_by(m.Session.key).tuples()
+    return [key for (key,) in m.rows_of(store.bind(query)) if key.startswith(prefix)][:limit]

@@ -1,58 +1,48 @@
-"""The statistics report: the seed's export, session states, history, one session's detail."""
+"""The statistics report: global counters, session states, recent history, one session's detail."""
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from peewee import fn
-
+from kvcache_cli.services.cache_ops import list_snapshots
+from kvcache_cli.services.core import Core
 from kvcache_cli.store import models as m
-
-if TYPE_CHECKING:
-    from kvcache_cli.services.manager import KVCacheManager
+from kvcache_cli.store import reports
 
 
-def statistics(manager: KVCacheManager, session_key: str | None = None, history: int = 10) -> dict[str, Any]:
-    """The seed's statistics export, the session states and recent operations."""
-    stats = m.Statistics.get_by_id(1)
-    op_count = m.Operation.select().count()
-    sessions_query = m.Session.select().order_by(m.Session.key)
-    ops_query = m.Operation.select().order_by(m.Operation.id.desc()).limit(max(history, 0))
-    if session_key is not None:
-        session = manager._session(session_key)
-        sessions_query = sessions_query.where(m.Session.id == session.id)
-        ops_query = ops_query.where(m.Operation.session_key == session_key)
-    capacity = manager.capacity()  # once: the estimate may ask the OS for free memory
+def statistics(core: Core, session_key: str | None = None, history: int = 10) -> dict[str, Any]:
+    """The statistics export, the session states and recent operations."""
+    store = core.store
+    stats = reports.counters(store)
+    op_count = reports.count(store, m.Operation)
+    session = core.session(session_key) if session_key is not None else None
+    capacity = core.capacity()  # once: the estimate may ask the OS for free memory
     # plain rows, not model instances (thousands of sessions); same attribute names
-    states = [session_state(manager, s, capacity) for s in sessions_query.namedtuples()]
+    rows = reports.session_rows(store, session.get_id() if session is not None else None)
+    states = [session_state(core, s, capacity) for s in rows]
     data: dict[str, Any] = {
         "total_clears": stats.total_clears,
         "total_retrievals": stats.total_retrievals,
         "entries_preserved": stats.entries_preserved,
         "entries_cleared": stats.entries_cleared,
         "entries_retrieved": stats.entries_retrieved,
-        # the seed counts the sessions it holds state for; maintenance releases an idle
-        # session's cache and snapshots, so "active" = still holding either
-        "active_sessions": m.Session.select()
-        .where(
-            (m.Session.entry_count > 0)
-            | fn.EXISTS(m.Snapshot.select(m.Snapshot.id).where(m.Snapshot.session == m.Session.id))
-        )
-        .count(),
-        "session_count": m.Session.select().count(),
+        # the sessions state is held for; maintenance releases an idle session's cache
+        # and snapshots, so "active" = still holding either
+        "active_sessions": reports.active_session_count(store),
+        "session_count": reports.count(store, m.Session),
         "last_operation": stats.last_operation.isoformat() if stats.last_operation else None,
         "operation_history_count": op_count,
         "total_snapshots": stats.total_snapshots,
         "total_restores": stats.total_restores,
-        "snapshot_count": m.Snapshot.select().count(),
-        "message_count": m.Message.select().count(),
+        "snapshot_count": reports.count(store, m.Snapshot),
+        "message_count": reports.count(store, m.Message),
         "cache_size_bytes": sum(s["cache_size_bytes"] for s in states),
         "capacity_bytes": capacity,
-        "memory_threshold_percent": manager.config.cache.memory_threshold_percent,
-        "database": manager.store.location.display,
-        "backend": manager.store.backend,
-        "database_size_bytes": manager.store.size_bytes(),
+        "memory_threshold_percent": core.config.cache.memory_threshold_percent,
+        "database": store.location.display,
+        "backend": store.backend,
+        "database_size_bytes": store.size_bytes(),
         "sessions": states,
         "recent_operations": [
             {
@@ -62,17 +52,16 @@ def statistics(manager: KVCacheManager, session_key: str | None = None, history:
                 "session_id": op.session_key,
                 "details": op.details,
             }
-            for op in ops_query
+            for op in reports.recent_operations(store, history, session_key)
         ],
     }
-    if session_key is not None:
-        session = manager._session(session_key)
-        data["session"] = session_detail(manager, session)
+    if session is not None:
+        data["session"] = session_detail(core, session)
     return data
 
 
-def session_state(manager: KVCacheManager, session: Any, capacity: int | None = None) -> dict[str, Any]:
-    """The seed's ``SessionCacheState`` plus the persisted extras.
+def session_state(core: Core, session: Any, capacity: int | None = None) -> dict[str, Any]:
+    """A session's cache state plus the persisted extras.
 
     ``session``: a ``Session`` row (model or named tuple); ``capacity``: the default
     capacity when already computed.
@@ -84,8 +73,7 @@ def session_state(manager: KVCacheManager, session: Any, capacity: int | None = 
         "last_cleared_at": session.last_cleared_at.isoformat() if session.last_cleared_at else None,
         "last_snapshot_id": session.last_snapshot_id,
         "cache_size_bytes": session.cache_size_bytes,
-        "capacity_bytes": session.capacity_bytes
-        or (capacity if capacity is not None else manager.capacity()),
+        "capacity_bytes": session.capacity_bytes or (capacity if capacity is not None else core.capacity()),
         "entry_count": session.entry_count,
         "total_clears": session.total_clears,
         "last_activity": session.last_activity.isoformat(),
@@ -93,19 +81,12 @@ def session_state(manager: KVCacheManager, session: Any, capacity: int | None = 
     }
 
 
-def session_detail(manager: KVCacheManager, session: m.Session) -> dict[str, Any]:
-    summary = m.Summary.get_or_none(m.Summary.session == session.id)
-    usage = (
-        m.TurnLog.select(
-            m.TurnLog.turn_index, m.TurnLog.cache_size_bytes, m.TurnLog.cleared, m.TurnLog.clear_reason
-        )
-        .where(m.TurnLog.session == session.id)
-        .order_by(m.TurnLog.turn_index)
-        .tuples()
-    )
+def session_detail(core: Core, session: m.Session) -> dict[str, Any]:
+    """One session's snapshots, summary and cache usage turn by turn."""
+    summary = reports.summary_row(core.store, session.get_id())
     return {
-        "message_count": m.Message.select().where(m.Message.session == session.id).count(),
-        "snapshots": [s.to_dict() for s in manager.list_snapshots(session.key)],
+        "message_count": reports.message_count(core.store, session.get_id()),
+        "snapshots": [s.to_dict() for s in list_snapshots(core, session.key)],
         "summary": None
         if summary is None
         else {
@@ -118,6 +99,6 @@ def session_detail(manager: KVCacheManager, session: m.Session) -> dict[str, Any
         },
         "usage": [
             {"turn": t, "cache_size_bytes": b, "cleared": bool(c), "clear_reason": r}
-            for t, b, c, r in m.rows_of(usage)
+            for t, b, c, r in reports.usage(core.store, session.get_id())
         ],
     }

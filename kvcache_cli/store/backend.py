@@ -1,251 +1,27 @@
-"""Opening the store: URL parsing, SQLite pragmas and file safety, transactions, locks.
+"""Opening a store: the one entry point (``open_store``) and the store's public names.
 
-Everything backend-specific about *connecting* lives here; the models and the core are
-shared. SQLite is the embedded default: WAL, foreign keys, ``synchronous=NORMAL``, a
-busy timeout, and ``BEGIN IMMEDIATE`` for every transaction so that writers queue for
-the lock up front instead of failing half-way. The database file is created 0600 in a
-0700 folder, and an existing file that is not SQLite is never written over.
+``location`` parses the address, ``connection`` holds the open ``Store`` (SQLite here,
+``postgres`` for PostgreSQL), ``migrations`` brings the schema up to date.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import random
-import re
-import sqlite3
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
-import peewee
+from kvcache_cli.store.connection import Store, is_locked_error, open_sqlite
+from kvcache_cli.store.location import StoreLocation, parse_location, redact_url
+from kvcache_cli.store.migrations import migrate
 
-from kvcache_cli.errors import BadInputError, LockBusyError, NotFoundError, StoreError
-from kvcache_cli.paths import default_db_path, ensure_private_dir
-from kvcache_cli.store.models import database_proxy
-
-T = TypeVar("T")
-
-SQLITE_MAGIC = b"SQLite format 3\x00"
-LOCK_RETRIES = 8
-
-
-@dataclass(frozen=True)
-class StoreLocation:
-    """A parsed store address: the backend and where it is."""
-
-    backend: str
-    target: str
-
-    @property
-    def display(self) -> str:
-        """The location as shown to users: never with a password."""
-        return redact_url(self.target) if self.backend == "postgresql" else self.target
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return "<invalid url>"
-    query = re.sub(r"(?i)(^|&)(password)=[^&]*", r"\1\2=***", parts.query)
-    if parts.password is None:
-        return (
-            url if query == parts.query else urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
-        )
-    host = parts.hostname or ""
-    if port:
-        host = f"{host}:{port}"
-    user = parts.username or ""
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, query, ""))
-
-
-def parse_location(url: str | os.PathLike[str] | None) -> StoreLocation:
-    """Turn ``--db``/``KVCACHE_DB``/config text into a backend and a target."""
-    text = os.fspath(url) if url is not None else ""
-    text = text.strip()
-    if not text:
-        return StoreLocation("sqlite", str(default_db_path()))
-    lowered = text.lower()
-    if lowered.startswith(("postgresql://", "postgres://")):
-        return StoreLocation("postgresql", text)
-    if lowered.startswith("sqlite://"):
-        rest = text[len("sqlite://") :]
-        if not rest.startswith("/"):
-            raise BadInputError(f"database URL {text!r}: use sqlite:///relative.db or sqlite:////absolute.db")
-        return StoreLocation("sqlite", rest[1:] or ":memory:")
-    if "://" in text:
-        scheme = text.split("://", 1)[0]
-        raise BadInputError(f"database URL {redact_url(text)!r}: unsupported scheme {scheme!r}")
-    return StoreLocation("sqlite", str(Path(text).expanduser()))
-
-
-def _prepare_sqlite_file(path: str, must_exist: bool = False) -> None:
-    """Check an existing file is SQLite, or create it 0600 (its folders 0700)."""
-    if path == ":memory:":
-        return
-    file = Path(path)
-    if file.is_dir():
-        raise BadInputError(f"{path}: is a directory, not a database file")
-    if file.exists():
-        try:
-            with file.open("rb") as handle:
-                header = handle.read(len(SQLITE_MAGIC))
-        except OSError as exc:
-            raise StoreError(f"{path}: cannot read database ({exc.strerror})") from None
-        if header and header != SQLITE_MAGIC:
-            raise StoreError(f"{path}: not a SQLite database (refusing to touch it)")
-        return
-    if must_exist:
-        raise NotFoundError(f"{path}: no such database")
-    parent = file.parent
-    if not parent.exists():
-        ensure_private_dir(parent)
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        os.close(fd)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot create database ({exc.strerror})") from None
-
-
-def open_sqlite(path: str, busy_timeout_ms: int = 30000, must_exist: bool = False) -> peewee.SqliteDatabase:
-    """A connected SQLite database with the store's pragmas."""
-    _prepare_sqlite_file(path, must_exist)
-    db = peewee.SqliteDatabase(
-        path,
-        pragmas={
-            "journal_mode": "wal",
-            "foreign_keys": 1,
-            "synchronous": "normal",
-            "busy_timeout": busy_timeout_ms,
-            # checkpoint every 4,000 WAL pages (16 MB), not SQLite's 1,000: a replay
-            # rewrites the same hot pages turn after turn, and each checkpoint syncs the
-            # file (commits were a tenth of a replay; this takes a quarter off them)
-            "wal_autocheckpoint": 4000,
-        },
-        timeout=busy_timeout_ms / 1000.0,
-        lock_type="IMMEDIATE",
-    )
-    try:
-        db.connect()
-        db.execute_sql("SELECT count(*) FROM sqlite_master").fetchone()
-    except (peewee.DatabaseError, sqlite3.DatabaseError) as exc:
-        db.close()
-        raise StoreError(f"{path}: not a usable SQLite database ({exc})") from None
-    return db
-
-
-def is_locked_error(exc: BaseException) -> bool:
-    """Whether ``exc`` is worth a retry: SQLite's "database is locked"/"busy", or a
-    PostgreSQL deadlock or serialization failure (the transaction was rolled back)."""
-    text = str(exc).lower()
-    markers = ("database is locked", "database is busy", "deadlock detected", "could not serialize access")
-    return any(marker in text for marker in markers)
-
-
-class Store:
-    """An open store: the peewee database, its backend and the transaction helper."""
-
-    def __init__(self, db: peewee.Database, location: StoreLocation) -> None:
-        self.db = db
-        self.location = location
-        database_proxy.initialize(db)
-
-    @property
-    def backend(self) -> str:
-        return self.location.backend
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.location.backend == "sqlite"
-
-    def transaction(self, work: Callable[[], T], on_rollback: Callable[[], None] | None = None) -> T:
-        """Run ``work`` in one write transaction, retrying when the database is busy.
-
-        The whole unit of work is rolled back on any error, so a retry starts clean;
-        ``on_rollback`` is called after each rolled-back attempt (to drop state read
-        inside it).
-        """
-        for attempt in range(LOCK_RETRIES + 1):
-            try:
-                try:
-                    with self.db.atomic():
-                        return work()
-                except BaseException:
-                    if on_rollback is not None:
-                        on_rollback()
-                    raise
-            except peewee.OperationalError as exc:
-                if not is_locked_error(exc) or attempt == LOCK_RETRIES:
-                    if is_locked_error(exc):
-                        raise StoreError(
-                            f"{self.location.display}: database stayed busy; try again"
-                        ) from None
-                    raise StoreError(f"{self.location.display}: {exc}") from None
-                time.sleep(min(2.0, 0.05 * (2**attempt)) * (0.5 + random.random()))
-        raise AssertionError("unreachable")
-
-    def query(self, text: str, params: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
-        """Rows of a raw query written with ``?`` marks (translated for PostgreSQL)."""
-        if not self.is_sqlite:
-            text = text.replace("?", "%s")
-        cursor = self.db.execute_sql(text, params)
-        if cursor.description is None:  # a statement without rows (psycopg would refuse fetchall)
-            return []
-        rows: list[tuple[Any, ...]] = cursor.fetchall()
-        return rows
-
-    def size_bytes(self) -> int:
-        """Bytes the store takes on disk (database plus WAL for SQLite)."""
-        if self.is_sqlite:
-            target = self.location.target
-            if target == ":memory:":
-                return 0
-            return sum(os.path.getsize(p) for p in (target, target + "-wal") if os.path.exists(p))
-        row = self.db.execute_sql("SELECT pg_database_size(current_database())").fetchone()
-        return int(row[0]) if row else 0
-
-    @contextlib.contextmanager
-    def exclusive(self, name: str) -> Iterator[None]:
-        """A store-wide lock for ``name`` held by one process at a time (non-blocking).
-
-        SQLite: an ``flock`` on a file beside the database (released by the kernel if
-        the process dies). PostgreSQL: a session-level advisory lock.
-        """
-        if not self.is_sqlite:
-            key = int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "big") & 0x7FFFFFFFFFFFFFFF
-            row = self.db.execute_sql("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
-            if not row or not row[0]:
-                raise LockBusyError(f"another kvcache {name} is running on this store")
-            try:
-                yield
-            finally:
-                self.db.execute_sql("SELECT pg_advisory_unlock(%s)", (key,))
-            return
-        import fcntl
-
-        target = self.location.target
-        lock_path = (target if target != ":memory:" else "/tmp/kvcache-memory") + f".{name}.lock"
-        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise LockBusyError(f"another kvcache {name} is running on this store") from None
-            yield
-        finally:
-            os.close(fd)
-
-    def close(self) -> None:
-        if not self.db.is_closed():
-            self.db.close()
+__all__ = [
+    "Store",
+    "StoreLocation",
+    "is_locked_error",
+    "open_sqlite",
+    "open_store",
+    "parse_location",
+    "redact_url",
+]
 
 
 def open_store(
@@ -263,8 +39,6 @@ def open_store(
     else:
         db = open_sqlite(location.target, busy_timeout_ms, must_exist)
     store = Store(db, location)
-    from kvcache_cli.store.migrations import migrate
-
     try:
         migrate(store)
     except Exception:

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import Any
 
 import peewee
+from peewee import sort_models  # type: ignore[attr-defined]  # public, missing from the stubs
 
 from kvcache_cli.errors import StoreError
 from kvcache_cli.store import models as m
-
-if TYPE_CHECKING:
-    from kvcache_cli.store.backend import Store
+from kvcache_cli.store import schema_v1
+from kvcache_cli.store.connection import Store
+from kvcache_cli.store.search import create_index
 
 
 def utcnow() -> datetime:
@@ -27,20 +28,22 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def create_tables(store: Store, models: list[Any]) -> None:
+    """Create ``models``' tables and indexes in ``store`` (dependencies first; existing kept)."""
+    for model in sort_models(models):
+        peewee.SchemaManager(model, store.db).create_all(safe=True)
+
+
 def _v1_initial_schema(store: Store) -> None:
     """Tables of the first released schema (frozen in ``schema_v1``) and the statistics row."""
-    from kvcache_cli.store import schema_v1
-
-    store.db.create_tables(schema_v1.ALL_MODELS, safe=True)
+    create_tables(store, schema_v1.ALL_MODELS)
     stats = schema_v1.Statistics
-    if not stats.select().where(stats._meta.primary_key == 1).exists():
-        schema_v1.Statistics.insert(id=1).execute()
+    if not store.bind(stats.select().where(stats._meta.primary_key == 1)).exists():
+        store.bind(stats.insert(id=1)).execute()
 
 
 def _v2_search_index(store: Store) -> None:
     """The full-text index over the message history, filled from existing messages."""
-    from kvcache_cli.store.search import create_index
-
     create_index(store)
 
 
@@ -59,7 +62,7 @@ def applied_versions(store: Store) -> set[int]:
     """Versions recorded in the store (empty for a new store)."""
     if not store.db.table_exists(m.SchemaMigration._meta.table_name):
         return set()
-    return {row.version for row in m.SchemaMigration.select(m.SchemaMigration.version)}
+    return {row.version for row in store.bind(m.SchemaMigration.select(m.SchemaMigration.version))}
 
 
 def migrate(store: Store) -> list[int]:
@@ -82,11 +85,11 @@ def migrate(store: Store) -> list[int]:
         def work(version: int = version, name: str = name, step: Callable[[Store], None] = step) -> bool:
             if not store.is_sqlite:  # one migrating process at a time (released at commit)
                 store.db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (PG_MIGRATION_LOCK,))
-            m.SchemaMigration.create_table(safe=True)
-            if m.SchemaMigration.select().where(m.SchemaMigration.version == version).exists():
+            create_tables(store, [m.SchemaMigration])
+            if store.bind(m.SchemaMigration.select().where(m.SchemaMigration.version == version)).exists():
                 return False
             step(store)
-            m.SchemaMigration.create(version=version, name=name, applied_at=utcnow())
+            store.bind(m.SchemaMigration.insert(version=version, name=name, applied_at=utcnow())).execute()
             return True
 
         if store.transaction(work):

@@ -1,7 +1,9 @@
-"""Peewee models of the store, bound to one ``DatabaseProxy``.
+"""Peewee models of the store: the live schema, bound to no database.
 
-The same models serve SQLite and PostgreSQL: nothing here is backend-specific. Times
-are naive UTC. The full-text index is not a model: each backend's search module owns
+Every query names its store (``Store.bind(query)``; raw SQL goes through
+``Store.query``), so two stores open in one process never share a binding. The same
+models serve SQLite and PostgreSQL: nothing here is backend-specific. Times are naive
+UTC. The full-text index is not a model: each backend's search module owns
 its own DDL (``search_sqlite`` / ``search_postgres``).
 """
 
@@ -14,7 +16,6 @@ from peewee import (
     BigIntegerField,
     BlobField,
     BooleanField,
-    DatabaseProxy,
     DateTimeField,
     FloatField,
     ForeignKeyField,
@@ -23,12 +24,10 @@ from peewee import (
     TextField,
 )
 
-database_proxy: Any = DatabaseProxy()
-
 
 class BaseModel(Model):
     class Meta:
-        database = database_proxy
+        database = None  # each query is bound to its store: Store.bind
         legacy_table_names = False
 
 
@@ -44,7 +43,7 @@ class SchemaMigration(BaseModel):
 
 
 class Session(BaseModel):
-    """A conversation and its persisted cache state (the seed's ``SessionCacheState``)."""
+    """A conversation and its persisted cache state and its persisted cache state."""
 
     id = AutoField()
 
@@ -196,7 +195,7 @@ class Embedding(BaseModel):
 
 
 class Engagement(BaseModel):
-    """A key's engagement (seed: starts at 0.3, +0.15 when retrieved, others x0.95)."""
+    """A key's engagement: starts at 0.3, +0.15 when retrieved, the others x0.95."""
 
     id = AutoField()
     session_id: int
@@ -211,7 +210,7 @@ class Engagement(BaseModel):
 
 
 class Operation(BaseModel):
-    """The operation history (the seed's ``CacheOperation``), kept across restarts."""
+    """The operation history (clears, snapshots, restores, retrievals), kept across restarts."""
 
     id = AutoField()
 
@@ -226,7 +225,7 @@ class Operation(BaseModel):
 
 
 class Statistics(BaseModel):
-    """Global counters (the seed's ``CacheStatistics``); one row, id 1."""
+    """Global counters of the store's operations; one row, id 1."""
 
     id = AutoField()
 

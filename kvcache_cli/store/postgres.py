@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import peewee
 
 from kvcache_cli.errors import BadInputError, StoreError
-from kvcache_cli.store.backend import redact_url
+from kvcache_cli.store.location import redact_url
 
 DRIVER_MISSING = "PostgreSQL support needs the driver: pip install 'kvcache-cli[postgres]'"
 

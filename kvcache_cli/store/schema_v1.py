@@ -19,12 +19,10 @@ from peewee import (
     TextField,
 )
 
-from kvcache_cli.store.models import database_proxy
-
 
 class BaseModel(Model):
     class Meta:
-        database = database_proxy
+        database = None  # migration 1 creates these through the store it migrates
         legacy_table_names = False
 
 
@@ -40,7 +38,7 @@ class SchemaMigration(BaseModel):
 
 
 class Session(BaseModel):
-    """A conversation and its persisted cache state (the seed's ``SessionCacheState``)."""
+    """A conversation and its persisted cache state and its persisted cache state."""
 
     key = TextField(unique=True)
     created_at = DateTimeField()
@@ -172,7 +170,7 @@ class Embedding(BaseModel):
 
 
 class Engagement(BaseModel):
-    """A key's engagement (seed: starts at 0.3, +0.15 when retrieved, others x0.95)."""
+    """A key's engagement: starts at 0.3, +0.15 when retrieved, the others x0.95."""
 
     session = ForeignKeyField(Session, on_delete="CASCADE", index=False)
     key_hash = TextField()
@@ -184,7 +182,7 @@ class Engagement(BaseModel):
 
 
 class Operation(BaseModel):
-    """The operation history (the seed's ``CacheOperation``), kept across restarts."""
+    """The operation history (clears, snapshots, restores, retrievals), kept across restarts."""
 
     session_key = TextField(index=True)
     operation_type = TextField()
@@ -197,7 +195,7 @@ class Operation(BaseModel):
 
 
 class Statistics(BaseModel):
-    """Global counters (the seed's ``CacheStatistics``); one row, id 1."""
+    """Global counters of the store's operations; one row, id 1."""
 
     total_clears = IntegerField(default=0)
     total_retrievals = IntegerField(default=0)

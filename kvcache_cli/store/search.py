@@ -8,11 +8,10 @@ rolls back with the messages it describes.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from kvcache_cli.store.backend import Store
-    from kvcache_cli.store.search_sqlite import Hit
+from kvcache_cli.retrieval.ranking import Hit
+from kvcache_cli.store.connection import Store
 
 
 def _module(store: Store) -> Any:

@@ -1,0 +1,431 @@
+"""Turns: what ``process`` replays and ``kvcache serve`` runs live, through one code path.
+
+A turn is a user message and the replies after it. Each turn is one transaction:
+store the messages through the question, decide (clear, snapshot, retrieve: the
+engine's rules in ``engine.turn``), store the reply. The network calls a turn needs
+(token counts, the summary of a coming clear, embeddings) run before it.
+
+``replay`` is ``process``; ``begin_turn``/``finish_turn`` split a live turn at the
+model's answer; ``replace_reply`` (regenerate) and ``branch_session`` (edit) serve
+a client that rewrites history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from functools import partial
+from typing import Any
+
+from kvcache_cli.engine import bridge
+from kvcache_cli.engine.entries import ChatMessage, KVEntry, stored_prefix
+from kvcache_cli.engine.turn import clear_reason, file_entries, message_entries, should_retrieve, split_turns
+from kvcache_cli.errors import BadInputError
+from kvcache_cli.loaders import Conversation
+from kvcache_cli.retrieval.fusion import RetrievalResult
+from kvcache_cli.services import cache_ops, retrieve, summaries
+from kvcache_cli.services.core import Core
+from kvcache_cli.services.results import ProcessResult, TurnOutcome, TurnReport
+from kvcache_cli.store import cache, search, sessions
+from kvcache_cli.store import models as m
+from kvcache_cli.store.migrations import utcnow
+
+PROCESS_TIERS = (1, 2, 3)
+MAX_QUERY_CHARS = 4000  # a turn's retrieval queries with at most this much of a question
+
+
+# ----------------------------------------------------------------------------- replay
+def check_prefix(core: Core, session_key: str, messages: list[ChatMessage], label: str) -> int:
+    """How many of ``messages`` are stored already; refuse a history that diverges."""
+    if not core.store.is_sqlite:  # PostgreSQL text cannot hold NUL: refuse before any write
+        if "\x00" in session_key:
+            raise BadInputError(
+                f"{label}: session id contains a NUL character, which PostgreSQL cannot store"
+            )
+        for index, msg in enumerate(messages):
+            if "\x00" in msg.content or "\x00" in (msg.name or "") or "\x00" in msg.role:
+                raise BadInputError(
+                    f"{label}: message {index} contains a NUL character (\\u0000), "
+                    "which PostgreSQL cannot store"
+                )
+    session = sessions.find(core.store, session_key)
+    if session is None:
+        return 0
+    return stored_prefix(sessions.history(core.store, session.get_id()), messages, label, session_key)
+
+
+def process_conversation(
+    core: Core, conv: Conversation, session_key: str, on_turn: Callable[[int, int], None] | None = None
+) -> ProcessResult:
+    """Replay a conversation turn by turn; already stored turns are skipped."""
+    result = ProcessResult(session_id=session_key, source=conv.place.rstrip(": "))
+    replay(core, conv, session_key, result, on_turn)
+    return result
+
+
+def replay(
+    core: Core,
+    conv: Conversation,
+    session_key: str,
+    result: ProcessResult,
+    on_turn: Callable[[int, int], None] | None = None,
+    known_tokens: list[int] | None = None,
+    outcome_of_last: bool = False,
+) -> TurnOutcome | None:
+    """Store and decide every turn of ``conv`` not stored yet, one transaction each.
+
+    ``known_tokens``: the messages' token counts when already known (no counting).
+    ``outcome_of_last``: read the full ``TurnOutcome`` of the last turn (``begin_turn``);
+    otherwise only the reports are collected into ``result``.
+    """
+    result.messages_total = len(conv.messages)
+    result.capacity_bytes = core.capacity()
+    done = check_prefix(core, session_key, conv.messages, result.source or session_key)
+    if not core.store.is_sqlite and any(
+        isinstance(v, str) and "\x00" in v for entry in conv.kv_entries for v in entry.values()
+    ):
+        raise BadInputError(
+            f"{result.source or session_key}: kv_entries contain a NUL character, "
+            "which PostgreSQL cannot store"
+        )
+    pending = [(lo, hi) for lo, hi in split_turns(conv.messages) if hi > done]
+    embedder = start_embeddings(core, session_key)  # also embeds stored messages lacking vectors
+    outcome: TurnOutcome | None = None
+    for number, (lo, hi) in enumerate(pending, start=1):
+        new = conv.messages[max(lo, done) : hi]
+        if known_tokens is not None:
+            tokens = known_tokens[max(lo, done) : hi]
+        else:
+            tokens = core.tokens.count([msg.content for msg in new])
+        if embedder is not None and not core.server_down():  # HTTP before the turn's transaction
+            embedder.prefetch(conv.messages, max(lo, done), hi)
+        summaries.prepare_for_turn(core, session_key, new, tokens)
+        full = outcome_of_last and number == len(pending)
+        work = partial(_turn, core, conv, session_key, lo, hi, tokens, result, full)
+        outcome = core.store.transaction(work, core.forget_replay_state)
+        if outcome is not None and outcome.report is not None:
+            result.turns.append(outcome.report)
+        if on_turn is not None:
+            on_turn(number, len(pending))
+    core.server_down()  # records a token-count failure as a notice
+    result.notices.extend(core.notices)
+    core.notices.clear()
+    return outcome
+
+
+def start_embeddings(core: Core, session_key: str) -> Any:
+    """The run's embedder when ``generate_cache_embeddings`` and a server are on.
+
+    Also embeds the session's already stored messages that lack a vector (HTTP
+    outside any transaction). See ``embeddings`` for the model/dimension policy.
+    """
+    if core.llm is None or not core.config.cache.generate_cache_embeddings or core.server_down():
+        return None
+    from kvcache_cli.retrieval.embeddings import TurnEmbedder, backfill_session
+
+    if core.embedder is None:
+        core.embedder = TurnEmbedder(core.llm, core.store, core.notices)
+    core.embedder.vectors.clear()
+    session = sessions.find(core.store, session_key)
+    if session is not None and not core.embedder.failed:
+        backfill_session(core.embedder, session.get_id(), utcnow())
+    return core.embedder if not core.embedder.failed else None
+
+
+def _turn(
+    core: Core,
+    conv: Conversation,
+    session_key: str,
+    lo: int,
+    hi: int,
+    tokens: list[int],
+    result: ProcessResult,
+    full_outcome: bool = False,
+) -> TurnOutcome | None:
+    """One turn in one transaction: store, decide, clear, snapshot, retrieve, store the reply."""
+    wall = utcnow()
+    session = core.session_for_update(session_key, create=True, now=wall)
+    stored = sessions.stored_count(core.store, session.get_id())
+    if stored >= hi:
+        return None  # another process stored this turn meanwhile
+    start = max(lo, stored)
+    if start != max(lo, hi - len(tokens)):
+        # another process stored part of it: recount for what is left
+        tokens = core.tokens.count([msg.content for msg in conv.messages[start:hi]])
+    msgs = conv.messages[start:hi]
+    user_pos = next((i for i, msg in enumerate(msgs) if msg.role == "user"), None)
+    question = msgs[user_pos] if user_pos is not None else None
+    now = (question.timestamp if question and question.timestamp else None) or wall
+    cut = (user_pos + 1) if user_pos is not None else len(msgs)
+    before, after = msgs[:cut], msgs[cut:]
+    new_entries = _store_messages(core, session, start, before, tokens[:cut], now)
+    new_entries += _file_entries(core, conv, start, start + cut, now)
+    result.messages_added += len(before)
+    active = cache.active_entries(core.store, session.get_id())
+    cache.add_entries(core.store, session.get_id(), new_entries, len(active))
+    active += new_entries
+    report: TurnReport | None = None
+    found: RetrievalResult | None = None
+    if question is not None and user_pos is not None:
+        report, found = _decide(core, session, active, start + user_pos, question, now)
+    outcome = _outcome(core, session, report, found) if full_outcome else TurnOutcome(session_key, report)
+    if after:
+        _store_reply(core, session, conv, start + cut, after, tokens[cut:], now)
+        result.messages_added += len(after)
+    session.last_activity = wall
+    sessions.save(core.store, session)
+    return outcome
+
+
+def _file_entries(core: Core, conv: Conversation | None, lo: int, hi: int, now: datetime) -> list[KVEntry]:
+    if conv is None or not conv.kv_entries:
+        return []
+    return file_entries(
+        conv.kv_entries,
+        conv.place,
+        conv.session_key or "",
+        lo,
+        hi,
+        now,
+        core.config.model.bytes_per_token,
+        core.scorer,
+        core.tokens.count,
+    )
+
+
+def _store_messages(
+    core: Core, session: m.Session, start: int, msgs: list[ChatMessage], tokens: list[int], now: datetime
+) -> list[KVEntry]:
+    """Store messages at ``start``.., index them, store their vectors; their cache entries."""
+    if not msgs:
+        return []
+    rows = [(msg.role, msg.name, msg.content, tokens[i], msg.timestamp) for i, msg in enumerate(msgs)]
+    ids = sessions.insert_messages(core.store, session.get_id(), start, rows)
+    if core.index_history:
+        search.index_messages(core.store, [(mid, session.id, content) for mid, _, content in ids])
+    if core.embedder is not None:  # vectors computed before this transaction
+        core.embedder.store_for([(mid, index) for mid, index, _ in ids], utcnow())
+    per_token = core.config.model.bytes_per_token
+    return message_entries(session.key, start, msgs, tokens, now, per_token, core.scorer)
+
+
+def _store_reply(
+    core: Core,
+    session: m.Session,
+    conv: Conversation | None,
+    start: int,
+    msgs: list[ChatMessage],
+    tokens: list[int],
+    now: datetime,
+) -> None:
+    """Store the messages after a turn's question and add them to the cache (in a transaction)."""
+    later = _store_messages(core, session, start, msgs, tokens, now)
+    later += _file_entries(core, conv, start, start + len(msgs), now)
+    cache.add_entries(core.store, session.get_id(), later, session.entry_count)
+    session.cache_size_bytes += sum(e.size_bytes for e in later)
+    session.entry_count += len(later)
+
+
+def _decide(
+    core: Core,
+    session: m.Session,
+    active: list[KVEntry],
+    user_index: int,
+    question: ChatMessage,
+    now: datetime,
+) -> tuple[TurnReport, RetrievalResult | None]:
+    """The turn ending in ``question``: clear, snapshot, retrieve; the turn log row."""
+    cfg = core.config.cache
+    capacity = core.capacity()
+    usage = sum(e.size_bytes for e in active)
+    count = session.conversation_count + 1
+    reason = clear_reason(count, usage, capacity, cfg)
+    session.conversation_count = count
+    session.turn_count += 1
+    session.cache_size_bytes = usage
+    session.entry_count = len(active)
+    session.capacity_bytes = capacity
+    report = TurnReport(
+        turn=session.turn_count,
+        message_index=user_index,
+        conversation_count=count,
+        cache_size_bytes=usage,
+        entry_count=len(active),
+    )
+    bridges: list[str] = []
+    found: RetrievalResult | None = None
+    if reason is not None:
+        clear = cache_ops.clear_in_turn(core, session, active, reason, now, turn=session.turn_count)
+        report.clear = clear
+        if clear.snapshot_id is not None:
+            report.snapshot_ids.append(clear.snapshot_id)
+        if cfg.bridge_enabled:
+            bridges.append(clear.bridge_message)
+        active = [e for e in active if e.key_hash in clear.kept_keys]
+    elif session.last_cleared_at is not None and cfg.bridge_enabled:
+        text = cache.summary_text(core.store, session.get_id())
+        if text is not None:
+            bridges.insert(0, bridge.summary_prior(text))
+    snap = cache_ops.interval_snapshot(core, session, active, now)
+    if snap is not None:
+        report.snapshot_ids.append(snap)
+    if cfg.retrieval_enabled and should_retrieve(question.content):
+        qvec = core.embedder.vector_for(user_index) if core.embedder is not None else None
+        found = retrieve.in_session(
+            core,
+            session,
+            question.content[:MAX_QUERY_CHARS],  # a huge message queries by its start
+            tiers=PROCESS_TIERS,
+            limit=20,
+            cascade=True,
+            exclude_from=user_index,
+            active=active,
+            now=now,
+            semantic=(qvec, core.embedder.model) if qvec is not None else None,
+        )
+        report.retrieval_tiers = found.tiers_searched
+        report.retrieved = len(found.entries)
+        if found.bridge_message and cfg.bridge_enabled:
+            bridges.append(found.bridge_message)
+    report.bridge_messages = bridges
+    cache.log_turn(
+        core.store,
+        session.get_id(),
+        session.turn_count,
+        user_index,
+        report.cache_size_bytes,
+        report.entry_count,
+        report.clear.reason if report.clear else None,
+        report.retrieved,
+    )
+    return report, found
+
+
+# ----------------------------------------------------------------------------- live turns
+def _outcome(
+    core: Core, session: m.Session, report: TurnReport | None, found: RetrievalResult | None
+) -> TurnOutcome:
+    """The turn's decision with what a prompt builder needs (inside the transaction)."""
+    sid = session.get_id()
+    return TurnOutcome(
+        session_id=session.key,
+        report=report,
+        retrieved=list(found.entries) if found is not None else [],
+        summary=cache.summary_text(core.store, sid),
+        active=cache.active_entries(core.store, sid),
+        context_start=cache.last_clear_index(core.store, sid),
+    )
+
+
+def begin_turn(core: Core, session_key: str, messages: list[ChatMessage]) -> TurnOutcome:
+    """Store a request's new messages and decide its turn.
+
+    ``messages`` is the whole history through the new user message. The stored prefix
+    is skipped (a history that diverges from it is a ``BadInputError``); earlier new
+    turns are replayed as ``process`` would, each in its own transaction; the last
+    one's decision is returned with what the prompt needs.
+    """
+    conv = Conversation(session_key=session_key, messages=list(messages), place=f"session {session_key}: ")
+    result = ProcessResult(session_id=session_key, source=f"session {session_key}")
+    outcome = replay(core, conv, session_key, result, outcome_of_last=True)
+    if outcome is None:  # nothing new: the state as it stands
+
+        def now_state() -> TurnOutcome:
+            session = core.session_for_update(session_key, create=False, now=utcnow())
+            return _outcome(core, session, None, None)
+
+        outcome = core.store.transaction(now_state)
+    outcome.messages_stored = result.messages_added
+    outcome.notices = result.notices
+    return outcome
+
+
+def finish_turn(core: Core, session_key: str, reply: list[ChatMessage]) -> int:
+    """Store the turn's reply messages after the stored history (one transaction).
+
+    Returns how many messages were stored. Token counts and embeddings are fetched
+    before the transaction.
+    """
+    if not reply:
+        return 0
+    check_prefix(core, session_key, [], f"session {session_key}")  # NUL check of the key
+    tokens = core.tokens.count([msg.content for msg in reply])
+    _prefetch_vectors(core, session_key, reply)
+
+    def work() -> int:
+        wall = utcnow()
+        session = core.session_for_update(session_key, create=False, now=wall)
+        start = sessions.stored_count(core.store, session.get_id())
+        _store_reply(core, session, None, start, reply, tokens, reply[0].timestamp or wall)
+        session.last_activity = wall
+        sessions.save(core.store, session)
+        return len(reply)
+
+    stored = core.store.transaction(work, core.forget_replay_state)
+    core.server_down()
+    return stored
+
+
+def replace_reply(core: Core, session_key: str, reply: list[ChatMessage]) -> int:
+    """Regenerate: drop the stored messages after the last user message, store ``reply``.
+
+    One transaction; the dropped messages leave the history, its full-text index,
+    their vectors and the active cache. Returns how many messages were dropped.
+    """
+    tokens = core.tokens.count([msg.content for msg in reply])
+    _prefetch_vectors(core, session_key, reply)
+
+    def work() -> int:
+        wall = utcnow()
+        session = core.session_for_update(session_key, create=False, now=wall)
+        sid = session.get_id()
+        last_user = sessions.last_user_index(core.store, sid)
+        ids = sessions.ids_after(core.store, sid, last_user)
+        if ids:
+            if core.index_history:
+                search.delete_messages(core.store, ids)
+            cache.drop_after(core.store, sid, last_user)
+            sessions.delete_messages(core.store, ids)
+            session.cache_size_bytes, session.entry_count = cache.totals(core.store, sid)
+        if reply:
+            start = sessions.stored_count(core.store, sid)
+            _store_reply(core, session, None, start, reply, tokens, reply[0].timestamp or wall)
+        session.last_activity = wall
+        sessions.save(core.store, session)
+        return len(ids)
+
+    dropped = core.store.transaction(work, core.forget_replay_state)
+    core.forget_replay_state()  # the in-memory indexes still hold the dropped messages
+    core.server_down()
+    return dropped
+
+
+def branch_session(core: Core, source_key: str, new_key: str, n_messages: int) -> ProcessResult:
+    """Edit: a new session replaying the first ``n_messages`` stored messages of another.
+
+    The copy is replayed turn by turn (clears, summaries, snapshots as ``process``
+    makes them) with the stored token counts, so no server is asked for counts.
+    """
+    source = core.session(source_key)
+    if sessions.exists(core.store, new_key):
+        raise BadInputError(f"session {new_key!r} exists already")
+    rows = sessions.first_messages(core.store, source.get_id(), n_messages)
+    messages = [
+        ChatMessage(role=role, content=content, name=name, timestamp=ts)
+        for role, content, name, ts, _ in rows
+    ]
+    conv = Conversation(session_key=new_key, messages=messages, place=f"session {new_key}: ")
+    result = ProcessResult(session_id=new_key, source=f"branch of {source_key}")
+    replay(core, conv, new_key, result, known_tokens=[r[4] for r in rows])
+    return result
+
+
+def _prefetch_vectors(core: Core, session_key: str, reply: list[ChatMessage]) -> None:
+    """Embed reply messages before their transaction (indexes as they will be stored)."""
+    embedder = start_embeddings(core, session_key)
+    if embedder is None or core.server_down():
+        return
+    session = sessions.find(core.store, session_key)
+    start = sessions.stored_count(core.store, session.get_id()) if session is not None else 0
+    padded: list[ChatMessage] = [ChatMessage(role="user", content="")] * start + list(reply)
+    embedder.prefetch(padded, start, len(padded))
