@@ -24,8 +24,24 @@ def retrieval_bridge(count: int, tier: int, keywords: list[str], similarity: flo
     )
 
 
-def restore_bridge(count: int, age_minutes: int | None) -> str:
-    age = f" ({age_minutes} minutes old)" if age_minutes is not None else ""
+def age_text(minutes: int) -> str:
+    """``1 minute``, ``5 hours``, ``633 days``: the largest whole unit, as people say it."""
+    for unit, size in (("day", 1440), ("hour", 60)):
+        if minutes >= size:
+            count = minutes // size
+            return f"{count} {unit}" + ("" if count == 1 else "s")
+    return f"{minutes} minute" + ("" if minutes == 1 else "s")
+
+
+def restore_bridge(count: int, age_minutes: int | None, replaced: int | None = None) -> str:
+    """The restore's bridge; with ``replaced`` (entries the cache held before) it says the
+    snapshot replaced the context, which is what ``restore`` does."""
+    age = f" ({age_text(age_minutes)} old)" if age_minutes is not None else ""
+    if replaced is not None:
+        return (
+            f"[Cache Restoration] Restored {count} entries from previous snapshot{age}. "
+            f"Context has been replaced by the snapshot ({replaced} entries before)."
+        )
     return (
         f"[Cache Restoration] Restored {count} entries from previous snapshot{age}. "
         "Context has been expanded."
