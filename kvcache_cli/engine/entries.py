@@ -36,7 +36,7 @@ class ChatMessage:
 class KVEntry:
     """One entry of a KV cache: its key text, value size, place in the model and score.
 
-    ``value_bytes`` is the size of the entry's value data (what the seed's extractor
+    ``value_bytes`` is the size of the entry's value data (what the reference extractor
     and scorer look at); ``size_bytes`` is the KV memory it occupies (what the memory
     threshold adds up): tokens x bytes per token of the model geometry.
     """

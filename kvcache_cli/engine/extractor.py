@@ -1,4 +1,4 @@
-"""Classification and preservation of entries at a clear (the seed's ``CacheExtractor``)."""
+"""Classification and preservation of entries at a clear (see docs/design.md)."""
 
 from __future__ import annotations
 
@@ -85,13 +85,13 @@ def filter_preserved(
     preserve_system_prompts: bool,
     preserve_code_entries: bool,
 ) -> list[ExtractedEntry]:
-    """The seed's preservation rule; anything unlisted needs 1.2 x the threshold.
+    """The reference preservation rule; anything unlisted needs 1.2 x the threshold.
 
     One addition: the conversation's own system messages (entries whose key type is
     ``system_prompt``, i.e. role ``system``) are kept whenever
     ``preserve_system_prompts`` is on, whatever their score: a server re-sends the
     system prompt with every request, so dropping it from the cache only costs a
-    re-prefill. Text that merely *looks* like a system prompt follows the seed's rule.
+    re-prefill. Text that merely *looks* like a system prompt follows the reference rule.
     """
     kept = []
     for item in extracted:
@@ -121,7 +121,7 @@ PRESERVE_SHARE = 0.5
 def fit_to_budget(preserved: list[ExtractedEntry], budget_bytes: int) -> list[ExtractedEntry]:
     """The preserved entries that fit in ``budget_bytes``, most important first.
 
-    Not in the seed, whose preservation ignores size: a clear triggered by memory that
+    Not in the reference design, whose preservation ignores size: a clear triggered by memory that
     keeps every important (often long) entry frees nothing, and the next turn is over
     the threshold again. kvcache keeps at most half the threshold's worth of bytes
     (``PRESERVE_SHARE``), so that every clear makes room. The conversation's own

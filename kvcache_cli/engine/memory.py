@@ -7,7 +7,7 @@ An entry's size is ``tokens x bytes_per_token`` of the model geometry (default: 
 layers x 8 KV heads x 128 dims x 2 (K and V) x 2 bytes = 128 KiB per token).
 
 Capacity: ``model.max_cache_bytes`` if set, else ``n_ctx x bytes_per_token`` (``n_ctx``
-from the config, or from the server's ``/slots``), else the seed's estimate
+from the config, or from the server's ``/slots``), else the built-in estimate
 (``max_cache_entries x 1024`` if > 0, else 25% of available RAM clamped to 256 MB..8 GB).
 """
 
@@ -28,8 +28,8 @@ def estimate_tokens(text: str) -> int:
     return (len(text) + 3) // 4 + TEMPLATE_TOKENS
 
 
-def seed_capacity_estimate(cache: CacheConfig) -> int:
-    """The seed's fallback: entries x 1 KiB, else 25% of available RAM (256 MB..8 GB)."""
+def fallback_capacity_estimate(cache: CacheConfig) -> int:
+    """Without a model size or n_ctx: entries x 1 KiB, else 25% of available RAM (256 MB..8 GB)."""
     if cache.max_cache_entries > 0:
         return cache.max_cache_entries * 1024
     try:
@@ -50,7 +50,7 @@ def capacity_bytes(model: ModelConfig, cache: CacheConfig, server_n_ctx: int | N
     n_ctx = server_n_ctx or model.n_ctx
     if n_ctx > 0:
         return n_ctx * model.bytes_per_token
-    return seed_capacity_estimate(cache)
+    return fallback_capacity_estimate(cache)
 
 
 @dataclass

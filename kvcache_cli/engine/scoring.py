@@ -1,8 +1,8 @@
-"""Entry scoring (the seed's ``CacheEntryScorer``) and the text patterns it uses.
+"""Entry scoring (weights and patterns of the reference design, docs/design.md) and its text patterns.
 
 Score = sum of weighted parts clamped to [0, 1]: recency 0.3, access count 0.2, key
 pattern 0.25, layer 0.1, head 0.05, value size 0.1, plus engagement x 0.3. Patterns are
-case-insensitive (the seed's were case-sensitive English substrings).
+case-insensitive (the reference ones were case-sensitive English substrings).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ _PATTERN_CACHE_TEXT = 4096
 
 
 def pattern_matches(text: str) -> list[str]:
-    """Names of the seed's patterns that match ``text``, in the seed's order.
+    """Names of the importance patterns that match ``text``, in the reference order.
 
     A text longer than ``PATTERN_WINDOW`` is judged by its first and last halves of
     the window (a 50 MB message scores in milliseconds, not minutes). Results for
@@ -204,7 +204,7 @@ PATTERN_SCORES = {
 
 
 def extract_keywords(text: str | None, limit: int = 5) -> list[str]:
-    """Seed keywords: words over 3 chars, lower-cased, no stop words or repeats in a row."""
+    """Entry keywords: words over 3 chars, lower-cased, no stop words or repeats in a row."""
     if not text:
         return []
     words: list[str] = []
@@ -232,7 +232,7 @@ class ScoringWeights:
 
 
 class CacheEntryScorer:
-    """Scores entries with the seed's weights; engagement comes from the store."""
+    """Scores entries with the reference weights; engagement comes from the store."""
 
     def __init__(self, weights: ScoringWeights | None = None) -> None:
         self.weights = weights or ScoringWeights()
@@ -273,10 +273,10 @@ class CacheEntryScorer:
 
 
 def next_engagement(current: float, retrieved: bool) -> float:
-    """Seed: +0.15 when retrieved, +0.05 otherwise, clamped to [0.1, 1.0]."""
+    """+0.15 when retrieved, +0.05 otherwise, clamped to [0.1, 1.0]."""
     return max(0.1, min(1.0, current + (0.15 if retrieved else 0.05)))
 
 
 def decayed_engagement(current: float) -> float:
-    """Seed: every key not touched decays x0.95 (floor 0.1)."""
+    """Every key not touched decays x0.95 (floor 0.1)."""
     return max(0.1, current * 0.95)

@@ -1,6 +1,6 @@
 """Cumulative summaries written before each clear.
 
-With an LLM server the seed's prompt is used (``llm.summarize``). Without one, or when
+With an LLM server the reference summarization prompt is used (``llm.summarize``). Without one, or when
 the server fails, the extractive summarizer keeps what a later turn needs most: names,
 numbers, decisions and code. It is cumulative: the prior summary's bullets are kept
 (oldest dropped first when over budget) and bullets from the new messages appended.
@@ -27,9 +27,9 @@ BUDGET_CHARS = 2400
 NEW_BULLETS = 8
 HEADER = "Summary (extractive) of the conversation so far:"
 
-# The seed's r"(?<=[.!?])\s+|\n+" and r"(?<![.!?]\s)(?<!^)\b[A-Z][a-z]{2,}\b", rewritten to
+# The reference r"(?<=[.!?])\s+|\n+" and r"(?<![.!?]\s)(?<!^)\b[A-Z][a-z]{2,}\b", rewritten to
 # start with a character class, which re scans for fast; each matches the same text at every
-# position as the seed's. Split: a whitespace run after [.!?], else a run of "\n". Name: a
+# position as the reference ones. Split: a whitespace run after [.!?], else a run of "\n". Name: a
 # capital right after a non-word char (\b, not at the start), not after [.!?] + whitespace.
 _SENTENCE_RE = re.compile(r"\s(?:(?<=[.!?]\s)\s*|(?<=\n)\n*)")
 _NAME_RE = re.compile(r"[A-Z](?<=\W[A-Z])(?<![.!?]\s[A-Z])[a-z]{2,}\b")

@@ -17,7 +17,7 @@ TIER_THRESHOLDS = {1: 0.3, 2: 0.4, 3: 0.5}
 
 @dataclass
 class RetrievedEntry:
-    """One retrieval result (the seed's ``RetrievedEntry``)."""
+    """One retrieval result: a tier's entry, its score and the keywords it matched."""
 
     tier: int
     score: float
@@ -47,7 +47,7 @@ class RetrievedEntry:
 
 @dataclass
 class RetrievalResult:
-    """What a retrieval found (the seed's ``RetrievalResult``)."""
+    """What a retrieval found: the entries, tiers searched, keywords and bridge text."""
 
     query: str
     entries: list[RetrievedEntry] = field(default_factory=list)
@@ -66,7 +66,7 @@ class RetrievalResult:
 
     @property
     def primary_tier(self) -> int:
-        """The deepest tier that contributed (the seed's bridge uses the max)."""
+        """The deepest tier that contributed (the retrieval bridge names the max)."""
         return max((e.tier for e in self.entries), default=0)
 
     def to_dict(self) -> dict[str, Any]:
