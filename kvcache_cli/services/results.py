@@ -12,7 +12,7 @@ from kvcache_cli.retrieval.fusion import RetrievedEntry
 
 @dataclass
 class ClearInfo:
-    """One clear (the seed's ``CacheClearResult`` without the entries themselves)."""
+    """One clear: what was cleared and preserved, the snapshot and summary it made."""
 
     session_id: str
     turn: int
@@ -214,7 +214,7 @@ class RestoreResult:
 
 @dataclass
 class MaintenanceResult:
-    """The seed's ``MaintenanceResult``, with what was (or would be) done."""
+    """What a maintenance run did (or would do)."""
 
     dry_run: bool
     sessions_cleaned: int = 0
