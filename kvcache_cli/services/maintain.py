@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from kvcache_cli.config import Config
+from kvcache_cli.services import slot_files
 from kvcache_cli.services.results import MaintenanceResult
 from kvcache_cli.store import models as m
 from kvcache_cli.store import reports, snapshots
@@ -38,6 +39,7 @@ def maintain(
         def work() -> None:
             idle = reports.idle_sessions(store, utcnow() - timedelta(hours=hours))
             result.cleaned_sessions = [key for _, key in idle]
+            orphaned = slot_files.of_sessions(store, [sid for sid, _ in idle])  # slot files: see slot_files
             if not dry_run:
                 reports.release_sessions(store, [sid for sid, _ in idle])
             result.sessions_cleaned = len(result.cleaned_sessions)
@@ -46,8 +48,14 @@ def maintain(
                 idle_keys = set(result.cleaned_sessions)
                 for session_id, key in reports.crowded_sessions(store, keep):
                     if key not in idle_keys:
-                        result.pruned_snapshot_ids += snapshots.prune(store, session_id, keep, dry_run)
+                        files = slot_files.by_snapshot(store, session_id)
+                        pruned = snapshots.prune(store, session_id, keep, dry_run)
+                        result.pruned_snapshot_ids += pruned
+                        names = [files[i] for i in pruned if i in files]
+                        if names:
+                            orphaned.setdefault(session_id, []).extend(names)
             result.snapshots_pruned = len(result.pruned_snapshot_ids)
+            result.slot_files_to_delete = slot_files.park(store, orphaned, dry_run)
             limit = config.maintenance.history_limit
             total = reports.count(store, m.Operation)
             if total > limit:
@@ -61,6 +69,11 @@ def maintain(
             store.transaction(work)
         except _DryRun:
             pass
+        folder = config.llm.slot_save_path
+        if folder and not dry_run and result.slot_files_to_delete:
+            deleted, waiting, notices = slot_files.delete_waiting(store, folder)
+            result.slot_files_deleted, result.slot_files_to_delete = deleted, waiting
+            result.errors += notices
     return result
 
 

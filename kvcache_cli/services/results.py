@@ -8,6 +8,7 @@ from typing import Any
 
 from kvcache_cli.engine.entries import KVEntry
 from kvcache_cli.retrieval.fusion import RetrievedEntry
+from kvcache_cli.timefmt import utc_iso
 
 
 @dataclass
@@ -175,7 +176,7 @@ class SnapshotInfo:
             "entry_count": self.entry_count,
             "size_bytes": self.size_bytes,
             "state_hash": self.state_hash,
-            "created_at": self.created_at.isoformat(),
+            "created_at": utc_iso(self.created_at),
             "turn_index": self.turn_index,
             "slot_id": self.slot_id,
             "slot_filename": self.slot_filename,
@@ -224,10 +225,17 @@ class MaintenanceResult:
     pruned_snapshot_ids: list[int] = field(default_factory=list)
     integrity: str | None = None
     errors: list[str] = field(default_factory=list)
+    slot_files_deleted: list[str] = field(default_factory=list)
+    slot_files_to_delete: list[str] = field(default_factory=list)  # waiting: no slot_save_path
 
     @property
     def did_anything(self) -> bool:
-        return bool(self.sessions_cleaned or self.snapshots_pruned or self.operations_trimmed)
+        return bool(
+            self.sessions_cleaned
+            or self.snapshots_pruned
+            or self.operations_trimmed
+            or self.slot_files_deleted
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -239,4 +247,6 @@ class MaintenanceResult:
             "pruned_snapshot_ids": self.pruned_snapshot_ids,
             "integrity": self.integrity,
             "errors": self.errors,
+            "slot_files_deleted": self.slot_files_deleted,
+            "slot_files_to_delete": self.slot_files_to_delete,
         }

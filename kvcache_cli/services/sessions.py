@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvcache_cli.errors import BadInputError, NotFoundError
+from kvcache_cli.services.slot_files import delete_files
 from kvcache_cli.store import sessions_admin
 from kvcache_cli.store.migrations import utcnow
 
@@ -165,30 +165,7 @@ def forget_sessions(store: Store, keys: list[str], slot_save_path: str = "") -> 
     store.transaction(work)
     names = [name for s in result.sessions for name in s.slot_files]
     if slot_save_path:
-        result.slot_files_deleted, result.notices = delete_slot_files(slot_save_path, names)
+        result.slot_files_deleted, result.notices = delete_files(slot_save_path, names)
     else:
         result.slot_files_to_delete = names
     return result
-
-
-def delete_slot_files(folder: str, names: list[str]) -> tuple[list[str], list[str]]:
-    """Delete slot files called ``names`` inside ``folder``; returns (deleted, notices).
-
-    Only plain file names inside the folder are touched (a name with a path separator or
-    ``..`` is refused); a file already gone is not an error.
-    """
-    base = Path(folder).expanduser()
-    deleted: list[str] = []
-    notices: list[str] = []
-    for name in names:
-        if not name or name != Path(name).name or name in (".", ".."):
-            notices.append(f"slot file {name!r} is not a plain file name; left alone")
-            continue
-        try:
-            (base / name).unlink()
-            deleted.append(name)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            notices.append(f"could not delete slot file {base / name}: {exc.strerror}")
-    return deleted, notices

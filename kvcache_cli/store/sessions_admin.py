@@ -7,9 +7,10 @@ index rows go through ``search.delete_session`` (each backend keeps its own inde
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvcache_cli.store import search
 from kvcache_cli.store.models import Message, Session
@@ -112,14 +113,60 @@ def footprint(store: Store, sid: int, key: str) -> dict[str, int]:
     return counts
 
 
-def slot_files(store: Store, sid: int) -> list[str]:
-    """The llama-server slot files the session's snapshots name."""
+WAITING_KEY = "slot_files_to_delete"
+"""Session metadata key: slot files of deleted snapshots not deleted yet (no slot folder known)."""
+
+
+def snapshot_slot_files(store: Store, sid: int) -> dict[int, str]:
+    """``{snapshot id: slot file}`` of the session's snapshots that name one."""
     rows = store.query(
-        "SELECT DISTINCT slot_filename FROM snapshots "
-        "WHERE session_id = ? AND slot_filename IS NOT NULL AND slot_filename <> '' ORDER BY slot_filename",
+        "SELECT id, slot_filename FROM snapshots "
+        "WHERE session_id = ? AND slot_filename IS NOT NULL AND slot_filename <> ''",
         (sid,),
     )
-    return [name for (name,) in rows]
+    return {int(snap_id): str(name) for snap_id, name in rows}
+
+
+def _metadata(store: Store, sid: int) -> dict[str, Any]:
+    rows = store.query("SELECT metadata FROM sessions WHERE id = ?", (sid,))
+    try:
+        meta = json.loads(rows[0][0] or "{}") if rows else {}
+    except ValueError:
+        meta = {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def waiting_slot_files(store: Store) -> dict[int, list[str]]:
+    """``{session id: slot files}`` waiting to be deleted, recorded by ``add_waiting``."""
+    rows = store.query("SELECT id FROM sessions WHERE metadata LIKE ?", (f"%{WAITING_KEY}%",))
+    out: dict[int, list[str]] = {}
+    for (sid,) in rows:
+        names = _metadata(store, int(sid)).get(WAITING_KEY)
+        if isinstance(names, list) and names:
+            out[int(sid)] = [str(n) for n in names]
+    return out
+
+
+def set_waiting_slot_files(store: Store, sid: int, names: list[str]) -> None:
+    """Record the session's waiting slot files (an empty list removes the record)."""
+    meta = _metadata(store, sid)
+    if names:
+        meta[WAITING_KEY] = sorted(set(names))
+    else:
+        meta.pop(WAITING_KEY, None)
+    store.query("UPDATE sessions SET metadata = ? WHERE id = ?", (json.dumps(meta, sort_keys=True), sid))
+
+
+def slot_files(store: Store, sid: int) -> list[str]:
+    """The llama-server slot files the session's snapshots name, and those still waiting."""
+    names = set(snapshot_slot_files(store, sid).values())
+    names.update(waiting_slot_files_of(store, sid))
+    return sorted(names)
+
+
+def waiting_slot_files_of(store: Store, sid: int) -> list[str]:
+    names = _metadata(store, sid).get(WAITING_KEY)
+    return [str(n) for n in names] if isinstance(names, list) else []
 
 
 def delete(store: Store, sid: int, key: str) -> None:
