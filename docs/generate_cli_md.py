@@ -16,17 +16,10 @@ WIDTH = 100
 TARGET = Path(__file__).with_name("cli.md")
 
 
-def command_help(command: object, name: str, parent: object | None) -> str:
+def command_help(command: Any, name: str, parent: Any | None) -> str:
     """One command's ``--help`` text, plain, at ``WIDTH`` columns."""
-    import typer._click as click  # the click Typer bundles
-
-    assert isinstance(command, click.Command)
-    ctx = click.Context(
-        command,
-        info_name=name,
-        parent=parent,
-        terminal_width=WIDTH,
-        max_content_width=WIDTH,  # type: ignore[arg-type]
+    ctx = command.make_context(  # with the app's context settings (-h as well as --help)
+        name, [], parent=parent, resilient_parsing=True, terminal_width=WIDTH, max_content_width=WIDTH
     )
     return command.get_help(ctx).rstrip() + "\n"
 
@@ -37,12 +30,13 @@ def render() -> str:
     os.environ["TERMINAL_WIDTH"] = str(WIDTH)
     os.environ["NO_COLOR"] = "1"
     import typer
-    import typer._click as click
 
     from kvcache_cli.cli import app
 
-    root = typer.main.get_command(app)
-    root_ctx = click.Context(root, info_name="kvcache", terminal_width=WIDTH, max_content_width=WIDTH)
+    root: Any = typer.main.get_command(app)
+    root_ctx = root.make_context(
+        "kvcache", [], resilient_parsing=True, terminal_width=WIDTH, max_content_width=WIDTH
+    )
     parts = [
         "# kvcache command line\n",
         "Generated from the commands' own `--help` by `docs/generate_cli_md.py`; do not edit by hand",
@@ -50,9 +44,8 @@ def render() -> str:
         "## kvcache\n",
         "```text\n" + command_help(root, "kvcache", None) + "```\n",
     ]
-    group: Any = root  # a TyperGroup: list_commands / get_command
-    for name in group.list_commands(root_ctx):
-        sub = group.get_command(root_ctx, name)
+    for name in root.list_commands(root_ctx):
+        sub = root.get_command(root_ctx, name)
         if sub is None or getattr(sub, "hidden", False):
             continue
         parts.append(f"## kvcache {name}\n")

@@ -124,6 +124,16 @@ def test_import_summary_is_on_stdout(tmp_path: Path) -> None:
     assert data["files"][0]["sessions_created"] == 1
 
 
+def test_json_timestamps_carry_the_time_zone(store: Path) -> None:
+    data = json.loads(kv("--db", store, "stats", "--json").stdout)
+    stamps = [data["last_operation"], data["insights"]["generated_at"]]
+    stamps += [op["timestamp"] for op in data["recent_operations"]]
+    stamps += [s["last_activity"] for s in data["sessions"]]
+    snapshots = json.loads(kv("--db", store, "snapshot", "--list", "--json").stdout)["snapshots"]
+    stamps += [s["created_at"] for s in snapshots]
+    assert len(stamps) > 4 and all(stamp.endswith("+00:00") for stamp in stamps), stamps
+
+
 def test_table_time_columns_say_utc(store: Path) -> None:
     assert "time (UTC)" in kv("--db", store, "stats").stdout
     assert "created (UTC)" in kv("--db", store, "snapshot", "--list").stdout

@@ -19,6 +19,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from kvcache_cli.timefmt import parse_utc
+
 if TYPE_CHECKING:
     from kvcache_cli.retrieval.fusion import RetrievalResult
     from kvcache_cli.services.manager import (
@@ -164,7 +166,7 @@ def clear_result(result: ClearInfo) -> None:
     )
     console.print(table)
     if result.slot_erased is not None:
-        console.print(f"slot erased: {result.slot_erased} tokens")
+        console.print(f"slot erased: {plural(result.slot_erased, 'token')}")
     console.print(printable(result.bridge_message))
 
 
@@ -234,7 +236,7 @@ def restore_result(result: RestoreResult) -> None:
         f"{plural(result.entries_restored, 'entry')} ({human_bytes(result.cache_size_bytes)}) after"
     )
     if result.slot_n_restored is not None:
-        console.print(f"slot restored: {result.slot_n_restored} tokens")
+        console.print(f"slot restored: {plural(result.slot_n_restored, 'token')}")
     console.print(f"bridge message: {printable(result.bridge_message)}")
 
 
@@ -266,7 +268,7 @@ def maintenance_result(result: MaintenanceResult, verbose: bool) -> None:
         if result.pruned_snapshot_ids:
             console.print(f"{prefix}prune snapshots {', '.join(map(str, result.pruned_snapshot_ids))}")
         if result.operations_trimmed:
-            console.print(f"{prefix}trim {result.operations_trimmed} old operation records")
+            console.print(f"{prefix}trim {plural(result.operations_trimmed, 'old operation record')}")
         return
     console.print(
         f"released {plural(result.sessions_cleaned, 'idle session')}, pruned "
@@ -560,7 +562,7 @@ def copy_result(result: Any) -> None:
     for item in result.tables:
         table.add_row(item.table, str(item.dest_rows), item.dest_sha256[:16], "yes" if item.match else "NO")
     console.print(table)
-    console.print(f"{result.total_rows} rows copied and verified")
+    console.print(f"{plural(result.total_rows, 'row')} copied and verified")
 
 
 def plural(count: int, noun: str, plural_form: str | None = None) -> str:
@@ -645,7 +647,7 @@ def _sessions_table(data: dict[str, Any], insights: dict[str, Any], limit: int =
     table.add_column("turns", justify="right")
     table.add_column("clears", justify="right")
     table.add_column("idle", justify="right", no_wrap=True)
-    now = datetime.fromisoformat(insights["generated_at"])
+    now = parse_utc(insights["generated_at"])
     for s in ordered[:limit]:
         state = by_key.get(s["session_id"], {})
         fill = Text(f"{s['fill'] * 100:3.0f}% ")
@@ -658,14 +660,14 @@ def _sessions_table(data: dict[str, Any], insights: dict[str, Any], limit: int =
             human_bytes(s["cache_size_bytes"]),
             str(state.get("turn_count", "")),
             str(s["total_clears"]),
-            _age((now - datetime.fromisoformat(last)).total_seconds()) if last else "-",
+            _age((now - parse_utc(last)).total_seconds()) if last else "-",
         )
     caption = (
         f"┆ memory threshold {threshold * 100:.0f}% (a clear at the next turn); "
         f"near from {threshold * NEAR_FRACTION * 100:.0f}%"
     )
     if len(ordered) > limit:
-        caption += f"; {len(ordered) - limit} more sessions not shown (--json lists all)"
+        caption += f"; {plural(len(ordered) - limit, 'more session')} not shown (--json lists all)"
     table.caption = caption
     table.caption_justify = "left"
     return table
@@ -757,11 +759,7 @@ def _session_view(data: dict[str, Any], insights: dict[str, Any] | None, width: 
     from kvcache_cli.services.insights import threshold_state
 
     level = threshold_state(fill, threshold)
-    now = (
-        datetime.fromisoformat(insights["generated_at"])
-        if insights
-        else datetime.now(UTC).replace(tzinfo=None)
-    )
+    now = parse_utc(insights["generated_at"]) if insights else datetime.now(UTC).replace(tzinfo=None)
     bar = Text("cache  ", style="dim")
     bar.append_text(usage_bar(fill, threshold, level, width=40))
     bar.append(f"  {fill * 100:.0f}% ")
@@ -810,7 +808,7 @@ def _session_view(data: dict[str, Any], insights: dict[str, Any] | None, width: 
                 name, justify="right" if name in ("id", "turn", "entries", "size", "age") else "left"
             )
         for s in snaps:
-            age = _age((now - datetime.fromisoformat(s["created_at"])).total_seconds())
+            age = _age((now - parse_utc(s["created_at"])).total_seconds())
             table.add_row(
                 str(s["id"]),
                 s["snapshot_type"],
@@ -830,7 +828,7 @@ def _session_view(data: dict[str, Any], insights: dict[str, Any] | None, width: 
             Text(
                 f"summary: {sm['length']:,} chars, "
                 f"{sm['clear_count']} clear{'s' if sm['clear_count'] != 1 else ''}, "
-                f"{sm['messages_summarized']} messages summarized ({printable(sm['source'])})"
+                f"{plural(sm['messages_summarized'], 'message')} summarized ({printable(sm['source'])})"
             )
         )
     else:

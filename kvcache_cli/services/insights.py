@@ -17,6 +17,7 @@ from kvcache_cli.store import models as m
 from kvcache_cli.store import reports
 from kvcache_cli.store.connection import Store
 from kvcache_cli.store.migrations import utcnow
+from kvcache_cli.timefmt import utc_iso
 
 #: A session is "near" its memory threshold from this fraction of it on.
 NEAR_FRACTION = 0.8
@@ -58,8 +59,8 @@ def operations_per_hour(store: Store, now: datetime | None = None, hours: int = 
         if 0 <= index < hours:
             series.setdefault(str(kind), [0] * hours)[index] += int(count)
     return {
-        "start": start.isoformat(),
-        "end": end.isoformat(),
+        "start": utc_iso(start),
+        "end": utc_iso(end),
         "hours": hours,
         "series": series,
         "totals": {kind: sum(values) for kind, values in series.items()},
@@ -107,7 +108,7 @@ def compute(
     limit = config.maintenance.history_limit
     oldest = min((when for _, when in overdue), default=None)
     return {
-        "generated_at": now.isoformat(),
+        "generated_at": utc_iso(now),
         "memory_threshold_percent": threshold,
         "near_fraction": NEAR_FRACTION,
         "threshold_states": states,

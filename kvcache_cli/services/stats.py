@@ -9,6 +9,7 @@ from kvcache_cli.services.cache_ops import list_snapshots
 from kvcache_cli.services.core import Core
 from kvcache_cli.store import models as m
 from kvcache_cli.store import reports
+from kvcache_cli.timefmt import utc_iso
 
 
 def statistics(core: Core, session_key: str | None = None, history: int = 10) -> dict[str, Any]:
@@ -31,7 +32,7 @@ def statistics(core: Core, session_key: str | None = None, history: int = 10) ->
         # and snapshots, so "active" = still holding either
         "active_sessions": reports.active_session_count(store),
         "session_count": reports.count(store, m.Session),
-        "last_operation": stats.last_operation.isoformat() if stats.last_operation else None,
+        "last_operation": utc_iso(stats.last_operation) if stats.last_operation else None,
         "operation_history_count": op_count,
         "total_snapshots": stats.total_snapshots,
         "total_restores": stats.total_restores,
@@ -47,7 +48,7 @@ def statistics(core: Core, session_key: str | None = None, history: int = 10) ->
         "recent_operations": [
             {
                 "operation_type": op.operation_type,
-                "timestamp": op.timestamp.isoformat(),
+                "timestamp": utc_iso(op.timestamp),
                 "entries_affected": op.entries_affected,
                 "session_id": op.session_key,
                 "details": op.details,
@@ -70,13 +71,13 @@ def session_state(core: Core, session: Any, capacity: int | None = None) -> dict
         "session_id": session.key,
         "conversation_count": session.conversation_count,
         "turn_count": session.turn_count,
-        "last_cleared_at": session.last_cleared_at.isoformat() if session.last_cleared_at else None,
+        "last_cleared_at": utc_iso(session.last_cleared_at) if session.last_cleared_at else None,
         "last_snapshot_id": session.last_snapshot_id,
         "cache_size_bytes": session.cache_size_bytes,
         "capacity_bytes": session.capacity_bytes or (capacity if capacity is not None else core.capacity()),
         "entry_count": session.entry_count,
         "total_clears": session.total_clears,
-        "last_activity": session.last_activity.isoformat(),
+        "last_activity": utc_iso(session.last_activity),
         "metadata": json.loads(session.metadata or "{}"),
     }
 

@@ -16,7 +16,6 @@ from kvcache_cli.errors import ServerError
 if TYPE_CHECKING:
     from kvcache_cli.config import Config
     from kvcache_cli.llm.client import LLMClient
-    from kvcache_cli.services.manager import KVCacheManager
     from kvcache_cli.store.backend import Store
 
 
@@ -35,13 +34,17 @@ class StatsReport:
     server_error: ServerError | None = None
 
 
-def store_report(
-    manager: KVCacheManager, store: Store, config: Config, session: str | None, history: int
-) -> dict[str, Any]:
-    """The store's statistics with their insights (no server involved)."""
-    from kvcache_cli.services.insights import compute as compute_insights
+def store_report(store: Store, config: Config, session: str | None, history: int) -> dict[str, Any]:
+    """The store's statistics with their insights (no server involved).
 
-    data = manager.statistics(session, history)
+    Built on the services' shared ``Core`` rather than the whole ``KVCacheManager``, so
+    ``kvcache stats`` does not import the replay and retrieval services it never uses.
+    """
+    from kvcache_cli.services.core import Core
+    from kvcache_cli.services.insights import compute as compute_insights
+    from kvcache_cli.services.stats import statistics
+
+    data = statistics(Core(store, config), session, history)
     data["insights"] = compute_insights(store, config)
     return data
 

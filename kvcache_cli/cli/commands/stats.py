@@ -67,9 +67,9 @@ def stats(
             raise BadInputError("--watch needs a terminal on stdout; drop --watch to print once")
 
         def fetch() -> tuple[dict[str, Any], dict[str, Any]]:
-            manager, store = state.manager(read_only=True)
+            store = state.open_store(read_only=True)
             try:
-                data = store_report(manager, store, state.config(), session, history)
+                data = store_report(store, state.config(), session, history)
             finally:
                 store.close()
             return data, data.pop("insights")
@@ -79,9 +79,9 @@ def stats(
         except KeyboardInterrupt:
             error_line("kvcache: stopped watching")
         return
-    manager, store = state.manager(read_only=True)
+    store = state.open_store(read_only=True)
     try:
-        data = store_report(manager, store, state.config(), session, history)
+        data = store_report(store, state.config(), session, history)
     finally:
         store.close()
     report = add_server_slots(data, state.llm_client(server), configured_only=not server)
