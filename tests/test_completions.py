@@ -73,5 +73,5 @@ def bash_complete(words: list[str], tmp_path: Path) -> list[str]:
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
 def test_bash_completes_a_command(tmp_path: Path) -> None:
     assert bash_complete(["kvcache", "pro"], tmp_path) == ["process"]
-    assert set(bash_complete(["kvcache", "s"], tmp_path)) == {"snapshot", "stats"}
+    assert set(bash_complete(["kvcache", "s"], tmp_path)) == {"serve", "sessions", "snapshot", "stats"}
     assert "--json" in bash_complete(["kvcache", "stats", "--j"], tmp_path)
