@@ -34,7 +34,7 @@ from kvcache_cli.engine.entries import stored_prefix
 from kvcache_cli.engine.memory import estimate_tokens
 from kvcache_cli.errors import BadInputError
 from kvcache_cli.loaders import Conversation, file_stem, iter_file
-from kvcache_cli.store import sessions
+from kvcache_cli.store import sessions, sessions_admin
 from kvcache_cli.store.connection import Store
 from kvcache_cli.store.history_import import HistoryWriter
 
@@ -146,6 +146,8 @@ def import_file(
                 pending.add(key)
                 keys.append(key)
                 if start < len(conv.messages):
+                    if key not in created:  # the engine has not run what is appended (imported_replay)
+                        sessions_admin.mark_engine_from(store, ids[key], start)
                     new = conv.messages[start:]
                     added += writer.add(ids[key], start, new, [estimate_tokens(msg.content) for msg in new])
             writer.flush()

@@ -23,7 +23,7 @@ from kvcache_cli.engine.turn import clear_reason, file_entries, message_entries,
 from kvcache_cli.errors import BadInputError
 from kvcache_cli.loaders import Conversation
 from kvcache_cli.retrieval.fusion import RetrievalResult
-from kvcache_cli.services import cache_ops, retrieve, summaries
+from kvcache_cli.services import cache_ops, imported_replay, retrieve, summaries
 from kvcache_cli.services.core import Core
 from kvcache_cli.services.results import ProcessResult, TurnOutcome, TurnReport
 from kvcache_cli.store import cache, search, sessions
@@ -88,6 +88,11 @@ def replay(
             f"{result.source or session_key}: kv_entries contain a NUL character, "
             "which PostgreSQL cannot store"
         )
+    # messages ``import`` stored are run through the engine and stored once (imported_replay)
+    rerun = imported_replay.rerun_from(core, session_key, done, len(conv.messages))
+    stored_before = done
+    if rerun is not None:
+        done = rerun
     pending = [(lo, hi) for lo, hi in split_turns(conv.messages) if hi > done]
     embedder = start_embeddings(core, session_key)  # also embeds stored messages lacking vectors
     outcome: TurnOutcome | None = None
@@ -101,12 +106,17 @@ def replay(
             embedder.prefetch(conv.messages, max(lo, done), hi)
         summaries.prepare_for_turn(core, session_key, new, tokens)
         full = outcome_of_last and number == len(pending)
-        work = partial(_turn, core, conv, session_key, lo, hi, tokens, result, full)
+        drop = rerun if number == 1 else None
+        work = partial(_turn, core, conv, session_key, lo, hi, tokens, result, full, drop)
         outcome = core.store.transaction(work, core.forget_replay_state)
         if outcome is not None and outcome.report is not None:
             result.turns.append(outcome.report)
         if on_turn is not None:
             on_turn(number, len(pending))
+    if rerun is not None and pending:
+        again = stored_before - rerun
+        result.messages_added = max(0, result.messages_added - again)
+        core.notice(f"ran the engine over {again} messages that import had stored (not stored twice)")
     core.server_down()  # records a token-count failure as a notice
     result.notices.extend(core.notices)
     core.notices.clear()
@@ -141,10 +151,16 @@ def _turn(
     tokens: list[int],
     result: ProcessResult,
     full_outcome: bool = False,
+    drop_from: int | None = None,
 ) -> TurnOutcome | None:
-    """One turn in one transaction: store, decide, clear, snapshot, retrieve, store the reply."""
+    """One turn in one transaction: store, decide, clear, snapshot, retrieve, store the reply.
+
+    ``drop_from``: first delete the stored messages from there on (``imported_replay``).
+    """
     wall = utcnow()
     session = core.session_for_update(session_key, create=True, now=wall)
+    if drop_from is not None:
+        imported_replay.drop_unrun(core, session, drop_from)
     stored = sessions.stored_count(core.store, session.get_id())
     if stored >= hi:
         return None  # another process stored this turn meanwhile

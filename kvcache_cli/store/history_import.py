@@ -62,7 +62,8 @@ class HistoryWriter:
             self.db.cursor().executemany(
                 "INSERT INTO sessions (key, created_at, last_activity, conversation_count, turn_count, "
                 "cache_size_bytes, capacity_bytes, entry_count, total_clears, metadata) "
-                f"VALUES ({p}, {p}, {p}, 0, 0, 0, 0, 0, 0, '{{}}')",
+                # engine_from 0: the engine has run none of its messages (imported_replay)
+                f"VALUES ({p}, {p}, {p}, 0, 0, 0, 0, 0, 0, '{{\"engine_from\": 0}}')",
                 [(k, now, now) for k in new],
             )
             ids.update(self._lookup(new))

@@ -176,3 +176,58 @@ def delete(store: Store, sid: int, key: str) -> None:
         store.query(f"DELETE FROM {table} WHERE {condition}", (sid,))
     store.query("DELETE FROM operations WHERE session_key = ?", (key,))
     store.query("DELETE FROM sessions WHERE id = ?", (sid,))
+
+
+# ----------------------------------------------------------------------------- imported history
+ENGINE_FROM_KEY = "engine_from"
+"""Session metadata key: the index of the first stored message the engine has not run
+(messages ``import`` stored); absent when the engine has run every stored message."""
+
+
+def engine_from(store: Store, sid: int) -> int | None:
+    """The session's ``engine_from`` mark, if any."""
+    value = _metadata(store, sid).get(ENGINE_FROM_KEY)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def mark_engine_from(store: Store, sid: int, index: int) -> None:
+    """Record that messages from ``index`` on were stored without the engine (keeps an earlier mark)."""
+    meta = _metadata(store, sid)
+    current = meta.get(ENGINE_FROM_KEY)
+    if isinstance(current, int) and not isinstance(current, bool) and 0 <= current <= index:
+        return
+    meta[ENGINE_FROM_KEY] = int(index)
+    store.query("UPDATE sessions SET metadata = ? WHERE id = ?", (json.dumps(meta, sort_keys=True), sid))
+
+
+def engine_never_ran(store: Store, sid: int) -> bool:
+    """No turn log, cache entry or snapshot: stored messages only (an import before marks)."""
+    return not any(
+        store.query(f"SELECT 1 FROM {table} WHERE session_id = ? LIMIT 1", (sid,))
+        for table in ("turn_log", "cache_entries", "snapshots")
+    )
+
+
+def drop_messages_from(store: Store, sid: int, index: int) -> int:
+    """Delete the session's messages from ``index`` on, with their index rows and vectors
+    (inside the caller's transaction); returns how many user messages went."""
+    ids = [
+        int(i)
+        for (i,) in store.query(
+            "SELECT id FROM messages WHERE session_id = ? AND message_index >= ?", (sid, index)
+        )
+    ]
+    if not ids:
+        return 0
+    (users,) = store.query(
+        "SELECT COUNT(*) FROM messages WHERE session_id = ? AND message_index >= ? AND role = 'user'",
+        (sid, index),
+    )[0]
+    search.delete_messages(store, ids)  # the index first: it reads the rows it drops
+    store.query(
+        "DELETE FROM embeddings WHERE message_id IN "
+        "(SELECT id FROM messages WHERE session_id = ? AND message_index >= ?)",
+        (sid, index),
+    )
+    store.query("DELETE FROM messages WHERE session_id = ? AND message_index >= ?", (sid, index))
+    return int(users)
