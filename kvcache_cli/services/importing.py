@@ -4,8 +4,9 @@
 retrievals: one transaction per turn). ``import`` is the bulk path for large archives:
 it only stores the messages, their sessions and the full-text index, so they can be
 retrieved (``retrieve``, tier 3) at once. It does NOT fill the active cache, clear,
-snapshot, summarise, retrieve or write the turn log; a later ``process`` of a longer
-version of the same file continues from where the stored history ends.
+snapshot, summarise, retrieve or write the turn log. It marks each session with where
+the engine has not run (``imported_replay``): a later ``process`` of the conversation
+runs those turns through the engine and stores every message once.
 
 How it works, per file:
 
