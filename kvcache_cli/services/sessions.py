@@ -10,13 +10,14 @@ commits when ``[llm] slot_save_path`` is set, else listed for the operator.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from kvcache_cli.errors import BadInputError, NotFoundError
 from kvcache_cli.services.slot_files import delete_files
 from kvcache_cli.store import sessions_admin
 from kvcache_cli.store.migrations import utcnow
+from kvcache_cli.timefmt import utc_iso
 
 if TYPE_CHECKING:
     from kvcache_cli.store.backend import Store
@@ -24,9 +25,8 @@ if TYPE_CHECKING:
 EXPORT_FORMATS = ("native", "openai")
 
 
-def utc_iso(value: datetime | None) -> str | None:
-    """A stored (naive UTC) time as ISO 8601 with its zone: ``2026-12-04T10:00:00+00:00``."""
-    return None if value is None else value.replace(tzinfo=UTC).isoformat()
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else utc_iso(value)
 
 
 @dataclass
@@ -48,8 +48,8 @@ class SessionList:
                     "cache_bytes": row.cache_bytes,
                     "capacity_bytes": row.capacity_bytes,
                     "cache_entries": row.entries,
-                    "created_at": utc_iso(row.created_at),
-                    "last_activity": utc_iso(row.last_activity),
+                    "created_at": _iso(row.created_at),
+                    "last_activity": _iso(row.last_activity),
                 }
                 for row in self.sessions
             ],
