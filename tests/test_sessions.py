@@ -168,3 +168,34 @@ def test_forget_removes_everything_of_the_session_in_one_go(support: str) -> Non
     found = json.loads(ok(*search).stdout)
     assert found["results"] == [] and before_found
     assert SUPPORT not in ok("--db", support, "sessions").stdout
+
+
+def test_forget_asks_on_a_terminal(tmp_path: Path) -> None:
+    """A real terminal on stdin (a pty): forget asks, and only 'y' deletes."""
+    import os
+    import pty
+    import subprocess
+
+    from tests.helpers import cli_env, kvcache_command
+
+    db = tmp_path / "kv.db"
+    ok("--db", db, "-q", "import", EXAMPLES / "sharegpt.json")
+    for answer, code, left in (("n", 1, 1), ("y", 0, 0)):
+        master, slave = pty.openpty()
+        try:
+            proc = subprocess.Popen(
+                [*kvcache_command(), "--db", str(db), "forget", "sharegpt-sql-window"],
+                stdin=slave,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=cli_env(tmp_path / "home"),
+            )
+            os.write(master, f"{answer}\n".encode())
+            out, err = proc.communicate(timeout=120)
+        finally:
+            os.close(slave)
+            os.close(master)
+        assert proc.returncode == code, err
+        assert "Forget sharegpt-sql-window (4 messages) for good?" in err
+        assert rows(str(db), "SELECT COUNT(*) FROM sessions WHERE key = 'sharegpt-sql-window'") == [(left,)]
