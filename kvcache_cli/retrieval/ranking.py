@@ -13,8 +13,12 @@ messages and term statistics; :func:`rank_candidates` scores them (docs/retrieva
    neighbours ``d = 1..context_window`` (by ``message_index``, same session); neighbours
    of the best turns that match nothing themselves enter on context alone ("bridges",
    fetched through the caller's ``fetch``);
-4. speaker: a turn whose speaker is named in the query gets ``* (1 + speaker_boost)``;
-5. ``Hit.score = 1 - exp(-combined / ideal)`` (:func:`ideal_score`).
+4. answers, not echoes: a top turn that asks the query's words (in a sentence ending
+   in ``?``) passes ``answer_weight`` times its own score to its answer, the next turn
+   (or the one after, when the next answers nothing: "I don't know", a counter-question);
+5. speaker: a turn whose speaker is named in the query gets ``* (1 + speaker_boost)``;
+   then an answer ranks at least as high as its question (``answer_floor``);
+6. ``Hit.score = 1 - exp(-combined / ideal)`` (:func:`ideal_score`).
 
 :func:`rank_texts` runs the same method over an in-memory list (cache or snapshot
 entries), with the list itself as the collection.
@@ -22,6 +26,7 @@ entries), with the list itself as the collection.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from bisect import bisect_left
@@ -41,6 +46,7 @@ __all__ = [
     "ideal_score",
     "make_doc",
     "rank_candidates",
+    "rank_params",
     "rank_texts",
     "similarity",
 ]
@@ -77,6 +83,23 @@ class RankParams:
     proximity_window: int = 3
     length_b: float = 0.5
     bridges: bool = True
+    # answers, not echoes: a matching question passes ``answer_weight`` times its own
+    # score to the turn answering it, which then ranks at least as high (``answer_floor``)
+    answer_weight: float = 1.0
+    answer_floor: bool = True
+
+
+def rank_params(options: dict[str, Any]) -> RankParams:
+    """:class:`RankParams` from keyword options (unknown names refused), typed like the defaults."""
+    fields = {f.name: f.default for f in dataclasses.fields(RankParams)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise TypeError(f"unknown ranking option {unknown[0]!r}")
+    kwargs: dict[str, Any] = {}
+    for name, value in options.items():
+        default = fields[name]
+        kwargs[name] = type(default)(value) if isinstance(default, bool | int | float) else value
+    return RankParams(**kwargs)
 
 
 #: ``(session_id, message indexes) -> rows (message_id, message_index, content, name)``
@@ -552,9 +575,23 @@ def rank_candidates(
                     if hit:
                         named.add(key)
 
+    answers: list[tuple[tuple[int, int], tuple[int, int]]] = []
+    if p.answer_weight > 0 or p.answer_floor:
+        pool = bridge_top if bridge_top is not None else max(limit, 10)
+        top = heapq.nsmallest(pool, own, key=lambda k: (-combined[k], info[k][0]))
+        answers = _answers(top, own, info, stems)
+        for question, answer in answers:
+            if answer not in combined:
+                combined[answer] = weight * context(answer) if use_ctx else 0.0
+            combined[answer] += p.answer_weight * own[question]
+
     if p.speaker_boost > 0:
         for key in named:
             combined[key] *= 1.0 + p.speaker_boost
+    if p.answer_floor:
+        for question, answer in answers:
+            if combined[answer] <= combined[question]:  # just above: ranks first, same score
+                combined[answer] = math.nextafter(combined[question], math.inf)
 
     ranked = heapq.nsmallest(  # = sorted(...)[:limit]
         limit,
@@ -579,6 +616,37 @@ def rank_candidates(
         )
         for key in ranked
     ]
+
+
+def _answers(
+    top: Sequence[tuple[int, int]],
+    own: dict[tuple[int, int], float],
+    info: dict[tuple[int, int], tuple[int, str]],
+    stems: Sequence[str],
+) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """``(question, answer)`` pairs: a top turn that asks the query's words, and its answer.
+
+    A turn asks when the query stems it holds weigh at least as much in its questions
+    (sentences ending in ``?``) as elsewhere. Its answer is the next turn, or the one
+    after when the next answers nothing (a counter-question, "I don't know": the asker
+    then often answers it). Only turns whose text is known (``info``) are looked at.
+    """
+    out = []
+    for key in top:
+        sid, idx = key
+        if own.get(key, 0.0) <= 0.0:
+            continue
+        asked, told = ts.question_stems(info[key][1], stems)
+        if not asked or len(asked) < len(told):
+            continue
+        for step in (1, 2):
+            nxt = (sid, idx + step)
+            if nxt not in info:
+                break
+            if step == 2 or not ts.is_non_answer(info[nxt][1]):
+                out.append((key, nxt))
+                break
+    return out
 
 
 # ------------------------------------------------------------------- in-memory tiers

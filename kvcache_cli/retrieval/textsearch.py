@@ -444,3 +444,35 @@ def bm25_idf(n_docs: int, doc_freq: int) -> float:
     """The BM25 IDF FTS5 uses, ``ln((N - n + 0.5) / (n + 0.5))``, floored at 1e-6."""
     value = math.log((n_docs - doc_freq + 0.5) / (doc_freq + 0.5))
     return value if value > 1e-6 else 1e-6
+
+
+# ------------------------------------------------------------------ questions and answers
+_SENTENCE_RE = re.compile(r"[^.!?\n]*(?:[.!?]+|\n|$)")
+_NOT_KNOWN_RE = re.compile(
+    r"\b(?:(?:do|does|did)\s*(?:n[o']?t|not)\s+(?:know|remember|have\s+access)"
+    r"|not\s+sure|no\s+idea|only\s+know|no\s+access|(?:can'?t|cannot|could\s*n'?t)\s+(?:tell|say|see|remember)"
+    r"|not\s+aware|unknown\s+to\s+me)\b",
+    re.IGNORECASE,
+)
+
+
+def question_stems(text: str, stems: Iterable[str]) -> tuple[set[str], set[str]]:
+    """Which of ``stems`` the text holds in questions (sentences ending in ``?``) and elsewhere."""
+    wanted = StemFilter(stems)
+    asked: set[str] = set()
+    told: set[str] = set()
+    for sentence in _SENTENCE_RE.findall(text):
+        if not sentence.strip():
+            continue
+        found = wanted.counts(tokenize(sentence))
+        (asked if sentence.rstrip().endswith("?") else told).update(found)
+    return asked, told
+
+
+def is_non_answer(text: str) -> bool:
+    """True for a reply that answers nothing: every sentence a question, or "I don't know"."""
+    folded = text.replace("\u2019", "'")
+    if _NOT_KNOWN_RE.search(folded):
+        return True
+    sentences = [s.strip() for s in _SENTENCE_RE.findall(folded) if s.strip()]
+    return bool(sentences) and all(s.endswith("?") for s in sentences)

@@ -26,13 +26,12 @@ Writes use the caller's connection and transaction; nothing here commits.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from kvcache_cli.retrieval import textsearch as ts
-from kvcache_cli.retrieval.ranking import Hit, RankParams, make_doc, rank_candidates, session_idf
+from kvcache_cli.retrieval.ranking import Hit, make_doc, rank_candidates, rank_params, session_idf
 from kvcache_cli.store import search_sqlite as sq
 
 __all__ = [
@@ -193,7 +192,7 @@ def _stats(db: Any) -> tuple[int, float]:
 
 
 def _defaults() -> dict[str, Any]:
-    """The tuning defaults of the SQLite search (one source of truth for both backends)."""
+    """The candidate options of the SQLite search and their defaults (one source for both backends)."""
     return {
         name: p.default
         for name, p in inspect.signature(sq.search_messages).parameters.items()
@@ -217,14 +216,9 @@ def search_messages(conn: Any, query: str, session_id: int | None, limit: int, *
     :func:`kvcache_cli.retrieval.ranking.rank_candidates`, as the SQLite search does (same
     keyword options and defaults, same scores).
     """
-    opts = {**_defaults(), **options}
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(RankParams):  # the ranking options, typed like their defaults
-        if f.name in opts:
-            default = f.default
-            value = opts[f.name]
-            kwargs[f.name] = type(default)(value) if isinstance(default, int | float) else value
-    params = RankParams(**kwargs)
+    opts = _defaults()
+    params = rank_params({k: v for k, v in options.items() if k not in opts})
+    opts.update((k, v) for k, v in options.items() if k in opts)
     candidates = int(opts["candidates"])
     max_session_matches = int(opts["max_session_matches"])
     if limit <= 0:

@@ -42,7 +42,7 @@ from kvcache_cli.retrieval import ranking as _ranking
 from kvcache_cli.retrieval import textsearch as ts
 from kvcache_cli.retrieval.ranking import BM25_B as BM25_B  # re-exported (one scoring implementation)
 from kvcache_cli.retrieval.ranking import BM25_K1 as BM25_K1
-from kvcache_cli.retrieval.ranking import Doc, RankParams, make_doc, rank_candidates
+from kvcache_cli.retrieval.ranking import Doc, make_doc, rank_candidates
 from kvcache_cli.retrieval.ranking import Hit as Hit
 from kvcache_cli.retrieval.ranking import bm25_terms as bm25_terms
 from kvcache_cli.retrieval.ranking import ideal_score as ideal_score
@@ -268,26 +268,18 @@ def search_messages(
     session_id: int | None,
     limit: int,
     *,
-    context_window: int = 3,
-    context_weight: float = 0.5,
-    context_decay: float = 0.8,
-    speaker_boost: float = 1.0,
-    temporal_boost: float = 0.3,
-    number_boost: float = 0.0,
-    date_boost: float = 3.0,
-    proximity_weight: float = 1.0,
-    proximity_window: int = 3,
-    length_b: float = 0.5,
     candidates: int = 300,
     max_session_matches: int = 3000,
-    bridges: bool = True,
     session_avg_len: float | None = None,
+    **rank_options: Any,
 ) -> list[Hit]:
     """Rank the messages of one session (or all, ``session_id=None``) for ``query``.
 
     Any text is accepted; a query with nothing searchable gives ``[]``. Results are
-    ordered by ``raw_score`` descending, ties by message id ascending.
+    ordered by ``raw_score`` descending, ties by message id ascending. ``rank_options``
+    are :class:`ranking.RankParams` fields (its defaults otherwise).
     """
+    params = _ranking.rank_params(rank_options)
     if limit <= 0:
         return []
     terms = ts.query_terms(query)
@@ -330,19 +322,6 @@ def search_messages(
         avg_len = session_avg_len if session_avg_len is not None else _session_avg_len(conn, session_id)
     else:
         avg_len = _avg_len(conn)
-    params = RankParams(
-        context_window=context_window,
-        context_weight=context_weight,
-        context_decay=context_decay,
-        speaker_boost=speaker_boost,
-        temporal_boost=temporal_boost,
-        number_boost=number_boost,
-        date_boost=date_boost,
-        proximity_weight=proximity_weight,
-        proximity_window=proximity_window,
-        length_b=length_b,
-        bridges=bridges,
-    )
 
     def fetch(sid: int, idxs: list[int]) -> list[Any]:
         rows: list[Any] = []
