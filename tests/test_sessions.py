@@ -77,7 +77,7 @@ def support(store_url: str) -> Iterator[str]:  # noqa: F811
 
 def test_sessions_lists_counts_and_filters_by_idle_time(support: str) -> None:
     data = json.loads(ok("--db", support, "sessions", "--json").stdout)
-    by_key = {s["session"]: s for s in data["sessions"]}
+    by_key = {s["session_id"]: s for s in data["sessions"]}
     assert data["count"] == len(by_key) == 4
     row = by_key[SUPPORT]
     assert (row["messages"], row["turns"], row["clears"]) == (95, 47, 2)
@@ -94,7 +94,7 @@ def test_sessions_lists_counts_and_filters_by_idle_time(support: str) -> None:
     finally:
         store.close()
     idle = json.loads(ok("--db", support, "sessions", "--idle-over", "24", "--json").stdout)
-    assert [s["session"] for s in idle["sessions"]] == [SUPPORT]
+    assert [s["session_id"] for s in idle["sessions"]] == [SUPPORT]
     assert idle["idle_over_hours"] == 24
 
 
@@ -105,7 +105,8 @@ def test_export_then_process_into_a_new_store_gives_the_same_messages(
     first, second, third = store_factory("first"), store_factory("second"), store_factory("third")
     ok("--db", first, "-q", "process", EXAMPLES / "support-chat.json")
     native = tmp_path / "native.json"
-    ok("--db", first, "export", SUPPORT, "-o", native)
+    written = json.loads(ok("--db", first, "export", SUPPORT, "-o", native, "--json").stdout)
+    assert written == {"session_id": SUPPORT, "format": "native", "path": str(native), "messages": 95}
     ok("--db", second, "-q", "process", native)
     assert stored(second, SUPPORT) == stored(first, SUPPORT)
     assert len(stored(first, SUPPORT)) == 95

@@ -40,7 +40,7 @@ class SessionList:
         return {
             "sessions": [
                 {
-                    "session": row.key,
+                    "session_id": row.key,
                     "messages": row.messages,
                     "turns": row.turns,
                     "clears": row.clears,
@@ -106,7 +106,7 @@ class ForgottenSession:
     slot_files: list[str]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"session": self.session, "rows": self.rows, "slot_files": self.slot_files}
+        return {"session_id": self.session, "rows": self.rows, "slot_files": self.slot_files}
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from kvcache_cli.cli.context import cli_context
-from kvcache_cli.cli.options import SessionArg
+from kvcache_cli.cli.options import JsonOpt, SessionArg
 
 
 def complete_export_format(incomplete: str) -> list[str]:
@@ -34,6 +34,10 @@ def export_command(
         Optional[Path],
         typer.Option("--output", "-o", metavar="FILE", help="Write to FILE instead of standard output."),
     ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="With -o: print what was written as JSON (stdout is JSON anyway)."),
+    ] = False,
 ) -> None:
     """Write a session's stored conversation as JSON (native or OpenAI messages).
 
@@ -58,4 +62,9 @@ def export_command(
     except OSError as exc:
         raise BadInputError(f"{output}: cannot write ({exc.strerror})") from None
     count = len(data if isinstance(data, list) else data["messages"])
-    state.info(f"wrote {count} messages of {session} to {output}")
+    if as_json:
+        from kvcache_cli.cli.output import emit_json
+
+        emit_json({"session_id": session, "format": fmt, "path": str(output), "messages": count})
+    else:
+        state.info(f"wrote {count} messages of {session} to {output}")
