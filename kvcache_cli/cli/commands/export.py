@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from kvcache_cli.cli.context import cli_context
-from kvcache_cli.cli.options import JsonOpt, SessionArg
+from kvcache_cli.cli.options import SessionArg
 
 
 def complete_export_format(incomplete: str) -> list[str]:
