@@ -110,7 +110,7 @@ def _part_placeholder(part: dict[str, Any]) -> str | None:
     if not isinstance(kind, str) or kind in ("text", "input_text"):
         return None
     label = kind.removeprefix("input_").removesuffix("_url")
-    value = part.get(kind)
+    value = next((part[k] for k in (kind, f"{label}_url", label) if part.get(k) is not None), None)
     if isinstance(value, dict):
         ref = value.get("url") or value.get("filename") or value.get("file_id")
         if ref is None and "data" in value:

@@ -194,3 +194,22 @@ def test_a_request_log_is_one_conversation_per_chat(tmp_path: Path) -> None:
     result = cli("--db", str(db), "-q", "process", str(path))
     assert result.exit_code == 0, result.stderr
     assert len(stored_messages(db, "requests-1")) == 7 and len(stored_messages(db, "requests-2")) == 1
+
+
+def test_responses_api_and_anthropic_image_parts(tmp_path: Path) -> None:
+    data = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_image", "image_url": "https://example.com/a.png"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}},
+                {"type": "input_file", "input_file": {"filename": "report.pdf"}},
+            ],
+        }
+    ]
+    [conv] = load_file(write(tmp_path / "r.json", data))
+    assert conv.messages[0].content.splitlines() == [
+        "[image: https://example.com/a.png]",
+        "[image: image/png data]",
+        "[file: report.pdf]",
+    ]

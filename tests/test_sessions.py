@@ -107,6 +107,7 @@ def test_export_then_process_into_a_new_store_gives_the_same_messages(
     native = tmp_path / "native.json"
     written = json.loads(ok("--db", first, "export", SUPPORT, "-o", native, "--json").stdout)
     assert written == {"session_id": SUPPORT, "format": "native", "path": str(native), "messages": 95}
+    assert native.stat().st_mode & 0o077 == 0  # owner-only, like the store
     ok("--db", second, "-q", "process", native)
     assert stored(second, SUPPORT) == stored(first, SUPPORT)
     assert len(stored(first, SUPPORT)) == 95

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -57,8 +58,10 @@ def export_command(
     if output is None or str(output) == "-":
         sys.stdout.write(text)
         return
-    try:
-        output.write_text(text, encoding="utf-8")
+    try:  # owner-only, like the store: a conversation may be private
+        fd = os.open(output, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
     except OSError as exc:
         raise BadInputError(f"{output}: cannot write ({exc.strerror})") from None
     count = len(data if isinstance(data, list) else data["messages"])
