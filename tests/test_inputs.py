@@ -8,7 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from kvcache_cli.cli.app import app
 from kvcache_cli.errors import BadInputError
@@ -26,7 +26,7 @@ def write(path: Path, data: object) -> Path:
     return path
 
 
-def cli(*args: str, stdin: str | None = None) -> object:
+def cli(*args: str, stdin: str | None = None) -> Result:
     return CliRunner().invoke(app, list(args), input=stdin, env={"COLUMNS": "200"})
 
 
