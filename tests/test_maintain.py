@@ -208,7 +208,7 @@ def test_cron_output_dry_run_lists_run_sums_up_then_silent(store: tuple[Path, Pa
     real = run_cli(home, *base)
     assert real.returncode == 0, real.stderr
     assert real.stdout.splitlines() == [
-        line for line in real.stdout.splitlines() if line.startswith("released 1 idle sessions, pruned ")
+        line for line in real.stdout.splitlines() if line.startswith("released 1 idle session, pruned ")
     ]
     assert len(real.stdout.splitlines()) == 1
     again = run_cli(home, *base)

@@ -98,7 +98,7 @@ def test_insights_fill_states_and_tops(known: dict[str, Any]) -> None:
     assert [s["session_id"] for s in ins["top_by_clears"]] == ["support-long", "billing"]
     assert [s["total_clears"] for s in ins["top_by_clears"]] == [7, 1]
     ops = ins["operations_per_hour"]
-    assert ops["start"] == "2025-03-13T16:00:00" and ops["end"] == "2025-03-14T16:00:00"
+    assert ops["start"] == "2025-03-13T16:00:00+00:00" and ops["end"] == "2025-03-14T16:00:00+00:00"
     assert ops["series"]["clear"][17:22] == [1, 3, 1, 2, 1]  # 09:00..13:00 on the 14th
     assert ops["totals"]["clear"] == 8 == known["overview"]["total_clears"]
     assert ops["totals"]["restore"] == 0
