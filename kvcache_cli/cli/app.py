@@ -8,7 +8,7 @@ the core's errors into one line on stderr and an exit code (see ``cli/command.py
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional
+from typing import Annotated
 
 import typer
 
@@ -55,9 +55,10 @@ def main_options(
     config: ConfigOpt = None,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
-    version: Optional[bool] = typer.Option(  # noqa: UP007
-        None, "--version", help="Show the version and exit.", callback=_show_version, is_eager=True
-    ),
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Show the version and exit.", callback=_show_version, is_eager=True),
+    ] = False,
 ) -> None:
     """Manage LLM conversation memory and KV cache."""
     ctx.obj = CliContext(db=db, config_path=config, verbose=verbose, quiet=quiet)
@@ -79,7 +80,7 @@ register(app, init_config, "init-config")
 register(app, serve)
 
 
-def main() -> Any:
+def main() -> None:
     """Console entry point. Commands report their own errors (``cli/command.py``); this
     only quiets a closed pipe and catches what escapes before a command runs."""
     try:

@@ -58,19 +58,6 @@ _GLOBAL_DEFAULTS: dict[str, Any] = {
 }
 
 
-def apply_global_options(
-    state: CliContext, db: str | None, config: str | None, verbose: int, quiet: bool
-) -> None:
-    """Fold options given after the command name into ``state`` (they win; ``-v`` adds up)."""
-    if db is not None:
-        state.db = db
-    if config is not None and config != state.config_path:
-        state.config_path = config
-        state._config = None
-    state.verbose += verbose
-    state.quiet = state.quiet or quiet
-
-
 # ------------------------------------------------------------------ errors at the edge
 _DATABASE_ERRORS = ("OperationalError", "DatabaseError", "IntegrityError", "InterfaceError")
 
@@ -130,12 +117,8 @@ def with_global_options(func: Callable[..., Any]) -> Callable[..., Any]:
     def command(**kwargs: Any) -> Any:
         given = {name: kwargs.pop(name, _GLOBAL_DEFAULTS[name]) for name in _GLOBAL_PARAMS}
         state = cli_context(kwargs[ctx_name])
-        apply_global_options(
-            state,
-            given["global_db_"],
-            given["global_config_"],
-            given["global_verbose_"],
-            given["global_quiet_"],
+        state.add_options(
+            given["global_db_"], given["global_config_"], given["global_verbose_"], given["global_quiet_"]
         )
         return run_guarded(state, lambda: func(**kwargs))
 

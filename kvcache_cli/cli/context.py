@@ -31,6 +31,16 @@ class CliContext:
     quiet: bool = False
     _config: Config | None = field(default=None, repr=False)
 
+    def add_options(self, db: str | None, config: str | None, verbose: int, quiet: bool) -> None:
+        """Fold in global options given after the command name (they win; ``-v`` adds up)."""
+        if db is not None:
+            self.db = db
+        if config is not None and config != self.config_path:
+            self.config_path = config
+            self._config = None
+        self.verbose += verbose
+        self.quiet = self.quiet or quiet
+
     def config(self) -> Config:
         """The configuration, loaded on first use (``--config``, then ``KVCACHE_CONFIG``...)."""
         if self._config is None:
