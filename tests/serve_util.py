@@ -30,6 +30,7 @@ class ServeProcess:
         env: dict[str, str] | None = None,
     ) -> None:
         self.trace = home / "trace.jsonl"
+        self.db = db
         command = [*kvcache_command(), "--db", str(db)]
         if config is not None:
             command += ["--config", str(config)]

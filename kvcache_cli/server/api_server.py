@@ -13,14 +13,16 @@ import json
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvcache_cli.errors import BadInputError, KVCacheError
 from kvcache_cli.server.metrics import CONTENT_TYPE, Metrics
@@ -100,7 +102,9 @@ def _stream_in_threads(events: Iterator[bytes]) -> AsyncIterator[bytes]:
                     break
                 yield chunk
         finally:
-            await run_in_threadpool(close)
+            # the client went away: this task is being cancelled, so shield the close
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(close)
 
     return relay()
 
@@ -108,37 +112,7 @@ def _stream_in_threads(events: Iterator[bytes]) -> AsyncIterator[bytes]:
 def create_app(service: ChatService, upstream: Upstream, metrics: Metrics, settings: AppSettings) -> FastAPI:
     """The app: routes over ``service`` (chat) and ``upstream`` (pass-through)."""
     app = FastAPI(title="kvcache serve", docs_url=None, redoc_url=None, openapi_url=None)
-    log = _Log(settings)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        path = request.url.path
-        response: Response
-        if (
-            settings.api_key is not None
-            and path not in PUBLIC_PATHS
-            and not _authorized(request, settings.api_key)
-        ):
-            response = _error(
-                401, "missing or wrong API key (Authorization: Bearer <key>)", "invalid_api_key"
-            )
-        else:
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-                response = _error(
-                    413, f"request body is larger than {settings.max_body_bytes} bytes", "request_too_large"
-                )
-            else:
-                response = await call_next(request)
-        seconds = time.perf_counter() - started
-        route = path if path in _KNOWN_ROUTES else "other"
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        if not isinstance(response, StreamingResponse) or response.status_code != 200:
-            metrics.latency.labels(route).observe(seconds)
-        facts = getattr(request.state, "facts", {})
-        log.request(request.method, path, response.status_code, seconds, facts)
-        return response
+    app.add_middleware(Guard, settings=settings, metrics=metrics, log=_Log(settings))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -219,11 +193,66 @@ def create_app(service: ChatService, upstream: Upstream, metrics: Metrics, setti
     return app
 
 
+class Guard:
+    """ASGI middleware around every request: the API key, the body size limit, the
+    request's metrics and its log line (written when the response, a stream included,
+    has ended). Plain ASGI, so a streamed response is passed on untouched."""
+
+    def __init__(self, app: ASGIApp, settings: AppSettings, metrics: Metrics, log: _Log) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+        self.log = log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        path, method = scope["path"], scope["method"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        status = [500]
+
+        async def send_and_note(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            refused = self._refusal(path, headers)
+            if refused is not None:
+                await refused(scope, receive, send_and_note)
+            else:
+                await self.app(scope, receive, send_and_note)
+        finally:
+            seconds = time.perf_counter() - started
+            route = path if path in _KNOWN_ROUTES else "other"
+            self.metrics.requests.labels(route, str(status[0])).inc()
+            self.metrics.latency.labels(route).observe(seconds)
+            facts = scope.get("state", {}).get("facts") or {}
+            self.log.request(method, path, status[0], seconds, facts)
+
+    def _refusal(self, path: str, headers: dict[str, str]) -> JSONResponse | None:
+        key = self.settings.api_key
+        if (
+            key is not None
+            and path not in PUBLIC_PATHS
+            and not _authorized(headers.get("authorization", ""), key)
+        ):
+            return _error(401, "missing or wrong API key (Authorization: Bearer <key>)", "invalid_api_key")
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.settings.max_body_bytes:
+            return _error(
+                413, f"request body is larger than {self.settings.max_body_bytes} bytes", "request_too_large"
+            )
+        return None
+
+
 _KNOWN_ROUTES = {"/v1/chat/completions", "/health", "/metrics"} | {p for _, p in PASS_THROUGH}
 
 
-def _authorized(request: Request, key: str) -> bool:
-    header = request.headers.get("authorization", "")
+def _authorized(header: str, key: str) -> bool:
+    """``Bearer <key>``, compared in constant time."""
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer":
         return False

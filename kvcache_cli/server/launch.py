@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from kvcache_cli.config import Config
 from kvcache_cli.errors import BadInputError, ConfigError, KVCacheError, ServerError
 
 GRACE_SECONDS = 30
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass
@@ -130,6 +132,7 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
             n_ctx=n_ctx,
             trace=trace,
             default_reserve=options.reply_reserve,
+            lock_timeout=2 * llm_cfg.read_timeout + 10,
             pg_url=None if store.is_sqlite else store.location.target,
         )
         settings = AppSettings(
@@ -164,7 +167,16 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
                 lifespan="off",
             )
         )
-        server.run(sockets=[sock])
+        # uvicorn handles SIGINT/SIGTERM while it runs (graceful shutdown), then puts back
+        # the handlers it found and raises the signal again: these record it, so the
+        # process ends here normally (store closed, exit 0) instead of dying of it
+        stops: list[int] = []
+        previous = {sig: signal.signal(sig, lambda n, _f: stops.append(n)) for sig in STOP_SIGNALS}
+        try:
+            server.run(sockets=[sock])
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     finally:
         if trace is not None:
             trace.close()

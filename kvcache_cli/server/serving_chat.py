@@ -27,6 +27,7 @@ from kvcache_cli.server.upstream import ChatStream, ContextExceededError, Upstre
 from kvcache_cli.services import chat_turn
 from kvcache_cli.store.backend import Store
 
+MANAGERS_KEPT = 256  # sessions whose manager (and retrieval index) stays in memory
 DEFAULT_REPLY_RESERVE = 512  # tokens kept free for the reply when the request sets no max_tokens
 
 
@@ -124,6 +125,8 @@ class ChatService:
         # where the context restarts after a clear this process forced (see chat_turn.force_clear)
         self._forced_start: dict[str, int] = {}
         self._forced_lock = threading.Lock()
+        self._managers: dict[str, Any] = {}  # session key -> its manager, oldest first
+        self._managers_lock = threading.Lock()
 
     # ------------------------------------------------------------------ helpers
     def _count_texts(self, texts: list[str]) -> list[int]:
@@ -199,7 +202,27 @@ class ChatService:
                 release()
 
     def _manager(self, turn: _Turn) -> Any:
-        return chat_turn.manager_for(self.store, self.config, self.llm, turn.capacity)
+        """The session's manager: kept between its turns (like one ``process`` run keeps
+        one for a file), so its in-memory retrieval index is not rebuilt every turn. Used
+        only under the session's lock; dropped after an upstream failure (a manager stops
+        asking a server it found down) and when ``MANAGERS_KEPT`` sessions are newer."""
+        with self._managers_lock:
+            manager = self._managers.pop(turn.key, None)
+            if manager is None or manager.capacity() != self._capacity_bytes(turn.capacity):
+                manager = chat_turn.manager_for(self.store, self.config, self.llm, turn.capacity)
+            self._managers[turn.key] = manager
+            while len(self._managers) > MANAGERS_KEPT:
+                self._managers.pop(next(iter(self._managers)))
+        return manager
+
+    def _capacity_bytes(self, n_ctx: int) -> int:
+        from kvcache_cli.engine.memory import capacity_bytes
+
+        return capacity_bytes(self.config.model, self.config.cache, n_ctx)
+
+    def _forget_manager(self, key: str) -> None:
+        with self._managers_lock:
+            self._managers.pop(key, None)
 
     def _refuse_oversized(self, turn: _Turn) -> None:
         """The system messages and the last user message must fit on their own: refuse
@@ -227,14 +250,14 @@ class ChatService:
 
     def _classify(self, turn: _Turn, release: Callable[[], None]) -> None:
         """new, extend, regenerate, or branch: an edited history continues in a session
-        of its own (``<key>~<digest>``), made from the common prefix unless it exists."""
+        of its own (``<key>.edit-<digest>``), made from the common prefix unless it exists."""
         match = self._match(turn, turn.key)
         turn.kind, turn.common = match.kind, match.common
         if match.kind != "branch":
             return
         turn.branched_from = turn.key
         release()
-        turn.key = f"{turn.key[:100]}~{ses.history_digest(turn.messages)[:12]}"
+        turn.key = f"{turn.key[:100]}.edit-{ses.history_digest(turn.messages)[:12]}"
         inner = self.locks.acquire(turn.key, self.lock_timeout)
         if inner is None:
             raise ServeError(503, error_body(503, f"session {turn.key!r} is busy", "session_busy"))
@@ -303,6 +326,7 @@ class ChatService:
                 return send(self._upstream_body(turn))
         except UpstreamError as exc:
             self.metrics.upstream_errors.labels(exc.reason).inc()
+            self._forget_manager(turn.key)
             self._write_trace(turn, status=exc.status, error=exc.reason)
             raise ServeError(exc.status, exc.body, exc.reason) from None
         finally:
