@@ -1,7 +1,5 @@
 """``kvcache clear``: clear a session's cache now."""
 
-from __future__ import annotations
-
 import typer
 
 from kvcache_cli.cli.context import cli_context

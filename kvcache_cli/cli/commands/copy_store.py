@@ -1,7 +1,5 @@
 """``kvcache copy-store``: copy a whole store between SQLite and PostgreSQL."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 import typer

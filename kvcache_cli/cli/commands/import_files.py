@@ -1,7 +1,5 @@
 """``kvcache import``: bulk-import conversation files into the searchable history."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 

@@ -1,7 +1,5 @@
 """``kvcache init-config``: write a starter ``kvcache.toml``."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated, Optional
 

@@ -1,7 +1,5 @@
 """``kvcache maintain``: release idle caches, prune snapshots, trim history (for cron)."""
 
-from __future__ import annotations
-
 from typing import Annotated, Optional
 
 import typer

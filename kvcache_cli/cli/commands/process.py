@@ -1,7 +1,5 @@
 """``kvcache process``: replay conversation files turn by turn."""
 
-from __future__ import annotations
-
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -24,19 +22,19 @@ class _Printer:
         self.state = state
         self.as_json = as_json
 
-    def progress(self, session_key: str) -> AbstractContextManager[OnTurn | None]:
+    def progress(self, session_key: str) -> "AbstractContextManager[OnTurn | None]":
         from kvcache_cli.cli import render
 
         return render.turn_progress(session_key, enabled=not (self.state.quiet or self.as_json))
 
-    def session_done(self, result: ProcessResult) -> None:
+    def session_done(self, result: "ProcessResult") -> None:
         if not self.as_json:
             from kvcache_cli.cli import render
 
             threshold = self.state.config().cache.memory_threshold_percent
             render.process_result(result, threshold, verbose=self.state.verbose > 0)
 
-    def failed(self, failure: ReplayFailure, exc: KVCacheError) -> None:
+    def failed(self, failure: "ReplayFailure", exc: "KVCacheError") -> None:
         error_line(f"kvcache: error: {exc}")
 
     def notice(self, text: str) -> None:

@@ -1,7 +1,5 @@
 """``kvcache restore``: put a snapshot's entries back into a session's cache."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 import typer

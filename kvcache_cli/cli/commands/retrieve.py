@@ -1,7 +1,5 @@
 """``kvcache retrieve``: find past context in the cache, snapshots and history."""
 
-from __future__ import annotations
-
 from typing import Annotated, Optional
 
 import typer

@@ -1,7 +1,5 @@
 """``kvcache snapshot``: snapshot a session's active cache, or list snapshots."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 import typer

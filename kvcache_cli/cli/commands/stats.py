@@ -1,7 +1,5 @@
 """``kvcache stats``: cache fill, top sessions, operations; one session in detail; --watch."""
 
-from __future__ import annotations
-
 import sys
 from typing import Annotated, Any
 
