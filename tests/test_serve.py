@@ -353,6 +353,7 @@ def test_pass_through_endpoints_health_and_metrics(serve: ServeProcess, upstream
     assert serve.post("/detokenize", {"tokens": tokens}).json()["content"].strip() == "hello world"
     health = requests.get(serve.url + "/health", timeout=10).json()
     assert health["status"] == "ok" and health["kvcache"]["n_ctx"] == 2048
+    assert serve.stderr.count("slot swapping is off: the upstream has no --slot-save-path") == 1
     metrics = requests.get(serve.url + "/metrics", timeout=10).text
     assert 'kvcache_requests_total{route="/v1/models",status="200"}' in metrics
     assert "kvcache_request_seconds_bucket" in metrics
@@ -519,3 +520,45 @@ def test_other_commands_do_not_import_the_server_stack(tmp_path: Path) -> None:
         [sys.executable, "-c", code], env=cli_env(tmp_path), capture_output=True, text=True, timeout=60
     )
     assert proc.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_sessions_swap_through_slot_files(tmp_path: Path) -> None:
+    """Three sessions over two slots: the least recently used one is saved to its file
+    when a third moves in, and restored (and its reuse checked) when it returns; a
+    restarted upstream's empty slot never overwrites a file."""
+    files = tmp_path / "slots"
+    files.mkdir()
+    with FakeLlamaServer(n_slots=2, n_ctx=2048, slot_save_path=files) as fake:
+        with ServeProcess(tmp_path, tmp_path / "kv.db", fake.url, config=write_config(tmp_path)) as serve:
+            assert "slot swapping is on: 2 slot(s)" in serve.stderr
+            api = client(serve)
+            histories: dict[str, list[dict[str, str]]] = {k: [] for k in ("A", "B", "C")}
+
+            def turn(key: str, text: str) -> None:
+                histories[key].append({"role": "user", "content": text})
+                reply, _ = ask(api, histories[key], f"slot-{key}")
+                histories[key].append({"role": "assistant", "content": reply})
+
+            for key in ("A", "B", "C"):  # C takes A's slot: A is saved
+                turn(key, f"Session {key} opens with a long enough message about harbours and ships.")
+            saved = {p.name for p in files.iterdir()}
+            assert len(saved) == 1 and next(iter(saved)).endswith("-2048.bin")
+            turn("A", "Back to A: what about lighthouses?")  # A returns to B's slot: B saved, A restored
+            chats = [r for r in fake.requests if r.path == "/v1/chat/completions"]
+            assert chats[-1].body["id_slot"] in (0, 1) and chats[-1].body["cache_prompt"] is True
+            returning = serve.traces()[-1]
+            assert returning["session"] == "slot-A" and returning["timings"]["cache_n"] > 20
+            assert len(list(files.iterdir())) == 2
+            metrics = requests.get(serve.url + "/metrics", timeout=10).text
+            assert 'kvcache_slot_actions_total{action="restore",result="ok"} 1.0' in metrics
+            assert 'kvcache_slot_actions_total{action="restore_check",result="reused"} 1.0' in metrics
+            before = {p.name: p.read_bytes() for p in files.iterdir()}
+            with fake._lock:  # the upstream restarted: its slots are empty
+                for slot in fake._slots:
+                    slot.tokens, slot.id_task = [], None
+            turn("B", "B again after the restart.")
+            assert {p.name: p.read_bytes() for p in files.iterdir()} == before  # no file overwritten
+            metrics = requests.get(serve.url + "/metrics", timeout=10).text
+            assert 'kvcache_slot_actions_total{action="save",result="skipped_empty"} 1.0' in metrics
+    for key, history in histories.items():
+        assert stored(tmp_path / "kv.db", f"slot-{key}") == [(m["role"], m["content"]) for m in history]

@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from kvcache_cli.config import Config
 from kvcache_cli.errors import BadInputError, ConfigError, KVCacheError, ServerError
@@ -97,6 +98,17 @@ def _upstream_n_ctx(llm: object, upstream: object) -> tuple[int | None, int, str
     return None, 0, ""
 
 
+def _model_name(upstream: Any) -> str:
+    """The loaded model (``/props`` ``model_path``, else the first of ``/v1/models``)."""
+    props = upstream.get_json("/props")
+    if isinstance(props, dict) and isinstance(props.get("model_path"), str):
+        return str(props["model_path"])
+    models = upstream.get_json("/v1/models")
+    if isinstance(models, dict) and models.get("data"):
+        return str(models["data"][0].get("id", "unknown"))
+    return "unknown"
+
+
 def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code."""
     client_key = check_options(options)
@@ -105,6 +117,7 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
     from kvcache_cli.server.api_server import AppSettings, create_app
     from kvcache_cli.server.metrics import Metrics
     from kvcache_cli.server.serving_chat import ChatService, TraceWriter
+    from kvcache_cli.server.slots import SlotPinning, probe_slot_files
     from kvcache_cli.server.upstream import Upstream
     from kvcache_cli.services.llm_setup import llm_client
     from kvcache_cli.store.backend import open_store
@@ -123,6 +136,15 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
     try:
         n_ctx, n_slots, source = _upstream_n_ctx(llm, upstream)
         metrics = Metrics()
+        slots, swapping = None, "slot swapping is off: the upstream's context size is unknown"
+        if n_ctx and n_slots:
+            why_not = probe_slot_files(llm)
+            if why_not is None:
+                model = _model_name(upstream)
+                slots = SlotPinning(llm, n_slots, n_ctx, model, metrics, options.quiet)
+                swapping = f"slot swapping is on: {n_slots} slot(s), files in the upstream's --slot-save-path"
+            else:
+                swapping = f"slot swapping is off: {why_not} (sessions share the upstream's own prompt cache)"
         service = ChatService(
             store,
             config,
@@ -134,6 +156,7 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
             default_reserve=options.reply_reserve,
             lock_timeout=2 * llm_cfg.read_timeout + 10,
             pg_url=None if store.is_sqlite else store.location.target,
+            slots=slots,
         )
         settings = AppSettings(
             api_key=client_key,
@@ -154,9 +177,7 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
             f"kvcache serve: listening on http://{shown_host}:{port}, managing {options.upstream} "
             f"({context}; store {store.location.display})\n"
         )
-        sys.stderr.write(
-            "kvcache serve: slot swapping is off (sessions share the upstream's own prompt cache)\n"
-        )
+        sys.stderr.write(f"kvcache serve: {swapping}\n")
         sys.stderr.flush()
         server = uvicorn.Server(
             uvicorn.Config(

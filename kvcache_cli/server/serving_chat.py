@@ -198,6 +198,8 @@ class ChatService:
             return TurnResult(self._headers(turn), body=answer, log=self._log_facts(turn))
         finally:
             if release is not None:
+                if self.slots is not None:
+                    self.slots.release(turn.key)
                 self._release_branch(turn)
                 release()
 
@@ -372,6 +374,8 @@ class ChatService:
             stream.close()
             if not stored and status == 200 and not turn.traced:
                 self._write_trace(turn, status=499, error="client went away")
+            if self.slots is not None:
+                self.slots.release(turn.key)
             self._release_branch(turn)
             release()
 

@@ -1,0 +1,185 @@
+"""Real KV slots: each session pinned to one of the upstream's slots, swapped through files.
+
+With ``llama-server -np N --slot-save-path DIR``, a turn of a session that no slot
+holds takes the least recently used idle slot: that slot's KV is saved to its
+session's file first (``action=save``), the arriving session's file, if any, is
+restored into it (``action=restore``), and the request goes with ``id_slot`` and
+``cache_prompt``. After a turn that cleared, the new prefix is saved at once.
+
+A file's name carries the session's digest and the model and ``n_ctx`` it was saved
+under (from ``/props``), so a file is never restored into another model or context
+size. A restore is checked on the next answer's ``timings``: one whose ``cache_n``
+is 0 reused nothing, and is logged and counted (``result="unused"``), not trusted.
+Before a save, ``/slots`` must show the slot holding tokens: an upstream that
+restarted (its slots empty) never overwrites a good file, and its residency is
+forgotten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from kvcache_cli.errors import KVCacheError
+from kvcache_cli.server.metrics import Metrics
+
+
+def slot_file_name(session_key: str, model: str, n_ctx: int) -> str:
+    """``kvcache-<session digest>-<model digest>-<n_ctx>.bin`` (a safe file name)."""
+    session = hashlib.sha256(session_key.encode("utf-8")).hexdigest()[:24]
+    model_tag = hashlib.sha256(model.encode("utf-8")).hexdigest()[:8]
+    return f"kvcache-{session}-{model_tag}-{n_ctx}.bin"
+
+
+def probe_slot_files(llm: Any) -> str | None:
+    """Why slot files cannot be used on this upstream (None: they can).
+
+    Restoring a file that does not exist answers 400 on a server started with
+    ``--slot-save-path`` and 501 without it; nothing is written either way.
+    """
+    try:
+        llm.slot_restore(0, "kvcache-probe-does-not-exist.bin")
+    except KVCacheError as exc:
+        text = str(exc)
+        if "501" in text or "slot-save-path" in text or "not support" in text:
+            return "the upstream has no --slot-save-path"
+        if "400" in text:
+            return None
+        return f"the upstream's slot actions failed ({text[:120]})"
+    return None
+
+
+@dataclass
+class _Slot:
+    id: int
+    owner: str | None = None  # the session whose KV the slot holds
+    last_used: float = 0.0
+    busy: bool = False
+
+
+@dataclass
+class _Pending:
+    slot: int
+    restored: int = 0  # tokens a restore put back before this turn (0: none)
+    cleared: bool = False
+
+
+class SlotPinning:
+    """Which session each slot holds; save/restore when a session moves in."""
+
+    def __init__(self, llm: Any, n_slots: int, n_ctx: int, model: str, metrics: Metrics, quiet: bool) -> None:
+        self.llm = llm
+        self.n_ctx = n_ctx
+        self.model = model
+        self.metrics = metrics
+        self.quiet = quiet
+        self._slots = [_Slot(i) for i in range(n_slots)]
+        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.Lock()
+        self.stats: dict[str, int] = {}
+
+    def _note(self, message: str) -> None:
+        if not self.quiet:
+            sys.stderr.write(f"kvcache serve: {message}\n")
+            sys.stderr.flush()
+
+    def _count(self, action: str, result: str) -> None:
+        self.metrics.slot_actions.labels(action, result).inc()
+        self.stats[f"{action}:{result}"] = self.stats.get(f"{action}:{result}", 0) + 1
+
+    def file_for(self, session_key: str) -> str:
+        return slot_file_name(session_key, self.model, self.n_ctx)
+
+    # -------------------------------------------------------------- a turn
+    def before_turn(self, session_key: str, plan: Any) -> None:
+        """Pin ``session_key`` to a slot (swapping one out if needed); no slot free: unpinned."""
+        cleared = "cleared" in getattr(plan, "action", "")
+        with self._lock:
+            slot = next((s for s in self._slots if s.owner == session_key and not s.busy), None)
+            if slot is None:
+                idle = [s for s in self._slots if not s.busy]
+                if not idle:
+                    return  # every slot is in a turn: this one goes unpinned
+                slot = min(idle, key=lambda s: (s.owner is not None, s.last_used))
+                evicted, slot.owner = slot.owner, session_key
+                moving_in = True
+            else:
+                evicted, moving_in = None, False
+            slot.busy = True
+            slot.last_used = time.monotonic()
+        pending = _Pending(slot.id, cleared=cleared)
+        try:
+            if moving_in:
+                if evicted is not None:
+                    self._save(slot.id, evicted)
+                pending.restored = self._restore(slot.id, session_key)
+        finally:
+            with self._lock:
+                self._pending[session_key] = pending
+
+    def request_fields(self, session_key: str) -> dict[str, Any]:
+        """``id_slot`` and ``cache_prompt`` for a pinned session's request (else nothing)."""
+        with self._lock:
+            pending = self._pending.get(session_key)
+        return {"id_slot": pending.slot, "cache_prompt": True} if pending is not None else {}
+
+    def after_turn(self, session_key: str, timings: Any) -> None:
+        """Check a restore against the answer's ``timings``; save after a clear; free the slot."""
+        with self._lock:
+            pending = self._pending.pop(session_key, None)
+        if pending is None:
+            return
+        try:
+            if pending.restored and isinstance(timings, dict):
+                if int(timings.get("cache_n") or 0) > 0:
+                    self._count("restore_check", "reused")
+                else:
+                    self._count("restore_check", "unused")
+                    self._note(f"slot {pending.slot}: the restore for {session_key!r} reused nothing")
+            if pending.cleared:
+                self._save(pending.slot, session_key)
+        finally:
+            with self._lock:
+                self._slots[pending.slot].busy = False
+
+    def release(self, session_key: str) -> None:
+        """A turn that ended without an answer: free its slot (the slot keeps its owner)."""
+        with self._lock:
+            pending = self._pending.pop(session_key, None)
+            if pending is not None:
+                self._slots[pending.slot].busy = False
+
+    # -------------------------------------------------------------- actions
+    def _save(self, slot_id: int, owner: str) -> None:
+        try:
+            info = {s.id: s for s in self.llm.slots()}.get(slot_id)
+        except KVCacheError:
+            self._count("save", "failed")
+            return
+        if info is None or not info.n_prompt_tokens:
+            # empty: the upstream restarted (or never ran this slot). Never overwrite a file with it
+            self._count("save", "skipped_empty")
+            with self._lock:
+                for slot in self._slots:
+                    if not slot.busy:
+                        slot.owner = None
+            return
+        try:
+            self.llm.slot_save(slot_id, self.file_for(owner))
+            self._count("save", "ok")
+        except KVCacheError as exc:
+            self._count("save", "failed")
+            self._note(f"slot {slot_id}: save for {owner!r} failed: {exc}")
+
+    def _restore(self, slot_id: int, session_key: str) -> int:
+        try:
+            result = self.llm.slot_restore(slot_id, self.file_for(session_key))
+        except KVCacheError:
+            self._count("restore", "no_file")
+            return 0
+        self._count("restore", "ok")
+        return int(result.n_restored)
