@@ -9,8 +9,11 @@ LoCoMo conversations of LOCOMO_DIR (converted with ``locomo_to_conversations.py`
 into a fresh SQLite store each, with ``process --json --turns``; then it writes
 ``stats --json`` and ``retrieve --json SESSION QUERY`` for a fixed set of queries.
 Every output goes to one file in OUT_DIR. ``diff`` compares two such folders with
-timestamps and durations masked and prints the files that differ (exit 1 if any).
-Run it with the old install for "before" and the new one for "after".
+timestamps, durations, the database's size on disk and the scratch folder's name
+masked, and prints the files that differ (exit 1 if any). Run it with the old
+install for "before" and the new one for "after". KVCACHE_BIN is run from this
+repository's root: to run a worktree's code, use a wrapper with ``python -P -m
+kvcache_cli`` (else the current folder's package is imported first).
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ QUERIES = [
 ]
 # values that change from run to run: wall-clock times and durations
 MASKS = [
-    (re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d+)?"), "<time>"),
+    (re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})?"), "<time>"),
     (re.compile(r'"(search_duration_ms|duration_ms|elapsed_s|seconds|elapsed)": [0-9.e-]+'), r'"\1": <dur>'),
-    (re.compile(r'"(store_size_bytes|db_size_bytes|size_on_disk)": \d+'), r'"\1": <size>'),
+    (re.compile(r'"(database_size_bytes|store_size_bytes)": \d+'), r'"\1": <size>'),
+    (re.compile(r"kvcache-compare-[A-Za-z0-9_]+"), "<workdir>"),
 ]
 
 

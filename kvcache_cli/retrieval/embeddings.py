@@ -33,10 +33,8 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from peewee import JOIN, fn
-
 from kvcache_cli.errors import ServerError
-from kvcache_cli.store import models as m
+from kvcache_cli.store import vectors as vector_rows
 
 if TYPE_CHECKING:
     from kvcache_cli.engine.entries import ChatMessage
@@ -117,19 +115,12 @@ def embed_query(llm: LLMClient, text: str) -> tuple[list[float], str]:
 # ----------------------------------------------------------------------------- storage
 def stored_dim(store: Store, model: str) -> int | None:
     """The size of the vectors stored under ``model``, or None when there are none."""
-    query = m.Embedding.select(m.Embedding.dim).where(m.Embedding.model == model).limit(1).tuples()
-    row = store.bind(query).first()
-    return int(row[0]) if row else None
+    return vector_rows.stored_dim(store, model)
 
 
 def drop_stale_vectors(store: Store, model: str, dim: int) -> int:
     """Delete the vectors of ``model`` whose size is not ``dim``; return how many went."""
-
-    def work() -> int:
-        query = m.Embedding.delete().where((m.Embedding.model == model) & (m.Embedding.dim != dim))
-        return int(store.bind(query).execute())
-
-    return store.transaction(work)
+    return store.transaction(lambda: vector_rows.drop_other_sizes(store, model, dim))
 
 
 def store_vectors(
@@ -139,28 +130,9 @@ def store_vectors(
 
     A message that already has a vector for ``model`` keeps it. Returns the rows offered.
     """
-    data = [
-        {"message": mid, "model": model, "dim": len(vec), "vector": pack_vector(vec), "created_at": now}
-        for mid, vec in rows
-    ]
-    for start in range(0, len(data), 100):
-        store.bind(m.Embedding.insert_many(data[start : start + 100]).on_conflict_ignore()).execute()
+    data = [(mid, len(vec), pack_vector(vec)) for mid, vec in rows]
+    vector_rows.insert(store, model, data, now)
     return len(data)
-
-
-def _missing(store: Store, session_id: int, model: str, limit: int) -> list[tuple[int, str]]:
-    """Up to ``limit`` (id, content) of the session's messages without a ``model`` vector."""
-    emb: Any = m.Embedding
-    msg: Any = m.Message
-    query: Any = (
-        msg.select(msg.id, msg.content)
-        .join(emb, JOIN.LEFT_OUTER, on=((emb.message == msg.id) & (emb.model == model)))
-        .where((msg.session == session_id) & emb.id.is_null() & (msg.content != ""))
-        .order_by(msg.message_index)
-        .limit(limit)
-        .tuples()
-    )
-    return [(int(mid), str(content)) for mid, content in store.bind(query) if str(content).strip()]
 
 
 # ----------------------------------------------------------------------------- computing
@@ -260,7 +232,7 @@ def backfill_session(
     while not embedder.failed and done < max_messages:
         todo = [
             (mid, text)
-            for mid, text in _missing(
+            for mid, text in vector_rows.missing(
                 embedder.store, session_id, embedder.model, embedder.batch_size + len(seen)
             )
             if mid not in seen
@@ -338,28 +310,18 @@ def _session_matrix(store: Store, session_id: int, model: str, dim: int) -> _Mat
     message or a dropped model is never missed: new rows are appended, anything else
     reloads the matrix.
     """
-    emb: Any = m.Embedding
-    msg: Any = m.Message
-    scope = (msg.session == session_id) & (emb.model == model) & (emb.dim == dim)
-    count, last = store.bind(
-        emb.select(fn.COUNT(emb.id), fn.MAX(emb.id))
-        .join(msg, on=(emb.message == msg.id))
-        .where(scope)
-        .tuples()
-    ).get()
-    count, last = int(count or 0), int(last or 0)
+    count, last = vector_rows.session_watermark(store, session_id, model, dim)
     key = (id(store), str(getattr(store.db, "database", "")), int(session_id), model, dim)
     mat = _MATRICES.get(key)
     if mat is not None and mat.count == count and mat.last == last:
         return mat
-    base = emb.select(emb.id, emb.message, emb.vector).join(msg, on=(emb.message == msg.id))
     if mat is not None and mat.last <= last:
-        new = list(store.bind(base.where(scope & (emb.id > mat.last)).order_by(emb.id).tuples()))
+        new = list(vector_rows.session_vectors(store, session_id, model, dim, after_id=mat.last))
         if mat.count + len(new) == count:
             mat.add(new, dim)
             return mat
     mat = _Matrix()
-    mat.add(store.bind(base.where(scope).order_by(emb.id).tuples()).iterator(), dim)
+    mat.add(vector_rows.session_vectors(store, session_id, model, dim), dim)
     if len(_MATRICES) >= _MATRIX_MAX:
         _MATRICES.pop(next(iter(_MATRICES)))
     _MATRICES[key] = mat
@@ -392,10 +354,7 @@ def semantic_search(
         mat = _session_matrix(store, int(session_id), model, dim)
         scored = [(_dot(qvec, vec), -mid) for mid, vec in zip(mat.ids, mat.vectors, strict=True)]
     else:
-        query: Any = m.Embedding.select(m.Embedding.message, m.Embedding.vector).where(
-            (m.Embedding.model == model) & (m.Embedding.dim == dim)
-        )
-        for mid, blob in store.bind(query.tuples()).iterator():
+        for mid, blob in vector_rows.all_vectors(store, model, dim):
             found = _vector_and_norm(blob, dim)
             if found is not None:
                 scored.append((_dot(qvec, found[0]) / found[1], -int(mid)))
