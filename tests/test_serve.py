@@ -22,20 +22,19 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from tests.fake_llama_server import FakeLlamaServer  # noqa: E402
-from tests.helpers import cli_env, dump_db, kvcache_command  # noqa: E402
+from tests.helpers import cli_env, dump_db, kvcache_command, table_rows  # noqa: E402
+from tests.pg import pg_url  # noqa: E402,F401  (fixture)
 from tests.serve_util import ServeProcess  # noqa: E402
 
 
-def stored(db: Path, session: str) -> list[tuple[str, str]]:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        rows = con.execute(
-            "SELECT m.role, m.content FROM messages m JOIN sessions s ON s.id = m.session_id "
-            "WHERE s.key = ? ORDER BY m.message_index",
-            (session,),
-        ).fetchall()
-    finally:
-        con.close()
+def stored(db: Path | str, session: str) -> list[tuple[str, str]]:
+    """The session's stored (role, content) in order (a SQLite file or a PostgreSQL URL)."""
+    rows = table_rows(
+        db,
+        "SELECT m.role, m.content FROM messages m JOIN sessions s ON s.id = m.session_id "
+        "WHERE s.key = ? ORDER BY m.message_index",
+        (session,),
+    )
     return [(str(r), str(c)) for r, c in rows]
 
 
@@ -562,3 +561,43 @@ def test_sessions_swap_through_slot_files(tmp_path: Path) -> None:
             assert 'kvcache_slot_actions_total{action="save",result="skipped_empty"} 1.0' in metrics
     for key, history in histories.items():
         assert stored(tmp_path / "kv.db", f"slot-{key}") == [(m["role"], m["content"]) for m in history]
+
+
+def test_two_servers_on_one_postgresql_store_never_interleave_a_session(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811  (the fixture)
+    fake: FakeLlamaServer,
+) -> None:
+    """Two ``serve`` processes (two hosts) share one store; two clients send the same
+    session's turns at the same time, one through each: the advisory lock serialises
+    them, one of the two histories branches, both are stored exactly."""
+    config = write_config(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with (
+        ServeProcess(tmp_path / "a", pg_url, fake.url, config=config) as first,
+        ServeProcess(tmp_path / "b", pg_url, fake.url, config=config) as second,
+    ):
+        results: dict[int, tuple[str, list[dict[str, str]]]] = {}
+        errors: list[BaseException] = []
+
+        def converse(n: int, serve: ServeProcess) -> None:
+            try:
+                api, key, history = client(serve), "shared-1", []
+                for turn in range(3):
+                    history.append({"role": "user", "content": f"host {n} turn {turn}: about {TOPICS[n]}"})
+                    reply, key = ask(api, history, key)
+                    history.append({"role": "assistant", "content": reply})
+                results[n] = (key, history)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=converse, args=(n, s)) for n, s in enumerate((first, second))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    assert not errors, errors
+    assert len({key for key, _ in results.values()}) == 2
+    for key, history in results.values():
+        assert stored(pg_url, key) == [(m["role"], m["content"]) for m in history]

@@ -1,0 +1,206 @@
+"""``kvcache serve``: the proxy's overhead against an upstream that answers at once,
+and, with a real llama-server, the time to the first token of a returning session.
+
+Usage: python bench/serve.py [--sessions S] [--turns T] [--big-messages N] [--keep DIR] [--json]
+
+Overhead: the fake llama-server of the test suite (it answers at once) serves both
+paths; S sessions of T turns each are sent through ``kvcache serve`` (default config:
+token counts by the upstream's ``/tokenize``, embeddings on) and, with the same body,
+straight to the upstream. The overhead is the per-request difference (p50, p95), on an
+empty store and on a store of N messages (``scale_store.py``'s store; ``--keep`` reuses
+it). Targets: p50 <= 5 ms, p95 <= 20 ms.
+
+Real server (when ``KVCACHE_BENCH_LLAMA_URL`` names a llama-server started with
+``-np 2 --slot-save-path DIR``): 4 sessions of about 1,500 tokens over its 2 slots;
+the returning session's ``timings.prompt_ms`` through kvcache against llama-server alone.
+"""
+
+# ruff: noqa: E501  (report lines)
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import KVCACHE, bench_env, machine  # noqa: E402
+
+from tests.fake_llama_server import FakeLlamaServer  # noqa: E402
+
+LISTEN_RE = re.compile(r"listening on (http://\S+?),")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+class Serve:
+    """``kvcache serve --port 0`` as a child process."""
+
+    def __init__(self, db: Path, upstream: str, home: Path) -> None:
+        self.err = home / f"serve-{time.monotonic_ns()}.err"
+        self.proc = subprocess.Popen(
+            [KVCACHE, "-q", "--db", str(db), "serve", "--upstream", upstream, "--port", "0"],
+            env=bench_env(home),
+            stdout=subprocess.DEVNULL,
+            stderr=self.err.open("w"),
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            found = LISTEN_RE.search(self.err.read_text())
+            if found:
+                self.url = found.group(1)
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"kvcache serve did not start: {self.err.read_text()}")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+def conversation_turns(
+    http: requests.Session, url: str, direct: str, sessions: int, turns: int
+) -> dict[str, list[float]]:
+    """Send every turn through kvcache and straight to the upstream; latencies in ms."""
+    through: list[float] = []
+    alone: list[float] = []
+    for s in range(sessions):
+        history: list[dict[str, str]] = [{"role": "system", "content": "You answer briefly."}]
+        for t in range(turns):
+            history.append(
+                {"role": "user", "content": f"Session {s} turn {t}: tell me one thing about topic {t % 7}."}
+            )
+            body = {"model": "m", "messages": history, "max_tokens": 32}
+            started = time.perf_counter()
+            resp = http.post(
+                url + "/v1/chat/completions", json=body, headers={"X-Session-Id": f"bench-{s}"}, timeout=60
+            )
+            through.append((time.perf_counter() - started) * 1000)
+            resp.raise_for_status()
+            reply = resp.json()["choices"][0]["message"]["content"]
+            started = time.perf_counter()
+            http.post(direct + "/v1/chat/completions", json=body, timeout=60).raise_for_status()
+            alone.append((time.perf_counter() - started) * 1000)
+            history.append({"role": "assistant", "content": reply})
+    return {"through": through, "direct": alone}
+
+
+def overhead(db: Path, home: Path, sessions: int, turns: int, label: str) -> dict[str, Any]:
+    with FakeLlamaServer(n_slots=2, n_ctx=8192) as fake:
+        serve = Serve(db, fake.url, home)
+        try:
+            with requests.Session() as http:
+                conversation_turns(http, serve.url, fake.url, 1, 3)  # warm up
+                times = conversation_turns(http, serve.url, fake.url, sessions, turns)
+        finally:
+            serve.stop()
+    diff = [a - b for a, b in zip(times["through"], times["direct"], strict=True)]
+    return {
+        "store": label,
+        "requests": len(diff),
+        "direct_p50_ms": round(statistics.median(times["direct"]), 2),
+        "through_p50_ms": round(statistics.median(times["through"]), 2),
+        "overhead_p50_ms": round(statistics.median(diff), 2),
+        "overhead_p95_ms": round(percentile(diff, 0.95), 2),
+    }
+
+
+def real_server(url: str, home: Path) -> dict[str, Any]:
+    """4 sessions of about 1,500 tokens over 2 slots; the returning session's prompt_ms."""
+    filler = " ".join(f"fact {i}: the harbour master logs ship {i} at berth {i % 13}." for i in range(110))
+
+    def ask(target: str, session: str, history: list[dict[str, str]]) -> dict[str, Any]:
+        resp = requests.post(
+            target + "/v1/chat/completions",
+            json={"messages": history, "max_tokens": 8, "cache_prompt": True},
+            headers={"X-Session-Id": session},
+            timeout=600,
+        )
+        resp.raise_for_status()
+        return resp.json()
+
+    histories = {f"real-{n}": [{"role": "user", "content": f"Session {n}. {filler}"}] for n in range(4)}
+    db = home / "real.db"
+    serve = Serve(db, url, home)
+    try:
+        for key, history in histories.items():
+            answer = ask(serve.url, key, history)
+            history.append({"role": "assistant", "content": answer["choices"][0]["message"]["content"]})
+            history.append({"role": "user", "content": "And the next ship?"})
+        back = ask(serve.url, "real-0", histories["real-0"])  # session 0 returns: its slot was swapped out
+    finally:
+        serve.stop()
+    alone = ask(url, "", histories["real-1"])  # llama-server alone, the session's prefix evicted by others
+    return {
+        "returning_prompt_ms_through_kvcache": back.get("timings", {}).get("prompt_ms"),
+        "returning_cache_n": back.get("timings", {}).get("cache_n"),
+        "prompt_ms_llama_alone": alone.get("timings", {}).get("prompt_ms"),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--turns", type=int, default=20)
+    parser.add_argument("--big-messages", type=int, default=1_000_000, help="0 skips the big store")
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="Build (or reuse) the big store in this folder."
+    )
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="kvbench-serve-"))
+    results: dict[str, Any] = {"machine": machine(), "overhead": []}
+    try:
+        results["overhead"].append(overhead(home / "empty.db", home, args.sessions, args.turns, "empty"))
+        if args.big_messages:
+            from scale_store import build
+
+            folder = args.keep or home / "big"
+            folder.mkdir(parents=True, exist_ok=True)
+            big = folder / "scale.db"
+            if not big.exists():
+                big = build(folder, args.big_messages, max(1, args.big_messages // 500), bench_env(home))
+            work = home / "big-copy.db"
+            shutil.copy(big, work)
+            label = f"{args.big_messages:,} messages"
+            results["overhead"].append(overhead(work, home, args.sessions, args.turns, label))
+        llama = os.environ.get("KVCACHE_BENCH_LLAMA_URL")
+        if llama:
+            results["real_server"] = real_server(llama.rstrip("/"), home)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(f"machine: {results['machine']}")
+    for row in results["overhead"]:
+        print(
+            f"store {row['store']}: {row['requests']} turns, direct p50 {row['direct_p50_ms']} ms, "
+            f"through kvcache p50 {row['through_p50_ms']} ms; overhead p50 {row['overhead_p50_ms']} ms "
+            f"(target <= 5), p95 {row['overhead_p95_ms']} ms (target <= 20)"
+        )
+    if "real_server" in results:
+        print(f"real server: {results['real_server']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
