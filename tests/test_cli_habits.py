@@ -222,7 +222,8 @@ def test_public_api_exports_what_the_readme_uses() -> None:
     assert issubclass(BadInputError, KVCacheError)
     assert {"Conversation", "ChatMessage", "ProcessResult", "KVCacheError"} <= set(kvcache_cli.__all__)
     assert Conversation.__name__ == "Conversation" and ChatMessage.__name__ == "ChatMessage"
-    assert ProcessResult.__name__ == "ProcessResult"
+    result = ProcessResult("s", "file.json")
+    assert [key for key in result.to_dict() if not hasattr(result, key)] == []
 
 
 # ----------------------------------------------------------------------- item 8

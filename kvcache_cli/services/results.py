@@ -126,22 +126,56 @@ class ProcessResult:
     def snapshot_ids(self) -> list[int]:
         return [s for t in self.turns for s in t.snapshot_ids]
 
+    # the totals ``to_dict`` reports, as attributes of the same names
+    @property
+    def turns_processed(self) -> int:
+        return len(self.turns)
+
+    @property
+    def total_clears(self) -> int:
+        return len(self.clears)
+
+    @property
+    def entries_cleared(self) -> int:
+        return sum(c.entries_cleared for c in self.clears)
+
+    @property
+    def entries_preserved(self) -> int:
+        return sum(c.entries_preserved for c in self.clears)
+
+    @property
+    def total_retrievals(self) -> int:
+        return sum(1 for t in self.turns if t.retrieval_tiers)
+
+    @property
+    def entries_retrieved(self) -> int:
+        return sum(t.retrieved for t in self.turns)
+
+    @property
+    def snapshots_created(self) -> int:
+        return len(self.snapshot_ids)
+
+    @property
+    def usage(self) -> list[int]:
+        """Cache bytes after each turn."""
+        return [t.cache_size_bytes for t in self.turns]
+
     def to_dict(self, with_turns: bool = True) -> dict[str, Any]:
         data: dict[str, Any] = {
             "session_id": self.session_id,
             "source": self.source,
             "messages_total": self.messages_total,
             "messages_added": self.messages_added,
-            "turns_processed": len(self.turns),
-            "total_clears": len(self.clears),
-            "entries_cleared": sum(c.entries_cleared for c in self.clears),
-            "entries_preserved": sum(c.entries_preserved for c in self.clears),
-            "total_retrievals": sum(1 for t in self.turns if t.retrieval_tiers),
-            "entries_retrieved": sum(t.retrieved for t in self.turns),
-            "snapshots_created": len(self.snapshot_ids),
+            "turns_processed": self.turns_processed,
+            "total_clears": self.total_clears,
+            "entries_cleared": self.entries_cleared,
+            "entries_preserved": self.entries_preserved,
+            "total_retrievals": self.total_retrievals,
+            "entries_retrieved": self.entries_retrieved,
+            "snapshots_created": self.snapshots_created,
             "capacity_bytes": self.capacity_bytes,
             "clears": [c.to_dict() for c in self.clears],
-            "usage": [t.cache_size_bytes for t in self.turns],
+            "usage": self.usage,
             "notices": self.notices,
         }
         if with_turns:
