@@ -18,10 +18,10 @@ from kvcache_cli.errors import NotFoundError, ServerError, StoreError
 from kvcache_cli.store import models as m
 from kvcache_cli.store import sessions
 from kvcache_cli.store.connection import Store
-from kvcache_cli.store.fts_lengths import SessionLengths
 
-if TYPE_CHECKING:  # made on first use: commands that never replay do not import it
+if TYPE_CHECKING:  # made on first use: commands that never replay do not import them
     from kvcache_cli.retrieval.session_index import SessionIndexes
+    from kvcache_cli.store.fts_lengths import SessionLengths
 
 
 class Core:
@@ -43,7 +43,7 @@ class Core:
         self.embedder: Any = None  # embeddings.TurnEmbedder while turns are processed
         self.fusion: str | None = None  # hybrid fusion override (strategies.FUSIONS), for benches
         self._replay_indexes: SessionIndexes | None = None  # see ``replay_indexes``
-        self.fts_lengths = SessionLengths()  # big sessions' average lengths (SQLite)
+        self._fts_lengths: SessionLengths | None = None  # see ``fts_lengths``
         self.llm_down = False  # set after "cannot connect": no more server calls this run
         self.ready_summary: tuple[tuple[Any, ...], str | None] | None = None
         self.snapshot_cache: dict[tuple[int, str], Any] = {}  # tier 2: (id, hash) -> entries
@@ -60,6 +60,15 @@ class Core:
 
             self._replay_indexes = SessionIndexes()
         return self._replay_indexes
+
+    @property
+    def fts_lengths(self) -> SessionLengths:
+        """Big sessions' average FTS5 lengths, followed during a replay (made on first use)."""
+        if self._fts_lengths is None:
+            from kvcache_cli.store.fts_lengths import SessionLengths
+
+            self._fts_lengths = SessionLengths()
+        return self._fts_lengths
 
     # -------------------------------------------------------------- capacity
     def capacity(self) -> int:
@@ -128,7 +137,8 @@ class Core:
         """A transaction rolled back: drop what the replay kept from inside it."""
         if self._replay_indexes is not None:
             self._replay_indexes.forget()
-        self.fts_lengths.forget()
+        if self._fts_lengths is not None:
+            self._fts_lengths.forget()
 
     def require_history_index(self) -> None:
         if not self.index_history:
