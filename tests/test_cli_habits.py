@@ -208,6 +208,8 @@ def complete(args: str, db: Path | None = None) -> list[str]:
 def test_completion_offers_sessions_formats_and_strategies(store: Path) -> None:
     assert complete("clear sup", store) == [SUPPORT_SESSION]
     assert complete("stats ", store) == [SUPPORT_SESSION]
+    assert complete("retrieve su", store) == [SUPPORT_SESSION]
+    assert complete(f"retrieve {SUPPORT_SESSION} su", store) == []  # the query is not a session
     assert complete("process --format sh") == ["sharegpt"]
     from kvcache_cli.config import RETRIEVAL_STRATEGIES
 

@@ -43,6 +43,13 @@ def complete_session(ctx: typer.Context, incomplete: str) -> list[str]:
         return []
 
 
+def complete_first_session(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Session ids for the first word of ``SESSION QUERY`` (nothing for the query)."""
+    if ctx.params.get("args") or ctx.params.get("all_sessions"):
+        return []
+    return complete_session(ctx, incomplete)
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
 ServerOpt = Annotated[
     Optional[str],

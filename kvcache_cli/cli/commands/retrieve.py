@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 import typer
 
 from kvcache_cli.cli.context import cli_context
-from kvcache_cli.cli.options import JsonOpt, ServerOpt, complete_session, complete_strategy
+from kvcache_cli.cli.options import JsonOpt, ServerOpt, complete_first_session, complete_strategy
 from kvcache_cli.errors import BadInputError
 
 
@@ -27,7 +27,7 @@ def retrieve(
         typer.Argument(
             metavar="[SESSION] QUERY",
             help="SESSION QUERY (or just QUERY with --all-sessions).",
-            autocompletion=complete_session,
+            autocompletion=complete_first_session,
         ),
     ],
     limit: Annotated[
