@@ -22,7 +22,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from tests.fake_llama_server import FakeLlamaServer  # noqa: E402
-from tests.helpers import cli_env, dump_db, kvcache_command, table_rows  # noqa: E402
+from tests.helpers import cli_env, dump_db, kvcache_command, run_kvcache, table_rows  # noqa: E402
 from tests.pg import pg_url  # noqa: E402,F401  (fixture)
 from tests.serve_util import ServeProcess  # noqa: E402
 
@@ -561,6 +561,14 @@ def test_sessions_swap_through_slot_files(tmp_path: Path) -> None:
             assert 'kvcache_slot_actions_total{action="save",result="skipped_empty"} 1.0' in metrics
     for key, history in histories.items():
         assert stored(tmp_path / "kv.db", f"slot-{key}") == [(m["role"], m["content"]) for m in history]
+    # the operator's view: stats --json carries each live session's slot and prompt size
+    rc, out, err = run_kvcache("stats", "slot-A", "--json", home=tmp_path, db=tmp_path / "kv.db")
+    assert rc == 0, err
+    live = json.loads(out)["sessions"][0]["metadata"]["serve"]
+    assert live["n_ctx"] == 2048 and 0 < live["last_prompt_tokens"] <= live["capacity_tokens"]
+    assert live["slot_restores"] == 1 and live["slot_saves"] == 1 and live["slot"] in (0, 1)
+    rc, out, err = run_kvcache("stats", "slot-A", home=tmp_path, db=tmp_path / "kv.db")
+    assert rc == 0 and "last prompt" in out and "1 saved, 1 restored" in out, out + err
 
 
 def test_two_servers_on_one_postgresql_store_never_interleave_a_session(

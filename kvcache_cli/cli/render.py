@@ -792,6 +792,12 @@ def _session_view(data: dict[str, Any], insights: dict[str, Any] | None, width: 
     grid.add_row(
         "clears", str(state["total_clears"]), "last snapshot", str(state["last_snapshot_id"] or "-"), "", ""
     )
+    live = meta.get("serve")  # a session served live by ``kvcache serve``
+    if isinstance(live, dict):
+        slot = live.get("slot")
+        prompt = f"{live.get('last_prompt_tokens', '?')} of n_ctx {live.get('n_ctx', '?')}"
+        files = f"{live.get('slot_saves', 0)} saved, {live.get('slot_restores', 0)} restored"
+        grid.add_row("slot", "-" if slot is None else str(slot), "last prompt", prompt, "slot files", files)
     parts: list[Any] = [
         Panel(
             Group(bar, grid),

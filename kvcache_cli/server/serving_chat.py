@@ -413,11 +413,34 @@ class ChatService:
         prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
         self.metrics.prompt_tokens.observe(prompt_tokens or turn.estimate)
         self.metrics.overhead.observe(max(0.0, time.perf_counter() - turn.started - turn.upstream_s))
+        self._record_live(turn, timings, prompt_tokens)
         if self.slots is not None:
             self.slots.after_turn(turn.key, timings)
         self._write_trace(
             turn, status=200, timings=timings, usage=usage, cached_share=cached_share, stored=stored
         )
+
+    def _record_live(self, turn: _Turn, timings: Any, prompt_tokens: Any) -> None:
+        """The operator's view in the session's metadata: n_ctx, the last prompt's size
+        and cached share, and its slot (for the session moved out of a slot too)."""
+        facts: dict[str, Any] = {
+            "n_ctx": self.n_ctx,
+            "capacity_tokens": turn.capacity,
+            "last_prompt_tokens": prompt_tokens if isinstance(prompt_tokens, int) else turn.estimate,
+            "last_cached_tokens": timings.get("cache_n") if isinstance(timings, dict) else None,
+            "last_action": self._action(turn),
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+        }
+        evicted = None
+        if self.slots is not None:
+            facts.update(self.slots.facts(turn.key))
+            evicted = self.slots.evicted_by(turn.key)
+        try:
+            chat_turn.record_live(self.store, turn.key, facts)
+            if evicted is not None:
+                chat_turn.record_live(self.store, evicted, self.slots.facts(evicted))  # type: ignore[union-attr]
+        except KVCacheError:
+            pass  # the operator's view is best effort: the turn itself is stored
 
     # ------------------------------------------------------------------ reporting
     def _action(self, turn: _Turn) -> str:

@@ -66,6 +66,7 @@ class _Pending:
     slot: int
     restored: int = 0  # tokens a restore put back before this turn (0: none)
     cleared: bool = False
+    evicted: str | None = None  # the session this turn moved out of the slot
 
 
 class SlotPinning:
@@ -81,6 +82,8 @@ class SlotPinning:
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self.stats: dict[str, int] = {}
+        self._saves: dict[str, int] = {}  # per session: files saved, restores that took
+        self._restores: dict[str, int] = {}
 
     def _note(self, message: str) -> None:
         if not self.quiet:
@@ -111,7 +114,7 @@ class SlotPinning:
                 evicted, moving_in = None, False
             slot.busy = True
             slot.last_used = time.monotonic()
-        pending = _Pending(slot.id, cleared=cleared)
+        pending = _Pending(slot.id, cleared=cleared, evicted=evicted)
         try:
             if moving_in:
                 if evicted is not None:
@@ -120,6 +123,23 @@ class SlotPinning:
         finally:
             with self._lock:
                 self._pending[session_key] = pending
+
+    def facts(self, session_key: str) -> dict[str, Any]:
+        """The operator's view of a session's slot (kept in its metadata, shown by ``stats``)."""
+        with self._lock:
+            slot = next((s.id for s in self._slots if s.owner == session_key), None)
+            return {
+                "slot": slot,
+                "slot_file": self.file_for(session_key),
+                "slot_saves": self._saves.get(session_key, 0),
+                "slot_restores": self._restores.get(session_key, 0),
+            }
+
+    def evicted_by(self, session_key: str) -> str | None:
+        """The session the current turn of ``session_key`` moved out of its slot."""
+        with self._lock:
+            pending = self._pending.get(session_key)
+            return pending.evicted if pending is not None else None
 
     def request_fields(self, session_key: str) -> dict[str, Any]:
         """``id_slot`` and ``cache_prompt`` for a pinned session's request (else nothing)."""
@@ -171,6 +191,8 @@ class SlotPinning:
         try:
             self.llm.slot_save(slot_id, self.file_for(owner))
             self._count("save", "ok")
+            with self._lock:
+                self._saves[owner] = self._saves.get(owner, 0) + 1
         except KVCacheError as exc:
             self._count("save", "failed")
             self._note(f"slot {slot_id}: save for {owner!r} failed: {exc}")
@@ -182,4 +204,6 @@ class SlotPinning:
             self._count("restore", "no_file")
             return 0
         self._count("restore", "ok")
+        with self._lock:
+            self._restores[session_key] = self._restores.get(session_key, 0) + 1
         return int(result.n_restored)

@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvcache_cli.config import Config
 from kvcache_cli.engine.entries import ChatMessage
 from kvcache_cli.services.manager import KVCacheManager
+from kvcache_cli.store import sessions
 from kvcache_cli.store.backend import Store
 
 FORCED_CLEAR = "ContextLimit"
@@ -142,3 +144,19 @@ def branch(manager: KVCacheManager, source_key: str, new_key: str, common: int) 
     """An edited conversation: ``new_key`` starts as the first ``common`` stored
     messages of ``source_key`` (replayed as ``process`` would)."""
     manager.branch_session(source_key, new_key, common)
+
+
+def record_live(store: Store, session_key: str, facts: dict[str, Any]) -> None:
+    """Merge ``facts`` into the session's metadata under ``serve`` (one transaction):
+    what ``kvcache stats`` shows of a session served live (slot, prompt tokens, n_ctx)."""
+
+    def work() -> None:
+        row = sessions.find(store, session_key, for_update=True)
+        if row is None:
+            return
+        meta = json.loads(row.metadata or "{}")
+        meta["serve"] = {**meta.get("serve", {}), **facts}
+        row.metadata = json.dumps(meta, sort_keys=True)
+        sessions.save(store, row)
+
+    store.transaction(work)
