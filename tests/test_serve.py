@@ -609,3 +609,36 @@ def test_two_servers_on_one_postgresql_store_never_interleave_a_session(
     assert len({key for key, _ in results.values()}) == 2
     for key, history in results.values():
         assert stored(pg_url, key) == [(m["role"], m["content"]) for m in history]
+
+
+def test_a_prompt_the_engine_lets_grow_too_long_is_cleared_and_the_restart_remembers(tmp_path: Path) -> None:
+    """With the engine's own clears out of reach, kvcache clears when the prompt would
+    exceed the upstream's context (reason ContextLimit); where the context restarts is
+    kept in the store, so a restarted serve sends the same short prompt."""
+    config = write_config(tmp_path, "clear_after_conversations = 1000\nmemory_threshold_percent = 1.0\n")
+    with FakeLlamaServer(n_slots=1, n_ctx=1024) as fake:
+        fake.chat_reply = "Understood."
+        history: list[dict[str, str]] = [{"role": "system", "content": "Be brief."}]
+        with ServeProcess(tmp_path, tmp_path / "kv.db", fake.url, config=config) as serve:
+            api = client(serve)
+            for turn in range(40):
+                history.append({"role": "user", "content": FILLER.format(topic=TOPICS[turn % 9], n=turn)})
+                reply, _ = ask(api, history, "forced-1")
+                history.append({"role": "assistant", "content": reply})
+            traces = serve.traces()
+        forced = [t for t in traces if t["clear_reason"] == "ContextLimit"]
+        assert forced and all(t["status"] == 200 for t in traces)
+        assert max(t["usage"]["prompt_tokens"] for t in traces) <= 1024 - 256  # the reply's reserve kept free
+        last_start = traces[-1]["context_start"]
+        assert last_start > 0
+        with ServeProcess(tmp_path, tmp_path / "kv.db", fake.url, config=config) as again:
+            history.append({"role": "user", "content": "One more thing about chess."})
+            ask(client(again), history, "forced-1")
+            after = again.traces()[-1]
+    room = traces[-1]["capacity"] - traces[-1]["prompt_tokens_estimate"]
+    if room > 60:  # one short turn fits: without the kept start, the restart would clear again
+        assert after["context_start"] == last_start and after["action"] == "none"
+    assert after["usage"]["prompt_tokens"] <= 1024 - 256
+    assert stored(tmp_path / "kv.db", "forced-1")[: len(history) - 1] == [
+        (m["role"], m["content"]) for m in history[:-1]
+    ]

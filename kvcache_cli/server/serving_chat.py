@@ -122,9 +122,6 @@ class ChatService:
         self.locks = ses.SessionLocks(store, pg_url)
         self.budget = TokenBudget(self._count_texts)
         self.slots = slots
-        # where the context restarts after a clear this process forced (see chat_turn.force_clear)
-        self._forced_start: dict[str, int] = {}
-        self._forced_lock = threading.Lock()
         self._managers: dict[str, Any] = {}  # session key -> its manager, oldest first
         self._managers_lock = threading.Lock()
 
@@ -182,8 +179,7 @@ class ChatService:
             manager = self._manager(turn)
             if turn.kind == "branch" and turn.branched_from is not None:
                 chat_turn.branch(manager, turn.branched_from, turn.key, turn.common)
-            with self._forced_lock:
-                forced = self._forced_start.get(turn.key, 0)
+            forced = chat_turn.forced_start(self.store, turn.key)
             turn.plan = chat_turn.begin_turn(manager, turn.key, messages, forced)
             self._prepare_prompt(turn, manager)
             if self.slots is not None:
@@ -296,8 +292,7 @@ class ChatService:
         last_user = max(i for i, m in enumerate(turn.messages) if m.role == "user")
         assert turn.plan is not None
         turn.plan = chat_turn.force_clear(manager, turn.key, last_user, turn.plan)
-        with self._forced_lock:
-            self._forced_start[turn.key] = last_user
+        chat_turn.record_live(self.store, turn.key, {chat_turn.FORCED_START_KEY: last_user})
         self.metrics.clears.labels(chat_turn.FORCED_CLEAR).inc()
 
     def _upstream_body(self, turn: _Turn) -> dict[str, Any]:
@@ -367,8 +362,11 @@ class ChatService:
                 return
             if stream.finish_reason is not None:
                 self._learn(turn, stream.usage)
-                reply = ChatMessage(role="assistant", content=stream.text)
-                stored = self._store_reply(turn, manager, reply)
+                message: dict[str, Any] = {"content": stream.text or None}
+                if stream.tool_calls:
+                    message["tool_calls"] = stream.tool_calls
+                reply = self._reply_message(message)
+                stored = self._store_reply(turn, manager, reply) if reply is not None else False
             self._after(turn, stream.timings, stream.usage, stored)
         finally:
             stream.close()

@@ -158,6 +158,7 @@ class ChatStream:
         self.usage: dict[str, Any] | None = None
         self.finish_reason: str | None = None
         self.done = False  # the upstream sent ``[DONE]``
+        self._calls: dict[int, dict[str, Any]] = {}  # streamed tool calls by index
 
     def __iter__(self) -> Iterator[bytes]:
         buffer = b""
@@ -196,12 +197,33 @@ class ChatStream:
                 delta = choice.get("delta") or {}
                 if isinstance(delta.get("content"), str):
                     self.content.append(delta["content"])
+                for call in delta.get("tool_calls") or []:
+                    if isinstance(call, dict):
+                        self._add_call(call)
                 if choice.get("finish_reason"):
                     self.finish_reason = choice["finish_reason"]
             if isinstance(chunk.get("timings"), dict):
                 self.timings = chunk["timings"]
             if isinstance(chunk.get("usage"), dict):
                 self.usage = chunk["usage"]
+
+    def _add_call(self, delta: dict[str, Any]) -> None:
+        """Join a streamed tool call's pieces (its ``arguments`` arrive in fragments)."""
+        index = delta.get("index", 0) if isinstance(delta.get("index"), int) else 0
+        call = self._calls.setdefault(
+            index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+        )
+        if delta.get("id"):
+            call["id"] = delta["id"]
+        function = delta.get("function") or {}
+        if isinstance(function.get("name"), str):
+            call["function"]["name"] += function["name"]
+        if isinstance(function.get("arguments"), str):
+            call["function"]["arguments"] += function["arguments"]
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        return [self._calls[i] for i in sorted(self._calls)]
 
     @property
     def text(self) -> str:

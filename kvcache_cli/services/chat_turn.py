@@ -21,6 +21,7 @@ from kvcache_cli.store import sessions
 from kvcache_cli.store.backend import Store
 
 FORCED_CLEAR = "ContextLimit"
+FORCED_START_KEY = "forced_context_start"  # in the session's metadata ``serve``: see force_clear
 
 
 @dataclass
@@ -144,6 +145,18 @@ def branch(manager: KVCacheManager, source_key: str, new_key: str, common: int) 
     """An edited conversation: ``new_key`` starts as the first ``common`` stored
     messages of ``source_key`` (replayed as ``process`` would)."""
     manager.branch_session(source_key, new_key, common)
+
+
+def forced_start(store: Store, session_key: str) -> int:
+    """Where the context restarts after the session's last forced clear (0: none).
+
+    A clear made by :func:`force_clear` is not a turn's decision, so the engine's own
+    ``context_start`` does not know it; it is kept in the session's metadata."""
+    row = sessions.find(store, session_key)
+    if row is None:
+        return 0
+    value = json.loads(row.metadata or "{}").get("serve", {}).get(FORCED_START_KEY, 0)
+    return int(value) if isinstance(value, int) else 0
 
 
 def record_live(store: Store, session_key: str, facts: dict[str, Any]) -> None:

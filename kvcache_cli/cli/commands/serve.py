@@ -1,7 +1,5 @@
 """``kvcache serve``: an OpenAI-compatible proxy that manages the model's context."""
 
-from __future__ import annotations
-
 from typing import Annotated, Optional
 
 import typer
