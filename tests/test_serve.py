@@ -124,7 +124,10 @@ def test_replies_arrive_intact_and_are_stored(serve: ServeProcess, upstream: Fak
     sent = [r.body for r in fake.requests if r.path == "/v1/chat/completions"]
     assert sent[-1]["messages"] == history[:-1]
     assert "X-Session-Id" not in json.dumps(sent[-1])
-    lines = [ln for ln in serve.stderr.splitlines() if "session=fruit-1" in ln]
+    deadline = time.monotonic() + 10  # a stream's line is written once it has ended
+    while len(lines := [ln for ln in serve.stderr.splitlines() if "session=fruit-1" in ln]) < 2:
+        assert time.monotonic() < deadline, serve.stderr
+        time.sleep(0.05)
     assert len(lines) == 2 and all(ln.startswith("POST /v1/chat/completions 200") for ln in lines)
 
 
@@ -330,9 +333,8 @@ def test_an_unreachable_upstream_is_502_and_health_says_so(tmp_path: Path) -> No
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    with ServeProcess(
-        tmp_path, tmp_path / "kv.db", dead, config=write_config(tmp_path, SHARED_CONFIG)
-    ) as serve:
+    config = write_config(tmp_path, SHARED_CONFIG)
+    with ServeProcess(tmp_path, tmp_path / "kv.db", dead, "-q", config=config) as serve:
         assert "upstream context unknown" in serve.stderr
         with pytest.raises(openai.APIStatusError) as failed:
             ask(client(serve), [{"role": "user", "content": "anyone there"}], "dead-1")
@@ -341,6 +343,7 @@ def test_an_unreachable_upstream_is_502_and_health_says_so(tmp_path: Path) -> No
         health = requests.get(serve.url + "/health", timeout=10)
         assert health.status_code == 503 and health.json()["upstream"]["status"] == "unavailable"
         assert stored(serve.db, "dead-1") == [("user", "anyone there")]
+    assert "POST " not in serve.stderr  # -q: no request lines
 
 
 def test_pass_through_endpoints_health_and_metrics(serve: ServeProcess, upstream: FakeLlamaServer) -> None:
@@ -425,7 +428,7 @@ def test_a_client_that_goes_away_mid_stream_stores_no_reply(
 def test_sigterm_mid_stream_finishes_it_and_stops_cleanly(tmp_path: Path) -> None:
     with FakeLlamaServer(n_slots=1, n_ctx=2048) as fake:
         fake.stream_delay = 0.1
-        serve = ServeProcess(tmp_path, tmp_path / "kv.db", fake.url, config=write_config(tmp_path))
+        serve = ServeProcess(tmp_path, tmp_path / "kv.db", fake.url, "-v", config=write_config(tmp_path))
         try:
             body = {
                 "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse"}],
@@ -456,6 +459,8 @@ def test_sigterm_mid_stream_finishes_it_and_stops_cleanly(tmp_path: Path) -> Non
         ("assistant", text),
     ]
     assert "kvcache serve: stopped" in serve.stderr
+    line = next(ln for ln in serve.stderr.splitlines() if ln.startswith("POST /v1/chat/completions"))
+    assert "session=term-1" in line and "cached=" in line and "stored=True" in line  # -v: the detail
 
 
 def test_security_defaults(tmp_path: Path, fake: FakeLlamaServer) -> None:

@@ -31,6 +31,7 @@ from kvcache_cli.server.serving_chat import ChatService, ServeError, TurnResult
 from kvcache_cli.server.upstream import Upstream, UpstreamError
 
 PUBLIC_PATHS = ("/health",)
+BRIEF_FACTS = ("session", "turn", "action", "tokens", "error")  # the log line without -v
 PASS_THROUGH = {
     ("GET", "/v1/models"),
     ("POST", "/v1/embeddings"),
@@ -64,17 +65,12 @@ class _Log:
     def request(self, method: str, path: str, status: int, seconds: float, facts: dict[str, Any]) -> None:
         if self.settings.quiet:
             return
-        extra = " ".join(f"{k}={v}" for k, v in facts.items() if v is not None)
+        shown = facts if self.settings.verbose else {k: v for k, v in facts.items() if k in BRIEF_FACTS}
+        extra = " ".join(f"{k}={v}" for k, v in shown.items() if v is not None)
         line = f"{method} {path} {status} {seconds * 1000:.0f}ms" + (f" {extra}" if extra else "")
         with self._lock:
             sys.stderr.write(line + "\n")
             sys.stderr.flush()
-
-    def detail(self, message: str) -> None:
-        if self.settings.verbose and not self.settings.quiet:
-            with self._lock:
-                sys.stderr.write(message + "\n")
-                sys.stderr.flush()
 
 
 def _stream_in_threads(events: Iterator[bytes]) -> AsyncIterator[bytes]:

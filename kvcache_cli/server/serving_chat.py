@@ -89,6 +89,8 @@ class _Turn:
     started: float = field(default_factory=time.perf_counter)
     upstream_s: float = 0.0
     traced: bool = False
+    sent_at: float = 0.0  # when the prompt first went upstream
+    log: dict[str, Any] = field(default_factory=dict)  # the request's log line (filled as it goes)
     branch_release: Callable[[], None] | None = None
 
 
@@ -315,6 +317,7 @@ class ChatService:
 
     def _call(self, turn: _Turn, manager: Any, send: Callable[[dict[str, Any]], Any]) -> Any:
         started = time.perf_counter()
+        turn.sent_at = turn.sent_at or started
         try:
             try:
                 return send(self._upstream_body(turn))
@@ -410,13 +413,33 @@ class ChatService:
                 self.metrics.cached_share.set(cached_share)
         prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
         self.metrics.prompt_tokens.observe(prompt_tokens or turn.estimate)
-        self.metrics.overhead.observe(max(0.0, time.perf_counter() - turn.started - turn.upstream_s))
+        overhead = self._overhead(turn)
+        self.metrics.overhead.observe(overhead)
+        turn.log.update(
+            {
+                "prompt_tokens": prompt_tokens,
+                "cached": f"{cached_share:.0%}" if cached_share is not None else None,
+                "upstream_ms": round(turn.upstream_s * 1000),
+                "kvcache_ms": round(overhead * 1000),
+                "stored": stored,
+                "retried": turn.retried or None,
+                "dropped": turn.dropped or None,
+            }
+        )
         self._record_live(turn, timings, prompt_tokens)
         if self.slots is not None:
             self.slots.after_turn(turn.key, timings)
         self._write_trace(
             turn, status=200, timings=timings, usage=usage, cached_share=cached_share, stored=stored
         )
+
+    @staticmethod
+    def _overhead(turn: _Turn) -> float:
+        """Seconds the turn spent in kvcache: all but the upstream call; for a stream,
+        until the prompt went upstream (storing the reply happens after the last event)."""
+        if turn.request.stream and turn.sent_at:
+            return max(0.0, turn.sent_at - turn.started)
+        return max(0.0, time.perf_counter() - turn.started - turn.upstream_s)
 
     def _record_live(self, turn: _Turn, timings: Any, prompt_tokens: Any) -> None:
         """The operator's view in the session's metadata: n_ctx, the last prompt's size
@@ -455,12 +478,17 @@ class ChatService:
         return headers
 
     def _log_facts(self, turn: _Turn) -> dict[str, Any]:
-        return {
-            "session": turn.key,
-            "turn": turn.kind,
-            "action": self._action(turn),
-            "tokens": f"{turn.estimate}/{turn.capacity}",
-        }
+        """The log line's facts: this dict is completed when the answer is in (a stream's
+        line is written when it ends), with the detail ``-v`` shows."""
+        turn.log.update(
+            {
+                "session": turn.key,
+                "turn": turn.kind,
+                "action": self._action(turn),
+                "tokens": f"{turn.estimate}/{turn.capacity}",
+            }
+        )
+        return turn.log
 
     def _write_trace(self, turn: _Turn, **extra: Any) -> None:
         if self.trace is None:
@@ -481,7 +509,7 @@ class ChatService:
             "capacity": turn.capacity,
             "dropped": turn.dropped,
             "retried": turn.retried,
-            "kvcache_ms": round((time.perf_counter() - turn.started - turn.upstream_s) * 1000, 2),
+            "kvcache_ms": round(self._overhead(turn) * 1000, 2),
             "upstream_ms": round(turn.upstream_s * 1000, 2),
         }
         record.update(extra)
