@@ -186,7 +186,17 @@ def stream_events(answer: dict[str, Any]) -> list[bytes]:
         return b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
     events = [event({"role": "assistant", "content": None})]
-    events += [event({"content": piece}) for _, piece in tokenize_text(choice["message"]["content"])]
+    for index, call in enumerate(choice["message"].get("tool_calls") or []):
+        # a tool call streams as its id and name, then its arguments in pieces
+        head_delta = {"index": index, "id": call["id"], "type": "function"}
+        head_delta["function"] = {"name": call["function"]["name"], "arguments": ""}
+        events.append(event({"tool_calls": [head_delta]}))
+        arguments = call["function"]["arguments"]
+        for start in range(0, len(arguments), 7):
+            piece = {"index": index, "function": {"arguments": arguments[start : start + 7]}}
+            events.append(event({"tool_calls": [piece]}))
+    text = choice["message"]["content"] or ""
+    events += [event({"content": piece}) for _, piece in tokenize_text(text)]
     events.append(event({}, choice["finish_reason"], timings=answer["timings"]))
     events.append(b"data: [DONE]\n\n")
     return events
@@ -350,6 +360,8 @@ class FakeLlamaServer:
         self.chat_reply: str | None = None  # force the assistant's text
         self.chat_delay = 0.0  # seconds a chat keeps its slot "is_processing"
         self.stream_delay = 0.0  # seconds before each event of a streamed reply
+        # answer with these tool calls ({"id", "type", "function": {"name", "arguments"}}) instead of text
+        self.chat_tool_calls: list[dict[str, Any]] | None = None
         self.requests: list[RecordedRequest] = []
         self._failures: list[_Failure] = []
         self._slots = [_Slot(id=i, n_ctx=n_ctx) for i in range(n_slots)]
@@ -795,12 +807,16 @@ class FakeLlamaServer:
                     params[key] = data[key]
             slot.params = params
         n_prompt, n_pred = len(prompt), len(completion)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if self.chat_tool_calls is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": self.chat_tool_calls}
+            finish = "tool_calls"
         return {
             "choices": [
                 {
                     "finish_reason": finish,
                     "index": 0,
-                    "message": {"role": "assistant", "content": content},
+                    "message": message,
                 }
             ],
             "created": int(time.time()),

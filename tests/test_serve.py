@@ -90,6 +90,7 @@ def upstream(fake: FakeLlamaServer) -> Iterator[FakeLlamaServer]:
     fake.chat_reply = None
     fake.chat_delay = 0.0
     fake.stream_delay = 0.0
+    fake.chat_tool_calls = None
     with fake._lock:
         fake._failures.clear()
 
@@ -647,3 +648,54 @@ def test_a_prompt_the_engine_lets_grow_too_long_is_cleared_and_the_restart_remem
     assert stored(tmp_path / "kv.db", "forced-1")[: len(history) - 1] == [
         (m["role"], m["content"]) for m in history[:-1]
     ]
+
+
+def test_tool_calls_and_tool_results_are_stored_the_same_whole_or_streamed(
+    serve: ServeProcess, upstream: FakeLlamaServer
+) -> None:
+    """An assistant turn that is only tool calls is stored as their JSON (as ``process``
+    stores such a message), whether it came whole or streamed in pieces; the tool's
+    answer is stored with its text."""
+    calls = [
+        {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "weather", "arguments": '{"city": "Lisbon"}'},
+        }
+    ]
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    api = client(serve)
+    for session, stream in (("tools-whole", False), ("tools-stream", True)):
+        upstream.chat_tool_calls = calls
+        history: list[dict[str, Any]] = [{"role": "user", "content": "Weather in Lisbon?"}]
+        headers = {"X-Session-Id": session}
+        if stream:
+            chunks = list(
+                api.chat.completions.create(
+                    model="m", messages=history, tools=tools, stream=True, extra_headers=headers
+                )
+            )
+            pieces = [
+                c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls
+            ]
+            assert len(pieces) > 2  # the arguments came in pieces
+        else:
+            reply = api.chat.completions.create(
+                model="m", messages=history, tools=tools, extra_headers=headers
+            )
+            assert reply.choices[0].message.tool_calls[0].function.arguments == '{"city": "Lisbon"}'
+        upstream.chat_tool_calls = None
+        # the whole reply goes back as the client library dumps it (its own key order and fields)
+        sent_back = reply.choices[0].message.model_dump() if not stream else None
+        history += [
+            sent_back or {"role": "assistant", "content": None, "tool_calls": calls},
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 24 C"},
+        ]
+        answer, used = ask(api, history, session)
+        assert used == session  # the tool turn continued the session (no branch)
+        assert stored(serve.db, session) == [
+            ("user", "Weather in Lisbon?"),
+            ("assistant", json.dumps(calls, ensure_ascii=False)),
+            ("tool", "Sunny, 24 C"),
+            ("assistant", answer),
+        ]

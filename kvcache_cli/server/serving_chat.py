@@ -31,6 +31,28 @@ MANAGERS_KEPT = 256  # sessions whose manager (and retrieval index) stays in mem
 DEFAULT_REPLY_RESERVE = 512  # tokens kept free for the reply when the request sets no max_tokens
 
 
+def canonical_calls(message: dict[str, Any]) -> dict[str, Any]:
+    """``message`` with its ``tool_calls`` in one shape (``id``, ``type``, ``function``:
+    ``name``, ``arguments``, in that order), so the reply as the upstream sent it and
+    the same message as a client sends it back are stored and compared alike."""
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        return message
+    shaped = []
+    for call in calls:
+        if not isinstance(call, dict):
+            return message
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        shaped.append(
+            {
+                "id": call.get("id"),
+                "type": call.get("type") or "function",
+                "function": {"name": function.get("name"), "arguments": function.get("arguments")},
+            }
+        )
+    return {**message, "tool_calls": shaped}
+
+
 class ServeError(Exception):
     """An answer that is an error: ``status`` and the OpenAI-style ``body``."""
 
@@ -138,7 +160,7 @@ class ChatService:
 
     def _normalise(self, raw: list[dict[str, Any]]) -> list[ChatMessage]:
         try:
-            return [parse_message(m, f"messages[{i}]") for i, m in enumerate(raw)]
+            return [parse_message(canonical_calls(m), f"messages[{i}]") for i, m in enumerate(raw)]
         except BadInputError as exc:
             raise ServeError(400, error_body(400, str(exc), "invalid_message"), "bad_message") from None
 
@@ -387,7 +409,7 @@ class ChatService:
         if raw["content"] is None and "tool_calls" not in raw:
             raw["content"] = ""
         try:
-            return parse_message(raw, "reply")
+            return parse_message(canonical_calls(raw), "reply")
         except BadInputError:
             return None
 
