@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from robust_util import connect, conversation, integrity, logical_state, run_cli, write_json
 
 from kvcache_cli.errors import BadInputError
 from kvcache_cli.loaders import load_file
+from tests.helpers import connect, integrity, invoke, logical_state, uniform_conversation, write_json
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 FULL = os.environ.get("KVCACHE_FULL_CORPUS") == "1"  # 100,000 messages end to end (about 35 s)
@@ -76,7 +76,7 @@ def test_one_run_over_the_whole_corpus(tmp_path: Path) -> None:
     missing = tmp_path / "missing.json"
     args = [str(CORPUS / "good.json")]
     args += [str(CORPUS / n) for n in sorted(BAD)] + [str(folder), str(missing), str(CORPUS / "bom.json")]
-    result = run_cli(home, "-q", "--db", str(db), "process", *args)
+    result = invoke("-q", "--db", str(db), "process", *args, home=home)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == len(BAD) + 2, result.stderr
@@ -93,7 +93,7 @@ def test_duplicate_session_ids_across_files_in_one_run(tmp_path: Path) -> None:
     home = tmp_path / "home"
     db = tmp_path / "kv.db"
     names = ("dup_first.json", "dup_extends.json", "dup_rewrites.json")
-    result = run_cli(home, "--db", str(db), "process", "--json", *(str(CORPUS / n) for n in names))
+    result = invoke("--db", str(db), "process", "--json", *(str(CORPUS / n) for n in names), home=home)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "dup_rewrites.json" in lines[0] and "message 1 differs" in lines[0], lines
@@ -108,19 +108,21 @@ def test_duplicate_session_ids_across_files_in_one_run(tmp_path: Path) -> None:
 def test_file_extended_then_rewritten_between_runs(tmp_path: Path) -> None:
     home = tmp_path / "home"
     db = tmp_path / "kv.db"
-    data = conversation("grow", 6)
-    src = write_json(tmp_path / "grow.json", {"session_id": "grow", "messages": data["messages"][:6]})
-    assert run_cli(home, "-q", "--db", str(db), "process", str(src)).returncode == 0
-    write_json(src, data)  # extended: only the new turns are replayed
-    again = run_cli(home, "--db", str(db), "process", "--json", str(src))
+    data = uniform_conversation("grow", 6)
+    src = write_json(
+        tmp_path / "grow.json", {"session_id": "grow", "messages": data["messages"][:6]}, compact=True
+    )
+    assert invoke("-q", "--db", str(db), "process", str(src), home=home).returncode == 0
+    write_json(src, data, compact=True)  # extended: only the new turns are replayed
+    again = invoke("--db", str(db), "process", "--json", str(src), home=home)
     assert again.returncode == 0, again.stderr
     session = json.loads(again.stdout)["sessions"][0]
     assert (session["messages_added"], session["turns_processed"]) == (6, 3)
     before = logical_state(db)
     rewritten = json.loads(json.dumps(data))
     rewritten["messages"][4]["content"] = "an edited question?"
-    write_json(src, rewritten)
-    refused = run_cli(home, "--db", str(db), "process", str(src))
+    write_json(src, rewritten, compact=True)
+    refused = invoke("--db", str(db), "process", str(src), home=home)
     assert refused.returncode == 2
     assert refused.stderr.strip().count("\n") == 0
     assert "grow.json" in refused.stderr and "message 4 differs" in refused.stderr
@@ -130,27 +132,30 @@ def test_file_extended_then_rewritten_between_runs(tmp_path: Path) -> None:
 def test_multi_conversation_file_with_a_conflict_writes_nothing(tmp_path: Path) -> None:
     home = tmp_path / "home"
     db = tmp_path / "kv.db"
-    first = write_json(tmp_path / "b.json", conversation("b", 2))
-    assert run_cli(home, "-q", "--db", str(db), "process", str(first)).returncode == 0
-    changed = conversation("b", 2)
+    first = write_json(tmp_path / "b.json", uniform_conversation("b", 2), compact=True)
+    assert invoke("-q", "--db", str(db), "process", str(first), home=home).returncode == 0
+    changed = uniform_conversation("b", 2)
     changed["messages"][1]["content"] = "rewritten answer"
     both = tmp_path / "both.jsonl"
-    both.write_text(json.dumps(conversation("a", 3)) + "\n" + json.dumps(changed) + "\n")
-    result = run_cli(home, "-q", "--db", str(db), "process", str(both))
+    both.write_text(json.dumps(uniform_conversation("a", 3)) + "\n" + json.dumps(changed) + "\n")
+    result = invoke("-q", "--db", str(db), "process", str(both), home=home)
     assert result.returncode == 2 and "message 1 differs" in result.stderr
     assert "a" not in _sessions(db)
 
 
+@pytest.mark.slow
 def test_fifty_megabyte_single_message(tmp_path: Path) -> None:
     home = tmp_path / "home"
     db = tmp_path / "kv.db"
     text = "lorem ipsum dolor sit amet consectetur " * (50 * 1024 * 1024 // 39)
     src = write_json(
-        tmp_path / "big.json", {"session_id": "big", "messages": [{"role": "user", "content": text}]}
+        tmp_path / "big.json",
+        {"session_id": "big", "messages": [{"role": "user", "content": text}]},
+        compact=True,
     )
     assert src.stat().st_size >= 50 * 1024 * 1024
     started = time.monotonic()
-    result = run_cli(home, "-q", "--db", str(db), "process", "--json", str(src), timeout=300)
+    result = invoke("-q", "--db", str(db), "process", "--json", str(src), home=home)
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     conn = connect(db)
@@ -172,6 +177,7 @@ def _many_messages(path: Path, count: int, per_turn: int) -> None:
             )
 
 
+@pytest.mark.slow
 def test_hundred_thousand_messages_load(tmp_path: Path) -> None:
     src = tmp_path / "many.jsonl"
     _many_messages(src, 100_000, 2)  # 50,000 turns
@@ -181,6 +187,7 @@ def test_hundred_thousand_messages_load(tmp_path: Path) -> None:
     print(f"\n100,000 messages loaded and validated in {time.monotonic() - started:.1f}s")
 
 
+@pytest.mark.slow
 def test_many_messages_end_to_end(tmp_path: Path) -> None:
     home = tmp_path / "home"
     db = tmp_path / "kv.db"
@@ -188,7 +195,7 @@ def test_many_messages_end_to_end(tmp_path: Path) -> None:
     src = tmp_path / "many.jsonl"
     _many_messages(src, count, 1000)
     started = time.monotonic()
-    result = run_cli(home, "-q", "--db", str(db), "process", "--session", "many", str(src), timeout=600)
+    result = invoke("-q", "--db", str(db), "process", "--session", "many", str(src), home=home)
     assert result.returncode == 0, result.stderr
     assert _sessions(db) == {"many": count}
     conn = sqlite3.connect(str(db))

@@ -1,4 +1,4 @@
-"""End to end: the installed ``kvcache`` in subprocesses, against real stores.
+"""End to end: kvcache commands against real stores (in-process; the script where it matters).
 
 Covers the foundation's acceptance list: the reference clears, two processes replaying
 halves, snapshot/restore identity, statistics totals, and every bad input failing with
@@ -25,8 +25,9 @@ from tests.helpers import (
     REPO,
     conversation,
     dump_db,
+    invoke,
+    invoke_json,
     one_error_line,
-    run_json,
     run_kvcache,
     strip_wall_clock,
     table_rows,
@@ -56,7 +57,7 @@ def clear_list(session: dict[str, Any]) -> list[tuple[int, str]]:
 def state(db: Path | str, home: Path) -> dict[str, Any]:
     """Everything a replay decides, without wall-clock fields."""
     return {
-        "stats": strip_wall_clock(run_json("stats", home=home, db=db)),
+        "stats": strip_wall_clock(invoke_json("stats", home=home, db=db)),
         "messages": table_rows(
             db,
             "SELECT session_id, message_index, role, content, tokens, timestamp FROM messages ORDER BY 1, 2",
@@ -94,7 +95,7 @@ def db(tmp_path: Path) -> Path:
 def test_module_entry_point_matches_script(home: Path) -> None:
     rc, out, err = run_kvcache("--help", home=home, module=True)
     assert rc == 0, err
-    rc2, out2, _ = run_kvcache("--help", home=home)
+    rc2, out2, _ = invoke("--help", home=home)
     assert rc2 == 0
     for command in ("process", "clear", "retrieve", "snapshot", "restore", "maintain", "stats"):
         assert command in out and command in out2
@@ -105,7 +106,7 @@ def test_module_runs_commands_like_the_script(home: Path, tmp_path: Path) -> Non
     rc, out, err = run_kvcache("process", EXAMPLES / "sharegpt.json", "--json", home=home, db=a, module=True)
     assert rc == 0, err
     by_module = json.loads(out)
-    by_script = run_json("process", EXAMPLES / "sharegpt.json", home=home, db=b)
+    by_script = invoke_json("process", EXAMPLES / "sharegpt.json", home=home, db=b)
     assert strip_wall_clock(by_module) == strip_wall_clock(by_script)
     rc, _, err = run_kvcache("stats", "nosuch", home=home, db=a, module=True)
     assert rc == 2 and "unknown session 'nosuch'" in one_error_line(err)
@@ -117,10 +118,10 @@ def test_examples_process_and_stats(home: Path, store_url: str) -> None:  # noqa
     files = [
         EXAMPLES / n for n in ("support-chat.json", "long-messages.json", "sharegpt.json", "openai.jsonl")
     ]
-    rc, out, err = run_kvcache("process", *files, home=home, db=db)
+    rc, out, err = invoke("process", *files, home=home, db=db)
     assert rc == 0, err
     assert "support-4821" in out
-    data = run_json("stats", home=home, db=db)
+    data = invoke_json("stats", home=home, db=db)
     keys = {s["session_id"] for s in data["sessions"]}
     assert keys == {
         "support-4821",
@@ -152,7 +153,7 @@ def test_readme_first_command_runs(home: Path, tmp_path: Path) -> None:
 
 
 def test_default_database_is_private(home: Path) -> None:
-    rc, _, err = run_kvcache("process", EXAMPLES / "openai.jsonl", home=home)
+    rc, _, err = invoke("process", EXAMPLES / "openai.jsonl", home=home)
     assert rc == 0, err
     path = home / "kvcache.db"
     assert path.exists()
@@ -161,17 +162,17 @@ def test_default_database_is_private(home: Path) -> None:
 
 def test_db_flag_beats_env(home: Path, tmp_path: Path) -> None:
     env_db, flag_db = tmp_path / "env.db", tmp_path / "flag.db"
-    rc, _, err = run_kvcache(
+    rc, _, err = invoke(
         "--db", flag_db, "process", EXAMPLES / "openai.jsonl", home=home, env={"KVCACHE_DB": str(env_db)}
     )
     assert rc == 0, err
     assert flag_db.exists() and not env_db.exists()
     # a read-only command on a named database that does not exist: a typo, not a new store
-    rc, out, err = run_kvcache("stats", "--json", home=home, env={"KVCACHE_DB": str(env_db)})
+    rc, out, err = invoke("stats", "--json", home=home, env={"KVCACHE_DB": str(env_db)})
     assert rc == 2 and "no such database" in err and not env_db.exists()
-    rc, _, err = run_kvcache("process", EXAMPLES / "openai.jsonl", home=home, env={"KVCACHE_DB": str(env_db)})
+    rc, _, err = invoke("process", EXAMPLES / "openai.jsonl", home=home, env={"KVCACHE_DB": str(env_db)})
     assert rc == 0, err
-    rc, out, err = run_kvcache("stats", "--json", home=home, env={"KVCACHE_DB": str(env_db)})
+    rc, out, err = invoke("stats", "--json", home=home, env={"KVCACHE_DB": str(env_db)})
     assert rc == 0, err
     assert json.loads(out)["database"] == str(env_db)
     assert not (home / "kvcache.db").exists()
@@ -182,7 +183,7 @@ def test_db_flag_beats_env(home: Path, tmp_path: Path) -> None:
 def test_short_40_turns_clear_at_16_and_32(home: Path, store_url: str, tmp_path: Path) -> None:  # noqa: F811
     db = store_url
     path = write_json(tmp_path / "short.json", conversation(40, session_id="short"))
-    data = run_json("process", path, home=home, db=db)
+    data = invoke_json("process", path, home=home, db=db)
     [session] = data["sessions"]
     assert session["turns_processed"] == 40
     assert clear_list(session) == [(16, "ConversationLimit"), (32, "ConversationLimit")]
@@ -191,16 +192,16 @@ def test_short_40_turns_clear_at_16_and_32(home: Path, store_url: str, tmp_path:
 def test_long_messages_clear_earlier(home: Path, store_url: str, tmp_path: Path) -> None:  # noqa: F811
     db = store_url
     path = write_json(tmp_path / "long.json", conversation(40, session_id="long", long=True))
-    [session] = run_json("process", path, home=home, db=db)["sessions"]
+    [session] = invoke_json("process", path, home=home, db=db)["sessions"]
     found = clear_list(session)
     assert found and found[0][0] < 16 and found[0][1] == "MemoryThreshold"
-    [example] = run_json("process", EXAMPLES / "long-messages.json", home=home, db=db)["sessions"]
+    [example] = invoke_json("process", EXAMPLES / "long-messages.json", home=home, db=db)["sessions"]
     assert clear_list(example)[0][1] == "MemoryThreshold" and clear_list(example)[0][0] < 16
 
 
 def test_turn_details_show_the_bridges(home: Path, store_url: str) -> None:  # noqa: F811
     db = store_url
-    data = run_json("process", EXAMPLES / "support-chat.json", "--turns", home=home, db=db)
+    data = invoke_json("process", EXAMPLES / "support-chat.json", "--turns", home=home, db=db)
     turns = data["sessions"][0]["turns"]
     assert turns[15]["clear_reason"] == "ConversationLimit"
     assert turns[15]["bridge_messages"][0].startswith(
@@ -209,7 +210,7 @@ def test_turn_details_show_the_bridges(home: Path, store_url: str) -> None:  # n
     assert turns[16]["bridge_messages"][0].startswith(
         "[Prior conversation summary — context before memory compression:]"
     )
-    detail = run_json("stats", "support-4821", home=home, db=db)["session"]
+    detail = invoke_json("stats", "support-4821", home=home, db=db)["session"]
     assert detail["summary"]["clear_count"] == 2
 
 
@@ -225,9 +226,11 @@ def test_two_halves_by_two_processes_equal_one_replay(
     half_path = write_json(tmp_path / "half.json", truncated(full, split))
     full_path = write_json(tmp_path / "full.json", full)
     two, one = store_factory("two"), store_factory("one")
-    first = run_json("process", half_path, home=home, db=two)["sessions"][0]
-    second = run_json("process", full_path, home=home, db=two)["sessions"][0]
-    whole = run_json("process", full_path, home=home, db=one)["sessions"][0]
+    # three separate processes, as two runs of a user's would be
+    first, second, whole = (
+        json.loads(run_kvcache("process", path, "--json", home=home, db=db).stdout)["sessions"][0]
+        for path, db in ((half_path, two), (full_path, two), (full_path, one))
+    )
     assert (
         first["messages_added"] + second["messages_added"] == whole["messages_added"] == len(full["messages"])
     )
@@ -238,9 +241,9 @@ def test_two_halves_by_two_processes_equal_one_replay(
 
 def test_replaying_twice_adds_nothing(home: Path, store_url: str) -> None:  # noqa: F811
     db = store_url
-    run_json("process", EXAMPLES / "sharegpt.json", home=home, db=db)
+    invoke_json("process", EXAMPLES / "sharegpt.json", home=home, db=db)
     before = dump_db(db)
-    again = run_json("process", EXAMPLES / "sharegpt.json", home=home, db=db)
+    again = invoke_json("process", EXAMPLES / "sharegpt.json", home=home, db=db)
     assert [s["messages_added"] for s in again["sessions"]] == [0, 0, 0]
     assert [s["turns_processed"] for s in again["sessions"]] == [0, 0, 0]
     assert dump_db(db) == before
@@ -250,9 +253,9 @@ def test_extension_processes_only_new_turns(home: Path, store_url: str, tmp_path
     db = store_url
     data = conversation(24, session_id="ext")
     write_json(tmp_path / "ext.json", truncated(data, 1 + 2 * 10))
-    run_json("process", tmp_path / "ext.json", home=home, db=db)
+    invoke_json("process", tmp_path / "ext.json", home=home, db=db)
     write_json(tmp_path / "ext.json", data)
-    [session] = run_json("process", tmp_path / "ext.json", "--turns", home=home, db=db)["sessions"]
+    [session] = invoke_json("process", tmp_path / "ext.json", "--turns", home=home, db=db)["sessions"]
     assert session["turns_processed"] == 14
     assert session["messages_added"] == 28
     assert [t["turn"] for t in session["turns"]] == list(range(11, 25))
@@ -262,12 +265,12 @@ def test_extension_processes_only_new_turns(home: Path, store_url: str, tmp_path
 def test_divergent_file_is_refused(home: Path, store_url: str, tmp_path: Path) -> None:  # noqa: F811
     db = store_url
     data = conversation(8, session_id="div")
-    run_json("process", write_json(tmp_path / "div.json", data), home=home, db=db)
+    invoke_json("process", write_json(tmp_path / "div.json", data), home=home, db=db)
     before = dump_db(db)
     data["messages"][5]["content"] = "rewritten history"
     data["messages"].append({"role": "user", "content": "one more"})
     write_json(tmp_path / "div.json", data)
-    rc, _, err = run_kvcache("process", tmp_path / "div.json", home=home, db=db)
+    rc, _, err = invoke("process", tmp_path / "div.json", home=home, db=db)
     assert rc == 2
     line = one_error_line(err)
     assert "message 5 differs" in line
@@ -277,8 +280,8 @@ def test_divergent_file_is_refused(home: Path, store_url: str, tmp_path: Path) -
 # ----------------------------------------------------------------------------- snapshot / stats
 def test_snapshot_then_restore_returns_the_same_entries(home: Path, store_url: str) -> None:  # noqa: F811
     db = store_url
-    run_json("process", EXAMPLES / "openai.jsonl", home=home, db=db)
-    snap = run_json("snapshot", "jsonl-onboarding", home=home, db=db)
+    invoke_json("process", EXAMPLES / "openai.jsonl", home=home, db=db)
+    snap = invoke_json("snapshot", "jsonl-onboarding", home=home, db=db)
     sql = f"SELECT {ENTRY_COLUMNS} FROM cache_entries WHERE session_id = 1 ORDER BY position, key_hash"
     snap_sql = (
         f"SELECT {ENTRY_COLUMNS} FROM snapshot_entries WHERE snapshot_id = ? ORDER BY position, key_hash"
@@ -286,51 +289,51 @@ def test_snapshot_then_restore_returns_the_same_entries(home: Path, store_url: s
     active = table_rows(db, sql)
     assert len(active) == snap["entry_count"] == 7
     assert table_rows(db, snap_sql, (snap["id"],)) == active
-    cleared = run_json("clear", "jsonl-onboarding", home=home, db=db)
+    cleared = invoke_json("clear", "jsonl-onboarding", home=home, db=db)
     assert cleared["clear_reason"] == "Manual"
     assert len(table_rows(db, sql)) < len(active)
-    restored = run_json("restore", "jsonl-onboarding", str(snap["id"]), home=home, db=db)
+    restored = invoke_json("restore", "jsonl-onboarding", str(snap["id"]), home=home, db=db)
     assert restored["entries_restored"] == 7
     assert table_rows(db, sql) == active
-    listed = run_json("snapshot", "--list", "jsonl-onboarding", home=home, db=db)["snapshots"]
+    listed = invoke_json("snapshot", "--list", "jsonl-onboarding", home=home, db=db)["snapshots"]
     assert snap["state_hash"] in [s["state_hash"] for s in listed]
 
 
 def test_retrieve_and_maintain_round_trip(home: Path, store_url: str) -> None:  # noqa: F811
     """retrieve finds and counts; maintain --dry-run changes nothing; maintain releases."""
     db = store_url
-    run_json("process", EXAMPLES / "support-chat.json", home=home, db=db)
-    found = run_json("retrieve", "support-4821", "refund for the damaged order", home=home, db=db)
+    invoke_json("process", EXAMPLES / "support-chat.json", home=home, db=db)
+    found = invoke_json("retrieve", "support-4821", "refund for the damaged order", home=home, db=db)
     assert found["entries_retrieved"] == len(found["results"]) > 0
     assert all(r["session_id"] == "support-4821" for r in found["results"])
-    everywhere = run_json("retrieve", "--all-sessions", "refund order", home=home, db=db)
+    everywhere = invoke_json("retrieve", "--all-sessions", "refund order", home=home, db=db)
     assert everywhere["results"]
-    before_stats = run_json("stats", home=home, db=db)
+    before_stats = invoke_json("stats", home=home, db=db)
     before = dump_db(db)
-    dry = run_json("maintain", "--dry-run", "--inactive-hours", "0", home=home, db=db)
+    dry = invoke_json("maintain", "--dry-run", "--inactive-hours", "0", home=home, db=db)
     assert dry["dry_run"] is True and dry["cleaned_sessions"] == ["support-4821"]
     assert dump_db(db) == before
-    done = run_json("maintain", "--inactive-hours", "0", "--check", home=home, db=db)
+    done = invoke_json("maintain", "--inactive-hours", "0", "--check", home=home, db=db)
     assert done["sessions_cleaned"] == 1 and done["integrity"] == "ok" and not done["errors"]
-    again = run_json("maintain", "--inactive-hours", "0", home=home, db=db)
+    again = invoke_json("maintain", "--inactive-hours", "0", home=home, db=db)
     assert again["sessions_cleaned"] == 0
-    stats = run_json("stats", home=home, db=db)
+    stats = invoke_json("stats", home=home, db=db)
     [session] = stats["sessions"]
     assert session["entry_count"] == 0 and session["cache_size_bytes"] == 0
     assert stats["message_count"] == before_stats["message_count"]  # history is kept
-    assert run_json("stats", "support-4821", home=home, db=db)["session"]["message_count"] == 95
+    assert invoke_json("stats", "support-4821", home=home, db=db)["session"]["message_count"] == 95
 
 
 def test_stats_totals_match_process_output(home: Path, store_url: str, tmp_path: Path) -> None:  # noqa: F811
     db = store_url
     reports: list[dict[str, Any]] = []
-    reports += run_json(
+    reports += invoke_json(
         "process", EXAMPLES / "support-chat.json", EXAMPLES / "sharegpt.json", home=home, db=db
     )["sessions"]
-    reports += run_json("process", EXAMPLES / "long-messages.json", home=home, db=db)["sessions"]
+    reports += invoke_json("process", EXAMPLES / "long-messages.json", home=home, db=db)["sessions"]
     write_json(tmp_path / "long.json", conversation(20, session_id="long2", long=True))
-    reports += run_json("process", tmp_path / "long.json", home=home, db=db)["sessions"]
-    stats = run_json("stats", home=home, db=db)
+    reports += invoke_json("process", tmp_path / "long.json", home=home, db=db)["sessions"]
+    stats = invoke_json("stats", home=home, db=db)
     for key in (
         "total_clears",
         "entries_cleared",
@@ -379,7 +382,7 @@ def seeded(
     else:
         db = create_database()
     try:
-        run_json("process", EXAMPLES / "openai.jsonl", home=home, db=db)
+        invoke_json("process", EXAMPLES / "openai.jsonl", home=home, db=db)
         yield home, db
     finally:
         if isinstance(db, str):
@@ -399,7 +402,7 @@ def test_bad_file_fails_cleanly(case: str, seeded: tuple[Path, Path | str], tmp_
     elif text is not None:
         path.write_text(text, encoding="utf-8")
     before = dump_db(db)
-    rc, _, err = run_kvcache("process", path, home=home, db=db)
+    rc, _, err = invoke("process", path, home=home, db=db)
     assert rc == 2
     line = one_error_line(err)
     assert line.startswith("kvcache: error: ")
@@ -412,7 +415,7 @@ def test_bad_file_beside_good_file(home: Path, store_url: str, tmp_path: Path) -
     db = store_url
     bad = tmp_path / "bad.json"
     bad.write_text('[{"role": "user"}]', encoding="utf-8")
-    rc, out, err = run_kvcache("process", bad, EXAMPLES / "openai.jsonl", "--json", home=home, db=db)
+    rc, out, err = invoke("process", bad, EXAMPLES / "openai.jsonl", "--json", home=home, db=db)
     assert rc == 2
     assert "bad.json" in one_error_line(err)
     data = json.loads(out)
@@ -428,12 +431,12 @@ def test_nul_character_kept_on_sqlite_refused_on_postgres(
 ) -> None:
     """SQLite stores text byte for byte; PostgreSQL text cannot hold NUL: one line, exit 2,
     nothing written (not a half-replayed conversation)."""
-    run_json("process", EXAMPLES / "openai.jsonl", home=home, db=store_url)
+    invoke_json("process", EXAMPLES / "openai.jsonl", home=home, db=store_url)
     data = conversation(3, session_id="nul")
     data["messages"][3]["content"] = "a NUL\x00 here"
     path = write_json(tmp_path / "nul.json", data)
     before = dump_db(store_url)
-    rc, _, err = run_kvcache("process", path, home=home, db=store_url)
+    rc, _, err = invoke("process", path, home=home, db=store_url)
     if not is_pg(store_url):
         assert rc == 0, err
         assert table_rows(store_url, "SELECT content FROM messages WHERE content LIKE 'a NUL%'") == [
@@ -461,7 +464,7 @@ def test_nul_character_kept_on_sqlite_refused_on_postgres(
 def test_unknown_ids_fail_cleanly(args: tuple[str, ...], seeded: tuple[Path, Path | str]) -> None:
     home, db = seeded
     before = dump_db(db)
-    rc, _, err = run_kvcache(*args, home=home, db=db)
+    rc, _, err = invoke(*args, home=home, db=db)
     assert rc == 2
     line = one_error_line(err)
     assert "unknown session 'nosuch'" in line or "unknown snapshot 9999" in line
@@ -471,12 +474,12 @@ def test_unknown_ids_fail_cleanly(args: tuple[str, ...], seeded: tuple[Path, Pat
 def test_bad_config_names_key_and_file(home: Path, db: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[cache]\nclear_after_turns = 3\n", encoding="utf-8")
-    rc, _, err = run_kvcache("--config", cfg, "stats", home=home, db=db)
+    rc, _, err = invoke("--config", cfg, "stats", home=home, db=db)
     assert rc == 2
     line = one_error_line(err)
     assert str(cfg) in line and "cache.clear_after_turns" in line
     cfg.write_text("[cache]\nmemory_threshold_percent = 1.5\n", encoding="utf-8")
-    rc, _, err = run_kvcache("--config", cfg, "stats", home=home, db=db)
+    rc, _, err = invoke("--config", cfg, "stats", home=home, db=db)
     assert rc == 2
     line = one_error_line(err)
     assert str(cfg) in line and "cache.memory_threshold_percent" in line
@@ -486,34 +489,34 @@ def test_config_changes_the_clear_limit(home: Path, db: Path, tmp_path: Path) ->
     cfg = tmp_path / "k.toml"
     cfg.write_text("[cache]\nclear_after_conversations = 5\n", encoding="utf-8")
     path = write_json(tmp_path / "c.json", conversation(12, session_id="c"))
-    rc, out, err = run_kvcache("--config", cfg, "process", path, "--json", home=home, db=db)
+    rc, out, err = invoke("--config", cfg, "process", path, "--json", home=home, db=db)
     assert rc == 0, err
     assert clear_list(json.loads(out)["sessions"][0]) == [(5, "ConversationLimit"), (10, "ConversationLimit")]
 
 
 def test_init_config_writes_a_file_that_loads_back(home: Path, tmp_path: Path) -> None:
     target = tmp_path / "conf" / "kvcache.toml"
-    rc, _, err = run_kvcache("init-config", target, home=home)
+    rc, _, err = invoke("init-config", target, home=home)
     assert rc == 0, err
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     loaded = load_config(target)
     assert loaded.to_dict() == Config().to_dict()
-    rc, _, err = run_kvcache("init-config", target, home=home)
+    rc, _, err = invoke("init-config", target, home=home)
     assert rc == 2 and "already exists" in one_error_line(err)
-    rc, _, err = run_kvcache("init-config", home=home)
+    rc, _, err = invoke("init-config", home=home)
     assert rc == 0, err
     assert (home / "kvcache.toml").exists()
-    rc, _, err = run_kvcache("stats", home=home)  # the default config file is read and valid
+    rc, _, err = invoke("stats", home=home)  # the default config file is read and valid
     assert rc == 0, err
     other = tmp_path / "other.toml"
-    rc, out, err = run_kvcache("init-config", other, "--json", home=home)
+    rc, out, err = invoke("init-config", other, "--json", home=home)
     assert rc == 0, err
     assert json.loads(out) == {"path": str(other), "written": True} and other.exists()
 
 
 @pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
 def test_retrieve_min_score_out_of_range(home: Path, db: Path, value: str) -> None:
-    rc, _, err = run_kvcache("retrieve", "s", "budget", "--min-score", value, home=home, db=db)
+    rc, _, err = invoke("retrieve", "s", "budget", "--min-score", value, home=home, db=db)
     assert rc == 2 and "--min-score must be between 0 and 1" in one_error_line(err)
 
 
@@ -521,7 +524,7 @@ def test_retrieve_min_score_out_of_range(home: Path, db: Path, value: str) -> No
 def test_unreadable_database_path_is_one_line(home: Path, tmp_path: Path) -> None:
     not_db = tmp_path / "notes.txt"
     not_db.write_text("these are my notes, not a database\n", encoding="utf-8")
-    rc, _, err = run_kvcache("stats", home=home, db=not_db)
+    rc, _, err = invoke("stats", home=home, db=not_db)
     assert rc != 0
     assert "not a SQLite database" in one_error_line(err)
     assert not_db.read_text(encoding="utf-8") == "these are my notes, not a database\n"

@@ -11,17 +11,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from robust_util import (
+import pytest
+
+from tests.helpers import (
     check_turn_boundaries,
-    conversation,
     integrity,
     logical_state,
-    run_cli,
-    start_cli,
+    run_kvcache,
+    start_kvcache,
+    uniform_conversation,
     write_json,
 )
-
 from tests.pg import is_pg, store_factory  # noqa: F401  (fixture)
+
+#: every case here starts many processes or kills them: seconds each
+pytestmark = pytest.mark.slow
 
 WRITERS = 8
 TURNS = 12
@@ -29,11 +33,13 @@ TURNS = 12
 
 def _files(folder: Path) -> tuple[list[Path], Path, dict[str, dict]]:
     folder.mkdir()
-    convs = {f"own-{i}": conversation(f"own-{i}", TURNS, topic=f"topic{i}", seed=i) for i in range(WRITERS)}
-    shared = conversation("shared", TURNS, topic="shared", seed=99)
-    files = [write_json(folder / f"{key}.json", data) for key, data in convs.items()]
+    convs = {
+        f"own-{i}": uniform_conversation(f"own-{i}", TURNS, topic=f"topic{i}", seed=i) for i in range(WRITERS)
+    }
+    shared = uniform_conversation("shared", TURNS, topic="shared", seed=99)
+    files = [write_json(folder / f"{key}.json", data, compact=True) for key, data in convs.items()]
     convs["shared"] = shared
-    return files, write_json(folder / "shared.json", shared), convs
+    return files, write_json(folder / "shared.json", shared, compact=True), convs
 
 
 def test_sixteen_concurrent_writers_equal_a_sequential_run(
@@ -44,14 +50,15 @@ def test_sixteen_concurrent_writers_equal_a_sequential_run(
     home = tmp_path / "home"
 
     seq_db = store_factory("seq")
-    result = run_cli(home, "-q", "--db", seq_db, "process", *map(str, files), str(shared))
+    result = run_kvcache("-q", "--db", seq_db, "process", *map(str, files), str(shared), home=home)
     assert result.returncode == 0, result.stderr
 
     db = store_factory("conc")
     started = time.monotonic()
-    procs = [start_cli(home, "-q", "--db", str(db), "process", str(f), "--json") for f in files]
+    procs = [start_kvcache("-q", "--db", str(db), "process", str(f), "--json", home=home) for f in files]
     procs += [
-        start_cli(home, "-q", "--db", str(db), "process", str(shared), "--json") for _ in range(WRITERS)
+        start_kvcache("-q", "--db", str(db), "process", str(shared), "--json", home=home)
+        for _ in range(WRITERS)
     ]
     outputs = [p.communicate(timeout=240) for p in procs]
     elapsed = time.monotonic() - started

@@ -11,19 +11,25 @@ from __future__ import annotations
 import random
 import signal
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
-from robust_util import (
+import pytest
+
+from tests.helpers import (
     check_turn_boundaries,
     committed_rows,
-    conversation,
     integrity,
     logical_state,
-    run_cli,
-    start_cli,
+    run_kvcache,
+    start_kvcache,
+    uniform_conversation,
     write_json,
 )
+
+#: every case here starts many processes or kills them: seconds each
+pytestmark = pytest.mark.slow
 
 KILLS = 8
 TURNS = 60
@@ -34,7 +40,7 @@ def _stored(db: Path) -> int:
     return committed_rows(db, "messages")
 
 
-def _wait_for_progress(db: Path, proc: object, at_least: int, limit: float = 60.0) -> None:
+def _wait_for_progress(db: Path, proc: subprocess.Popen[str], at_least: int, limit: float = 60.0) -> None:
     deadline = time.monotonic() + limit
     while _stored(db) < at_least and time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -44,14 +50,14 @@ def _wait_for_progress(db: Path, proc: object, at_least: int, limit: float = 60.
 
 def test_sigkill_at_random_points_then_replay_equals_uninterrupted(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    data = conversation("crash", TURNS, topic="crash")
-    data2 = conversation("other", TURNS // 2, topic="other", seed=3)
-    src = write_json(tmp_path / "crash.json", data)
-    src2 = write_json(tmp_path / "other.json", data2)
+    data = uniform_conversation("crash", TURNS, topic="crash")
+    data2 = uniform_conversation("other", TURNS // 2, topic="other", seed=3)
+    src = write_json(tmp_path / "crash.json", data, compact=True)
+    src2 = write_json(tmp_path / "other.json", data2, compact=True)
     convs = {"crash": data, "other": data2}
 
     ref = tmp_path / "ref.db"
-    done = run_cli(home, "-q", "--db", str(ref), "process", str(src), str(src2))
+    done = run_kvcache("-q", "--db", str(ref), "process", str(src), str(src2), home=home)
     assert done.returncode == 0, done.stderr
     total = len(data["messages"]) + len(data2["messages"])
 
@@ -60,7 +66,7 @@ def test_sigkill_at_random_points_then_replay_equals_uninterrupted(tmp_path: Pat
     killed_at: list[int] = []
     for _ in range(KILLS):
         # -j 1: the turn-by-turn path (new sessions would otherwise be merged whole from workers)
-        proc = start_cli(home, "-q", "--db", str(db), "process", "-j", "1", str(src), str(src2))
+        proc = start_kvcache("-q", "--db", str(db), "process", "-j", "1", str(src), str(src2), home=home)
         # a random point: wait for some progress past what is already stored, then a random delay
         _wait_for_progress(db, proc, min(total - 1, _stored(db) + rng.randint(1, 12)))
         time.sleep(rng.uniform(0.0, 0.05))
@@ -71,7 +77,7 @@ def test_sigkill_at_random_points_then_replay_equals_uninterrupted(tmp_path: Pat
         killed_at.append(_stored(db))
     assert any(0 < n < total for n in killed_at), killed_at  # some kills did land mid-replay
 
-    again = run_cli(home, "-q", "--db", str(db), "process", str(src), str(src2))
+    again = run_kvcache("-q", "--db", str(db), "process", str(src), str(src2), home=home)
     assert again.returncode == 0, again.stderr
     assert integrity(db) == "ok"
     assert logical_state(db) == logical_state(ref)
@@ -84,15 +90,15 @@ def test_sigkill_of_a_parallel_replay_keeps_whole_sessions_and_stops_its_workers
     import psutil
 
     home = tmp_path / "home"
-    data = {f"w{i}": conversation(f"w{i}", TURNS, topic=f"w{i}", seed=i) for i in range(8)}
-    srcs = [str(write_json(tmp_path / f"{key}.json", conv)) for key, conv in data.items()]
+    data = {f"w{i}": uniform_conversation(f"w{i}", TURNS, topic=f"w{i}", seed=i) for i in range(8)}
+    srcs = [str(write_json(tmp_path / f"{key}.json", conv, compact=True)) for key, conv in data.items()]
     ref = tmp_path / "ref.db"
-    assert run_cli(home, "-q", "--db", str(ref), "process", "-j", "1", *srcs).returncode == 0
+    assert run_kvcache("-q", "--db", str(ref), "process", "-j", "1", *srcs, home=home).returncode == 0
     rng = random.Random(7)
     db = tmp_path / "killed.db"
     sessions_at_kill = []
     for _ in range(3):
-        proc = start_cli(home, "-q", "--db", str(db), "process", "-j", "2", *srcs)
+        proc = start_kvcache("-q", "--db", str(db), "process", "-j", "2", *srcs, home=home)
         # wait for one or two more merged sessions, then kill soon after
         most = (len(srcs) - 1) * 2 * TURNS
         _wait_for_progress(db, proc, min(most, _stored(db) + 2 * TURNS * rng.randint(1, 2)))
@@ -112,7 +118,7 @@ def test_sigkill_of_a_parallel_replay_keeps_whole_sessions_and_stops_its_workers
         assert all(n == 2 * TURNS for n in counts.values()), counts  # whole sessions only
         sessions_at_kill.append(len(counts))
     assert any(0 < n < len(srcs) for n in sessions_at_kill), sessions_at_kill  # kills landed mid-run
-    again = run_cli(home, "-q", "--db", str(db), "process", *srcs)
+    again = run_kvcache("-q", "--db", str(db), "process", *srcs, home=home)
     assert again.returncode == 0, again.stderr
     assert not list(tmp_path.glob(".kvcache-replay-*"))  # the killed runs' scratch folders
     assert logical_state(db) == logical_state(ref)
@@ -120,13 +126,13 @@ def test_sigkill_of_a_parallel_replay_keeps_whole_sessions_and_stops_its_workers
 
 def test_ctrl_c_stops_at_a_turn_boundary_with_exit_130(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    data = conversation("intr", TURNS, topic="intr")
-    src = write_json(tmp_path / "intr.json", data)
+    data = uniform_conversation("intr", TURNS, topic="intr")
+    src = write_json(tmp_path / "intr.json", data, compact=True)
     ref = tmp_path / "ref.db"
-    assert run_cli(home, "-q", "--db", str(ref), "process", str(src)).returncode == 0
+    assert run_kvcache("-q", "--db", str(ref), "process", str(src), home=home).returncode == 0
 
     db = tmp_path / "intr.db"
-    proc = start_cli(home, "--db", str(db), "process", str(src))
+    proc = start_kvcache("--db", str(db), "process", str(src), home=home)
     _wait_for_progress(db, proc, 20)
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=60)
@@ -137,6 +143,6 @@ def test_ctrl_c_stops_at_a_turn_boundary_with_exit_130(tmp_path: Path) -> None:
     assert integrity(db) == "ok"
     check_turn_boundaries(db, {"intr": data})
 
-    again = run_cli(home, "-q", "--db", str(db), "process", str(src))
+    again = run_kvcache("-q", "--db", str(db), "process", str(src), home=home)
     assert again.returncode == 0, again.stderr
     assert logical_state(db) == logical_state(ref)

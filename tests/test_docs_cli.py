@@ -27,3 +27,12 @@ def test_cli_md_documents_every_command() -> None:
         assert f"## kvcache {name}\n" in text
     assert "--watch" in text and "--interval" in text
     assert "\x1b[" not in text
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    """The README's test command line is the one ``.ci/run`` runs, word for word."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    command = next(line for line in readme if line.startswith("python3 -m venv") and "[test]" in line)
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert command in ci
+    assert ci[-1] == command  # run last, after the PostgreSQL set-up

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,6 +36,7 @@ PIECES = st.sampled_from(WORDS) | st.text(alphabet=" .,!?'\n#+_-%:3Ab", max_size
 TEXTS = st.lists(PIECES, max_size=12).map("".join) | st.text(max_size=40)
 
 
+@pytest.mark.slow
 @settings(max_examples=600, deadline=None)
 @given(TEXTS)
 def test_pattern_probes_match_the_regexes(text: str) -> None:

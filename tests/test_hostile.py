@@ -9,12 +9,12 @@ import stat
 from pathlib import Path
 
 import pytest
-from fake_llama_server import FakeLlamaServer
-from robust_util import connect, run_cli, write_json
 
 from kvcache_cli.llm.client import make_slot_filename
 from kvcache_cli.services.manager import KVCacheManager
 from kvcache_cli.store.backend import open_store
+from tests.fake_llama_server import FakeLlamaServer
+from tests.helpers import connect, invoke, write_json
 
 HOSTILE = [
     'tell me about "unbalanced quote',
@@ -36,9 +36,11 @@ def test_hostile_text_is_stored_and_searched_as_plain_text(tmp_path: Path) -> No
     for i, text in enumerate(HOSTILE):
         msgs += [{"role": "user", "content": text}, {"role": "assistant", "content": f"reply number {i}"}]
     src = write_json(
-        tmp_path / "h.json", {"session_id": "hostile'; DROP TABLE sessions;--", "messages": msgs}
+        tmp_path / "h.json",
+        {"session_id": "hostile'; DROP TABLE sessions;--", "messages": msgs},
+        compact=True,
     )
-    done = run_cli(home, "-q", "--db", str(db), "process", str(src))
+    done = invoke("-q", "--db", str(db), "process", str(src), home=home)
     assert done.returncode == 0, done.stderr
     conn = connect(db)
     try:
@@ -55,16 +57,16 @@ def test_hostile_text_is_stored_and_searched_as_plain_text(tmp_path: Path) -> No
             manager.retrieve(None, text)
     finally:
         store.close()
-    found = run_cli(
-        home, "--db", str(db), "retrieve", "hostile'; DROP TABLE sessions;--", HOSTILE[1], "--json"
+    found = invoke(
+        "--db", str(db), "retrieve", "hostile'; DROP TABLE sessions;--", HOSTILE[1], "--json", home=home
     )
     assert found.returncode == 0 and "Traceback" not in found.stderr, found.stderr
-    hits = run_cli(home, "--db", str(db), "retrieve", "--all-sessions", "DROP TABLE messages", "--json")
+    hits = invoke("--db", str(db), "retrieve", "--all-sessions", "DROP TABLE messages", "--json", home=home)
     texts = [r["text"] for r in json.loads(hits.stdout)["results"]]
     assert HOSTILE[2] in texts
-    long_hit = run_cli(home, "--db", str(db), "retrieve", "--all-sessions", "longtoken", "--json")
+    long_hit = invoke("--db", str(db), "retrieve", "--all-sessions", "longtoken", "--json", home=home)
     assert any(r["text"].endswith("longtoken") for r in json.loads(long_hit.stdout)["results"])
-    rtl = run_cli(home, "--db", str(db), "retrieve", "--all-sessions", "שלום", "--json")
+    rtl = invoke("--db", str(db), "retrieve", "--all-sessions", "שלום", "--json", home=home)
     assert any("שלום" in r["text"] for r in json.loads(rtl.stdout)["results"])
     conn = connect(db)
     try:
@@ -105,14 +107,16 @@ def test_files_kvcache_creates_are_owner_only(tmp_path: Path) -> None:
     home = tmp_path / "home"
     db = tmp_path / "new" / "deeper" / "kv.db"
     src = write_json(
-        tmp_path / "c.json", {"session_id": "s", "messages": [{"role": "user", "content": "hi?"}]}
+        tmp_path / "c.json",
+        {"session_id": "s", "messages": [{"role": "user", "content": "hi?"}]},
+        compact=True,
     )
     old = os.umask(0o022)
     try:
-        assert run_cli(home, "-q", "--db", str(db), "process", str(src)).returncode == 0
-        assert run_cli(home, "-q", "--db", str(db), "maintain").returncode == 0
-        assert run_cli(home, "-q", "process", str(src)).returncode == 0  # the default store under home
-        assert run_cli(home, "init-config").returncode == 0
+        assert invoke("-q", "--db", str(db), "process", str(src), home=home).returncode == 0
+        assert invoke("-q", "--db", str(db), "maintain", home=home).returncode == 0
+        assert invoke("-q", "process", str(src), home=home).returncode == 0  # the default store under home
+        assert invoke("init-config", home=home).returncode == 0
     finally:
         os.umask(old)
     assert _mode(db) == 0o600
@@ -146,6 +150,7 @@ def test_api_keys_never_appear_in_output_or_errors(tmp_path: Path) -> None:
     src = write_json(
         tmp_path / "c.json",
         {"session_id": "s", "messages": [{"role": "user", "content": f"what is {i}?"} for i in range(3)]},
+        compact=True,
     )
     outputs = []
     with FakeLlamaServer(api_key="the-right-key") as server:  # our key is wrong: 401 everywhere
@@ -156,11 +161,19 @@ def test_api_keys_never_appear_in_output_or_errors(tmp_path: Path) -> None:
             ["clear", "s", "--slot", "0", "--server", server.url],
         ):
             outputs.append(
-                run_cli(home, "-vv", "--db", str(db), "--config", str(config), *args, KV_TEST_API_KEY=SECRET)
+                invoke(
+                    "-vv",
+                    "--db",
+                    str(db),
+                    "--config",
+                    str(config),
+                    *args,
+                    home=home,
+                    env={"KV_TEST_API_KEY": SECRET},
+                )
             )
     outputs.append(
-        run_cli(
-            home,
+        invoke(
             "-vv",
             "--db",
             str(db),
@@ -170,13 +183,14 @@ def test_api_keys_never_appear_in_output_or_errors(tmp_path: Path) -> None:
             "--server",
             "http://127.0.0.1:9",
             str(src),
-            KV_TEST_API_KEY=SECRET,
+            home=home,
+            env={"KV_TEST_API_KEY": SECRET},
         )
     )
-    outputs.append(run_cli(home, "-vv", "--db", f"postgresql://user:{SECRET}@127.0.0.1:9/kv", "stats"))
+    outputs.append(invoke("-vv", "--db", f"postgresql://user:{SECRET}@127.0.0.1:9/kv", "stats", home=home))
     assert any(o.returncode != 0 for o in outputs)
     for out in outputs:
-        assert SECRET not in out.stdout and SECRET not in out.stderr, (out.args, out.stderr)
+        assert SECRET not in out.stdout and SECRET not in out.stderr, out.stderr[:300]
         assert SECRET[:12] not in out.stderr
     for path in home.rglob("*"):
         if path.is_file():

@@ -8,18 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import run_kvcache as _run
 
 from kvcache_cli.errors import BadInputError
 from kvcache_cli.loaders import iter_file
 from kvcache_cli.services.importing import import_file
 from kvcache_cli.store.backend import open_store
-
-
-def run_kvcache(*args: str | Path, home: Path, db: Path) -> tuple[int, str, str]:
-    home.mkdir(parents=True, exist_ok=True)
-    return _run(*args, home=home, db=db)
-
+from tests.helpers import invoke
 
 CONVS: list[dict[str, Any]] = [
     {
@@ -58,7 +52,7 @@ def rows(db: Path, sql: str) -> list[tuple]:
 def test_import_stores_messages_and_makes_them_searchable(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "chats.jsonl", CONVS)
     db = tmp_path / "kv.db"
-    rc, out, err = run_kvcache("import", src, "--json", home=tmp_path / "home", db=db)
+    rc, out, err = invoke("import", src, "--json", home=tmp_path / "home", db=db)
     assert rc == 0, err
     data = json.loads(out)
     assert data["messages_added"] == 7
@@ -79,15 +73,11 @@ def test_import_stores_messages_and_makes_them_searchable(tmp_path: Path) -> Non
     # history only: no cache entries, snapshots or turn log
     assert rows(db, "SELECT COUNT(*) FROM cache_entries")[0][0] == 0
     assert rows(db, "SELECT COUNT(*) FROM snapshots")[0][0] == 0
-    rc, out, err = run_kvcache(
-        "retrieve", "alpha", "postgres replica", "--json", home=tmp_path / "home", db=db
-    )
+    rc, out, err = invoke("retrieve", "alpha", "postgres replica", "--json", home=tmp_path / "home", db=db)
     assert rc == 0, err
     texts = [r["text"] for r in json.loads(out)["results"]]
     assert texts and "postgres" in texts[0]
-    rc, out, err = run_kvcache(
-        "retrieve", "--all-sessions", "kangaroo", "--json", home=tmp_path / "home", db=db
-    )
+    rc, out, err = invoke("retrieve", "--all-sessions", "kangaroo", "--json", home=tmp_path / "home", db=db)
     assert rc == 0, err
     assert any("kangaroo" in r["text"] for r in json.loads(out)["results"])
 
@@ -122,7 +112,7 @@ def test_bad_line_writes_nothing_and_names_file_line_col(tmp_path: Path) -> None
     good = "".join(json.dumps(item) + "\n" for item in CONVS)
     src.write_text(good + '{"id": "gamma", "conversations": [}\n', encoding="utf-8")
     db = tmp_path / "kv.db"
-    rc, out, err = run_kvcache("import", src, home=tmp_path / "home", db=db)
+    rc, out, err = invoke("import", src, home=tmp_path / "home", db=db)
     assert rc == 2
     assert f"{src}:3:" in err and "invalid JSON" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -130,7 +120,7 @@ def test_bad_line_writes_nothing_and_names_file_line_col(tmp_path: Path) -> None
     assert rows(db, "SELECT COUNT(*) FROM sessions")[0][0] == 0
     # a bad message (unknown speaker) is refused the same way, naming its place
     src.write_text(good + json.dumps({"id": "g", "conversations": [{"from": "robot", "value": "x"}]}) + "\n")
-    rc, out, err = run_kvcache("import", src, home=tmp_path / "home", db=db)
+    rc, out, err = invoke("import", src, home=tmp_path / "home", db=db)
     assert rc == 2 and f"{src}:3:" in err and "robot" in err
     assert rows(db, "SELECT COUNT(*) FROM messages")[0][0] == 0
 
@@ -144,11 +134,9 @@ def test_session_ids_follow_process_rules(tmp_path: Path) -> None:
         tmp_path / "many.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(2)]
     )
     db = tmp_path / "kv.db"
-    rc, _, err = run_kvcache("import", plain, many, home=tmp_path / "home", db=db)
+    rc, _, err = invoke("import", plain, many, home=tmp_path / "home", db=db)
     assert rc == 0, err
-    rc, _, err = run_kvcache(
-        "import", plain, "--session", "named", home=tmp_path / "home", db=tmp_path / "kv2.db"
-    )
+    rc, _, err = invoke("import", plain, "--session", "named", home=tmp_path / "home", db=tmp_path / "kv2.db")
     assert rc == 0, err
     assert [k for (k,) in rows(db, "SELECT key FROM sessions ORDER BY key")] == ["many-1", "many-2", "talk"]
     assert rows(tmp_path / "kv2.db", "SELECT key FROM sessions") == [("named",)]

@@ -63,9 +63,7 @@ USER_UPDATE = (
 def srv(tmp_path: Path) -> Iterator[FakeLlamaServer]:
     save = tmp_path / "slots"
     save.mkdir()
-    with FakeLlamaServer(
-        n_slots=2, n_ctx=256, slot_save_path=save, embedding_dim=384
-    ) as s:
+    with FakeLlamaServer(n_slots=2, n_ctx=256, slot_save_path=save, embedding_dim=384) as s:
         yield s
 
 
@@ -103,10 +101,7 @@ def chat_bodies(srv: FakeLlamaServer) -> list[Any]:
 def test_importing_the_module_does_not_import_requests() -> None:
     code = "import sys, kvcache_cli.llm.client; sys.exit('requests' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    assert (
-        subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode
-        == 0
-    )
+    assert subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode == 0
 
 
 def test_settings_defaults() -> None:
@@ -196,9 +191,7 @@ def test_chat_on_a_slot_checks_it_and_fills_it(srv: FakeLlamaServer) -> None:
 )
 def test_chat_malformed_answer(srv: FakeLlamaServer, answer: Any) -> None:
     srv.fail_next(200, answer)
-    with pytest.raises(
-        ServerError, match=r"POST /v1/chat/completions gave an unexpected"
-    ):
+    with pytest.raises(ServerError, match=r"POST /v1/chat/completions gave an unexpected"):
         make_client(srv.url).chat([{"role": "user", "content": "hi"}])
 
 
@@ -255,9 +248,7 @@ def test_embed_model_name_falls_back_to_server_answer(srv: FakeLlamaServer) -> N
 
 
 def test_embed_empty_list_makes_no_request(srv: FakeLlamaServer) -> None:
-    assert make_client(srv.url).embed([]) == EmbeddingBatch(
-        vectors=[], model="default", dim=0
-    )
+    assert make_client(srv.url).embed([]) == EmbeddingBatch(vectors=[], model="default", dim=0)
     assert srv.request_count == 0
 
 
@@ -317,10 +308,7 @@ def test_embed_without_embeddings_flag_has_hint() -> None:
     with FakeLlamaServer(embeddings=False) as srv, pytest.raises(ServerError) as info:
         make_client(srv.url).embed(["hello"])
     msg = str(info.value)
-    assert (
-        f"llama-server at {srv.url}: POST /v1/embeddings failed: 501 not_supported_error"
-        in msg
-    )
+    assert f"llama-server at {srv.url}: POST /v1/embeddings failed: 501 not_supported_error" in msg
     assert "start llama-server with --embeddings" in msg
     assert srv.request_count == 1  # 501 is not retried
 
@@ -378,39 +366,29 @@ def test_slots_shapes(srv: FakeLlamaServer) -> None:
 def test_save_erase_restore_round_trip(srv: FakeLlamaServer) -> None:
     assert srv.slot_save_path is not None
     client = make_client(srv.url)
-    client.chat(
-        [{"role": "user", "content": "remember the number 42 please"}], slot_id=0
-    )
+    client.chat([{"role": "user", "content": "remember the number 42 please"}], slot_id=0)
     held = client.check_slot(0).n_prompt_tokens
     assert held
     name = make_slot_filename("session-a", "snap1")
     saved = client.slot_save(0, name)
-    assert saved == SlotSaveResult(
-        filename=name, n_saved=held, n_written=saved.n_written
-    )
+    assert saved == SlotSaveResult(filename=name, n_saved=held, n_written=saved.n_written)
     assert (srv.slot_save_path / name).stat().st_size == saved.n_written
     assert client.slot_erase(0) == held
     assert client.check_slot(0).n_prompt_tokens == 0
     restored = client.slot_restore(0, name)
-    assert restored == SlotRestoreResult(
-        filename=name, n_restored=held, n_read=saved.n_written
-    )
+    assert restored == SlotRestoreResult(filename=name, n_restored=held, n_read=saved.n_written)
     assert client.check_slot(0).n_prompt_tokens == held
 
 
 def test_restore_of_missing_file_is_a_server_error(srv: FakeLlamaServer) -> None:
-    with pytest.raises(
-        ServerError, match="400 invalid_request_error: Unable to restore slot"
-    ):
+    with pytest.raises(ServerError, match="400 invalid_request_error: Unable to restore slot"):
         make_client(srv.url).slot_restore(0, "does-not-exist.bin")
     assert srv.count("POST") == 1  # 4xx: no retry
 
 
 @pytest.mark.parametrize("action", ["save", "restore", "erase"])
 @pytest.mark.parametrize("slot_id", [2, 99, -1])
-def test_out_of_range_slot_refused_before_any_post(
-    srv: FakeLlamaServer, action: str, slot_id: int
-) -> None:
+def test_out_of_range_slot_refused_before_any_post(srv: FakeLlamaServer, action: str, slot_id: int) -> None:
     client = make_client(srv.url)
     with pytest.raises(BadInputError) as info:
         if action == "erase":
@@ -455,9 +433,7 @@ def test_slot_actions_without_save_path_have_hint() -> None:
         "a" * 201,
     ],
 )
-def test_bad_filenames_refused_without_any_request(
-    srv: FakeLlamaServer, name: str
-) -> None:
+def test_bad_filenames_refused_without_any_request(srv: FakeLlamaServer, name: str) -> None:
     client = make_client(srv.url)
     with pytest.raises(BadInputError, match="invalid slot file name"):
         client.slot_save(0, name)
@@ -494,9 +470,7 @@ def test_retries_while_model_loads_then_gives_up(srv: FakeLlamaServer) -> None:
         make_client(srv.url, retries=2).health()
     msg = str(info.value)
     assert srv.count("GET", "/health") == 3
-    assert (
-        f"llama-server at {srv.url}: GET /health failed: 503 unavailable_error: " in msg
-    )
+    assert f"llama-server at {srv.url}: GET /health failed: 503 unavailable_error: " in msg
     assert "Loading model" in msg and "still loading" in msg and "tried 3 times" in msg
 
 
@@ -571,9 +545,7 @@ def test_invalid_json_answer(srv: FakeLlamaServer) -> None:
 
 def test_error_body_that_is_not_json(srv: FakeLlamaServer) -> None:
     srv.fail_next(502, "<html>bad gateway</html>", count=3)
-    with pytest.raises(
-        ServerError, match=r"failed: 502 <html>bad gateway</html> \(tried 3"
-    ):
+    with pytest.raises(ServerError, match=r"failed: 502 <html>bad gateway</html> \(tried 3"):
         make_client(srv.url).health()
 
 
@@ -586,19 +558,13 @@ def test_404_on_tokenize_has_hint(srv: FakeLlamaServer) -> None:
 # --------------------------------------------------------------------- API key
 
 
-def test_api_key_sent_but_never_shown(
-    srv: FakeLlamaServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_api_key_sent_but_never_shown(srv: FakeLlamaServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, SECRET)
     srv.api_key = SECRET
-    settings_ = LLMSettings(
-        base_url=srv.url, api_key_env=KEY_ENV, retries=1, backoff=0.01, read_timeout=0.3
-    )
+    settings_ = LLMSettings(base_url=srv.url, api_key_env=KEY_ENV, retries=1, backoff=0.01, read_timeout=0.3)
     client = LLMClient(settings_)
     client.slot_save(0, "k.bin")
-    assert {r.headers.get("authorization") for r in srv.requests} == {
-        f"Bearer {SECRET}"
-    }
+    assert {r.headers.get("authorization") for r in srv.requests} == {f"Bearer {SECRET}"}
     assert SECRET not in repr(settings_) and SECRET not in repr(client)
     assert SECRET not in str(vars(settings_))
 
@@ -637,9 +603,7 @@ def test_api_key_sent_but_never_shown(
     assert "***" in messages[0]
 
 
-def test_missing_api_key_variable(
-    srv: FakeLlamaServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_missing_api_key_variable(srv: FakeLlamaServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KEY_ENV, raising=False)
     client = make_client(srv.url, api_key_env=KEY_ENV)
     with pytest.raises(ConfigError, match=KEY_ENV):
@@ -666,10 +630,7 @@ def test_credentials_and_query_are_not_shown(srv: FakeLlamaServer) -> None:
 
 def conversation(n: int) -> list[dict[str, str]]:
     roles = ("user", "assistant")
-    return [
-        {"role": roles[i % 2], "content": f"message {i} about kubernetes"}
-        for i in range(n)
-    ]
+    return [{"role": roles[i % 2], "content": f"message {i} about kubernetes"} for i in range(n)]
 
 
 def test_summarize_needs_four_messages(srv: FakeLlamaServer) -> None:

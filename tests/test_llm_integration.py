@@ -1,17 +1,14 @@
 """The LLM server wired into kvcache: summaries, embeddings, /tokenize, KV slots, stats.
 
-Every CLI case runs the installed ``kvcache`` as a subprocess against the real local
+Every CLI case runs kvcache in-process (``tests.helpers.invoke``) against the real local
 fake llama-server (tests/fake_llama_server.py), with ``KVCACHE_HOME`` in tmp_path.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import struct
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,31 +27,10 @@ from kvcache_cli.store import models as m
 from kvcache_cli.store.backend import Store, open_store
 from kvcache_cli.store.migrations import utcnow
 from tests.fake_llama_server import FakeLlamaServer, embed_text
+from tests.helpers import CliRun, invoke
+from tests.helpers import topic_cycle_conversation as conversation
 
-KVCACHE = str(Path(sys.executable).parent / "kvcache")
 SECRET = "sk-test-Zq9SECRETvalue"
-
-TOPICS = [
-    "rust borrow checker lifetimes",
-    "sqlite write ahead log",
-    "python asyncio event loop",
-    "kv cache eviction policy",
-    "docker bridge networking",
-    "postgres vacuum tuning",
-]
-
-
-def conversation(turns: int = 12, session: str = "s1") -> dict[str, Any]:
-    """A native conversation; every third assistant reply is the same short text."""
-    msgs = [{"role": "system", "content": "You are a helpful assistant for the kvcache project."}]
-    for i in range(turns):
-        topic = TOPICS[i % len(TOPICS)]
-        msgs.append({"role": "user", "content": f"How does {topic} work in case {i}? Please explain."})
-        reply = (
-            "Sure." if i % 3 == 0 else f"The {topic} detail {i}: it keeps state and handles load carefully."
-        )
-        msgs.append({"role": "assistant", "content": reply})
-    return {"session_id": session, "messages": msgs}
 
 
 class Env:
@@ -80,17 +56,8 @@ class Env:
         path.write_text(json.dumps(data), encoding="utf-8")
         return path
 
-    def run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        full = {k: v for k, v in os.environ.items() if not k.startswith("KVCACHE")}
-        full.update({"KVCACHE_HOME": str(self.home), "COLUMNS": "200", "NO_COLOR": "1"})
-        full.update(env or {})
-        return subprocess.run(
-            [KVCACHE, "--config", str(self.config), *args],
-            capture_output=True,
-            text=True,
-            env=full,
-            timeout=120,
-        )
+    def run(self, *args: str, env: dict[str, str] | None = None) -> CliRun:
+        return invoke("--config", str(self.config), *args, home=self.home, env=env)
 
     def ok(self, *args: str, env: dict[str, str] | None = None) -> Any:
         proc = self.run(*args, env=env)

@@ -112,9 +112,7 @@ def load(name: str) -> Transcript:
 
 
 def replay(srv: FakeLlamaServer, t: Transcript) -> tuple[int, Any]:
-    resp = requests.request(
-        t.method, srv.url + t.path, data=t.body or None, headers=t.headers, timeout=5
-    )
+    resp = requests.request(t.method, srv.url + t.path, data=t.body or None, headers=t.headers, timeout=5)
     return resp.status_code, resp.json()
 
 
@@ -190,9 +188,7 @@ def test_main_sequence_matches_recorded_shapes(main_server: FakeLlamaServer) -> 
     assert answers["err_erase_out_of_range"] == {"id_slot": 5, "n_erased": 0}
     assert answers["err_slot_id_negative"] == {"id_slot": -1, "n_erased": 0}
     assert answers["tokenize_with_pieces"]["tokens"][0] == {"id": 1, "piece": "<s>"}
-    assert len(answers["tokenize"]["tokens"]) == len(
-        load("tokenize").response["tokens"]
-    )
+    assert len(answers["tokenize"]["tokens"]) == len(load("tokenize").response["tokens"])
 
 
 def test_server_without_flags_answers_501(tmp_path: Path) -> None:
@@ -233,17 +229,11 @@ def test_fresh_slot_after_restore_has_no_prompt_tokens(tmp_path: Path) -> None:
     """A restore on a slot that never ran a task does not add n_prompt_tokens."""
     t = load("slots_fresh_server_after_restore")
     with FakeLlamaServer(slot_save_path=tmp_path) as srv:
-        body = json.dumps(
-            {"messages": [{"role": "user", "content": "Hello"}], "id_slot": 0}
-        )
+        body = json.dumps({"messages": [{"role": "user", "content": "Hello"}], "id_slot": 0})
         requests.post(srv.url + "/v1/chat/completions", data=body, timeout=5)
-        requests.post(
-            srv.url + "/slots/0?action=save", json={"filename": "s.bin"}, timeout=5
-        )
+        requests.post(srv.url + "/slots/0?action=save", json={"filename": "s.bin"}, timeout=5)
     with FakeLlamaServer(slot_save_path=tmp_path) as fresh:
-        r = requests.post(
-            fresh.url + "/slots/0?action=restore", json={"filename": "s.bin"}, timeout=5
-        )
+        r = requests.post(fresh.url + "/slots/0?action=restore", json={"filename": "s.bin"}, timeout=5)
         assert r.status_code == 200 and r.json()["n_restored"] > 0
         got = requests.get(fresh.url + "/slots", timeout=5).json()
     assert shape(got) == shape(t.response)

@@ -16,7 +16,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from robust_util import connect, conversation, integrity, run_cli, start_cli, write_json
+
+from tests.helpers import connect, integrity, invoke, start_kvcache, uniform_conversation, write_json
 
 CONFIG = """
 [cache.snapshot]
@@ -50,10 +51,10 @@ def store(tmp_path: Path) -> tuple[Path, Path, Path]:
     folder.mkdir()
     db = folder / "kv.db"
     files = [
-        write_json(tmp_path / f"{key}.json", conversation(key, 20, topic=key, seed=i))
+        write_json(tmp_path / f"{key}.json", uniform_conversation(key, 20, topic=key, seed=i), compact=True)
         for i, key in enumerate(("old", "live", "busy"))
     ]
-    done = run_cli(home, "-q", "--db", str(db), "process", *map(str, files))
+    done = invoke("-q", "--db", str(db), "process", *map(str, files), home=home)
     assert done.returncode == 0, done.stderr
     conn = connect(db)
     with conn:
@@ -92,7 +93,7 @@ def _count(db: Path, sql: str, *args: object) -> int:
 def test_dry_run_changes_nothing_byte_for_byte(store: tuple[Path, Path, Path]) -> None:
     home, db, config = store
     before = _digest(db)
-    result = run_cli(home, "--db", str(db), "--config", str(config), "maintain", "--dry-run", "--json")
+    result = invoke("--db", str(db), "--config", str(config), "maintain", "--dry-run", "--json", home=home)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["dry_run"] is True
@@ -111,7 +112,7 @@ def test_maintain_keeps_messages_and_summaries(store: tuple[Path, Path, Path]) -
         db, "SELECT count(*) FROM cache_entries c JOIN sessions s ON s.id = c.session_id WHERE s.key = 'live'"
     )
     assert live_cache > 0 and len(history["summaries"]) == 3  # type: ignore[arg-type]
-    result = run_cli(home, "--db", str(db), "--config", str(config), "maintain", "--json")
+    result = invoke("--db", str(db), "--config", str(config), "maintain", "--json", home=home)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["cleaned_sessions"] == ["old"]
@@ -141,8 +142,8 @@ def test_maintain_keeps_messages_and_summaries(store: tuple[Path, Path, Path]) -
         == 0
     )
     assert _count(db, "SELECT count(*) FROM operations") <= 20
-    retrieved = run_cli(
-        home, "--db", str(db), "retrieve", "old", "old size 5 important", "--tiers", "3", "--json"
+    retrieved = invoke(
+        "--db", str(db), "retrieve", "old", "old size 5 important", "--tiers", "3", "--json", home=home
     )
     assert retrieved.returncode == 0 and json.loads(retrieved.stdout)["results"], retrieved.stderr
     assert integrity(db) == "ok"
@@ -155,7 +156,7 @@ def test_maintain_while_another_holds_the_lock_reports_and_exits_0(store: tuple[
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         before = _digest(db)
-        result = run_cli(home, "--db", str(db), "--config", str(config), "maintain", "--json")
+        result = invoke("--db", str(db), "--config", str(config), "maintain", "--json", home=home)
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["skipped"] is True
         lines = result.stderr.strip().splitlines()
@@ -168,10 +169,11 @@ def test_maintain_while_another_holds_the_lock_reports_and_exits_0(store: tuple[
 def test_two_maintains_started_together_never_both_prune(store: tuple[Path, Path, Path]) -> None:
     home, db, config = store
     expected = json.loads(
-        run_cli(home, "--db", str(db), "--config", str(config), "maintain", "--dry-run", "--json").stdout
+        invoke("--db", str(db), "--config", str(config), "maintain", "--dry-run", "--json", home=home).stdout
     )
     procs = [
-        start_cli(home, "--db", str(db), "--config", str(config), "maintain", "--json") for _ in range(2)
+        start_kvcache("--db", str(db), "--config", str(config), "maintain", "--json", home=home)
+        for _ in range(2)
     ]
     reports = []
     for proc in procs:
@@ -190,8 +192,8 @@ def test_two_maintains_started_together_never_both_prune(store: tuple[Path, Path
 
 def test_store_files_are_owner_only(store: tuple[Path, Path, Path]) -> None:
     home, db, config = store
-    assert run_cli(home, "--db", str(db), "--config", str(config), "maintain").returncode == 0
-    proc = start_cli(home, "--db", str(db), "stats", "--json")
+    assert invoke("--db", str(db), "--config", str(config), "maintain", home=home).returncode == 0
+    proc = start_kvcache("--db", str(db), "stats", "--json", home=home)
     proc.communicate(timeout=60)
     for path in db.parent.iterdir():
         mode = stat.S_IMODE(path.stat().st_mode)
@@ -201,27 +203,27 @@ def test_store_files_are_owner_only(store: tuple[Path, Path, Path]) -> None:
 def test_cron_output_dry_run_lists_run_sums_up_then_silent(store: tuple[Path, Path, Path]) -> None:
     home, db, config = store
     base = ("--db", str(db), "--config", str(config), "maintain")
-    dry = run_cli(home, *base, "--dry-run")
+    dry = invoke(*base, "--dry-run", home=home)
     assert dry.returncode == 0, dry.stderr
     assert "would release idle session old" in dry.stdout
     assert "would prune snapshots" in dry.stdout
-    real = run_cli(home, *base)
+    real = invoke(*base, home=home)
     assert real.returncode == 0, real.stderr
     assert real.stdout.splitlines() == [
         line for line in real.stdout.splitlines() if line.startswith("released 1 idle session, pruned ")
     ]
     assert len(real.stdout.splitlines()) == 1
-    again = run_cli(home, *base)
+    again = invoke(*base, home=home)
     assert again.returncode == 0 and again.stdout == "" and again.stderr == ""
 
 
 def test_released_sessions_leave_the_active_count(store: tuple[Path, Path, Path]) -> None:
     home, db, config = store
     base = ("--db", str(db), "--config", str(config))
-    before = json.loads(run_cli(home, *base, "stats", "--json").stdout)
+    before = json.loads(invoke(*base, "stats", "--json", home=home).stdout)
     assert before["active_sessions"] == before["session_count"] == 3
-    assert run_cli(home, *base, "maintain").returncode == 0
-    after = json.loads(run_cli(home, *base, "stats", "--json").stdout)
+    assert invoke(*base, "maintain", home=home).returncode == 0
+    after = json.loads(invoke(*base, "stats", "--json", home=home).stdout)
     assert after["session_count"] == 3 and after["active_sessions"] == 2  # "old" was released
 
 
@@ -229,10 +231,10 @@ def test_snapshot_ids_are_never_reused_after_deletion(store: tuple[Path, Path, P
     """Released (deleted) snapshots leave their ids behind: a new one gets a fresh id."""
     home, db, config = store
     base = ("--db", str(db), "--config", str(config))
-    listed = json.loads(run_cli(home, *base, "snapshot", "--list", "--json").stdout)["snapshots"]
+    listed = json.loads(invoke(*base, "snapshot", "--list", "--json", home=home).stdout)["snapshots"]
     highest = max(s["id"] for s in listed)
     # release everything, including the newest snapshots
-    assert run_cli(home, *base, "maintain", "--inactive-hours", "0").returncode == 0
-    assert json.loads(run_cli(home, *base, "snapshot", "--list", "--json").stdout)["snapshots"] == []
-    made = json.loads(run_cli(home, *base, "snapshot", "live", "--json").stdout)
+    assert invoke(*base, "maintain", "--inactive-hours", "0", home=home).returncode == 0
+    assert json.loads(invoke(*base, "snapshot", "--list", "--json", home=home).stdout)["snapshots"] == []
+    made = json.loads(invoke(*base, "snapshot", "live", "--json", home=home).stdout)
     assert made["id"] > highest

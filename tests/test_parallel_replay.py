@@ -27,14 +27,15 @@ from kvcache_cli.store.backend import open_store
 from tests.helpers import (
     EXAMPLES,
     cli_env,
+    committed_rows,
     conversation,
     kvcache_command,
+    recall_conversation,
     run_kvcache,
     strip_wall_clock,
     truncated,
     write_json,
 )
-from tests.robust_util import committed_rows
 
 WALL = {"last_activity", "created_at", "updated_at", "applied_at", "last_operation", "last_accessed"}
 
@@ -67,15 +68,6 @@ def dump(path: Path) -> dict[str, list[tuple[Any, ...]]]:
         con.close()
 
 
-def recall_conversation(key: str, turns: int, topic: str) -> dict[str, Any]:
-    """A conversation whose later questions recall earlier turns (retrievals fire)."""
-    data = conversation(turns, session_id=key)
-    for n, msg in enumerate(data["messages"]):
-        if msg["role"] == "user" and n % 6 == 5:
-            msg["content"] = f"Do you remember what we said about {topic} item {n // 3}?"
-    return data
-
-
 def inputs(folder: Path) -> list[Path]:
     """Single- and multi-conversation files in every supported form."""
     folder.mkdir(exist_ok=True)
@@ -105,6 +97,7 @@ def prior_store(tmp_path: Path, name: str) -> Path:
     return db
 
 
+@pytest.mark.slow
 def test_workers_leave_exactly_the_store_of_a_sequential_replay(tmp_path: Path) -> None:
     files = inputs(tmp_path / "in")
     seq_db, par_db = prior_store(tmp_path, "seq.db"), prior_store(tmp_path, "par.db")
@@ -126,6 +119,7 @@ def test_workers_leave_exactly_the_store_of_a_sequential_replay(tmp_path: Path) 
     assert not list(tmp_path.glob(".kvcache-replay-*"))  # the scratch folder is gone
 
 
+@pytest.mark.slow
 def test_repeated_and_stored_sessions_stay_in_the_parent(tmp_path: Path) -> None:
     """A key named twice (the second file extends the first) and a stored session are
     replayed in the parent, in order; the rest on workers; same store as -j 1."""
@@ -232,6 +226,7 @@ def test_which_conversations_go_to_workers(tmp_path: Path) -> None:
         memory.close()
 
 
+@pytest.mark.slow
 def test_errors_are_reported_in_file_order_and_short_or_empty_ones_stay_in_the_parent(
     tmp_path: Path,
 ) -> None:
@@ -268,6 +263,7 @@ def test_errors_are_reported_in_file_order_and_short_or_empty_ones_stay_in_the_p
         assert line.startswith(f"kvcache: error: {failure['file']}") and failure["message"] in line
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_whole_sessions_and_a_rerun_finishes(tmp_path: Path) -> None:
     """SIGINT during a parallel replay: exit 130, no scratch files, every stored session
     complete (merged sessions are all-or-nothing); the same command then finishes."""
@@ -374,6 +370,7 @@ def test_a_dead_worker_leaves_its_jobs_to_the_caller(tmp_path: Path) -> None:
         store.close()
 
 
+@pytest.mark.slow
 def test_files_are_read_ahead_in_batches_and_each_batch_merges_exactly(tmp_path: Path) -> None:
     """With a tiny read-ahead budget every file is its own batch (so a parallel replay
     never holds more than about ``READ_AHEAD_BYTES`` of input): two JSON Lines files of

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.helpers import EXAMPLES, WALL_CLOCK_KEYS, cli_env, kvcache_command, run_kvcache
+from tests.helpers import EXAMPLES, WALL_CLOCK_KEYS, cli_env, invoke, kvcache_command, run_kvcache
 from tests.pg import pg_url  # noqa: F401  (fixture)
 
 CONVERSATIONS = [EXAMPLES / "support-chat.json", EXAMPLES / "sharegpt.json"]
@@ -42,7 +42,7 @@ def _home(tmp_path: Path) -> Path:
 
 
 def _json(home: Path, db: str, *args: str) -> Any:
-    rc, out, err = run_kvcache(*args, "--json", home=home, db=db)
+    rc, out, err = invoke(*args, "--json", home=home, db=db)
     assert rc == 0, (args, err)
     return json.loads(out)
 
@@ -69,6 +69,7 @@ def _scenario(home: Path, db: str) -> dict[str, Any]:
     return _mask(out)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("pg_url")
 def test_every_command_gives_the_same_json_on_both_backends(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
     home = _home(tmp_path)
@@ -178,6 +179,7 @@ def test_any_query_is_safe_on_postgres(pg_url: str) -> None:  # noqa: F811
         store.close()
 
 
+@pytest.mark.slow
 def test_concurrent_writers_lose_and_duplicate_nothing(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
     home = _home(tmp_path)
     reference = str(tmp_path / "ref.db")
@@ -271,15 +273,15 @@ def test_copy_store_sqlite_to_postgres_and_back(tmp_path: Path, pg_url: str) -> 
     home = _home(tmp_path)
     first, back = str(tmp_path / "first.db"), str(tmp_path / "back.db")
     for conv in CONVERSATIONS:
-        assert run_kvcache("process", str(conv), home=home, db=first)[0] == 0
-    assert run_kvcache("retrieve", "support-4821", "refund order", home=home, db=first)[0] == 0
-    assert run_kvcache("snapshot", "support-4821", home=home, db=first)[0] == 0
+        assert invoke("process", str(conv), home=home, db=first)[0] == 0
+    assert invoke("retrieve", "support-4821", "refund order", home=home, db=first)[0] == 0
+    assert invoke("snapshot", "support-4821", home=home, db=first)[0] == 0
 
-    rc, out, err = run_kvcache("copy-store", first, pg_url, "--json", home=home)
+    rc, out, err = invoke("copy-store", first, pg_url, "--json", home=home)
     assert rc == 0, err
     there = _tables(out)
     assert there["messages"][0] > 100 and there["snapshot_entries"][0] > 0
-    rc, out, err = run_kvcache("copy-store", pg_url, back, "--json", home=home)
+    rc, out, err = invoke("copy-store", pg_url, back, "--json", home=home)
     assert rc == 0, err
     assert _tables(out) == there
     # the copies answer the same (the search index was rebuilt on each side)
@@ -289,12 +291,12 @@ def test_copy_store_sqlite_to_postgres_and_back(tmp_path: Path, pg_url: str) -> 
     ]
     assert answers[0] == answers[1] == answers[2]
     # new rows get fresh ids after the copy (sequences moved past the copied ids)
-    rc, _, err = run_kvcache("snapshot", "support-4821", home=home, db=pg_url)
+    rc, _, err = invoke("snapshot", "support-4821", home=home, db=pg_url)
     assert rc == 0, err
     # a non-empty destination is refused without --force, replaced with it
-    rc, _, err = run_kvcache("copy-store", first, pg_url, home=home)
+    rc, _, err = invoke("copy-store", first, pg_url, home=home)
     assert rc == 2 and "not empty" in err and "--force" in err
-    rc, out, err = run_kvcache("copy-store", first, pg_url, "--force", "--json", home=home)
+    rc, out, err = invoke("copy-store", first, pg_url, "--force", "--json", home=home)
     assert rc == 0, err
     assert _tables(out)["messages"] == there["messages"]  # (the retrievals above changed others)
 
@@ -307,7 +309,7 @@ def _with_password(url: str, password: str) -> str:
 
 def test_wrong_password_is_one_line_without_the_password(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
     url = _with_password(pg_url, "Wrong-Secret-42")
-    rc, out, err = run_kvcache("stats", home=_home(tmp_path), db=url)
+    rc, out, err = invoke("stats", home=_home(tmp_path), db=url)
     assert rc == 1
     assert "Wrong-Secret-42" not in err + out
     assert len(err.strip().splitlines()) == 1 and "***" in err
@@ -316,7 +318,7 @@ def test_wrong_password_is_one_line_without_the_password(tmp_path: Path, pg_url:
 def test_unreachable_server_never_shows_the_password(tmp_path: Path) -> None:
     pytest.importorskip("psycopg2")
     url = "postgresql://kv:Top%40Secret-9@127.0.0.1:1/kvcache?connect_timeout=3"
-    rc, out, err = run_kvcache("stats", home=_home(tmp_path), db=url)
+    rc, out, err = invoke("stats", home=_home(tmp_path), db=url)
     assert rc == 1
     assert "Top" not in err + out and "Secret" not in err + out
     assert err.startswith("kvcache: error:") and len(err.strip().splitlines()) == 1
@@ -356,9 +358,10 @@ def test_migrations_are_recorded_once_and_reopen_cleanly(pg_url: str) -> None:  
         assert kinds == {"importance": "double precision", "timestamp": "timestamp without time zone"}
     finally:
         store.close()
-    assert open_store(pg_url).close() is None
+    open_store(pg_url).close()  # reopening a migrated store raises nothing
 
 
+@pytest.mark.slow
 def test_semantic_and_hybrid_strategies_match_sqlite(tmp_path: Path, pg_url: str) -> None:  # noqa: F811
     from tests.fake_llama_server import FakeLlamaServer
 

@@ -21,13 +21,17 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from render_data import NOW, build_store, conversation, small_config  # noqa: E402
-
-from kvcache_cli.cli import render  # noqa: E402
+from kvcache_cli.cli import render
 from kvcache_cli.services import insights
-from kvcache_cli.services.manager import KVCacheManager  # noqa: E402
+from kvcache_cli.services.manager import KVCacheManager
+from tests.helpers import (
+    NOW,
+    CliRun,
+    build_support_store,
+    invoke,
+    small_config,
+    support_conversation,
+)
 
 KVCACHE = str(Path(sys.executable).with_name("kvcache"))
 
@@ -59,7 +63,7 @@ STATS_KEYS = {
 @pytest.fixture(scope="module")
 def known(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     path = tmp_path_factory.mktemp("render") / "kv.db"
-    store, results = build_store(path)
+    store, results = build_support_store(path)
     config = small_config()
     manager = KVCacheManager(store, config)
     view = {
@@ -230,9 +234,10 @@ def test_spark_counts_and_bar() -> None:
 
 
 # ----------------------------------------------------------------------------- the command
-def run(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "100"}
-    return subprocess.run([KVCACHE, *args], capture_output=True, text=True, env=env, timeout=60, **kwargs)
+def run(*args: str) -> CliRun:
+    """``kvcache ARGS`` in-process, in the test's kvcache home (output checked as JSON or
+    error lines; the width-dependent tables are checked through the script below)."""
+    return invoke(*args, home=Path(os.environ["KVCACHE_HOME"]), env={"COLUMNS": "100"})
 
 
 def test_stats_piped_is_plain_and_json_keeps_its_keys(known: dict[str, Any], tmp_path: Path) -> None:
@@ -252,9 +257,9 @@ def test_stats_piped_is_plain_and_json_keeps_its_keys(known: dict[str, Any], tmp
         text = out.read_text(encoding="utf-8")
         assert "\x1b[" not in text
         assert "cache vs capacity" in text or "cache usage by turn" in text
-    proc = run("--db", db, "stats", "--json")
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads(proc.stdout)
+    ran = run("--db", db, "stats", "--json")
+    assert ran.returncode == 0, ran.stderr
+    data = json.loads(ran.stdout)
     assert STATS_KEYS <= set(data)
     assert set(data) - STATS_KEYS == {"insights", "session_count"}
     assert {"sessions_by_fill", "top_by_size", "top_by_clears", "operations_per_hour", "maintenance"} <= set(
@@ -266,7 +271,7 @@ def test_stats_piped_is_plain_and_json_keeps_its_keys(known: dict[str, Any], tmp
 
 
 def test_process_replay_prints_sawtooth_plain(tmp_path: Path) -> None:
-    conv = conversation("chat", 20, seed=7, long_every=7)
+    conv = support_conversation("chat", 20, seed=7, long_every=7)
     path = tmp_path / "chat.json"
     path.write_text(json.dumps({"session_id": "chat", "messages": [m.to_dict() for m in conv.messages]}))
     cfg = tmp_path / "kvcache.toml"

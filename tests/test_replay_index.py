@@ -118,7 +118,8 @@ def test_a_rolled_back_transaction_drops_the_indexes(support: tuple[Store, int])
         store.transaction(work, indexes.forget)
     assert indexes._by_session == {}  # what it read inside the rolled-back work is gone
     (stored,) = store.query("SELECT count(*) FROM messages WHERE session_id = ?", (sid,))[0]
-    assert stored > 0 and len(indexes.get(store, sid).docs) == stored
+    index = indexes.get(store, sid)
+    assert stored > 0 and index is not None and len(index.docs) == stored
 
 
 def _clear_text_caches() -> None:

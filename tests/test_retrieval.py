@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_llama_server import FakeLlamaServer
 
 from kvcache_cli.config import RETRIEVAL_STRATEGIES, Config
 from kvcache_cli.retrieval import strategies as st
 from kvcache_cli.retrieval.fusion import RetrievedEntry, merge_results
 from kvcache_cli.services.manager import KVCacheManager
 from kvcache_cli.store.backend import open_store
-from tests.helpers import run_kvcache
+from tests.fake_llama_server import FakeLlamaServer
+from tests.helpers import invoke
 
 TURNS = [
     ("Alice", "I adopted a golden retriever puppy named Biscuit last week."),
@@ -78,13 +77,13 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     other = _conversation(base / "other.json", "other", [("Carol", "My violin teacher moved to Lisbon.")] * 2)
     plain = base / "plain.db"
     for f in (conv, other):
-        rc, _, err = run_kvcache("-q", "import", f, home=home, db=plain)
+        rc, _, err = invoke("-q", "import", f, home=home, db=plain)
         assert rc == 0, err
     return {"home": home, "plain": plain, "base": base, "conv": conv, "other": other}
 
 
 def _retrieve(home: Path, db: Path, *args: str) -> tuple[int, Any, str]:
-    rc, out, err = run_kvcache("retrieve", *args, "--json", home=home, db=db)
+    rc, out, err = invoke("retrieve", *args, "--json", home=home, db=db)
     return rc, (json.loads(out) if rc == 0 and out.strip() else None), err
 
 
@@ -92,12 +91,7 @@ def _retrieve(home: Path, db: Path, *args: str) -> tuple[int, Any, str]:
 def test_hostile_queries_through_the_cli(stores: dict[str, Any]) -> None:
     home, db = stores["home"], stores["plain"]
     queries = [(q, True) for q in NOTHING_SEARCHABLE] + [(q, False) for q in HOSTILE]
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        outs = list(
-            pool.map(
-                lambda qe: (qe, _retrieve(home, db, "chat", qe[0], "--strategy", "keyword_only")), queries
-            )
-        )
+    outs = [(qe, _retrieve(home, db, "chat", qe[0], "--strategy", "keyword_only")) for qe in queries]
     for (query, empty), (rc, data, err) in outs:
         assert rc == 0, f"{query!r}: {err}"
         assert "Traceback" not in err and "fts5" not in err.lower(), (query, err)
@@ -299,7 +293,6 @@ def test_session_results_do_not_depend_on_other_sessions(tmp_path: Path) -> None
     )
     assert alone == crowded
     assert sum(alone[0]) > 0 and alone[1]
-
 
 
 def _dated_hits(

@@ -8,9 +8,8 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from robust_util import connect, integrity, run_cli, write_json
-
 from kvcache_cli.store.migrations import LATEST_VERSION
+from tests.helpers import connect, integrity, invoke, write_json
 
 FIXTURE = Path(__file__).parent / "fixtures" / "schema_v1.db"
 
@@ -30,7 +29,9 @@ def test_schema_v1_store_is_migrated_on_open(tmp_path: Path) -> None:
     assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [(1,)]
     conn.close()
 
-    found = run_cli(home, "--db", str(db), "retrieve", "legacy", "RTX 4090 memory", "--tiers", "3", "--json")
+    found = invoke(
+        "--db", str(db), "retrieve", "legacy", "RTX 4090 memory", "--tiers", "3", "--json", home=home
+    )
     assert found.returncode == 0, found.stderr
     texts = [r["text"] for r in json.loads(found.stdout)["results"]]
     assert any("RTX 4090" in t for t in texts), texts
@@ -56,11 +57,11 @@ def test_schema_v1_store_is_migrated_on_open(tmp_path: Path) -> None:
         {"role": "user", "content": "What cache fits in the rest of the 24 GB?"},
         {"role": "assistant", "content": "About 6 GB."},
     ]
-    src = write_json(tmp_path / "legacy.json", {"session_id": "legacy", "messages": more})
-    again = run_cli(home, "--db", str(db), "process", "--json", str(src))
+    src = write_json(tmp_path / "legacy.json", {"session_id": "legacy", "messages": more}, compact=True)
+    again = invoke("--db", str(db), "process", "--json", str(src), home=home)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["sessions"][0]["messages_added"] == 2
-    stats = json.loads(run_cli(home, "--db", str(db), "stats", "--json").stdout)
+    stats = json.loads(invoke("--db", str(db), "stats", "--json", home=home).stdout)
     assert stats["message_count"] == 6
 
 
@@ -76,7 +77,7 @@ def test_non_sqlite_file_is_refused_and_left_alone(tmp_path: Path) -> None:
         path.write_bytes(content)
         before = _sha(path)
         for args in (["stats"], ["maintain", "--check"]):
-            result = run_cli(home, "--db", str(path), *args)
+            result = invoke("--db", str(path), *args, home=home)
             assert result.returncode != 0, (name, args)
             lines = result.stderr.strip().splitlines()
             assert (
@@ -90,7 +91,7 @@ def test_non_sqlite_file_is_refused_and_left_alone(tmp_path: Path) -> None:
 
 
 def test_directory_as_db_is_bad_input(tmp_path: Path) -> None:
-    result = run_cli(tmp_path / "home", "--db", str(tmp_path), "stats")
+    result = invoke("--db", str(tmp_path), "stats", home=tmp_path / "home")
     assert result.returncode == 2 and "is a directory" in result.stderr
 
 
@@ -101,7 +102,7 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     with conn:
         conn.execute("INSERT INTO schema_migrations VALUES (999, 'from the future', '2030-01-01')")
     conn.close()
-    result = run_cli(tmp_path / "home", "--db", str(db), "stats")
+    result = invoke("--db", str(db), "stats", home=tmp_path / "home")
     assert result.returncode == 1 and "newer than this kvcache understands" in result.stderr
 
 
@@ -109,7 +110,7 @@ def test_maintain_check_reports_integrity(tmp_path: Path) -> None:
     home = tmp_path / "home"
     db = tmp_path / "ok.db"
     shutil.copy(FIXTURE, db)
-    result = run_cli(home, "--db", str(db), "maintain", "--check", "--json")
+    result = invoke("--db", str(db), "maintain", "--check", "--json", home=home)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["integrity"] == "ok"
     # damage an index page: the check must report it (exit 1), never crash or rewrite
@@ -124,7 +125,7 @@ def test_maintain_check_reports_integrity(tmp_path: Path) -> None:
     start = (root - 1) * page_size
     data[start + 8 : start + page_size] = b"\x00" * (page_size - 8)
     db.write_bytes(bytes(data))
-    bad = run_cli(home, "--db", str(db), "maintain", "--check", "--json")
+    bad = invoke("--db", str(db), "maintain", "--check", "--json", home=home)
     assert bad.returncode == 1, (bad.stdout, bad.stderr)
     assert "Traceback" not in bad.stderr
     if bad.stdout.strip():

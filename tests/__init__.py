@@ -1,0 +1,1 @@
+"""The kvcache test suite (a package, so helpers import as ``tests.helpers``)."""
