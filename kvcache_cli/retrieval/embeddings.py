@@ -297,13 +297,12 @@ class _Matrix:
             self.vectors.append(array("f", [x / norm for x in vec]) if abs(norm - 1.0) > 1e-6 else vec)
 
 
-# (store identity, session, model, dim) -> matrix; a few sessions (a process run reuses one)
-_MATRICES: dict[tuple[int, str, int, str, int], _Matrix] = {}
-_MATRIX_MAX = 8
+_MATRIX_MAX = 8  # sessions whose matrices a store keeps (a process run reuses one)
 
 
 def _session_matrix(store: Store, session_id: int, model: str, dim: int) -> _Matrix:
-    """The session's vectors, L2-normalised, cached and brought up to date incrementally.
+    """The session's vectors, L2-normalised, kept on the store (``Store.memo``) and
+    brought up to date incrementally.
 
     The cache is checked against the session's row count and highest embeddings id on
     every call (one indexed query), so a vector stored by another process, a deleted
@@ -311,8 +310,9 @@ def _session_matrix(store: Store, session_id: int, model: str, dim: int) -> _Mat
     reloads the matrix.
     """
     count, last = vector_rows.session_watermark(store, session_id, model, dim)
-    key = (id(store), str(getattr(store.db, "database", "")), int(session_id), model, dim)
-    mat = _MATRICES.get(key)
+    kept: dict[tuple[int, str, int], _Matrix] = store.memo.setdefault("session_vectors", {})
+    key = (int(session_id), model, dim)
+    mat = kept.get(key)
     if mat is not None and mat.count == count and mat.last == last:
         return mat
     if mat is not None and mat.last <= last:
@@ -322,9 +322,9 @@ def _session_matrix(store: Store, session_id: int, model: str, dim: int) -> _Mat
             return mat
     mat = _Matrix()
     mat.add(vector_rows.session_vectors(store, session_id, model, dim), dim)
-    if len(_MATRICES) >= _MATRIX_MAX:
-        _MATRICES.pop(next(iter(_MATRICES)))
-    _MATRICES[key] = mat
+    if len(kept) >= _MATRIX_MAX:
+        kept.pop(next(iter(kept)))
+    kept[key] = mat
     return mat
 
 

@@ -103,6 +103,9 @@ class Store:
     def __init__(self, db: peewee.Database, location: StoreLocation) -> None:
         self.db = db
         self.location = location
+        # read-side caches that belong to this open store (e.g. a session's vectors,
+        # checked against the rows on every use): never shared with another store
+        self.memo: dict[str, Any] = {}
 
     def bind(self, query: Q) -> Q:
         """``query`` (a peewee query of the unbound models) run against this store.
