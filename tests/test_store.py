@@ -34,9 +34,11 @@ TABLES = {
 }
 
 
-def test_new_store_is_private_and_migrated(tmp_path: Path) -> None:
-    path = tmp_path / "sub" / "kv.db"
-    store = open_store(path)
+def test_new_store_is_private_and_migrated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the default location is created (private); an explicit path's folder must exist (issue 17.8)
+    monkeypatch.setenv("KVCACHE_HOME", str(tmp_path / "sub"))
+    path = tmp_path / "sub" / "kvcache.db"
+    store = open_store(None)
     try:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
