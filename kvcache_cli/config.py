@@ -1,4 +1,4 @@
-"""Configuration: the seed's ``KVCacheConfig`` plus model, database, LLM and maintenance.
+"""Configuration: the cache manager's settings (``[cache]``) plus model, database, LLM and maintenance.
 
 ``kvcache.toml`` is read with the standard library (``tomllib``). Lookup order:
 ``--config``, then ``$KVCACHE_CONFIG``, then the user config folder; a missing default
@@ -50,7 +50,7 @@ class HybridConfig:
 
 @dataclass
 class CacheConfig:
-    """The seed's ``KVCacheConfig`` keys, with the reference defaults."""
+    """The cache manager's settings, with the reference design's defaults (docs/design.md)."""
 
     enabled: bool = True
     retrieval_enabled: bool = True

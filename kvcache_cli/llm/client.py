@@ -64,10 +64,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SUMMARY_TAIL_MESSAGES = 40
-"""The seed sends at most this many of the latest messages to the summarizer."""
+"""At most this many of the latest messages to the summarizer."""
 
 SUMMARY_MIN_MESSAGES = 4
-"""The seed does not summarize fewer messages than this."""
+"""Fewer messages than this are not summarized."""
 
 _TOKENIZE_CACHE_SIZE = 4096
 _FILENAME_RE = re.compile(r"[A-Za-z0-9._-]+")
@@ -673,7 +673,7 @@ def _hint(status: int, context: str, message: str) -> str:
 def build_summary_messages(
     prior_summary: str | None, messages: Sequence[Mapping[str, Any]]
 ) -> list[dict[str, str]]:
-    """The seed's summarization prompt: system text, the last 40 messages, the request."""
+    """The summarization prompt: system text, the last 40 messages, the request."""
     has_prior = prior_summary is not None and prior_summary.strip() != ""
     if has_prior:
         system = _SYSTEM_PROMPT_UPDATE.format(prior=prior_summary)
@@ -695,7 +695,7 @@ def summarize(
     prior_summary: str | None,
     messages: Sequence[Mapping[str, Any]],
 ) -> str | None:
-    """Produce the cumulative summary the way the seed does before a cache clear.
+    """Produce the cumulative summary written before a cache clear.
 
     Returns None for fewer than 4 messages (nothing worth summarizing); raises
     ServerError when the server fails or answers with an empty text. A blank
