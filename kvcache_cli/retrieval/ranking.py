@@ -634,7 +634,7 @@ def _answers(
     out = []
     for key in top:
         sid, idx = key
-        if own.get(key, 0.0) <= 0.0:
+        if own.get(key, 0.0) <= 0.0 or "?" not in info[key][1]:
             continue
         asked, told = ts.question_stems(info[key][1], stems)
         if not asked or len(asked) < len(told):
