@@ -88,3 +88,21 @@ def test_forget_deletes_or_lists_the_sessions_slot_files(setup: Setup) -> None:
     setup.configure(slot_folder=True)
     deleted = json.loads(setup.run("forget", "b", "--yes", "--json").stdout)
     assert deleted["slot_files_deleted"] == [b_file] and b_file not in setup.files()
+
+
+def test_a_forgotten_sessions_slot_files_stay_listed_until_the_folder_is_known(setup: Setup) -> None:
+    """forget without the folder keeps what it could not delete: maintain lists it, even
+    after the history is trimmed, and deletes it once the folder is set."""
+    a_file = setup.snapshot_with_slot("a")
+    assert json.loads(setup.run("forget", "a", "--yes", "--json").stdout)["slot_files_to_delete"] == [a_file]
+    assert json.loads(setup.run("maintain", "--json").stdout)["slot_files_to_delete"] == [a_file]
+    setup.run("snapshot", "b")
+    setup.run("snapshot", "b")  # history for maintain to trim
+    setup.config.write_text(setup.config.read_text() + "history_limit = 1\n", encoding="utf-8")
+    listed = json.loads(setup.run("maintain", "--json").stdout)
+    assert listed["operations_trimmed"] > 0 and listed["slot_files_to_delete"] == [a_file]
+    assert "1 slot file" in setup.run("maintain").stdout and a_file in setup.files()
+    setup.configure(slot_folder=True)
+    done = json.loads(setup.run("maintain", "--json").stdout)
+    assert done["slot_files_deleted"] == [a_file] and a_file not in setup.files()
+    assert json.loads(setup.run("maintain", "--json").stdout)["slot_files_to_delete"] == []

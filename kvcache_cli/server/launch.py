@@ -141,7 +141,7 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
             why_not = probe_slot_files(llm)
             if why_not is None:
                 model = _model_name(upstream)
-                slots = SlotPinning(llm, n_slots, n_ctx, model, metrics, options.quiet)
+                slots = SlotPinning(llm, n_slots, n_ctx, model, metrics, options.quiet, store=store)
                 swapping = f"slot swapping is on: {n_slots} slot(s), files in the upstream's --slot-save-path"
             else:
                 swapping = f"slot swapping is off: {why_not} (sessions share the upstream's own prompt cache)"

@@ -12,7 +12,9 @@ size. A restore is checked on the next answer's ``timings``: one whose ``cache_n
 is 0 reused nothing, and is logged and counted (``result="unused"``), not trusted.
 Before a save, ``/slots`` must show the slot holding tokens: an upstream that
 restarted (its slots empty) never overwrites a good file, and its residency is
-forgotten.
+forgotten. Each file saved is recorded on its session (``services.slot_files``), so
+``forget`` and ``maintain`` (for a session idle beyond the retention) delete it, or
+list it when the slot folder is not known here.
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvcache_cli.errors import KVCacheError
 from kvcache_cli.server.metrics import Metrics
+from kvcache_cli.services import slot_files
+
+if TYPE_CHECKING:
+    from kvcache_cli.store.connection import Store
 
 
 def slot_file_name(session_key: str, model: str, n_ctx: int) -> str:
@@ -72,8 +78,18 @@ class _Pending:
 class SlotPinning:
     """Which session each slot holds; save/restore when a session moves in."""
 
-    def __init__(self, llm: Any, n_slots: int, n_ctx: int, model: str, metrics: Metrics, quiet: bool) -> None:
+    def __init__(
+        self,
+        llm: Any,
+        n_slots: int,
+        n_ctx: int,
+        model: str,
+        metrics: Metrics,
+        quiet: bool,
+        store: Store | None = None,
+    ) -> None:
         self.llm = llm
+        self.store = store  # where each saved file is recorded (None: not recorded)
         self.n_ctx = n_ctx
         self.model = model
         self.metrics = metrics
@@ -188,14 +204,21 @@ class SlotPinning:
                     if not slot.busy:
                         slot.owner = None
             return
+        name = self.file_for(owner)
         try:
-            self.llm.slot_save(slot_id, self.file_for(owner))
+            self.llm.slot_save(slot_id, name)
             self._count("save", "ok")
             with self._lock:
                 self._saves[owner] = self._saves.get(owner, 0) + 1
         except KVCacheError as exc:
             self._count("save", "failed")
             self._note(f"slot {slot_id}: save for {owner!r} failed: {exc}")
+            return
+        if self.store is not None:
+            try:
+                slot_files.record_saved(self.store, owner, name)
+            except KVCacheError as exc:
+                self._note(f"slot {slot_id}: could not record {name} for {owner!r}: {exc}")
 
     def _restore(self, slot_id: int, session_key: str) -> int:
         try:

@@ -4,7 +4,8 @@
 file into a new store stores the same messages (roles, names, contents, timestamps for
 the native form). ``forget`` deletes everything of the named sessions in one
 transaction (all or nothing); the slot files their snapshots name are deleted after it
-commits when ``[llm] slot_save_path`` is set, else listed for the operator.
+commits when ``[llm] slot_save_path`` is set, else listed for the operator and kept
+waiting, so ``maintain`` lists them until the folder is known (``services.slot_files``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from kvcache_cli.errors import BadInputError, NotFoundError
-from kvcache_cli.services.slot_files import delete_files
+from kvcache_cli.services import slot_files
 from kvcache_cli.store import sessions_admin
 from kvcache_cli.store.migrations import utcnow
 from kvcache_cli.timefmt import utc_iso
@@ -136,7 +137,7 @@ def plan_forget(store: Store, keys: list[str]) -> ForgetResult:
         sid = _session_id(store, key)
         result.sessions.append(
             ForgottenSession(
-                key, sessions_admin.footprint(store, sid, key), sessions_admin.slot_files(store, sid)
+                key, sessions_admin.footprint(store, sid, key), slot_files.of_session(store, sid, key)
             )
         )
     result.slot_files_to_delete = [name for s in result.sessions for name in s.slot_files]
@@ -157,15 +158,17 @@ def forget_sessions(store: Store, keys: list[str], slot_save_path: str = "") -> 
         for key in dict.fromkeys(keys):
             sid = _session_id(store, key)
             item = ForgottenSession(
-                key, sessions_admin.footprint(store, sid, key), sessions_admin.slot_files(store, sid)
+                key, sessions_admin.footprint(store, sid, key), slot_files.of_session(store, sid, key)
             )
             sessions_admin.delete(store, sid, key)
+            slot_files.keep_forgotten(store, key, item.slot_files)  # deleted below, else they wait
             result.sessions.append(item)
 
     store.transaction(work)
     names = [name for s in result.sessions for name in s.slot_files]
     if slot_save_path:
-        result.slot_files_deleted, result.notices = delete_files(slot_save_path, names)
+        deleted, waiting, result.notices = slot_files.delete_waiting(store, slot_save_path, only=names)
+        result.slot_files_deleted, result.slot_files_to_delete = deleted, waiting
     else:
         result.slot_files_to_delete = names
     return result

@@ -1,14 +1,29 @@
-"""llama-server slot files of deleted snapshots: delete them, or keep them listed.
+"""llama-server slot files kvcache no longer needs: delete them, or keep them listed.
 
-A snapshot taken with ``--slot`` names a file in the server's ``--slot-save-path``
-(hundreds of MB each). When ``maintain`` prunes or releases such snapshots, or ``forget``
-removes a session, the file is no longer needed:
+Slot files live in the server's ``--slot-save-path`` (hundreds of MB each). kvcache
+knows them from three records:
 
-- with ``[llm] slot_save_path`` set (kvcache on the server's host), the file is deleted
-  after the store's transaction commits (files cannot roll back);
-- otherwise its name is recorded on the session (metadata ``slot_files_to_delete``), so
-  every later ``maintain`` says how many wait and ``maintain --json`` lists them under
-  ``slot_files_to_delete``; once the setting is there, the next ``maintain`` deletes them.
+- a snapshot taken with ``--slot`` names its file on the snapshot row;
+- ``kvcache serve`` records each file it saves on its session (``record_saved``);
+  a newer save of the same session overwrites the same file, so it is recorded once;
+- names waiting to be deleted: on the session (metadata ``slot_files_to_delete``), or,
+  for a forgotten session, in one operation record (``store.slot_records``).
+
+When they go:
+
+- ``maintain`` pruning snapshots: the pruned snapshots' files. Files ``serve`` saved are
+  not tied to one snapshot; they are the session's way back into a slot, so they stay
+  while the session lives;
+- ``maintain`` releasing a session idle beyond ``[maintenance] inactive_hours``: its
+  snapshots' files and every file ``serve`` saved for it;
+- ``forget``: every file of the session.
+
+With ``[llm] slot_save_path`` set (kvcache on the server's host) the files are deleted
+after the store's transaction commits (files cannot roll back); a file that could not
+be deleted stays listed. Otherwise the names wait, every later ``maintain`` says how
+many and ``maintain --json`` lists them under ``slot_files_to_delete``; once the setting
+is there, the next ``maintain`` deletes them. A name ``serve`` saves again is live
+again: it leaves the waiting lists.
 """
 
 from __future__ import annotations
@@ -16,25 +31,66 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvcache_cli.store import sessions_admin
+from kvcache_cli.store import sessions_admin, slot_records
+from kvcache_cli.store.migrations import utcnow
 
 if TYPE_CHECKING:
     from kvcache_cli.store.backend import Store
 
 
 def of_sessions(store: Store, session_ids: list[int]) -> dict[int, list[str]]:
-    """The slot files all snapshots of these sessions name (before they are released)."""
+    """The slot files of sessions being released: their snapshots' files (read before
+    the snapshots go) and the files ``serve`` saved for them."""
     out = {}
     for sid in session_ids:
-        names = sorted(set(sessions_admin.snapshot_slot_files(store, sid).values()))
+        names = set(sessions_admin.snapshot_slot_files(store, sid).values())
+        names.update(slot_records.saved_of(store, sid))
         if names:
-            out[sid] = names
+            out[sid] = sorted(names)
     return out
 
 
 def by_snapshot(store: Store, session_id: int) -> dict[int, str]:
     """``{snapshot id: slot file}`` of a session (read before pruning)."""
     return sessions_admin.snapshot_slot_files(store, session_id)
+
+
+def of_session(store: Store, sid: int, key: str) -> list[str]:
+    """Every slot file of a session about to be forgotten: its snapshots' files, those
+    ``serve`` saved, those waiting on it, and those of an earlier session of that name
+    that was forgotten with files still waiting."""
+    names = set(sessions_admin.slot_files(store, sid))
+    names.update(slot_records.saved_of(store, sid))
+    names.update(slot_records.forgotten_waiting(store).get(key, []))
+    return sorted(names)
+
+
+def keep_forgotten(store: Store, key: str, names: list[str]) -> None:
+    """Inside ``forget``'s transaction, after the session is deleted: its slot files
+    wait (until deleted after the commit, or by a later ``maintain``)."""
+    slot_records.set_forgotten_waiting(store, key, names, utcnow())
+
+
+def record_saved(store: Store, session_key: str, name: str) -> None:
+    """``serve`` saved the session's slot into ``name`` (one transaction): record it on
+    the session; the name is live again, so it leaves the waiting lists."""
+
+    def work() -> None:
+        sid = sessions_admin.session_id(store, session_key)
+        if sid is None:
+            return
+        saved = slot_records.saved_of(store, sid)
+        if name not in saved:
+            slot_records.set_saved(store, sid, [*saved, name])
+        waiting = sessions_admin.waiting_slot_files_of(store, sid)
+        if name in waiting:
+            sessions_admin.set_waiting_slot_files(store, sid, [n for n in waiting if n != name])
+        forgotten = slot_records.forgotten_waiting(store).get(session_key, [])
+        if name in forgotten:
+            rest = [n for n in forgotten if n != name]
+            slot_records.set_forgotten_waiting(store, session_key, rest, utcnow())
+
+    store.transaction(work)
 
 
 def park(store: Store, orphaned: dict[int, list[str]], dry_run: bool) -> list[str]:
@@ -45,34 +101,51 @@ def park(store: Store, orphaned: dict[int, list[str]], dry_run: bool) -> list[st
         merged = sorted(set(waiting.get(sid, [])) | set(names))
         if not dry_run:
             sessions_admin.set_waiting_slot_files(store, sid, merged)
+            saved = slot_records.saved_of(store, sid)
+            if set(saved) & set(names):  # a released session's serve files now wait
+                slot_records.set_saved(store, sid, [n for n in saved if n not in names])
         waiting[sid] = merged
-    return sorted({name for names in waiting.values() for name in names})
+    names_waiting = {name for names in waiting.values() for name in names}
+    names_waiting.update(n for names in slot_records.forgotten_waiting(store).values() for n in names)
+    return sorted(names_waiting)
 
 
-def delete_waiting(store: Store, folder: str) -> tuple[list[str], list[str], list[str]]:
-    """Delete every waiting slot file in ``folder``; returns (deleted, still waiting, notices).
+def delete_waiting(
+    store: Store, folder: str, only: list[str] | None = None
+) -> tuple[list[str], list[str], list[str]]:
+    """Delete the waiting slot files (or those of them in ``only``) in ``folder``;
+    returns (deleted, still waiting, notices).
 
     The files go first (outside any transaction), then one transaction forgets the
     names of those gone; a file that could not be deleted stays listed.
     """
-    waiting = sessions_admin.waiting_slot_files(store)
-    names = sorted({n for group in waiting.values() for n in group})
+    on_sessions = sessions_admin.waiting_slot_files(store)
+    forgotten = slot_records.forgotten_waiting(store)
+    names = {n for group in on_sessions.values() for n in group}
+    names.update(n for group in forgotten.values() for n in group)
+    if only is not None:
+        names &= set(only)
+    todo = sorted(names)
     base = Path(folder).expanduser()
-    if names and not base.is_dir():
-        return [], names, [f"slot_save_path {folder} is not a folder; {len(names)} slot files still wait"]
-    deleted, notices = delete_files(folder, names)
+    if todo and not base.is_dir():
+        return [], todo, [f"slot_save_path {folder} is not a folder; {len(todo)} slot files still wait"]
+    deleted, notices = delete_files(folder, todo)
     # deleted now, or already gone from the folder (deleted by hand)
-    gone = set(deleted) | {n for n in names if _plain(n) and not (base / n).exists()}
+    gone = set(deleted) | {n for n in todo if _plain(n) and not (base / n).exists()}
 
     def work() -> None:
         for sid, group in sessions_admin.waiting_slot_files(store).items():
             left = [n for n in group if n not in gone]
             if left != group:
                 sessions_admin.set_waiting_slot_files(store, sid, left)
+        for key, group in slot_records.forgotten_waiting(store).items():
+            left = [n for n in group if n not in gone]
+            if left != group:
+                slot_records.set_forgotten_waiting(store, key, left, utcnow())
 
     if gone:
         store.transaction(work)
-    return deleted, sorted(set(names) - gone), notices
+    return deleted, sorted(set(todo) - gone), notices
 
 
 def _plain(name: str) -> bool:

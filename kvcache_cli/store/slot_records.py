@@ -1,0 +1,95 @@
+"""Where the store keeps llama-server slot file names that are not on a snapshot row.
+
+Two records, both read by ``services.slot_files``:
+
+- the files ``kvcache serve`` saved for a live session (session metadata
+  ``slot_files_saved``): the session may restore them, so nothing prunes them while
+  the session lives;
+- the files of *forgotten* sessions still waiting to be deleted (no slot folder was
+  known): the session row is gone, so each forget keeps them in one operation record
+  (``operation_type = 'slot_files_waiting'``, details a JSON list of names), which
+  history trimming leaves alone (``reports.trim_operations``).
+
+Every statement is raw SQL through ``Store.query``; call inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from kvcache_cli.store.models import Operation
+
+if TYPE_CHECKING:
+    from kvcache_cli.store.backend import Store
+
+SAVED_KEY = "slot_files_saved"
+"""Session metadata key: slot files ``serve`` saved for the session (kept while it lives)."""
+
+WAITING_OPERATION = "slot_files_waiting"
+"""Operation type recording a forgotten session's slot files not deleted yet."""
+
+
+def _metadata(store: Store, sid: int) -> dict[str, Any]:
+    rows = store.query("SELECT metadata FROM sessions WHERE id = ?", (sid,))
+    try:
+        meta = json.loads(rows[0][0] or "{}") if rows else {}
+    except ValueError:
+        meta = {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _names(value: Any) -> list[str]:
+    return sorted({str(n) for n in value}) if isinstance(value, list) else []
+
+
+def saved_of(store: Store, sid: int) -> list[str]:
+    """The slot files ``serve`` saved for the session."""
+    return _names(_metadata(store, sid).get(SAVED_KEY))
+
+
+def set_saved(store: Store, sid: int, names: list[str]) -> None:
+    """Record the session's saved slot files (an empty list removes the record)."""
+    meta = _metadata(store, sid)
+    if names:
+        meta[SAVED_KEY] = sorted(set(names))
+    else:
+        meta.pop(SAVED_KEY, None)
+    store.query("UPDATE sessions SET metadata = ? WHERE id = ?", (json.dumps(meta, sort_keys=True), sid))
+
+
+def forgotten_waiting(store: Store) -> dict[str, list[str]]:
+    """``{forgotten session key: slot files}`` still waiting to be deleted."""
+    rows = store.query(
+        "SELECT session_key, details FROM operations WHERE operation_type = ? ORDER BY id",
+        (WAITING_OPERATION,),
+    )
+    out: dict[str, list[str]] = {}
+    for key, details in rows:
+        try:
+            names = _names(json.loads(details or "[]"))
+        except ValueError:
+            names = []
+        if names:
+            out[str(key)] = sorted(set(out.get(str(key), [])) | set(names))
+    return out
+
+
+def set_forgotten_waiting(store: Store, key: str, names: list[str], now: datetime) -> None:
+    """Replace the waiting record of forgotten session ``key`` (empty ``names``: drop it)."""
+    store.query(
+        "DELETE FROM operations WHERE operation_type = ? AND session_key = ?", (WAITING_OPERATION, key)
+    )
+    if names:
+        store.query(
+            "INSERT INTO operations (session_key, operation_type, timestamp, entries_affected, details) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (
+                key,
+                WAITING_OPERATION,
+                Operation.timestamp.db_value(now),
+                len(set(names)),
+                json.dumps(sorted(set(names))),
+            ),
+        )

@@ -1,0 +1,173 @@
+"""Slot files ``kvcache serve`` saves are tied to their sessions (issue 16.5, 17.7):
+``maintain`` (for a session idle beyond the retention) and ``forget`` delete them with
+``[llm] slot_save_path``, otherwise list them under ``slot_files_to_delete`` and keep
+listing them (a forgotten session's too) until the folder is known."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+from kvcache_cli.services import slot_files  # noqa: E402
+from kvcache_cli.store.backend import open_store  # noqa: E402
+from tests.fake_llama_server import FakeLlamaServer  # noqa: E402
+from tests.helpers import invoke, invoke_json  # noqa: E402
+from tests.pg import store_url  # noqa: E402,F401  (fixture)
+from tests.serve_util import ServeProcess  # noqa: E402
+
+
+@dataclass
+class Served:
+    """A store in which ``serve`` saved slot files of three sessions into ``files``."""
+
+    home: Path
+    db: str  # a SQLite file or a PostgreSQL URL
+    files: Path
+    by_session: dict[str, str]  # session -> the file serve saved for it
+
+    def configure(self, slot_folder: bool, folder: Path | None = None) -> Path:
+        """Never idle, one snapshot kept; the slot folder (or ``folder``) set or not."""
+        text = "[cache]\ngenerate_cache_embeddings = false\n[cache.snapshot]\nmax_snapshots = 1\n"
+        text += "[maintenance]\ninactive_hours = 100000.0\n"
+        if slot_folder:
+            text += f"[llm]\nslot_save_path = {json.dumps(str(folder or self.files))}\n"
+        path = self.home / "kvcache.toml"
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def json(self, *args: str) -> Any:
+        return invoke_json("--config", self.home / "kvcache.toml", *args, home=self.home, db=self.db)
+
+    def on_disk(self) -> set[str]:
+        return {p.name for p in self.files.iterdir()}
+
+
+def _ask(api: Any, history: list[dict[str, str]], session: str, text: str) -> None:
+    history.append({"role": "user", "content": text})
+    reply = api.chat.completions.create(model="m", messages=history, extra_headers={"X-Session-Id": session})
+    history.append({"role": "assistant", "content": reply.choices[0].message.content})
+
+
+@pytest.fixture
+def served(tmp_path: Path, store_url: str) -> Iterator[Served]:  # noqa: F811
+    """Three sessions over two slots, taking turns twice round: each is moved out of its
+    slot (saved) at least once, A twice (the same file, overwritten)."""
+    files = tmp_path / "slots"
+    files.mkdir()
+    state = Served(tmp_path, store_url, files, {})
+    config = state.configure(slot_folder=False)
+    histories: dict[str, list[dict[str, str]]] = {k: [] for k in ("A", "B", "C")}
+    with FakeLlamaServer(n_slots=2, n_ctx=2048, slot_save_path=files) as fake:
+        with ServeProcess(tmp_path, state.db, fake.url, config=config) as serve:  # type: ignore[arg-type]
+            api = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
+            for key in ("A", "B", "C", "A", "B", "C", "A"):  # each arrival moves the oldest out
+                _ask(
+                    api, histories[key], f"slot-{key}", f"{key} turn {len(histories[key])}: harbours, ships?"
+                )
+    saves = {}
+    for key in ("A", "B", "C"):
+        meta = state.json("stats", f"slot-{key}")["sessions"][0]["metadata"]
+        saves[key] = meta["slot_files_saved"]
+    assert all(len(names) == 1 for names in saves.values()), saves  # one file per session, once
+    state.by_session = {key: names[0] for key, names in saves.items()}
+    assert set(state.by_session.values()) == state.on_disk()
+    yield state
+
+
+def test_serve_files_of_a_live_session_stay_and_forget_lists_then_maintain_keeps_listing(
+    served: Served,
+) -> None:
+    a_file, b_file, c_file = (served.by_session[k] for k in ("A", "B", "C"))
+    # pruning snapshots never takes the file a live session restores from
+    assert served.json("maintain")["slot_files_to_delete"] == []
+    forgotten = served.json("forget", "slot-A", "--yes")
+    assert forgotten["sessions"][0]["slot_files"] == [a_file]
+    assert forgotten["slot_files_to_delete"] == [a_file] and a_file in served.on_disk()
+    # the forgotten session's file is kept waiting: every later maintain lists it
+    assert served.json("maintain")["slot_files_to_delete"] == [a_file]
+    rc, out, err = invoke(
+        "--config", served.home / "kvcache.toml", "maintain", home=served.home, db=served.db
+    )
+    assert rc == 0 and "1 slot file" in out, out + err
+    # B and C idle beyond the retention: released, their serve files wait too (once each)
+    idle = served.json("maintain", "--inactive-hours", "0")
+    every = sorted([a_file, b_file, c_file])
+    assert idle["slot_files_to_delete"] == every
+    assert served.json("maintain")["slot_files_to_delete"] == every
+    assert served.on_disk() == set(every)  # nothing deleted without the folder
+
+    served.configure(slot_folder=True)
+    done = served.json("maintain")
+    assert sorted(done["slot_files_deleted"]) == every
+    assert done["slot_files_to_delete"] == [] and served.on_disk() == set()
+    assert served.json("maintain")["slot_files_to_delete"] == []
+
+
+def test_forget_with_the_folder_deletes_the_serve_file(served: Served) -> None:
+    served.configure(slot_folder=True)
+    b_file = served.by_session["B"]
+    done = served.json("forget", "slot-B", "--yes")
+    assert done["slot_files_deleted"] == [b_file] and done["slot_files_to_delete"] == []
+    assert served.on_disk() == {served.by_session["A"], served.by_session["C"]}
+    assert served.json("maintain")["slot_files_to_delete"] == []
+
+
+def test_maintain_with_the_folder_deletes_an_idle_sessions_serve_file(served: Served) -> None:
+    served.configure(slot_folder=True)
+    done = served.json("maintain", "--inactive-hours", "0")
+    assert sorted(done["slot_files_deleted"]) == sorted(served.by_session.values())
+    assert not served.on_disk() & set(served.by_session.values())
+    # the sessions' history stays; the released sessions no longer name the files
+    meta = served.json("stats", "slot-A")["sessions"][0]["metadata"]
+    assert "slot_files_saved" not in meta
+
+
+def test_a_file_saved_again_is_live_again(served: Served) -> None:
+    """A released (or forgotten) session's file that serve saves anew leaves the waiting
+    lists, so a later maintain with the folder does not delete what the session needs."""
+    a_file = served.by_session["A"]
+    assert a_file in served.json("maintain", "--inactive-hours", "0")["slot_files_to_delete"]
+    store = open_store(served.db)
+    try:
+        slot_files.record_saved(store, "slot-A", a_file)
+        slot_files.record_saved(store, "slot-A", a_file)  # overwritten: recorded once
+    finally:
+        store.close()
+    others = sorted([served.by_session["B"], served.by_session["C"]])
+    assert served.json("maintain")["slot_files_to_delete"] == others
+    assert served.json("stats", "slot-A")["sessions"][0]["metadata"]["slot_files_saved"] == [a_file]
+    served.configure(slot_folder=True)
+    assert sorted(served.json("maintain")["slot_files_deleted"]) == others
+    assert served.on_disk() == {a_file}
+    # forget then lists it (and only once) with the files of the forgotten session
+    served.configure(slot_folder=False)
+    assert served.json("forget", "slot-A", "--yes")["slot_files_to_delete"] == [a_file]
+    assert served.json("maintain")["slot_files_to_delete"] == [a_file]
+
+
+def test_forget_keeps_the_files_it_could_not_delete_waiting(served: Served) -> None:
+    served.configure(slot_folder=True, folder=served.home / "no-such-folder")
+    b_file = served.by_session["B"]
+    done = served.json("forget", "slot-B", "--yes")
+    assert done["slot_files_deleted"] == [] and done["slot_files_to_delete"] == [b_file]
+    assert served.json("maintain")["slot_files_to_delete"] == [b_file]
+    served.configure(slot_folder=True)
+    assert served.json("maintain")["slot_files_deleted"] == [b_file] and b_file not in served.on_disk()
+
+
+def test_trimming_the_history_keeps_a_forgotten_sessions_files_listed(served: Served) -> None:
+    a_file = served.by_session["A"]
+    assert served.json("forget", "slot-A", "--yes")["slot_files_to_delete"] == [a_file]
+    config = served.configure(slot_folder=False)
+    config.write_text(config.read_text().replace("[maintenance]\n", "[maintenance]\nhistory_limit = 1\n"))
+    trimmed = served.json("maintain")
+    assert trimmed["operations_trimmed"] > 0 and trimmed["slot_files_to_delete"] == [a_file]
+    assert served.json("maintain")["slot_files_to_delete"] == [a_file]
