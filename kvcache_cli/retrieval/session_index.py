@@ -56,18 +56,24 @@ class SessionIndex:
         self.lengths: dict[int, int] = {}  # message_index -> token count
         self.total_len = 0
 
-    def sync(self, store: Store) -> bool:
+    def sync(self, store: Store, below: int | None = None) -> bool:
         """Add the rows stored since the last call (reload if the count disagrees).
 
+        ``below``: only the messages with a lower index (a turn of an imported session
+        sees the messages through its question, not the later ones ``import`` stored).
         False, and nothing added, when a new message is longer than ``MAX_INDEXED_TEXT``.
         """
         sid = self.session_id
+        bound = " AND message_index < ?" if below is not None else ""
+        limit = (below,) if below is not None else ()
         for _attempt in range(3):
-            (count,) = store.query("SELECT count(*) FROM messages WHERE session_id = ?", (sid,))[0]
+            (count,) = store.query(
+                f"SELECT count(*) FROM messages WHERE session_id = ?{bound}", (sid, *limit)
+            )[0]
             new = store.query(
                 "SELECT id, message_index, role, name, content, timestamp FROM messages "
-                "WHERE session_id = ? AND id > ? ORDER BY id",
-                (sid, self.last_id),
+                f"WHERE session_id = ? AND id > ?{bound} ORDER BY id",
+                (sid, self.last_id, *limit),
             )
             if len(self.docs) + len(new) == count:
                 if any(len(row[4] or "") > MAX_INDEXED_TEXT for row in new):
@@ -187,8 +193,9 @@ class SessionIndexes:
         self._by_session: dict[int, SessionIndex] = {}
         self._too_big: set[int] = set()
 
-    def get(self, store: Store, session_id: int) -> SessionIndex | None:
-        """The session's index, brought up to date with what the current transaction sees.
+    def get(self, store: Store, session_id: int, below: int | None = None) -> SessionIndex | None:
+        """The session's index, brought up to date with what the current transaction sees
+        (with ``below``: its messages of a lower index, see ``SessionIndex.sync``).
 
         None for a session too big to index (more than ``max_messages`` when first seen).
         """
@@ -198,11 +205,12 @@ class SessionIndexes:
             if sid in self._too_big:
                 return None
             (count,) = store.query("SELECT count(*) FROM messages WHERE session_id = ?", (sid,))[0]
+            count = count if below is None else min(int(count), below)
             if count > self.max_messages:
                 self._too_big.add(sid)
                 return None
             index = SessionIndex(sid)
-        if not index.sync(store):
+        if not index.sync(store, below):
             self._too_big.add(sid)
             return None
         self._by_session[sid] = index  # most recent last

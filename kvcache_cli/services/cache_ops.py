@@ -30,9 +30,18 @@ from kvcache_cli.store.migrations import utcnow
 
 # ----------------------------------------------------------------------------- clear
 def clear_in_turn(
-    core: Core, session: m.Session, active: list[KVEntry], reason: str, now: datetime, turn: int
+    core: Core,
+    session: m.Session,
+    active: list[KVEntry],
+    reason: str,
+    now: datetime,
+    turn: int,
+    upto: int | None = None,
 ) -> ClearInfo:
-    """Clear the active cache, keeping the important entries (inside the caller's transaction)."""
+    """Clear the active cache, keeping the important entries (inside the caller's transaction).
+
+    ``upto``: the summary covers the messages before this index (``summaries.write``).
+    """
     cfg = core.config.cache
     store = core.store
     engagement = cache.engagement(store, session.get_id())
@@ -42,7 +51,7 @@ def clear_in_turn(
     if snapshot_on_clear(cfg, reason):
         snapshot_id = take_snapshot(core, session, active, f"clear:{reason}", now, turn)
     keywords = [k for p in preserved for k in p.keywords][:10]
-    text, source = summaries.write(core, session, now)
+    text, source = summaries.write(core, session, now, upto)
     cleared = len(active) - len(preserved)
     message = bridge.summary_now(text) if text else bridge.clear_bridge(cleared, len(preserved), keywords)
     before = sum(e.size_bytes for e in active)

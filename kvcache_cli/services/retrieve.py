@@ -72,6 +72,10 @@ def in_session(
     result = new_result(core, query, semantic, notice)
     strategy = result.strategy
     sims = semantic_scores(core, session.get_id(), semantic) if semantic is not None else None
+    # a replayed turn sees the messages through its question, not later ones an import stored
+    seen_below = exclude_from + 1 if cascade and exclude_from is not None else None
+    if sims is not None and seen_below is not None:
+        sims = {idx: v for idx, v in sims.items() if idx < seen_below}
     hy = core.config.cache.hybrid
     lookup: dict[tuple[str, Any], float] | None = None
     ctx: dict[int, float] = {}
@@ -89,7 +93,7 @@ def in_session(
     found: list[RetrievedEntry] = []
     thresholds = TIER_THRESHOLDS if cascade else {1: min_score, 2: min_score, 3: min_score}
     # a replay's turn reads the session from its in-memory index (session_index)
-    index = core.replay_indexes.get(store, session.get_id()) if cascade else None
+    index = core.replay_indexes.get(store, session.get_id(), seen_below) if cascade else None
     if active is None:
         active = cache.active_entries(store, session.get_id())
     in_cache = {e.message_index for e in active if e.message_index is not None}

@@ -15,8 +15,8 @@ from kvcache_cli.store import cache, sessions
 from kvcache_cli.store import models as m
 
 
-def _tail(core: Core, session_id: int, since: int) -> list[ChatMessage]:
-    rows = sessions.tail(core.store, session_id, since, TAIL_MESSAGES)
+def _tail(core: Core, session_id: int, since: int, below: int | None = None) -> list[ChatMessage]:
+    rows = sessions.tail(core.store, session_id, since, TAIL_MESSAGES, below)
     return [ChatMessage(role=role, content=content, name=name) for role, content, name in rows]
 
 
@@ -34,11 +34,15 @@ def _ask_llm(core: Core, prior: str | None, messages: list[ChatMessage]) -> str 
         return None
 
 
-def prepare_for_turn(core: Core, session_key: str, msgs: list[ChatMessage], tokens: list[int]) -> None:
+def prepare_for_turn(
+    core: Core, session_key: str, msgs: list[ChatMessage], tokens: list[int], seen: int | None = None
+) -> None:
     """Before a turn's transaction: when the turn looks set to clear, get the LLM summary now.
 
     Predicts the turn's clear from the stored session (turn count, cache size plus the
-    turn's new messages), so the chat request runs outside the write lock.
+    turn's new messages), so the chat request runs outside the write lock. ``seen``: the
+    index of the turn's first message (the stored messages before it are what the turn
+    sees; an imported session also stores later ones); None: every stored message.
     """
     core.ready_summary = None
     if core.chat_llm is None or core.server_down():
@@ -52,14 +56,15 @@ def prepare_for_turn(core: Core, session_key: str, msgs: list[ChatMessage], toke
         tokens[: user_pos + 1]
     ) * core.config.model.bytes_per_token
     if clear_reason(count, usage, core.capacity(), core.config.cache) is not None:
-        prepare(core, session_key, msgs[: user_pos + 1])
+        prepare(core, session_key, msgs[: user_pos + 1], seen)
 
 
-def prepare(core: Core, session_key: str, new_msgs: list[ChatMessage]) -> None:
+def prepare(core: Core, session_key: str, new_msgs: list[ChatMessage], seen: int | None = None) -> None:
     """Ask the LLM for the summary of the coming clear now, outside the write transaction.
 
     ``write`` uses it only if the session is still in the state it was made for (else,
-    after a race with another writer, it asks inside as before).
+    after a race with another writer, it asks inside as before). ``seen``: see
+    ``prepare_for_turn``.
     """
     core.ready_summary = None
     if core.chat_llm is None or core.server_down():
@@ -67,10 +72,11 @@ def prepare(core: Core, session_key: str, new_msgs: list[ChatMessage]) -> None:
     session = sessions.find(core.store, session_key)
     existing = cache.summary(core.store, session.get_id()) if session is not None else None
     since = existing.messages_summarized if existing else 0
-    total = (sessions.count_messages(core.store, session.get_id()) if session is not None else 0) + len(
-        new_msgs
-    )
-    stored = _tail(core, session.get_id(), since) if session is not None else []
+    before = seen
+    if before is None:
+        before = sessions.count_messages(core.store, session.get_id()) if session is not None else 0
+    total = before + len(new_msgs)
+    stored = _tail(core, session.get_id(), since, before) if session is not None else []
     prior = existing.text if existing else None
     messages = (stored + new_msgs)[-TAIL_MESSAGES:]
     if len(messages) < MIN_MESSAGES:
@@ -79,13 +85,19 @@ def prepare(core: Core, session_key: str, new_msgs: list[ChatMessage]) -> None:
     core.ready_summary = ((since, total, prior), text)
 
 
-def write(core: Core, session: m.Session, now: datetime) -> tuple[str | None, str | None]:
-    """Update the session's cumulative summary (in the clear's transaction); (text, source)."""
+def write(
+    core: Core, session: m.Session, now: datetime, upto: int | None = None
+) -> tuple[str | None, str | None]:
+    """Update the session's cumulative summary (in the clear's transaction); (text, source).
+
+    ``upto``: summarise the messages before this index (a turn's: through its question;
+    an imported session stores later ones too); None: every stored message.
+    """
     sid = session.get_id()
     existing = cache.summary(core.store, sid)
     since = existing.messages_summarized if existing else 0
-    total = sessions.count_messages(core.store, sid)
-    messages = _tail(core, sid, since)
+    total = sessions.count_messages(core.store, sid) if upto is None else upto
+    messages = _tail(core, sid, since, upto)
     if len(messages) < MIN_MESSAGES:
         return (existing.text, existing.source) if existing else (None, None)
     prior = existing.text if existing else None

@@ -104,19 +104,18 @@ def replay(
             tokens = core.tokens.count([msg.content for msg in new])
         if embedder is not None and not core.server_down():  # HTTP before the turn's transaction
             embedder.prefetch(conv.messages, max(lo, done), hi)
-        summaries.prepare_for_turn(core, session_key, new, tokens)
+        summaries.prepare_for_turn(core, session_key, new, tokens, max(lo, done))
         full = outcome_of_last and number == len(pending)
-        drop = rerun if number == 1 else None
-        work = partial(_turn, core, conv, session_key, lo, hi, tokens, result, full, drop)
+        work = partial(_turn, core, conv, session_key, lo, hi, tokens, result, full)
         outcome = core.store.transaction(work, core.forget_replay_state)
         if outcome is not None and outcome.report is not None:
             result.turns.append(outcome.report)
         if on_turn is not None:
             on_turn(number, len(pending))
-    if rerun is not None and pending:
-        again = stored_before - rerun
-        result.messages_added = max(0, result.messages_added - again)
-        core.notice(f"ran the engine over {again} messages that import had stored (not stored twice)")
+    if rerun is not None and pending:  # imported_replay: stored once, by the import
+        core.notice(
+            f"ran the engine over {stored_before - rerun} messages that import had stored (not stored twice)"
+        )
     core.server_down()  # records a token-count failure as a notice
     result.notices.extend(core.notices)
     core.notices.clear()
@@ -151,20 +150,23 @@ def _turn(
     tokens: list[int],
     result: ProcessResult,
     full_outcome: bool = False,
-    drop_from: int | None = None,
 ) -> TurnOutcome | None:
     """One turn in one transaction: store, decide, clear, snapshot, retrieve, store the reply.
 
-    ``drop_from``: first delete the stored messages from there on (``imported_replay``).
+    On messages ``import`` stored, the turn runs over them without storing them again
+    (``imported_replay``).
     """
     wall = utcnow()
     session = core.session_for_update(session_key, create=True, now=wall)
-    if drop_from is not None:
-        imported_replay.drop_unrun(core, session, drop_from)
     stored = sessions.stored_count(core.store, session.get_id())
-    if stored >= hi:
-        return None  # another process stored this turn meanwhile
-    start = max(lo, stored)
+    # --- imported replay (F3): the engine runs from the import's mark, over stored messages
+    imported = imported_replay.open_turn(core, session, stored)
+    ran = stored if imported is None else imported.mark
+    if ran >= hi:
+        return None  # another process ran this turn meanwhile
+    start = max(lo, ran)
+    kept = imported.kept(start, hi) if imported is not None else 0  # of msgs, stored already
+    # --- end imported replay
     if start != max(lo, hi - len(tokens)):
         # another process stored part of it: recount for what is left
         tokens = core.tokens.count([msg.content for msg in conv.messages[start:hi]])
@@ -174,9 +176,9 @@ def _turn(
     now = (question.timestamp if question and question.timestamp else None) or wall
     cut = (user_pos + 1) if user_pos is not None else len(msgs)
     before, after = msgs[:cut], msgs[cut:]
-    new_entries = _store_messages(core, session, start, before, tokens[:cut], now)
+    new_entries = _store_messages(core, session, start, before, tokens[:cut], now, min(kept, cut))
     new_entries += _file_entries(core, conv, start, start + cut, now)
-    result.messages_added += len(before)
+    result.messages_added += len(before) - min(kept, cut)
     active = cache.active_entries(core.store, session.get_id())
     cache.add_entries(core.store, session.get_id(), new_entries, len(active))
     active += new_entries
@@ -186,8 +188,11 @@ def _turn(
         report, found = _decide(core, session, active, start + user_pos, question, now)
     outcome = _outcome(core, session, report, found) if full_outcome else TurnOutcome(session_key, report)
     if after:
-        _store_reply(core, session, conv, start + cut, after, tokens[cut:], now)
-        result.messages_added += len(after)
+        _store_reply(core, session, conv, start + cut, after, tokens[cut:], now, max(0, kept - cut))
+        result.messages_added += len(after) - max(0, kept - cut)
+    if imported is not None:  # imported replay (F3): the mark moves to the turn's end
+        ran_users = sum(1 for msg in msgs[:kept] if msg.role == "user")
+        imported_replay.close_turn(session, imported, ran_users, hi)
     session.last_activity = wall
     sessions.save(core.store, session)
     return outcome
@@ -210,15 +215,30 @@ def _file_entries(core: Core, conv: Conversation | None, lo: int, hi: int, now: 
 
 
 def _store_messages(
-    core: Core, session: m.Session, start: int, msgs: list[ChatMessage], tokens: list[int], now: datetime
+    core: Core,
+    session: m.Session,
+    start: int,
+    msgs: list[ChatMessage],
+    tokens: list[int],
+    now: datetime,
+    kept: int = 0,
 ) -> list[KVEntry]:
-    """Store messages at ``start``.., index them, store their vectors; their cache entries."""
+    """Store messages at ``start``.., index them, store their vectors; their cache entries.
+
+    ``kept``: the first ones are stored already (``imported_replay``): only their token
+    counts are set, and their missing vectors stored.
+    """
     if not msgs:
         return []
-    rows = [(msg.role, msg.name, msg.content, tokens[i], msg.timestamp) for i, msg in enumerate(msgs)]
-    ids = sessions.insert_messages(core.store, session.get_id(), start, rows)
-    if core.index_history:
-        search.index_messages(core.store, [(mid, session.id, content) for mid, _, content in ids])
+    ids = sessions.rerun_messages(core.store, session.get_id(), start, tokens[:kept]) if kept else []
+    rows = [
+        (msg.role, msg.name, msg.content, tokens[i], msg.timestamp) for i, msg in enumerate(msgs) if i >= kept
+    ]
+    if rows:
+        added = sessions.insert_messages(core.store, session.get_id(), start + kept, rows)
+        if core.index_history:
+            search.index_messages(core.store, [(mid, session.id, content) for mid, _, content in added])
+        ids += added
     if core.embedder is not None:  # vectors computed before this transaction
         core.embedder.store_for([(mid, index) for mid, index, _ in ids], utcnow())
     per_token = core.config.model.bytes_per_token
@@ -233,9 +253,12 @@ def _store_reply(
     msgs: list[ChatMessage],
     tokens: list[int],
     now: datetime,
+    kept: int = 0,
 ) -> None:
-    """Store the messages after a turn's question and add them to the cache (in a transaction)."""
-    later = _store_messages(core, session, start, msgs, tokens, now)
+    """Store the messages after a turn's question and add them to the cache (in a transaction).
+
+    ``kept``: see ``_store_messages``."""
+    later = _store_messages(core, session, start, msgs, tokens, now, kept)
     later += _file_entries(core, conv, start, start + len(msgs), now)
     cache.add_entries(core.store, session.get_id(), later, session.entry_count)
     session.cache_size_bytes += sum(e.size_bytes for e in later)
@@ -271,7 +294,9 @@ def _decide(
     bridges: list[str] = []
     found: RetrievalResult | None = None
     if reason is not None:
-        clear = cache_ops.clear_in_turn(core, session, active, reason, now, turn=session.turn_count)
+        clear = cache_ops.clear_in_turn(
+            core, session, active, reason, now, turn=session.turn_count, upto=user_index + 1
+        )
         report.clear = clear
         if clear.snapshot_id is not None:
             report.snapshot_ids.append(clear.snapshot_id)

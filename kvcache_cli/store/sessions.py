@@ -127,14 +127,39 @@ def first_messages(store: Store, session_id: int, count: int) -> list[tuple[Any,
     return [(role, content, name, to_time(ts), int(tokens)) for role, content, name, ts, tokens in rows]
 
 
-def tail(store: Store, session_id: int, since: int, limit: int) -> list[tuple[str, str, str | None]]:
-    """``(role, content, name)`` of the last ``limit`` messages from index ``since``, in order."""
+def tail(
+    store: Store, session_id: int, since: int, limit: int, below: int | None = None
+) -> list[tuple[str, str, str | None]]:
+    """``(role, content, name)`` of the last ``limit`` messages from index ``since`` (and
+    before index ``below`` when given), in order."""
+    bound = "" if below is None else f" AND message_index < {int(below)}"
     rows = store.query(
-        "SELECT role, content, name FROM messages WHERE session_id = ? AND message_index >= ? "
+        f"SELECT role, content, name FROM messages WHERE session_id = ? AND message_index >= ?{bound} "
         "ORDER BY message_index DESC LIMIT ?",
         (int(session_id), int(since), int(limit)),
     )
     return list(reversed(rows))
+
+
+def rerun_messages(
+    store: Store, session_id: int, start: int, tokens: Sequence[int]
+) -> list[tuple[int, int, str]]:
+    """Messages ``start``.. already stored (by ``import``) that a turn now runs: set their
+    token counts to the turn's; returns their ``(id, message_index, content)``."""
+    if not tokens:
+        return []
+    sid = int(session_id)
+    for i, count in enumerate(tokens):  # a turn's few messages
+        store.query(
+            "UPDATE messages SET tokens = ? WHERE session_id = ? AND message_index = ?",
+            (int(count), sid, int(start) + i),
+        )
+    found = store.query(
+        "SELECT id, message_index, content FROM messages "
+        "WHERE session_id = ? AND message_index >= ? AND message_index < ? ORDER BY message_index",
+        (sid, int(start), int(start) + len(tokens)),
+    )
+    return [(int(mid), int(idx), str(content)) for mid, idx, content in found]
 
 
 def last_user_index(store: Store, session_id: int) -> int:

@@ -186,48 +186,54 @@ ENGINE_FROM_KEY = "engine_from"
 
 def engine_from(store: Store, sid: int) -> int | None:
     """The session's ``engine_from`` mark, if any."""
-    value = _metadata(store, sid).get(ENGINE_FROM_KEY)
+    return mark_in(_metadata(store, sid))
+
+
+def mark_in(meta: Any) -> int | None:
+    """The ``engine_from`` mark of a session's decoded metadata, if any."""
+    value = meta.get(ENGINE_FROM_KEY) if isinstance(meta, dict) else None
     return int(value) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def mark_engine_from(store: Store, sid: int, index: int) -> None:
     """Record that messages from ``index`` on were stored without the engine (keeps an earlier mark)."""
     meta = _metadata(store, sid)
-    current = meta.get(ENGINE_FROM_KEY)
-    if isinstance(current, int) and not isinstance(current, bool) and 0 <= current <= index:
+    current = mark_in(meta)
+    if current is not None and current <= index:
         return
     meta[ENGINE_FROM_KEY] = int(index)
     store.query("UPDATE sessions SET metadata = ? WHERE id = ?", (json.dumps(meta, sort_keys=True), sid))
 
 
-def engine_never_ran(store: Store, sid: int) -> bool:
-    """No turn log, cache entry or snapshot: stored messages only (an import before marks)."""
-    return not any(
+def mark_if_imported_unmarked(store: Store, sid: int) -> bool:
+    """Mark (from message 0) a session that an ``import`` older than the mark stored and the
+    engine never touched; True when marked (call inside a transaction).
+
+    Such a session is told by what only that import left: a sessions row with no capacity
+    (``process`` and ``serve`` record the capacity when they create a session, and
+    ``maintain`` keeps it when it releases a cache), no turn counted by the engine (no
+    conversation count, no clear) and no turn log, cache entry, snapshot or summary. A
+    processed session whose cache ``maintain`` released keeps its capacity, so it is never
+    taken for one, even without any user turn.
+    """
+    rows = store.query(
+        "SELECT capacity_bytes, conversation_count, total_clears, metadata FROM sessions WHERE id = ?",
+        (sid,),
+    )
+    if not rows or any(int(v or 0) for v in rows[0][:3]) or engine_from(store, sid) is not None:
+        return False
+    if any(
         store.query(f"SELECT 1 FROM {table} WHERE session_id = ? LIMIT 1", (sid,))
-        for table in ("turn_log", "cache_entries", "snapshots")
-    )
+        for table in ("turn_log", "cache_entries", "snapshots", "summaries")
+    ):
+        return False
+    if not store.query("SELECT 1 FROM messages WHERE session_id = ? LIMIT 1", (sid,)):
+        return False
+    mark_engine_from(store, sid, 0)
+    return True
 
 
-def drop_messages_from(store: Store, sid: int, index: int) -> int:
-    """Delete the session's messages from ``index`` on, with their index rows and vectors
-    (inside the caller's transaction); returns how many user messages went."""
-    ids = [
-        int(i)
-        for (i,) in store.query(
-            "SELECT id FROM messages WHERE session_id = ? AND message_index >= ?", (sid, index)
-        )
-    ]
-    if not ids:
-        return 0
-    (users,) = store.query(
-        "SELECT COUNT(*) FROM messages WHERE session_id = ? AND message_index >= ? AND role = 'user'",
-        (sid, index),
-    )[0]
-    search.delete_messages(store, ids)  # the index first: it reads the rows it drops
-    store.query(
-        "DELETE FROM embeddings WHERE message_id IN "
-        "(SELECT id FROM messages WHERE session_id = ? AND message_index >= ?)",
-        (sid, index),
-    )
-    store.query("DELETE FROM messages WHERE session_id = ? AND message_index >= ?", (sid, index))
-    return int(users)
+def engine_turns(store: Store, sid: int) -> int:
+    """The number of the last turn the engine ran on the session (its turn log's), or 0."""
+    rows = store.query("SELECT MAX(turn_index) FROM turn_log WHERE session_id = ?", (sid,))
+    return int(rows[0][0]) if rows and rows[0][0] is not None else 0
