@@ -147,8 +147,11 @@ def test_a_file_saved_again_is_live_again(served: Served) -> None:
     served.configure(slot_folder=True)
     assert sorted(served.json("maintain")["slot_files_deleted"]) == others
     assert served.on_disk() == {a_file}
-    # forget then lists it (and only once) with the files of the forgotten session
+    # released while it was still in a slot (no cache left), saved again when it moved
+    # out: a later maintain still finds it idle and lists its file
     served.configure(slot_folder=False)
+    assert served.json("maintain", "--inactive-hours", "0")["slot_files_to_delete"] == [a_file]
+    # forget then lists it (and only once) with the files of the forgotten session
     assert served.json("forget", "slot-A", "--yes")["slot_files_to_delete"] == [a_file]
     assert served.json("maintain")["slot_files_to_delete"] == [a_file]
 

@@ -37,9 +37,10 @@ def maintain(
             result.integrity = integrity_check(store)
 
         def work() -> None:
-            idle = reports.idle_sessions(store, utcnow() - timedelta(hours=hours))
+            cutoff = utcnow() - timedelta(hours=hours)
+            idle = reports.idle_sessions(store, cutoff)
             result.cleaned_sessions = [key for _, key in idle]
-            orphaned = slot_files.of_sessions(store, [sid for sid, _ in idle])  # slot files: see slot_files
+            orphaned = slot_files.of_idle(store, [sid for sid, _ in idle], cutoff)  # see slot_files
             if not dry_run:
                 reports.release_sessions(store, [sid for sid, _ in idle])
             result.sessions_cleaned = len(result.cleaned_sessions)

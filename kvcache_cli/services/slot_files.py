@@ -28,6 +28,7 @@ again: it leaves the waiting lists.
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,14 @@ def of_sessions(store: Store, session_ids: list[int]) -> dict[int, list[str]]:
         if names:
             out[sid] = sorted(names)
     return out
+
+
+def of_idle(store: Store, idle_ids: list[int], cutoff: datetime) -> dict[int, list[str]]:
+    """The slot files of sessions idle since ``cutoff``: those being released
+    (``idle_ids``, see :func:`of_sessions`) and any other idle session's serve files (a
+    session released while still in a slot, whose file serve saved when it moved out)."""
+    ids = dict.fromkeys([*idle_ids, *slot_records.idle_with_saved(store, cutoff)])
+    return of_sessions(store, list(ids))
 
 
 def by_snapshot(store: Store, session_id: int) -> dict[int, str]:

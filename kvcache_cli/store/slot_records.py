@@ -19,7 +19,7 @@ import json
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from kvcache_cli.store.models import Operation
+from kvcache_cli.store.models import Operation, Session
 
 if TYPE_CHECKING:
     from kvcache_cli.store.backend import Store
@@ -57,6 +57,15 @@ def set_saved(store: Store, sid: int, names: list[str]) -> None:
     else:
         meta.pop(SAVED_KEY, None)
     store.query("UPDATE sessions SET metadata = ? WHERE id = ?", (json.dumps(meta, sort_keys=True), sid))
+
+
+def idle_with_saved(store: Store, cutoff: datetime) -> list[int]:
+    """Ids of sessions inactive since ``cutoff`` that still name files ``serve`` saved."""
+    rows = store.query(
+        "SELECT id FROM sessions WHERE last_activity < ? AND metadata LIKE ?",
+        (Session.last_activity.db_value(cutoff), f"%{SAVED_KEY}%"),
+    )
+    return [int(sid) for (sid,) in rows]
 
 
 def forgotten_waiting(store: Store) -> dict[str, list[str]]:
