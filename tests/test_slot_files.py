@@ -70,7 +70,7 @@ def test_maintain_lists_waiting_slot_files_then_deletes_them_once_it_knows_the_f
     assert sorted(first["slot_files_to_delete"]) == sorted(old)
     assert setup.files() == {*old, newest}  # no folder configured: nothing deleted
     again = setup.run("maintain")  # a later run, with nothing else to do, still says so
-    assert "2 slot files of deleted snapshots wait" in again.stdout
+    assert "2 slot files no longer needed wait" in again.stdout
     assert sorted(json.loads(setup.run("maintain", "--json").stdout)["slot_files_to_delete"]) == sorted(old)
 
     setup.configure(slot_folder=True)

@@ -249,10 +249,10 @@ def maintenance_result(result: MaintenanceResult, verbose: bool) -> None:
     if result.integrity is not None:
         console.print(f"integrity check: {result.integrity}")
     if result.slot_files_deleted:
-        console.print(f"deleted {plural(len(result.slot_files_deleted), 'slot file')} of pruned snapshots")
+        console.print(f"deleted {plural(len(result.slot_files_deleted), 'slot file')} no longer needed")
     if result.slot_files_to_delete:  # said even on a quiet run: they fill the server's disk
         console.print(
-            f"{plural(len(result.slot_files_to_delete), 'slot file')} of deleted snapshots "
+            f"{plural(len(result.slot_files_to_delete), 'slot file')} no longer needed "
             f"{'would wait' if result.dry_run else 'wait'} in the server's --slot-save-path; set "
             "[llm] slot_save_path to delete them (maintain --json lists them)"
         )
