@@ -13,6 +13,7 @@ a client that rewrites history.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -35,8 +36,14 @@ MAX_QUERY_CHARS = 4000  # a turn's retrieval queries with at most this much of a
 
 
 # ----------------------------------------------------------------------------- replay
-def check_prefix(core: Core, session_key: str, messages: list[ChatMessage], label: str) -> int:
-    """How many of ``messages`` are stored already; refuse a history that diverges."""
+def check_prefix(
+    core: Core, session_key: str, messages: list[ChatMessage], label: str, verified: int | None = None
+) -> int:
+    """How many of ``messages`` are stored already; refuse a history that diverges.
+
+    ``verified``: that count, when the caller compared them with the store itself (under
+    the session's lock, as ``kvcache serve`` does): the stored history is not read again.
+    """
     if not core.store.is_sqlite:  # PostgreSQL text cannot hold NUL: refuse before any write
         if "\x00" in session_key:
             raise BadInputError(
@@ -48,6 +55,10 @@ def check_prefix(core: Core, session_key: str, messages: list[ChatMessage], labe
                     f"{label}: message {index} contains a NUL character (\\u0000), "
                     "which PostgreSQL cannot store"
                 )
+    if not messages:  # nothing to compare (``finish_turn`` checks the key only)
+        return 0
+    if verified is not None:
+        return verified
     session = sessions.find(core.store, session_key)
     if session is None:
         return 0
@@ -71,16 +82,20 @@ def replay(
     on_turn: Callable[[int, int], None] | None = None,
     known_tokens: list[int] | None = None,
     outcome_of_last: bool = False,
+    overlap_calls: bool = False,
+    verified: int | None = None,
 ) -> TurnOutcome | None:
     """Store and decide every turn of ``conv`` not stored yet, one transaction each.
 
     ``known_tokens``: the messages' token counts when already known (no counting).
     ``outcome_of_last``: read the full ``TurnOutcome`` of the last turn (``begin_turn``);
     otherwise only the reports are collected into ``result``.
+    ``overlap_calls`` (live turns): a turn's token count and embeddings calls run at once.
+    ``verified``: see ``check_prefix``.
     """
     result.messages_total = len(conv.messages)
     result.capacity_bytes = core.capacity()
-    done = check_prefix(core, session_key, conv.messages, result.source or session_key)
+    done = check_prefix(core, session_key, conv.messages, result.source or session_key, verified)
     if not core.store.is_sqlite and any(
         isinstance(v, str) and "\x00" in v for entry in conv.kv_entries for v in entry.values()
     ):
@@ -98,12 +113,16 @@ def replay(
     outcome: TurnOutcome | None = None
     for number, (lo, hi) in enumerate(pending, start=1):
         new = conv.messages[max(lo, done) : hi]
-        if known_tokens is not None:
-            tokens = known_tokens[max(lo, done) : hi]
+        if overlap_calls and known_tokens is None and embedder is not None and not core.server_down():
+            fetch = partial(embedder.prefetch, conv.messages, max(lo, done), hi)
+            tokens = _count_during(core, [msg.content for msg in new], fetch)
         else:
-            tokens = core.tokens.count([msg.content for msg in new])
-        if embedder is not None and not core.server_down():  # HTTP before the turn's transaction
-            embedder.prefetch(conv.messages, max(lo, done), hi)
+            if known_tokens is not None:
+                tokens = known_tokens[max(lo, done) : hi]
+            else:
+                tokens = core.tokens.count([msg.content for msg in new])
+            if embedder is not None and not core.server_down():  # HTTP before the turn's transaction
+                embedder.prefetch(conv.messages, max(lo, done), hi)
         summaries.prepare_for_turn(core, session_key, new, tokens, max(lo, done))
         full = outcome_of_last and number == len(pending)
         work = partial(_turn, core, conv, session_key, lo, hi, tokens, result, full)
@@ -122,11 +141,24 @@ def replay(
     return outcome
 
 
-def start_embeddings(core: Core, session_key: str) -> Any:
+def _count_during(core: Core, texts: list[str], fetch: Callable[[], None]) -> list[int]:
+    """Token counts of ``texts`` asked on a worker thread while ``fetch`` (the turn's
+    embeddings call, which may touch the store) runs on this one: the two server round
+    trips overlap. Counting touches no store, so every SQL statement stays on this thread."""
+    if core.tokens.remote is None:  # estimates: no server call to overlap
+        fetch()
+        return core.tokens.count(texts)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        counting = pool.submit(core.tokens.count, texts)
+        fetch()
+        return counting.result()
+
+
+def start_embeddings(core: Core, session_key: str, backfill: bool = True) -> Any:
     """The run's embedder when ``generate_cache_embeddings`` and a server are on.
 
-    Also embeds the session's already stored messages that lack a vector (HTTP
-    outside any transaction). See ``embeddings`` for the model/dimension policy.
+    With ``backfill``, also embeds the session's already stored messages that lack a
+    vector (HTTP outside any transaction). See ``embeddings`` for the model/dimension policy.
     """
     if core.llm is None or not core.config.cache.generate_cache_embeddings or core.server_down():
         return None
@@ -135,8 +167,8 @@ def start_embeddings(core: Core, session_key: str) -> Any:
     if core.embedder is None:
         core.embedder = TurnEmbedder(core.llm, core.store, core.notices)
     core.embedder.vectors.clear()
-    session = sessions.find(core.store, session_key)
-    if session is not None and not core.embedder.failed:
+    session = sessions.find(core.store, session_key) if backfill and not core.embedder.failed else None
+    if session is not None:
         backfill_session(core.embedder, session.get_id(), utcnow())
     return core.embedder if not core.embedder.failed else None
 
@@ -358,17 +390,22 @@ def _outcome(
     )
 
 
-def begin_turn(core: Core, session_key: str, messages: list[ChatMessage]) -> TurnOutcome:
+def begin_turn(
+    core: Core, session_key: str, messages: list[ChatMessage], verified: int | None = None
+) -> TurnOutcome:
     """Store a request's new messages and decide its turn.
 
     ``messages`` is the whole history through the new user message. The stored prefix
     is skipped (a history that diverges from it is a ``BadInputError``); earlier new
     turns are replayed as ``process`` would, each in its own transaction; the last
-    one's decision is returned with what the prompt needs.
+    one's decision is returned with what the prompt needs. ``verified``: how many of
+    ``messages`` the caller found stored already (see ``check_prefix``).
     """
     conv = Conversation(session_key=session_key, messages=list(messages), place=f"session {session_key}: ")
     result = ProcessResult(session_id=session_key, source=f"session {session_key}")
-    outcome = replay(core, conv, session_key, result, outcome_of_last=True)
+    outcome = replay(
+        core, conv, session_key, result, outcome_of_last=True, overlap_calls=True, verified=verified
+    )
     if outcome is None:  # nothing new: the state as it stands
 
         def now_state() -> TurnOutcome:
@@ -390,8 +427,8 @@ def finish_turn(core: Core, session_key: str, reply: list[ChatMessage]) -> int:
     if not reply:
         return 0
     check_prefix(core, session_key, [], f"session {session_key}")  # NUL check of the key
-    tokens = core.tokens.count([msg.content for msg in reply])
-    _prefetch_vectors(core, session_key, reply)
+    texts = [msg.content for msg in reply]
+    tokens = _count_during(core, texts, partial(_prefetch_vectors, core, session_key, reply))
 
     def work() -> int:
         wall = utcnow()
@@ -413,8 +450,8 @@ def replace_reply(core: Core, session_key: str, reply: list[ChatMessage]) -> int
     One transaction; the dropped messages leave the history, its full-text index,
     their vectors and the active cache. Returns how many messages were dropped.
     """
-    tokens = core.tokens.count([msg.content for msg in reply])
-    _prefetch_vectors(core, session_key, reply)
+    texts = [msg.content for msg in reply]
+    tokens = _count_during(core, texts, partial(_prefetch_vectors, core, session_key, reply))
 
     def work() -> int:
         wall = utcnow()
@@ -462,8 +499,11 @@ def branch_session(core: Core, source_key: str, new_key: str, n_messages: int) -
 
 
 def _prefetch_vectors(core: Core, session_key: str, reply: list[ChatMessage]) -> None:
-    """Embed reply messages before their transaction (indexes as they will be stored)."""
-    embedder = start_embeddings(core, session_key)
+    """Embed reply messages before their transaction (indexes as they will be stored).
+
+    No backfill here: the turn's ``begin_turn`` just did it (a message still lacking a
+    vector is embedded by the session's next turn)."""
+    embedder = start_embeddings(core, session_key, backfill=False)
     if embedder is None or core.server_down():
         return
     session = sessions.find(core.store, session_key)
