@@ -1,14 +1,23 @@
 """``kvcache serve``: the proxy's overhead against an upstream that answers at once,
 and, with a real llama-server, the time to the first token of a returning session.
 
-Usage: python bench/serve.py [--sessions S] [--turns T] [--big-messages N] [--keep DIR] [--json]
+Usage: python bench/serve.py [--sessions S] [--turns T] [--big-messages N] [--keep DIR]
+                             [--compare BIN] [--json]
 
 Overhead: the fake llama-server of the test suite (it answers at once) serves both
 paths; S sessions of T turns each are sent through ``kvcache serve`` (default config:
 token counts by the upstream's ``/tokenize``, embeddings on) and, with the same body,
 straight to the upstream. The overhead is the per-request difference (p50, p95), on an
 empty store and on a store of N messages (``scale_store.py``'s store; ``--keep`` reuses
-it). Targets: p50 <= 5 ms, p95 <= 20 ms.
+it). Targets: p50 <= 5 ms, p95 <= 20 ms. Each run also reports the upstream calls
+kvcache made per turn besides the chat itself (``/tokenize``, ``/v1/embeddings``) and,
+from one in-process ``ChatService`` over the same conversation, the SQL statements and
+store transactions per turn: counts that a loaded machine does not blur.
+
+``--compare BIN``: another install's ``kvcache`` (e.g. a worktree of the previous
+commit, run as ``python -P -m kvcache_cli`` by a wrapper) measured in the same run,
+alternately with this one (before, after, after, before per store), so the figures
+compare as same-run ratios on a shared machine.
 
 Real server (when ``KVCACHE_BENCH_LLAMA_URL`` names a llama-server started with
 ``-np 2 --slot-save-path DIR``): 4 sessions of about 1,500 tokens over its 2 slots;
@@ -50,12 +59,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Serve:
-    """``kvcache serve --port 0`` as a child process."""
+    """``kvcache serve --port 0`` as a child process (``kvcache``: which install)."""
 
-    def __init__(self, db: Path, upstream: str, home: Path) -> None:
+    def __init__(self, db: Path, upstream: str, home: Path, kvcache: str = KVCACHE) -> None:
         self.err = home / f"serve-{time.monotonic_ns()}.err"
         self.proc = subprocess.Popen(
-            [KVCACHE, "-q", "--db", str(db), "serve", "--upstream", upstream, "--port", "0"],
+            [kvcache, "-q", "--db", str(db), "serve", "--upstream", upstream, "--port", "0"],
             env=bench_env(home),
             stdout=subprocess.DEVNULL,
             stderr=self.err.open("w"),
@@ -77,11 +86,13 @@ class Serve:
 
 
 def conversation_turns(
-    http: requests.Session, url: str, direct: str, sessions: int, turns: int
+    http: requests.Session, url: str, direct: str, sessions: int, turns: int, fake: Any = None
 ) -> dict[str, list[float]]:
-    """Send every turn through kvcache and straight to the upstream; latencies in ms."""
+    """Send every turn through kvcache and straight to the upstream; latencies in ms
+    (and, given the ``fake`` upstream, the calls kvcache made to it per turn)."""
     through: list[float] = []
     alone: list[float] = []
+    calls: list[float] = []
     for s in range(sessions):
         history: list[dict[str, str]] = [{"role": "system", "content": "You answer briefly."}]
         for t in range(turns):
@@ -89,37 +100,96 @@ def conversation_turns(
                 {"role": "user", "content": f"Session {s} turn {t}: tell me one thing about topic {t % 7}."}
             )
             body = {"model": "m", "messages": history, "max_tokens": 32}
+            before = fake.request_count if fake is not None else 0
             started = time.perf_counter()
             resp = http.post(
                 url + "/v1/chat/completions", json=body, headers={"X-Session-Id": f"bench-{s}"}, timeout=60
             )
             through.append((time.perf_counter() - started) * 1000)
             resp.raise_for_status()
+            if fake is not None:
+                calls.append(fake.request_count - before)
             reply = resp.json()["choices"][0]["message"]["content"]
             started = time.perf_counter()
             http.post(direct + "/v1/chat/completions", json=body, timeout=60).raise_for_status()
             alone.append((time.perf_counter() - started) * 1000)
             history.append({"role": "assistant", "content": reply})
-    return {"through": through, "direct": alone}
+    return {"through": through, "direct": alone, "calls": calls}
 
 
-def overhead(db: Path, home: Path, sessions: int, turns: int, label: str) -> dict[str, Any]:
+def overhead(
+    db: Path, home: Path, sessions: int, turns: int, label: str, kvcache: str = KVCACHE, tag: str = "this"
+) -> dict[str, Any]:
     with FakeLlamaServer(n_slots=2, n_ctx=8192) as fake:
-        serve = Serve(db, fake.url, home)
+        serve = Serve(db, fake.url, home, kvcache)
         try:
             with requests.Session() as http:
                 conversation_turns(http, serve.url, fake.url, 1, 3)  # warm up
-                times = conversation_turns(http, serve.url, fake.url, sessions, turns)
+                times = conversation_turns(http, serve.url, fake.url, sessions, turns, fake)
         finally:
             serve.stop()
     diff = [a - b for a, b in zip(times["through"], times["direct"], strict=True)]
     return {
         "store": label,
+        "install": tag,
         "requests": len(diff),
         "direct_p50_ms": round(statistics.median(times["direct"]), 2),
         "through_p50_ms": round(statistics.median(times["through"]), 2),
         "overhead_p50_ms": round(statistics.median(diff), 2),
         "overhead_p95_ms": round(percentile(diff, 0.95), 2),
+        "upstream_calls_per_turn": round(statistics.mean(times["calls"]) - 1, 2),  # besides the chat
+    }
+
+
+def statements_per_turn(turns: int) -> dict[str, Any]:
+    """SQL statements and transactions per turn of one in-process ``ChatService`` (this
+    install), over a fresh store: the store work a turn costs, counted, not timed."""
+    import dataclasses
+
+    from kvcache_cli.config import Config
+    from kvcache_cli.server.metrics import Metrics
+    from kvcache_cli.server.protocol import ChatCompletionRequest
+    from kvcache_cli.server.serving_chat import ChatService
+    from kvcache_cli.server.upstream import Upstream
+    from kvcache_cli.services.llm_setup import llm_client
+    from kvcache_cli.store.backend import open_store
+
+    with tempfile.TemporaryDirectory(prefix="kvbench-count-") as folder, FakeLlamaServer(n_ctx=8192) as fake:
+        config = Config()
+        store = open_store(str(Path(folder) / "count.db"))
+        counts = {"statements": 0, "commits": 0}
+        execute = store.db.execute_sql
+        commit = store.db.commit
+
+        def counted_execute(sql: str, params: Any = None, *args: Any, **kwargs: Any) -> Any:
+            counts["statements"] += 1
+            return execute(sql, params, *args, **kwargs)
+
+        def counted_commit(*args: Any, **kwargs: Any) -> Any:
+            counts["commits"] += 1
+            return commit(*args, **kwargs)
+
+        store.db.execute_sql = counted_execute  # type: ignore[method-assign]
+        store.db.commit = counted_commit  # type: ignore[method-assign]
+        llm = llm_client(dataclasses.replace(config.llm, base_url=fake.url), fake.url, required=True)
+        service = ChatService(store, config, Upstream(fake.url, None, 5, 60), llm, Metrics(), n_ctx=8192)
+        history: list[dict[str, Any]] = [{"role": "system", "content": "You answer briefly."}]
+        per_turn: list[dict[str, int]] = []
+        for t in range(turns):
+            history.append({"role": "user", "content": f"Turn {t}: tell me one thing about topic {t % 7}."})
+            body = {"model": "m", "messages": history, "max_tokens": 32}
+            counts.update(statements=0, commits=0)
+            answer = service.handle(ChatCompletionRequest.model_validate(body), body, "count-0")
+            per_turn.append(dict(counts))
+            assert answer.body is not None
+            history.append({"role": "assistant", "content": answer.body["choices"][0]["message"]["content"]})
+        store.close()
+    steady = per_turn[1:]  # the first turn creates the session
+    return {
+        "turns": turns,
+        "sql_statements_per_turn": round(statistics.mean(c["statements"] for c in steady), 1),
+        "sql_statements_last_turn": per_turn[-1]["statements"],
+        "transactions_per_turn": round(statistics.mean(c["commits"] for c in steady), 1),
     }
 
 
@@ -164,12 +234,32 @@ def main() -> int:
     parser.add_argument(
         "--keep", type=Path, default=None, help="Build (or reuse) the big store in this folder."
     )
+    parser.add_argument(
+        "--compare", default=None, help="Another install's kvcache, measured alternately in the same run."
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="kvbench-serve-"))
     results: dict[str, Any] = {"machine": machine(), "overhead": []}
+    installs = [("this", KVCACHE)]
+    if args.compare:  # before, after, after, before: load drift hits both alike
+        installs = [
+            ("compared", args.compare),
+            ("this", KVCACHE),
+            ("this", KVCACHE),
+            ("compared", args.compare),
+        ]
+
+    def measure(db: Path, label: str) -> None:
+        for n, (tag, binary) in enumerate(installs):
+            work = home / f"run-{n}.db"
+            if db.exists():
+                shutil.copy(db, work)
+            results["overhead"].append(overhead(work, home, args.sessions, args.turns, label, binary, tag))
+            work.unlink(missing_ok=True)
+
     try:
-        results["overhead"].append(overhead(home / "empty.db", home, args.sessions, args.turns, "empty"))
+        measure(home / "empty.db", "empty")
         if args.big_messages:
             from scale_store import build
 
@@ -177,11 +267,11 @@ def main() -> int:
             folder.mkdir(parents=True, exist_ok=True)
             big = folder / "scale.db"
             if not big.exists():
+                started = time.perf_counter()
                 big = build(folder, args.big_messages, max(1, args.big_messages // 500), bench_env(home))
-            work = home / "big-copy.db"
-            shutil.copy(big, work)
-            label = f"{args.big_messages:,} messages"
-            results["overhead"].append(overhead(work, home, args.sessions, args.turns, label))
+                results["big_store_build_s"] = round(time.perf_counter() - started, 1)
+            measure(big, f"{args.big_messages:,} messages")
+        results["counts"] = statements_per_turn(args.turns)
         llama = os.environ.get("KVCACHE_BENCH_LLAMA_URL")
         if llama:
             results["real_server"] = real_server(llama.rstrip("/"), home)
@@ -193,10 +283,25 @@ def main() -> int:
     print(f"machine: {results['machine']}")
     for row in results["overhead"]:
         print(
-            f"store {row['store']}: {row['requests']} turns, direct p50 {row['direct_p50_ms']} ms, "
-            f"through kvcache p50 {row['through_p50_ms']} ms; overhead p50 {row['overhead_p50_ms']} ms "
-            f"(target <= 5), p95 {row['overhead_p95_ms']} ms (target <= 20)"
+            f"store {row['store']} ({row['install']} install): {row['requests']} turns, direct p50 "
+            f"{row['direct_p50_ms']} ms, through kvcache p50 {row['through_p50_ms']} ms; overhead p50 "
+            f"{row['overhead_p50_ms']} ms (target <= 5), p95 {row['overhead_p95_ms']} ms (target <= 20); "
+            f"{row['upstream_calls_per_turn']} upstream calls per turn besides the chat"
         )
+    if args.compare:
+        for store in dict.fromkeys(row["store"] for row in results["overhead"]):
+            rows = [r for r in results["overhead"] if r["store"] == store]
+            for q in ("p50", "p95"):
+                this = statistics.mean(r[f"overhead_{q}_ms"] for r in rows if r["install"] == "this")
+                other = statistics.mean(r[f"overhead_{q}_ms"] for r in rows if r["install"] == "compared")
+                print(
+                    f"store {store}: overhead {q} this/compared = {this / other:.2f} ({this:.1f} / {other:.1f} ms)"
+                )
+    counts = results["counts"]
+    print(
+        f"this install, in process, {counts['turns']} turns: {counts['sql_statements_per_turn']} SQL statements "
+        f"and {counts['transactions_per_turn']} transactions per turn (last turn: {counts['sql_statements_last_turn']})"
+    )
     if "real_server" in results:
         print(f"real server: {results['real_server']}")
     return 0

@@ -255,6 +255,50 @@ def test_regenerate_replaces_the_reply_and_an_edit_branches(
     ]
 
 
+def test_a_session_another_server_rewrote_is_compared_with_the_store(
+    serve: ServeProcess, upstream: FakeLlamaServer, tmp_path: Path
+) -> None:
+    """serve remembers what it stored last (so a turn need not read the whole history);
+    a second server regenerating the reply behind its back (same message count) must
+    still make the first one see the client's history as diverging: an edit, a branch."""
+    api = client(serve)
+    history = [{"role": "user", "content": "Name a river."}]
+    upstream.chat_reply = "Nile."
+    ask(api, history, "behind-1")
+    history += [{"role": "assistant", "content": "Nile."}, {"role": "user", "content": "And a lake?"}]
+    upstream.chat_reply = "Baikal."
+    ask(api, history, "behind-1")  # remembered by the first server
+    config = write_config(tmp_path, SHARED_CONFIG)
+    with ServeProcess(tmp_path, serve.db, upstream.url, config=config) as other:
+        upstream.chat_reply = "Victoria."
+        raw = client(other).chat.completions.with_raw_response.create(
+            model="m", messages=history, extra_headers={"X-Session-Id": "behind-1"}
+        )
+        assert raw.headers["x-kvcache-turn"] == "regenerate"
+    rewritten = [
+        ("user", "Name a river."),
+        ("assistant", "Nile."),
+        ("user", "And a lake?"),
+        ("assistant", "Victoria."),
+    ]
+    assert stored(serve.db, "behind-1") == rewritten
+    # the client of the first server still holds the old reply: its history now diverges
+    history += [{"role": "assistant", "content": "Baikal."}, {"role": "user", "content": "And a sea?"}]
+    upstream.chat_reply = "Caspian."
+    raw = api.chat.completions.with_raw_response.create(
+        model="m", messages=history, extra_headers={"X-Session-Id": "behind-1"}
+    )
+    assert raw.headers["x-kvcache-turn"] == "branch"
+    assert raw.headers["x-kvcache-branched-from"] == "behind-1"
+    assert stored(serve.db, "behind-1") == rewritten  # the original is untouched
+    assert stored(serve.db, raw.headers["x-kvcache-session"]) == [
+        *rewritten[:3],
+        ("assistant", "Baikal."),
+        ("user", "And a sea?"),
+        ("assistant", "Caspian."),
+    ]
+
+
 def test_bad_requests_get_their_status_and_store_nothing(serve: ServeProcess) -> None:
     before = dump_db(serve.db)
     url = serve.url + "/v1/chat/completions"

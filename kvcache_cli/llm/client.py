@@ -43,6 +43,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from kvcache_cli.config import LLMConfig
 from kvcache_cli.errors import BadInputError, ConfigError, ServerError
+from kvcache_cli.llm.http_session import session_for
 
 if TYPE_CHECKING:
     import requests
@@ -258,7 +259,9 @@ class LLMClient:
             raise ConfigError("embedding_batch_size must be 1 or more")
         if settings.connect_timeout <= 0 or settings.read_timeout <= 0:
             raise ConfigError("timeouts must be positive")
-        self._session: requests.Session = _requests.Session()
+        # the environment's proxy settings read once, not at every request (http_session)
+        bases = [b for b in (self._base, self._emb_base) if b]
+        self._session: requests.Session = session_for(bases)
         self._session.headers["Accept"] = "application/json"
         self._token_cache: OrderedDict[str, int] = OrderedDict()
         self._lock = threading.Lock()

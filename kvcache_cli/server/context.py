@@ -50,6 +50,13 @@ class TokenBudget:
     def total(self, messages: list[dict[str, Any]]) -> int:
         return sum(self.counts(messages)) + self.fixed
 
+    def bound(self, messages: list[dict[str, Any]]) -> int:
+        """An upper bound of :meth:`total` without asking the upstream: a token covers at
+        least one byte of text (byte-level BPE; SentencePiece with byte fallback adds at
+        most its word-start marker: one more per text)."""
+        texts = [self.text_of(m) for m in messages]
+        return sum(len(t.encode("utf-8", "surrogatepass")) + 1 + self.per_message for t in texts) + self.fixed
+
     def learn(self, messages: list[dict[str, Any]], prompt_tokens: int) -> None:
         """Tighten the template cost from a prompt whose real size the upstream reported
         (never below it: the per-message cost is rounded up)."""

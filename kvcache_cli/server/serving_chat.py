@@ -8,6 +8,7 @@ failure leaves them stored once, so the client's retry continues the same turn.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -25,7 +26,9 @@ from kvcache_cli.server.metrics import Metrics
 from kvcache_cli.server.protocol import ChatCompletionRequest, error_body
 from kvcache_cli.server.upstream import ChatStream, ContextExceededError, Upstream, UpstreamError
 from kvcache_cli.services import chat_turn
+from kvcache_cli.store import live_history
 from kvcache_cli.store.backend import Store
+from kvcache_cli.store.live_history import HistoryTail
 
 MANAGERS_KEPT = 256  # sessions whose manager (and retrieval index) stays in memory
 DEFAULT_REPLY_RESERVE = 512  # tokens kept free for the reply when the request sets no max_tokens
@@ -42,7 +45,8 @@ def canonical_calls(message: dict[str, Any]) -> dict[str, Any]:
     for call in calls:
         if not isinstance(call, dict):
             return message
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        given = call.get("function")
+        function: dict[str, Any] = given if isinstance(given, dict) else {}
         shaped.append(
             {
                 "id": call.get("id"),
@@ -103,6 +107,7 @@ class _Turn:
     kind: str = "new"
     branched_from: str | None = None
     common: int = 0  # messages shared with the stored history
+    tail: HistoryTail | None = None  # the session's stored tail when the turn began (None: new)
     plan: chat_turn.TurnPlan | None = None
     prompt: list[dict[str, Any]] = field(default_factory=list)
     estimate: int = 0
@@ -147,6 +152,7 @@ class ChatService:
         self.budget = TokenBudget(self._count_texts)
         self.slots = slots
         self._managers: dict[str, Any] = {}  # session key -> its manager, oldest first
+        self.known = ses.KnownHistories(MANAGERS_KEPT)  # what each session stores (see sessions)
         self._managers_lock = threading.Lock()
 
     # ------------------------------------------------------------------ helpers
@@ -203,8 +209,8 @@ class ChatService:
             manager = self._manager(turn)
             if turn.kind == "branch" and turn.branched_from is not None:
                 chat_turn.branch(manager, turn.branched_from, turn.key, turn.common)
-            forced = chat_turn.forced_start(self.store, turn.key)
-            turn.plan = chat_turn.begin_turn(manager, turn.key, messages, forced)
+            forced = chat_turn.forced_start(turn.tail.metadata if turn.tail is not None else None)
+            turn.plan = chat_turn.begin_turn(manager, turn.key, messages, forced, verified=turn.common)
             self._prepare_prompt(turn, manager)
             if self.slots is not None:
                 self.slots.before_turn(turn.key, turn.plan)
@@ -252,6 +258,8 @@ class ChatService:
         last_user = max(i for i, m in enumerate(turn.messages) if m.role == "user")
         core = [m for m in turn.raw[:last_user] if m.get("role") in ("system", "developer")]
         core.append(turn.raw[last_user])
+        if self.budget.bound(core) <= turn.capacity:
+            return  # fits even at one token per byte: no count needed
         need = self.budget.total(core)
         if need > turn.capacity:
             raise ServeError(
@@ -265,10 +273,16 @@ class ChatService:
             )
 
     def _match(self, turn: _Turn, key: str) -> ses.Match:
-        n = len(turn.messages)
-        total = chat_turn.stored_count(self.store, key)
-        stored = chat_turn.stored_messages(self.store, key, n + 1) if total else []
-        return ses.classify(stored, total, turn.messages, key)
+        """How the request relates to session ``key``: from the remembered history while
+        the store's tail is unchanged, else by reading the stored messages."""
+        turn.tail = tail = live_history.tail(self.store, key)
+        if tail is None or tail.count == 0:
+            return ses.Match("new", key)
+        known = self.known.match(key, tail, turn.messages)
+        if known is not None:
+            return known
+        stored = live_history.first_messages(self.store, tail.session_id, len(turn.messages) + 1)
+        return ses.classify(stored, tail.count, turn.messages, key)
 
     def _classify(self, turn: _Turn, release: Callable[[], None]) -> None:
         """new, extend, regenerate, or branch: an edited history continues in a session
@@ -373,34 +387,46 @@ class ChatService:
     def _relay(
         self, turn: _Turn, manager: Any, stream: ChatStream, release: Callable[[], None]
     ) -> Iterator[bytes]:
-        """Pass the upstream's events through; store the reply only once the last one
-        was handed on (a client that goes away stops this generator before that)."""
+        """Pass the upstream's events through; store the reply once every event before
+        ``[DONE]`` was handed on (a client that goes away stops this generator before
+        that), and before ``[DONE]`` itself: a client that has it finds the reply stored."""
         stored = False
+        ended = False  # the reply was complete (stored, or not storable)
         status = 200
         try:
             try:
-                yield from stream
+                for event in stream:
+                    if stream.done and not ended and stream.finish_reason is not None:
+                        ended, stored = True, self._store_streamed(turn, manager, stream)
+                    yield event
             except UpstreamError as exc:
                 status = exc.status
                 self.metrics.upstream_errors.labels(exc.reason).inc()
                 yield b"data: " + json.dumps(exc.body).encode() + b"\n\n"
                 return
-            if stream.finish_reason is not None:
-                self._learn(turn, stream.usage)
-                message: dict[str, Any] = {"content": stream.text or None}
-                if stream.tool_calls:
-                    message["tool_calls"] = stream.tool_calls
-                reply = self._reply_message(message)
-                stored = self._store_reply(turn, manager, reply) if reply is not None else False
+            if not ended and stream.finish_reason is not None:  # an upstream that sends no [DONE]
+                ended, stored = True, self._store_streamed(turn, manager, stream)
             self._after(turn, stream.timings, stream.usage, stored)
         finally:
             stream.close()
             if not stored and status == 200 and not turn.traced:
                 self._write_trace(turn, status=499, error="client went away")
+            elif stored and not turn.traced:  # gone after its reply was stored: the turn counts
+                with contextlib.suppress(KVCacheError):
+                    self._after(turn, stream.timings, stream.usage, stored)
             if self.slots is not None:
                 self.slots.release(turn.key)
             self._release_branch(turn)
             release()
+
+    def _store_streamed(self, turn: _Turn, manager: Any, stream: ChatStream) -> bool:
+        """Store a finished stream's reply; whether it was stored."""
+        self._learn(turn, stream.usage)
+        message: dict[str, Any] = {"content": stream.text or None}
+        if stream.tool_calls:
+            message["tool_calls"] = stream.tool_calls
+        reply = self._reply_message(message)
+        return self._store_reply(turn, manager, reply) if reply is not None else False
 
     def _reply_message(self, message: dict[str, Any]) -> ChatMessage | None:
         raw = {"role": "assistant", "content": message.get("content")}
@@ -418,6 +444,8 @@ class ChatService:
             chat_turn.replace_reply(manager, turn.key, reply)
         else:
             chat_turn.finish_turn(manager, turn.key, reply)
+        if turn.tail is not None:  # a session made by this turn is remembered from its next one
+            self.known.remember(turn.key, turn.tail, [*turn.messages, reply])
         self.metrics.sessions_stored.labels(turn.kind).inc()
         return True
 

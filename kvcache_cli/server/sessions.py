@@ -11,6 +11,13 @@ session. Against the session's stored history, a request is one of:
   that followed (the stored reply is replaced);
 - ``branch``: it differs from the stored history earlier (an edited message): a new
   session, branched from the common prefix.
+
+Telling them apart needs the stored history, but not every turn needs to read it:
+:class:`KnownHistories` remembers, per session, a digest of the history this process
+stored last and where the store's history ended then. While the store's tail (one
+indexed query) is still that one, the request is compared with the digest; only
+otherwise (another process wrote the session, or the request differs) are the stored
+messages read.
 """
 
 from __future__ import annotations
@@ -20,13 +27,16 @@ import hashlib
 import re
 import secrets
 import threading
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kvcache_cli.engine.entries import ChatMessage
 from kvcache_cli.errors import BadInputError
+from kvcache_cli.store import live_history
 from kvcache_cli.store.backend import Store
+from kvcache_cli.store.live_history import HistoryTail
 
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 PREFIX_CANDIDATES = 64  # recently active sessions compared against a request without an id
@@ -85,35 +95,73 @@ def find_by_prefix(store: Store, messages: list[ChatMessage]) -> str | None:
     recently active sessions first, and the whole prefix only for those that match.
     """
     n = len(messages)
-    rows = store.query(
-        "SELECT s.key, (SELECT COALESCE(MAX(m.message_index) + 1, 0) FROM messages m "
-        "WHERE m.session_id = s.id) "
-        "FROM sessions s ORDER BY s.last_activity DESC, s.id DESC LIMIT ?",
-        (PREFIX_CANDIDATES,),
-    )
     best: tuple[int, str] | None = None
-    for key, total in rows:
-        total = int(total)
+    for key, total in live_history.recent_sessions(store, PREFIX_CANDIDATES):
         if total == 0 or total > n + 1:
             continue
         probe = total - 1 if total <= n else n - 1  # regenerate: compare the last user message
-        last = store.query(
-            "SELECT m.role, m.content FROM messages m JOIN sessions s ON s.id = m.session_id "
-            "WHERE s.key = ? AND m.message_index = ?",
-            (key, probe),
-        )
-        if not last or (last[0][0], last[0][1]) != (messages[probe].role, messages[probe].content):
+        if live_history.message_at(store, key, probe) != (messages[probe].role, messages[probe].content):
             continue
         if best is None or total > best[0]:
             best = (total, str(key))
     return best[1] if best else None
 
 
-def history_digest(messages: list[ChatMessage]) -> str:
+def history_digest(messages: Sequence[ChatMessage]) -> str:
     h = hashlib.sha256()
     for msg in messages:
         h.update(msg.role.encode() + b"\0" + msg.content.encode("utf-8", "surrogatepass") + b"\0")
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class KnownHistory:
+    """A session's history as this process stored it last: the store's tail then, and
+    digests of the stored messages (all of them, and all but the last)."""
+
+    tail: HistoryTail
+    digest: str
+    before_last: str
+
+
+class KnownHistories:
+    """What :class:`KnownHistory` each recently served session has (thread-safe; the
+    ``limit`` most recently remembered are kept). Used under the session's lock."""
+
+    def __init__(self, limit: int) -> None:
+        self._known: OrderedDict[str, KnownHistory] = OrderedDict()
+        self._limit = limit
+        self._guard = threading.Lock()
+
+    def match(self, key: str, tail: HistoryTail | None, messages: list[ChatMessage]) -> Match | None:
+        """The request's :class:`Match` when the store's ``tail`` is the one remembered
+        (the stored history is then the remembered one); None: compare stored messages."""
+        with self._guard:
+            known = self._known.get(key)
+        if known is None or tail is None or tail.last is None or not known.tail.same_history(tail):
+            return None
+        n, count = len(messages), tail.count
+        if n >= count and history_digest(messages[:count]) == known.digest:
+            return Match("extend", key, count, count)
+        if n == count - 1 and tail.last[0] == "assistant" and history_digest(messages) == known.before_last:
+            return Match("regenerate", key, n, count)
+        return None
+
+    def remember(self, key: str, tail: HistoryTail, stored: list[ChatMessage]) -> None:
+        """``stored`` is now the session's whole stored history (``tail``: the session
+        as read before the turn, for its id and creation time)."""
+        last = (stored[-1].role, stored[-1].content)
+        now = HistoryTail(tail.session_id, tail.created_at, tail.metadata, len(stored), last)
+        known = KnownHistory(now, history_digest(stored), history_digest(stored[:-1]))
+        with self._guard:
+            self._known.pop(key, None)
+            self._known[key] = known
+            while len(self._known) > self._limit:
+                self._known.popitem(last=False)
+
+    def forget(self, key: str) -> None:
+        with self._guard:
+            self._known.pop(key, None)
 
 
 class SessionLocks:

@@ -17,6 +17,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
+from kvcache_cli.llm.http_session import session_for
 from kvcache_cli.server.protocol import error_body
 
 _CONTEXT_MARKERS = ("exceed_context_size_error", "exceeds the available context size", "context size")
@@ -50,7 +51,7 @@ class Upstream:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = (connect_timeout, read_timeout)
-        self._http = requests.Session()
+        self._http = session_for([self.base_url])  # the environment's proxy settings read once
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
         self._http.mount("http://", adapter)
         self._http.mount("https://", adapter)

@@ -16,6 +16,7 @@ from typing import Any
 
 from kvcache_cli.config import Config
 from kvcache_cli.engine.entries import ChatMessage
+from kvcache_cli.services import turns
 from kvcache_cli.services.manager import KVCacheManager
 from kvcache_cli.store import sessions
 from kvcache_cli.store.backend import Store
@@ -52,35 +53,21 @@ def manager_for(store: Store, config: Config, llm: Any, n_ctx: int | None) -> KV
     return manager
 
 
-def stored_messages(store: Store, session_key: str, limit: int) -> list[tuple[str, str]]:
-    """The first ``limit`` stored ``(role, content)`` of a session (empty when unknown)."""
-    rows = store.query(
-        "SELECT m.role, m.content FROM messages m JOIN sessions s ON s.id = m.session_id "
-        "WHERE s.key = ? AND m.message_index < ? ORDER BY m.message_index",
-        (session_key, limit),
-    )
-    return [(str(r), str(c)) for r, c in rows]
-
-
-def stored_count(store: Store, session_key: str) -> int:
-    """How many messages a session stores (0 for an unknown session)."""
-    rows = store.query(
-        "SELECT COALESCE(MAX(m.message_index) + 1, 0) FROM messages m JOIN sessions s ON s.id = m.session_id "
-        "WHERE s.key = ?",
-        (session_key,),
-    )
-    return int(rows[0][0]) if rows else 0
-
-
 def begin_turn(
-    manager: KVCacheManager, session_key: str, messages: list[ChatMessage], forced_start: int = 0
+    manager: KVCacheManager,
+    session_key: str,
+    messages: list[ChatMessage],
+    forced_start: int = 0,
+    verified: int | None = None,
 ) -> TurnPlan:
     """Store ``messages`` not yet stored and run the engine over the turn they end.
 
     ``forced_start``: the context start of a clear made by :func:`force_clear` (it is
-    later than the engine's own when the last clear was forced).
+    later than the engine's own when the last clear was forced). ``verified``: how many
+    of ``messages`` the caller found stored already, under the session's lock (the
+    stored history is then not read again).
     """
-    outcome = manager.begin_turn(session_key, messages)
+    outcome = turns.begin_turn(manager, session_key, messages, verified)
     plan = TurnPlan(
         session_key=session_key, messages_stored=outcome.messages_stored, notices=list(outcome.notices)
     )
@@ -147,15 +134,13 @@ def branch(manager: KVCacheManager, source_key: str, new_key: str, common: int) 
     manager.branch_session(source_key, new_key, common)
 
 
-def forced_start(store: Store, session_key: str) -> int:
-    """Where the context restarts after the session's last forced clear (0: none).
+def forced_start(metadata: str | None) -> int:
+    """Where the context restarts after the session's last forced clear (0: none), from
+    the session's ``metadata``.
 
     A clear made by :func:`force_clear` is not a turn's decision, so the engine's own
     ``context_start`` does not know it; it is kept in the session's metadata."""
-    row = sessions.find(store, session_key)
-    if row is None:
-        return 0
-    value = json.loads(row.metadata or "{}").get("serve", {}).get(FORCED_START_KEY, 0)
+    value = json.loads(metadata or "{}").get("serve", {}).get(FORCED_START_KEY, 0)
     return int(value) if isinstance(value, int) else 0
 
 
