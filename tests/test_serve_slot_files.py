@@ -154,6 +154,14 @@ def test_a_file_saved_again_is_live_again(served: Served) -> None:
     # forget then lists it (and only once) with the files of the forgotten session
     assert served.json("forget", "slot-A", "--yes")["slot_files_to_delete"] == [a_file]
     assert served.json("maintain")["slot_files_to_delete"] == [a_file]
+    # forgotten while still in a slot: the file serve saves when it moves out waits too
+    late = "kvcache-0123456789abcdef01234567-48cd7cd5-2048.bin"
+    store = open_store(served.db)
+    try:
+        slot_files.record_saved(store, "slot-A", late)
+    finally:
+        store.close()
+    assert served.json("maintain")["slot_files_to_delete"] == sorted([a_file, late])
 
 
 def test_forget_keeps_the_files_it_could_not_delete_waiting(served: Served) -> None:

@@ -82,11 +82,15 @@ def keep_forgotten(store: Store, key: str, names: list[str]) -> None:
 
 def record_saved(store: Store, session_key: str, name: str) -> None:
     """``serve`` saved the session's slot into ``name`` (one transaction): record it on
-    the session; the name is live again, so it leaves the waiting lists."""
+    the session; the name is live again, so it leaves the waiting lists. A session
+    forgotten while it sat in a slot has no row left: its file waits to be deleted."""
 
     def work() -> None:
         sid = sessions_admin.session_id(store, session_key)
         if sid is None:
+            forgotten = slot_records.forgotten_waiting(store).get(session_key, [])
+            if name not in forgotten:
+                slot_records.set_forgotten_waiting(store, session_key, [*forgotten, name], utcnow())
             return
         saved = slot_records.saved_of(store, sid)
         if name not in saved:
