@@ -87,6 +87,8 @@ def record_saved(store: Store, session_key: str, name: str) -> None:
 
     def work() -> None:
         sid = sessions_admin.session_id(store, session_key)
+        if sid is not None:
+            slot_records.lock(store, [sid])
         if sid is None:
             forgotten = slot_records.forgotten_waiting(store).get(session_key, [])
             if name not in forgotten:
@@ -109,6 +111,8 @@ def record_saved(store: Store, session_key: str, name: str) -> None:
 def park(store: Store, orphaned: dict[int, list[str]], dry_run: bool) -> list[str]:
     """Record orphaned slot files as waiting (inside the caller's transaction); returns
     every waiting file name (with ``dry_run``: what would wait, nothing written)."""
+    if not dry_run:
+        slot_records.lock(store, list(orphaned))
     waiting = sessions_admin.waiting_slot_files(store)
     for sid, names in orphaned.items():
         merged = sorted(set(waiting.get(sid, [])) | set(names))
@@ -147,6 +151,7 @@ def delete_waiting(
     gone = set(deleted) | {n for n in todo if _plain(n) and not (base / n).exists()}
 
     def work() -> None:
+        slot_records.lock(store, list(sessions_admin.waiting_slot_files(store)))
         for sid, group in sessions_admin.waiting_slot_files(store).items():
             left = [n for n in group if n not in gone]
             if left != group:

@@ -44,6 +44,17 @@ def _names(value: Any) -> list[str]:
     return sorted({str(n) for n in value}) if isinstance(value, list) else []
 
 
+def lock(store: Store, session_ids: list[int]) -> None:
+    """Lock the sessions' rows until the transaction ends before their metadata is read
+    and rewritten (PostgreSQL; SQLite's write transaction already holds the database),
+    so a turn writing the same row concurrently is not overwritten."""
+    if store.is_sqlite or not session_ids:
+        return
+    for lo in range(0, len(session_ids), 500):
+        part = sorted(session_ids)[lo : lo + 500]
+        store.query(f"SELECT id FROM sessions WHERE id IN ({', '.join('?' * len(part))}) FOR UPDATE", part)
+
+
 def saved_of(store: Store, sid: int) -> list[str]:
     """The slot files ``serve`` saved for the session."""
     return _names(_metadata(store, sid).get(SAVED_KEY))
