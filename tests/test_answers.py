@@ -18,7 +18,7 @@ from kvcache_cli.retrieval import textsearch as ts
 from kvcache_cli.services.importing import import_file
 from kvcache_cli.store import search
 from kvcache_cli.store.backend import open_store
-from tests.helpers import run_kvcache
+from tests.helpers import invoke
 
 # The roadmap case of examples/support-chat.json (no speaker names, as there): the
 # assistant does not know who owns the roadmap, the user then answers it himself.
@@ -77,9 +77,9 @@ def test_retrieve_ranks_the_answer_above_the_question(tmp_path: Path) -> None:
     """Through the CLI: ``It's Marek`` first, the question kept, rows exactly as stored."""
     conv = _write(tmp_path / "roadmap.json", "roadmap", ROADMAP, named=False)
     db = tmp_path / "kv.db"
-    rc, _, err = run_kvcache("import", conv, home=tmp_path, db=db)
+    rc, _, err = invoke("import", conv, home=tmp_path, db=db)
     assert rc == 0, err
-    rc, out, err = run_kvcache(
+    rc, out, err = invoke(
         "retrieve", "roadmap", "who owns the roadmap", "--json", "-n", "3", home=tmp_path, db=db
     )
     assert rc == 0, err
