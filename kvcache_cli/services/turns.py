@@ -13,7 +13,6 @@ a client that rewrites history.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -82,7 +81,6 @@ def replay(
     on_turn: Callable[[int, int], None] | None = None,
     known_tokens: list[int] | None = None,
     outcome_of_last: bool = False,
-    overlap_calls: bool = False,
     verified: int | None = None,
 ) -> TurnOutcome | None:
     """Store and decide every turn of ``conv`` not stored yet, one transaction each.
@@ -90,7 +88,6 @@ def replay(
     ``known_tokens``: the messages' token counts when already known (no counting).
     ``outcome_of_last``: read the full ``TurnOutcome`` of the last turn (``begin_turn``);
     otherwise only the reports are collected into ``result``.
-    ``overlap_calls`` (live turns): a turn's token count and embeddings calls run at once.
     ``verified``: see ``check_prefix``.
     """
     result.messages_total = len(conv.messages)
@@ -113,16 +110,12 @@ def replay(
     outcome: TurnOutcome | None = None
     for number, (lo, hi) in enumerate(pending, start=1):
         new = conv.messages[max(lo, done) : hi]
-        if overlap_calls and known_tokens is None and embedder is not None and not core.server_down():
-            fetch = partial(embedder.prefetch, conv.messages, max(lo, done), hi)
-            tokens = _count_during(core, [msg.content for msg in new], fetch)
+        if known_tokens is not None:
+            tokens = known_tokens[max(lo, done) : hi]
         else:
-            if known_tokens is not None:
-                tokens = known_tokens[max(lo, done) : hi]
-            else:
-                tokens = core.tokens.count([msg.content for msg in new])
-            if embedder is not None and not core.server_down():  # HTTP before the turn's transaction
-                embedder.prefetch(conv.messages, max(lo, done), hi)
+            tokens = core.tokens.count([msg.content for msg in new])
+        if embedder is not None and not core.server_down():  # HTTP before the turn's transaction
+            embedder.prefetch(conv.messages, max(lo, done), hi)
         summaries.prepare_for_turn(core, session_key, new, tokens, max(lo, done))
         full = outcome_of_last and number == len(pending)
         work = partial(_turn, core, conv, session_key, lo, hi, tokens, result, full)
@@ -139,19 +132,6 @@ def replay(
     result.notices.extend(core.notices)
     core.notices.clear()
     return outcome
-
-
-def _count_during(core: Core, texts: list[str], fetch: Callable[[], None]) -> list[int]:
-    """Token counts of ``texts`` asked on a worker thread while ``fetch`` (the turn's
-    embeddings call, which may touch the store) runs on this one: the two server round
-    trips overlap. Counting touches no store, so every SQL statement stays on this thread."""
-    if core.tokens.remote is None:  # estimates: no server call to overlap
-        fetch()
-        return core.tokens.count(texts)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        counting = pool.submit(core.tokens.count, texts)
-        fetch()
-        return counting.result()
 
 
 def start_embeddings(core: Core, session_key: str, backfill: bool = True) -> Any:
@@ -403,9 +383,7 @@ def begin_turn(
     """
     conv = Conversation(session_key=session_key, messages=list(messages), place=f"session {session_key}: ")
     result = ProcessResult(session_id=session_key, source=f"session {session_key}")
-    outcome = replay(
-        core, conv, session_key, result, outcome_of_last=True, overlap_calls=True, verified=verified
-    )
+    outcome = replay(core, conv, session_key, result, outcome_of_last=True, verified=verified)
     if outcome is None:  # nothing new: the state as it stands
 
         def now_state() -> TurnOutcome:
@@ -427,8 +405,8 @@ def finish_turn(core: Core, session_key: str, reply: list[ChatMessage]) -> int:
     if not reply:
         return 0
     check_prefix(core, session_key, [], f"session {session_key}")  # NUL check of the key
-    texts = [msg.content for msg in reply]
-    tokens = _count_during(core, texts, partial(_prefetch_vectors, core, session_key, reply))
+    tokens = core.tokens.count([msg.content for msg in reply])
+    _prefetch_vectors(core, session_key, reply)
 
     def work() -> int:
         wall = utcnow()
@@ -450,8 +428,8 @@ def replace_reply(core: Core, session_key: str, reply: list[ChatMessage]) -> int
     One transaction; the dropped messages leave the history, its full-text index,
     their vectors and the active cache. Returns how many messages were dropped.
     """
-    texts = [msg.content for msg in reply]
-    tokens = _count_during(core, texts, partial(_prefetch_vectors, core, session_key, reply))
+    tokens = core.tokens.count([msg.content for msg in reply])
+    _prefetch_vectors(core, session_key, reply)
 
     def work() -> int:
         wall = utcnow()
