@@ -12,7 +12,9 @@ empty store and on a store of N messages (``scale_store.py``'s store; ``--keep``
 it). Targets: p50 <= 5 ms, p95 <= 20 ms. Each run also reports the upstream calls
 kvcache made per turn besides the chat itself (``/tokenize``, ``/v1/embeddings``) and,
 from one in-process ``ChatService`` over the same conversation, the SQL statements and
-store transactions per turn: counts that a loaded machine does not blur.
+store transactions per turn, and the CPU time the ``kvcache serve`` process spent per
+turn: figures that a loaded machine does not blur (on an idle machine the overhead is
+about that CPU time plus the upstream calls' round trips).
 
 ``--compare BIN``: another install's ``kvcache`` (e.g. a worktree of the previous
 commit, run as ``python -P -m kvcache_cli`` by a wrapper) measured in the same run,
@@ -41,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -125,9 +128,12 @@ def overhead(
         try:
             with requests.Session() as http:
                 conversation_turns(http, serve.url, fake.url, 1, 3)  # warm up
+                cpu = psutil.Process(serve.proc.pid).cpu_times()
                 times = conversation_turns(http, serve.url, fake.url, sessions, turns, fake)
+                after = psutil.Process(serve.proc.pid).cpu_times()
         finally:
             serve.stop()
+    cpu_ms = ((after.user + after.system) - (cpu.user + cpu.system)) * 1000
     diff = [a - b for a, b in zip(times["through"], times["direct"], strict=True)]
     return {
         "store": label,
@@ -138,6 +144,7 @@ def overhead(
         "overhead_p50_ms": round(statistics.median(diff), 2),
         "overhead_p95_ms": round(percentile(diff, 0.95), 2),
         "upstream_calls_per_turn": round(statistics.mean(times["calls"]) - 1, 2),  # besides the chat
+        "serve_cpu_ms_per_turn": round(cpu_ms / len(diff), 2),  # kvcache's own CPU time: load-independent
     }
 
 
@@ -286,17 +293,16 @@ def main() -> int:
             f"store {row['store']} ({row['install']} install): {row['requests']} turns, direct p50 "
             f"{row['direct_p50_ms']} ms, through kvcache p50 {row['through_p50_ms']} ms; overhead p50 "
             f"{row['overhead_p50_ms']} ms (target <= 5), p95 {row['overhead_p95_ms']} ms (target <= 20); "
-            f"{row['upstream_calls_per_turn']} upstream calls per turn besides the chat"
+            f"{row['upstream_calls_per_turn']} upstream calls per turn besides the chat; "
+            f"kvcache serve's CPU time {row['serve_cpu_ms_per_turn']} ms per turn"
         )
     if args.compare:
         for store in dict.fromkeys(row["store"] for row in results["overhead"]):
             rows = [r for r in results["overhead"] if r["store"] == store]
-            for q in ("p50", "p95"):
-                this = statistics.mean(r[f"overhead_{q}_ms"] for r in rows if r["install"] == "this")
-                other = statistics.mean(r[f"overhead_{q}_ms"] for r in rows if r["install"] == "compared")
-                print(
-                    f"store {store}: overhead {q} this/compared = {this / other:.2f} ({this:.1f} / {other:.1f} ms)"
-                )
+            for field in ("overhead_p50_ms", "overhead_p95_ms", "serve_cpu_ms_per_turn"):
+                this = statistics.mean(r[field] for r in rows if r["install"] == "this")
+                other = statistics.mean(r[field] for r in rows if r["install"] == "compared")
+                print(f"store {store}: {field} this/compared = {this / other:.2f} ({this:.1f} / {other:.1f})")
     counts = results["counts"]
     print(
         f"this install, in process, {counts['turns']} turns: {counts['sql_statements_per_turn']} SQL statements "
