@@ -29,11 +29,10 @@ from kvcache_cli.llm.client import (
     SlotInfo,
     SlotRestoreResult,
     SlotSaveResult,
-    build_summary_messages,
     make_slot_filename,
-    summarize,
     validate_slot_filename,
 )
+from kvcache_cli.llm.summarize import build_summary_messages, summarize
 from tests.fake_llama_server import FakeLlamaServer, embed_text, validate_filename
 
 SECRET = "sk-test-Zq9Xv7Lm3Np1Rt5"

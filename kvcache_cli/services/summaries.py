@@ -22,7 +22,7 @@ def _tail(core: Core, session_id: int, since: int, below: int | None = None) -> 
 
 def _ask_llm(core: Core, prior: str | None, messages: list[ChatMessage]) -> str | None:
     """The LLM's summary, or None with a notice when the server fails."""
-    from kvcache_cli.llm.client import summarize
+    from kvcache_cli.llm.summarize import summarize
 
     if core.chat_llm is None:
         return None
