@@ -4,6 +4,8 @@ every kvcache process it started."""
 from __future__ import annotations
 
 import os
+import signal
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +25,26 @@ def kvcache_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     monkeypatch.delenv("KVCACHE_CONFIG", raising=False)
     monkeypatch.setenv("COLUMNS", "200")
     yield home
+
+
+def _sigint_state() -> tuple[object, bool]:
+    return signal.getsignal(signal.SIGINT), signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+@pytest.fixture(autouse=True)
+def _default_ctrl_c(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test starts with Ctrl-C at its default (Python's handler, not blocked).
+
+    A process inherits an ignored or blocked SIGINT through exec: kvcache runs that a
+    test interrupts would then never see the signal. Under pytest-xdist a worker was
+    seen in that state once; a test that leaves it so is named in a warning.
+    """
+    if _sigint_state() != (signal.default_int_handler, False):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    yield
+    if _sigint_state() != (signal.default_int_handler, False):
+        warnings.warn(f"{request.node.nodeid} left SIGINT ignored, handled or blocked", stacklevel=1)
 
 
 @pytest.fixture(autouse=True)
