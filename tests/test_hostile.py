@@ -105,7 +105,9 @@ def _mode(path: Path) -> int:
 
 def test_files_kvcache_creates_are_owner_only(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    db = tmp_path / "new" / "deeper" / "kv.db"
+    # kvcache creates only its default location (an explicit --db folder must exist)
+    data_home = {"KVCACHE_HOME": str(tmp_path / "new" / "deeper")}
+    db = tmp_path / "new" / "deeper" / "kvcache.db"
     src = write_json(
         tmp_path / "c.json",
         {"session_id": "s", "messages": [{"role": "user", "content": "hi?"}]},
@@ -113,8 +115,8 @@ def test_files_kvcache_creates_are_owner_only(tmp_path: Path) -> None:
     )
     old = os.umask(0o022)
     try:
-        assert invoke("-q", "--db", str(db), "process", str(src), home=home).returncode == 0
-        assert invoke("-q", "--db", str(db), "maintain", home=home).returncode == 0
+        assert invoke("-q", "process", str(src), home=home, env=data_home).returncode == 0
+        assert invoke("-q", "maintain", home=home, env=data_home).returncode == 0
         assert invoke("-q", "process", str(src), home=home).returncode == 0  # the default store under home
         assert invoke("init-config", home=home).returncode == 0
     finally:
