@@ -23,7 +23,7 @@ class ServeProcess:
     def __init__(
         self,
         home: Path,
-        db: Path,
+        db: Path | str,
         upstream: str,
         *extra: str,
         config: Path | None = None,

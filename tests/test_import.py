@@ -77,7 +77,10 @@ def test_import_stores_messages_and_makes_them_searchable(tmp_path: Path) -> Non
     assert rc == 0, err
     texts = [r["text"] for r in json.loads(out)["results"]]
     # the matching question and its answer come first, the answer at least as high (issue 18)
-    assert texts[:2] == ["Set primary_conninfo and create standby.signal.", CONVS[0]["conversations"][0]["value"]]
+    assert texts[:2] == [
+        "Set primary_conninfo and create standby.signal.",
+        CONVS[0]["conversations"][0]["value"],
+    ]
     rc, out, err = invoke("retrieve", "--all-sessions", "kangaroo", "--json", home=tmp_path / "home", db=db)
     assert rc == 0, err
     assert any("kangaroo" in r["text"] for r in json.loads(out)["results"])

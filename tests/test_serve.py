@@ -447,7 +447,8 @@ def test_a_client_that_goes_away_mid_stream_stores_no_reply(
     serve: ServeProcess, upstream: FakeLlamaServer
 ) -> None:
     upstream.stream_delay = 0.05
-    body = {"messages": [{"role": "user", "content": "Stream a long answer please"}], "stream": True}
+    messages = [{"role": "user", "content": "Stream a long answer please"}]
+    body: dict[str, Any] = {"messages": messages, "stream": True}
     with requests.post(
         serve.url + "/v1/chat/completions",
         json=body,
@@ -466,7 +467,7 @@ def test_a_client_that_goes_away_mid_stream_stores_no_reply(
         time.sleep(0.1)
     assert stored(serve.db, "gone-1") == [("user", "Stream a long answer please")]
     upstream.stream_delay = 0.0
-    reply, _ = ask(client(serve), body["messages"], "gone-1")  # the retry completes the turn
+    reply, _ = ask(client(serve), messages, "gone-1")  # the retry completes the turn
     assert stored(serve.db, "gone-1")[-1] == ("assistant", reply)
 
 
@@ -475,7 +476,7 @@ def test_sigterm_mid_stream_finishes_it_and_stops_cleanly(tmp_path: Path) -> Non
         fake.stream_delay = 0.1
         serve = ServeProcess(tmp_path, tmp_path / "kv.db", fake.url, "-v", config=write_config(tmp_path))
         try:
-            body = {
+            body: dict[str, Any] = {
                 "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse"}],
                 "stream": True,
             }
