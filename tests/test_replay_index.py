@@ -12,7 +12,7 @@ import pytest
 from kvcache_cli.config import Config
 from kvcache_cli.engine.scoring import decayed_engagement, next_engagement
 from kvcache_cli.loaders import load_file
-from kvcache_cli.retrieval import ranking
+from kvcache_cli.retrieval import documents, ranking
 from kvcache_cli.retrieval.fusion import RetrievalResult, RetrievedEntry
 from kvcache_cli.retrieval.session_index import SessionIndex, SessionIndexes
 from kvcache_cli.services.importing import import_file
@@ -123,9 +123,9 @@ def test_a_rolled_back_transaction_drops_the_indexes(support: tuple[Store, int])
 
 
 def _clear_text_caches() -> None:
-    for cache in (ranking._PROFILES, ranking._SEEN_ONCE, ranking._BASES, ranking._POSITIONS):
+    for cache in (documents._PROFILES, documents._SEEN_ONCE, documents._BASES, documents._POSITIONS):
         cache.clear()
-    ranking._TEMPORAL.clear()
+    documents._TEMPORAL.clear()
 
 
 def test_rank_texts_gives_the_same_results_for_new_and_known_texts() -> None:
@@ -137,7 +137,7 @@ def test_rank_texts_gives_the_same_results_for_new_and_known_texts() -> None:
         _clear_text_caches()
         cold = ranking.rank_texts(query, texts, names=names)
         for text in texts:
-            ranking.profile(text, remember=True)
+            documents.profile(text, remember=True)
         known = ranking.rank_texts(query, texts, names=names)
         assert [(p, round(s, 12), m) for p, s, m in known] == [(p, round(s, 12), m) for p, s, m in cold]
         assert ranking.rank_texts(query, texts, names=names, limit=3) == known[:3]

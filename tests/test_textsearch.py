@@ -349,7 +349,7 @@ def test_pair_proximity_matches_the_quadratic_definition_and_scales() -> None:
     """``_near`` (binary search) counts what the all-pairs scan counts, in linear time."""
     import random
 
-    from kvcache_cli.retrieval.ranking import _near
+    from kvcache_cli.retrieval.documents import _near
 
     rng = random.Random(7)
     for _ in range(500):

@@ -31,8 +31,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kvcache_cli.errors import StoreError
-from kvcache_cli.retrieval import ranking
+from kvcache_cli.retrieval import documents, ranking
 from kvcache_cli.retrieval import textsearch as ts
+from kvcache_cli.store import sessions
 
 if TYPE_CHECKING:
     from kvcache_cli.store.backend import Store
@@ -46,7 +47,7 @@ class SessionIndex:
     def __init__(self, session_id: int) -> None:
         self.session_id = session_id
         self.last_id = 0
-        self.docs: dict[int, ranking.Doc] = {}  # message_index -> document
+        self.docs: dict[int, documents.Doc] = {}  # message_index -> document
         self.roles: dict[int, str] = {}
         self.postings: dict[str, list[int]] = {}  # stem -> message indexes holding it
         # stem -> indexes whose speaker's name has it but whose text does not
@@ -64,17 +65,9 @@ class SessionIndex:
         False, and nothing added, when a new message is longer than ``MAX_INDEXED_TEXT``.
         """
         sid = self.session_id
-        bound = " AND message_index < ?" if below is not None else ""
-        limit = (below,) if below is not None else ()
         for _attempt in range(3):
-            (count,) = store.query(
-                f"SELECT count(*) FROM messages WHERE session_id = ?{bound}", (sid, *limit)
-            )[0]
-            new = store.query(
-                "SELECT id, message_index, role, name, content, timestamp FROM messages "
-                f"WHERE session_id = ? AND id > ?{bound} ORDER BY id",
-                (sid, self.last_id, *limit),
-            )
+            count = sessions.count_messages(store, sid, below)
+            new = sessions.messages_after_id(store, sid, self.last_id, below)
             if len(self.docs) + len(new) == count:
                 if any(len(row[4] or "") > MAX_INDEXED_TEXT for row in new):
                     return False
@@ -88,8 +81,8 @@ class SessionIndex:
         self, mid: int, index: int, role: str, name: str | None, content: str | None, stamp: Any
     ) -> None:
         text = content or ""
-        ranking.profile(text, remember=True)  # full stem counts, kept for every later turn
-        doc = ranking.make_doc(mid, self.session_id, index, name, text, stamp)
+        documents.profile(text, remember=True)  # full stem counts, kept for every later turn
+        doc = documents.make_doc(mid, self.session_id, index, name, text, stamp)
         index = int(index)
         self.last_id = max(self.last_id, int(mid))
         self.docs[index] = doc
@@ -181,7 +174,7 @@ class SessionIndex:
 #: and a few KB per ordinary message), which a short replay onto a big imported session
 #: would not win back, and a huge message would be held whole in memory.
 MAX_INDEXED_MESSAGES = 10_000
-MAX_INDEXED_TEXT = ranking.PROFILE_TEXT_MAX
+MAX_INDEXED_TEXT = documents.PROFILE_TEXT_MAX
 
 
 class SessionIndexes:
@@ -204,8 +197,8 @@ class SessionIndexes:
         if index is None:
             if sid in self._too_big:
                 return None
-            (count,) = store.query("SELECT count(*) FROM messages WHERE session_id = ?", (sid,))[0]
-            count = count if below is None else min(int(count), below)
+            count = sessions.count_messages(store, sid)
+            count = count if below is None else min(count, below)
             if count > self.max_messages:
                 self._too_big.add(sid)
                 return None

@@ -70,8 +70,24 @@ def stored_count(store: Store, session_id: int) -> int:
     return int(store.query(sql, (int(session_id),))[0][0])
 
 
-def count_messages(store: Store, session_id: int) -> int:
-    return int(store.query("SELECT count(*) FROM messages WHERE session_id = ?", (int(session_id),))[0][0])
+def count_messages(store: Store, session_id: int, below: int | None = None) -> int:
+    """Messages of the session (with ``below``: those of a lower index)."""
+    bound, limit = (" AND message_index < ?", (below,)) if below is not None else ("", ())
+    sql = f"SELECT count(*) FROM messages WHERE session_id = ?{bound}"
+    return int(store.query(sql, (int(session_id), *limit))[0][0])
+
+
+def messages_after_id(
+    store: Store, session_id: int, after_id: int, below: int | None = None
+) -> list[tuple[Any, ...]]:
+    """(id, message_index, role, name, content, timestamp) of the session's messages with
+    an id above ``after_id`` (with ``below``: of a lower index), in id order."""
+    bound, limit = (" AND message_index < ?", (below,)) if below is not None else ("", ())
+    return store.query(
+        "SELECT id, message_index, role, name, content, timestamp FROM messages "
+        f"WHERE session_id = ? AND id > ?{bound} ORDER BY id",
+        (int(session_id), after_id, *limit),
+    )
 
 
 def insert_messages(
