@@ -127,7 +127,8 @@ def snapshot_slot_files(store: Store, sid: int) -> dict[int, str]:
     return {int(snap_id): str(name) for snap_id, name in rows}
 
 
-def _metadata(store: Store, sid: int) -> dict[str, Any]:
+def metadata_of(store: Store, sid: int) -> dict[str, Any]:
+    """The session's metadata object ({} when absent or not an object)."""
     rows = store.query("SELECT metadata FROM sessions WHERE id = ?", (sid,))
     try:
         meta = json.loads(rows[0][0] or "{}") if rows else {}
@@ -141,20 +142,26 @@ def waiting_slot_files(store: Store) -> dict[int, list[str]]:
     rows = store.query("SELECT id FROM sessions WHERE metadata LIKE ?", (f"%{WAITING_KEY}%",))
     out: dict[int, list[str]] = {}
     for (sid,) in rows:
-        names = _metadata(store, int(sid)).get(WAITING_KEY)
+        names = metadata_of(store, int(sid)).get(WAITING_KEY)
         if isinstance(names, list) and names:
             out[int(sid)] = [str(n) for n in names]
     return out
 
 
+def set_metadata_names(store: Store, sid: int, key: str, names: list[str]) -> None:
+    """Record a sorted list of names under ``key`` of the session's metadata (an empty
+    list removes the key)."""
+    meta = metadata_of(store, sid)
+    if names:
+        meta[key] = sorted(set(names))
+    else:
+        meta.pop(key, None)
+    store.query("UPDATE sessions SET metadata = ? WHERE id = ?", (json.dumps(meta, sort_keys=True), sid))
+
+
 def set_waiting_slot_files(store: Store, sid: int, names: list[str]) -> None:
     """Record the session's waiting slot files (an empty list removes the record)."""
-    meta = _metadata(store, sid)
-    if names:
-        meta[WAITING_KEY] = sorted(set(names))
-    else:
-        meta.pop(WAITING_KEY, None)
-    store.query("UPDATE sessions SET metadata = ? WHERE id = ?", (json.dumps(meta, sort_keys=True), sid))
+    set_metadata_names(store, sid, WAITING_KEY, names)
 
 
 def slot_files(store: Store, sid: int) -> list[str]:
@@ -165,7 +172,7 @@ def slot_files(store: Store, sid: int) -> list[str]:
 
 
 def waiting_slot_files_of(store: Store, sid: int) -> list[str]:
-    names = _metadata(store, sid).get(WAITING_KEY)
+    names = metadata_of(store, sid).get(WAITING_KEY)
     return [str(n) for n in names] if isinstance(names, list) else []
 
 
@@ -186,7 +193,7 @@ ENGINE_FROM_KEY = "engine_from"
 
 def engine_from(store: Store, sid: int) -> int | None:
     """The session's ``engine_from`` mark, if any."""
-    return mark_in(_metadata(store, sid))
+    return mark_in(metadata_of(store, sid))
 
 
 def mark_in(meta: Any) -> int | None:
@@ -197,7 +204,7 @@ def mark_in(meta: Any) -> int | None:
 
 def mark_engine_from(store: Store, sid: int, index: int) -> None:
     """Record that messages from ``index`` on were stored without the engine (keeps an earlier mark)."""
-    meta = _metadata(store, sid)
+    meta = metadata_of(store, sid)
     current = mark_in(meta)
     if current is not None and current <= index:
         return

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from kvcache_cli.store.models import Operation, Session
+from kvcache_cli.store.sessions_admin import metadata_of, set_metadata_names
 
 if TYPE_CHECKING:
     from kvcache_cli.store.backend import Store
@@ -29,15 +30,6 @@ SAVED_KEY = "slot_files_saved"
 
 WAITING_OPERATION = "slot_files_waiting"
 """Operation type recording a forgotten session's slot files not deleted yet."""
-
-
-def _metadata(store: Store, sid: int) -> dict[str, Any]:
-    rows = store.query("SELECT metadata FROM sessions WHERE id = ?", (sid,))
-    try:
-        meta = json.loads(rows[0][0] or "{}") if rows else {}
-    except ValueError:
-        meta = {}
-    return meta if isinstance(meta, dict) else {}
 
 
 def _names(value: Any) -> list[str]:
@@ -57,17 +49,12 @@ def lock(store: Store, session_ids: list[int]) -> None:
 
 def saved_of(store: Store, sid: int) -> list[str]:
     """The slot files ``serve`` saved for the session."""
-    return _names(_metadata(store, sid).get(SAVED_KEY))
+    return _names(metadata_of(store, sid).get(SAVED_KEY))
 
 
 def set_saved(store: Store, sid: int, names: list[str]) -> None:
     """Record the session's saved slot files (an empty list removes the record)."""
-    meta = _metadata(store, sid)
-    if names:
-        meta[SAVED_KEY] = sorted(set(names))
-    else:
-        meta.pop(SAVED_KEY, None)
-    store.query("UPDATE sessions SET metadata = ? WHERE id = ?", (json.dumps(meta, sort_keys=True), sid))
+    set_metadata_names(store, sid, SAVED_KEY, names)
 
 
 def idle_with_saved(store: Store, cutoff: datetime) -> list[int]:
