@@ -435,7 +435,7 @@ def _chart_title(capacity: int, threshold: float, peak: int) -> str:
 
 
 # ----------------------------------------------------------------------------- process
-def _simple_table(title: str | None = None) -> Table:
+def simple_table(title: str | None = None) -> Table:
     """The compact table style of the stats and process views."""
     return Table(
         title=title,
@@ -450,7 +450,7 @@ def _simple_table(title: str | None = None) -> Table:
 def process_view(result: ProcessResult, threshold: float = 0.6, width: int = 100) -> Group:
     """One replayed conversation: totals, clears, and the sawtooth with its clears."""
     data = result.to_dict(with_turns=False)
-    table = _simple_table(
+    table = simple_table(
         f"replayed session {printable(result.session_id)} ({printable(result.source or '-')})"
     )
     table.add_column("turns", justify="right")
@@ -469,7 +469,7 @@ def process_view(result: ProcessResult, threshold: float = 0.6, width: int = 100
     )
     parts: list[Any] = [table]
     if result.clears:
-        clears = _simple_table("clears")
+        clears = simple_table("clears")
         for name in ("turn", "reason", "cache before", "cleared", "preserved", "snapshot", "summary"):
             clears.add_column(name, justify="right" if name in ("turn", "cleared", "preserved") else "left")
         shown = result.clears if len(result.clears) <= 12 else result.clears[:6] + result.clears[-6:]
@@ -520,7 +520,7 @@ def process_result(result: ProcessResult, threshold: float = 0.6, verbose: bool 
 
 def turns_table(result: ProcessResult) -> Table:
     """Every turn: the cache after it and what happened at it (``process -v``)."""
-    table = _simple_table(f"turns of {printable(result.session_id)}")
+    table = simple_table(f"turns of {printable(result.session_id)}")
     for name in ("turn", "msg", "entries", "cache", "clear", "snapshots", "retrieved"):
         table.add_column(name, justify="left" if name == "clear" else "right")
     for t in result.turns:
@@ -538,7 +538,7 @@ def turns_table(result: ProcessResult) -> Table:
 
 def import_result(result: Any) -> None:
     """One row per imported file (stdout), the totals under it."""
-    table = _simple_table("imported")
+    table = simple_table("imported")
     for name in ("file", "conversations", "new sessions", "messages added", "messages"):
         table.add_column(name, justify="left" if name == "file" else "right")
     for item in result.files:
@@ -639,7 +639,7 @@ def _sessions_table(data: dict[str, Any], insights: dict[str, Any], limit: int =
     threshold = insights.get("memory_threshold_percent", 0.6)
     by_key = {s["session_id"]: s for s in data["sessions"]}
     ordered = insights["sessions_by_fill"]
-    table = _simple_table("sessions by cache fill (fullest first)")
+    table = simple_table("sessions by cache fill (fullest first)")
     table.add_column("session", overflow="ellipsis", max_width=48, no_wrap=True)
     table.add_column("cache vs capacity", no_wrap=True)
     table.add_column("fill", no_wrap=True)
@@ -674,7 +674,7 @@ def _sessions_table(data: dict[str, Any], insights: dict[str, Any], limit: int =
 
 
 def _top_tables(insights: dict[str, Any]) -> Table:
-    size = _simple_table("largest caches")
+    size = simple_table("largest caches")
     size.add_column("session", overflow="ellipsis", max_width=48, no_wrap=True)
     size.add_column("cache", justify="right")
     size.add_column("fill", justify="right")
@@ -682,7 +682,7 @@ def _top_tables(insights: dict[str, Any]) -> Table:
         size.add_row(
             printable(s["session_id"]), human_bytes(s["cache_size_bytes"]), f"{s['fill'] * 100:.0f}%"
         )
-    clears = _simple_table("most clears")
+    clears = simple_table("most clears")
     clears.add_column("session", overflow="ellipsis", max_width=48, no_wrap=True)
     clears.add_column("clears", justify="right")
     for s in insights["top_by_clears"]:
@@ -699,7 +699,7 @@ def _ops_panel(insights: dict[str, Any]) -> Group:
     ops = insights["operations_per_hour"]
     hours = ops["hours"]
     title = Text(f"operations per hour, last {hours} h (UTC, hour starting at the label)", style="italic")
-    table = _simple_table()
+    table = simple_table()
     table.add_column("operation")
     table.add_column("per hour", no_wrap=True)
     table.add_column("total", justify="right")
@@ -736,7 +736,7 @@ def _maintenance_line(insights: dict[str, Any]) -> Text:
 
 
 def _recent_ops(data: dict[str, Any]) -> Table:
-    ops = _simple_table("recent operations")
+    ops = simple_table("recent operations")
     for name in ("time (UTC)", "operation", "session", "entries", "details"):
         ops.add_column(name, overflow="fold")
     for op in data["recent_operations"]:
@@ -808,7 +808,7 @@ def _session_view(data: dict[str, Any], insights: dict[str, Any] | None, width: 
     ]
     snaps = detail["snapshots"]
     if snaps:
-        table = _simple_table(f"snapshots ({len(snaps)})")
+        table = simple_table(f"snapshots ({len(snaps)})")
         for name in ("id", "type", "reason", "turn", "entries", "size", "age", "slot file"):
             table.add_column(
                 name, justify="right" if name in ("id", "turn", "entries", "size", "age") else "left"
@@ -882,7 +882,7 @@ def stats_sections(
             parts.append(_ops_panel(insights))
             parts.append(_maintenance_line(insights))
     if data.get("slots"):
-        slots = _simple_table("server slots")
+        slots = simple_table("server slots")
         for name in ("id", "n_ctx", "cached tokens", "processing"):
             slots.add_column(name)
         for s in data["slots"]:

@@ -4,24 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rich import box
-from rich.table import Table
-
-from kvcache_cli.cli.render import console, human_bytes, plural, printable
+from kvcache_cli.cli.render import console, human_bytes, plural, printable, simple_table
 
 if TYPE_CHECKING:
     from kvcache_cli.services.sessions import ForgetResult, SessionList
-
-
-def _table(title: str) -> Table:
-    return Table(
-        title=title,
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        show_edge=False,
-        collapse_padding=True,
-    )
 
 
 def _utc(value: object) -> str:
@@ -34,7 +20,7 @@ def session_list(result: SessionList) -> None:
     title = plural(len(result.sessions), "session")
     if result.idle_over_hours is not None:
         title += f" idle over {result.idle_over_hours:g} h"
-    table = _table(title)
+    table = simple_table(title)
     table.add_column("session")
     for name in ("messages", "turns", "clears", "snapshots", "cache used"):
         table.add_column(name, justify="right")
@@ -76,7 +62,7 @@ def _what(rows: dict[str, int]) -> str:
 def forget_result(result: ForgetResult) -> None:
     """What went (or, with --dry-run, would go), session by session."""
     verb = "would forget" if result.dry_run else "forgot"
-    table = _table(f"{verb} {plural(len(result.sessions), 'session')}")
+    table = simple_table(f"{verb} {plural(len(result.sessions), 'session')}")
     table.add_column("session")
     table.add_column("what goes" if result.dry_run else "what went")
     table.add_column("slot files", justify="right")
