@@ -215,15 +215,10 @@ class SlotPinning:
             self._note(f"slot {slot_id}: save for {owner!r} failed: {exc}")
             return
         if self.store is not None:
-            for attempt in range(3):  # a file not recorded is never pruned: a busy store is tried again
-                try:
-                    slot_files.record_saved(self.store, owner, name)
-                    break
-                except KVCacheError as exc:
-                    if attempt == 2:
-                        self._note(f"slot {slot_id}: could not record {name} for {owner!r}: {exc}")
-                    else:
-                        time.sleep(0.05 * (attempt + 1))
+            try:
+                slot_files.record_saved(self.store, owner, name)
+            except KVCacheError as exc:
+                self._note(f"slot {slot_id}: could not record {name} for {owner!r}: {exc}")
 
     def _restore(self, slot_id: int, session_key: str) -> int:
         try:
