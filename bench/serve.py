@@ -187,6 +187,8 @@ def statements_per_turn(turns: int) -> dict[str, Any]:
             body = {"model": "m", "messages": history, "max_tokens": 32}
             counts.update(statements=0, commits=0)
             answer = service.handle(ChatCompletionRequest.model_validate(body), body, "count-0")
+            if answer.after is not None:  # the part of the turn after the answer is sent
+                answer.after()
             per_turn.append(dict(counts))
             assert answer.body is not None
             history.append({"role": "assistant", "content": answer.body["choices"][0]["message"]["content"]})

@@ -13,7 +13,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +105,22 @@ def _stream_in_threads(events: Iterator[bytes]) -> AsyncIterator[bytes]:
     return relay()
 
 
+class _AnswerThenEnd(JSONResponse):
+    """A turn's JSON answer; once it is sent (or failed to be), the turn's ``after``
+    runs in the thread pool (see ``TurnResult``): the client does not wait for it."""
+
+    def __init__(self, content: Any, headers: dict[str, str], after: Callable[[], None]) -> None:
+        super().__init__(content, headers=headers)
+        self._after = after
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):  # the session's lock is released in any case
+                await run_in_threadpool(self._after)
+
+
 def create_app(service: ChatService, upstream: Upstream, metrics: Metrics, settings: AppSettings) -> FastAPI:
     """The app: routes over ``service`` (chat) and ``upstream`` (pass-through)."""
     app = FastAPI(title="kvcache serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -144,7 +160,13 @@ def create_app(service: ChatService, upstream: Upstream, metrics: Metrics, setti
                 media_type="text/event-stream",
                 headers={**result.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return JSONResponse(result.body, headers=result.headers)
+        if result.after is None:
+            return JSONResponse(result.body, headers=result.headers)
+        try:
+            return _AnswerThenEnd(result.body, result.headers, result.after)
+        except BaseException:
+            await run_in_threadpool(result.after)
+            raise
 
     async def pass_through(request: Request) -> Response:
         raw = await request.body()
@@ -208,11 +230,14 @@ class Guard:
         path, method = scope["path"], scope["method"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         status = [500]
+        sent: list[float] = []  # when the response's last byte went (a turn may go on after it)
 
         async def send_and_note(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = int(message["status"])
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                sent.append(time.perf_counter())
 
         try:
             refused = self._refusal(path, headers)
@@ -221,7 +246,7 @@ class Guard:
             else:
                 await self.app(scope, receive, send_and_note)
         finally:
-            seconds = time.perf_counter() - started
+            seconds = (sent[0] if sent else time.perf_counter()) - started
             route = path if path in _KNOWN_ROUTES else "other"
             self.metrics.requests.labels(route, str(status[0])).inc()
             self.metrics.latency.labels(route).observe(seconds)

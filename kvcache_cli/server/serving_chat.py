@@ -87,12 +87,18 @@ class TraceWriter:
 
 @dataclass
 class TurnResult:
-    """What the route sends back: a JSON body, or a stream of events; plus headers."""
+    """What the route sends back: a JSON body, or a stream of events; plus headers.
+
+    A JSON body comes with ``after``: the rest of the turn (the vectors of its messages)
+    and the release of the session, which the caller must run once the body is sent
+    (or failed to be). A stream does the same when it ends.
+    """
 
     headers: dict[str, str]
     body: dict[str, Any] | None = None
     stream: Iterator[bytes] | None = None
     log: dict[str, Any] = field(default_factory=dict)  # facts for the request's log line
+    after: Callable[[], None] | None = None
 
 
 @dataclass
@@ -216,18 +222,44 @@ class ChatService:
                 self.slots.before_turn(turn.key, turn.plan)
             if request.stream:
                 stream = self._open_stream(turn, manager)
-                result = TurnResult(self._headers(turn), stream=self._relay(turn, manager, stream, release))
+                end = self._ender(turn, manager, release)
+                result = TurnResult(self._headers(turn), stream=self._relay(turn, manager, stream, end))
                 result.log = self._log_facts(turn)
                 release = None  # the stream releases it when it ends
                 return result
             answer = self._complete(turn, manager)
-            return TurnResult(self._headers(turn), body=answer, log=self._log_facts(turn))
+            result = TurnResult(self._headers(turn), body=answer, log=self._log_facts(turn))
+            result.after = self._ender(turn, manager, release)
+            release = None  # ``after`` releases it once the answer is sent
+            return result
         finally:
             if release is not None:
                 if self.slots is not None:
                     self.slots.release(turn.key)
                 self._release_branch(turn)
                 release()
+
+    def _ender(self, turn: _Turn, manager: Any, release: Callable[[], None]) -> Callable[[], None]:
+        """What ends a turn once its answer is out (runs once): the vectors of the turn's
+        messages (HTTP and a transaction that the client need not wait for), then the
+        session's slot and locks are released, so its next turn sees them stored."""
+        ended = False
+
+        def end() -> None:
+            nonlocal ended
+            if ended:
+                return
+            ended = True
+            try:
+                with contextlib.suppress(KVCacheError):
+                    chat_turn.add_vectors(manager, turn.key)
+            finally:
+                if self.slots is not None:
+                    self.slots.release(turn.key)
+                self._release_branch(turn)
+                release()
+
+        return end
 
     def _manager(self, turn: _Turn) -> Any:
         """The session's manager: kept between its turns (like one ``process`` run keeps
@@ -313,6 +345,12 @@ class ChatService:
         if "cleared" in turn.plan.action:
             self.metrics.clears.labels(turn.plan.clear_reason or "unknown").inc()
         prompt = build_prompt(turn.raw, turn.plan)
+        bound = self.budget.bound(prompt)
+        if bound <= turn.capacity:  # fits even at one token per byte: no count needed
+            turn.prompt, turn.estimate, turn.dropped = prompt, bound, 0
+            if turn.plan.retrieved:
+                self.metrics.retrievals.inc()
+            return
         if self.budget.total(prompt) > turn.capacity and "cleared" not in turn.plan.action:
             self._force_clear(turn, manager)
             prompt = build_prompt(turn.raw, turn.plan)
@@ -373,11 +411,12 @@ class ChatService:
         answer: dict[str, Any] = self._call(turn, manager, self.upstream.chat)
         choice = (answer.get("choices") or [{}])[0]
         message = choice.get("message") or {}
-        self._learn(turn, answer.get("usage"))
+        timings, usage = answer.get("timings"), answer.get("usage")
+        self._learn(turn, usage)
         reply = self._reply_message(message)
-        stored = self._store_reply(turn, manager, reply) if reply is not None else False
+        stored = self._store_reply(turn, manager, reply, timings, usage) if reply is not None else False
         answer["kvcache"] = {"session_id": turn.key, "action": self._action(turn), "stored": stored}
-        self._after(turn, answer.get("timings"), answer.get("usage"), stored)
+        self._after(turn, timings, usage, stored)
         return answer
 
     def _open_stream(self, turn: _Turn, manager: Any) -> ChatStream:
@@ -385,11 +424,12 @@ class ChatService:
         return stream
 
     def _relay(
-        self, turn: _Turn, manager: Any, stream: ChatStream, release: Callable[[], None]
+        self, turn: _Turn, manager: Any, stream: ChatStream, end: Callable[[], None]
     ) -> Iterator[bytes]:
         """Pass the upstream's events through; store the reply once every event before
         ``[DONE]`` was handed on (a client that goes away stops this generator before
-        that), and before ``[DONE]`` itself: a client that has it finds the reply stored."""
+        that), and before ``[DONE]`` itself: a client that has it finds the reply stored.
+        ``end`` ends the turn (see ``_ender``) when the generator does."""
         stored = False
         ended = False  # the reply was complete (stored, or not storable)
         status = 200
@@ -414,10 +454,7 @@ class ChatService:
             elif stored and not turn.traced:  # gone after its reply was stored: the turn counts
                 with contextlib.suppress(KVCacheError):
                     self._after(turn, stream.timings, stream.usage, stored)
-            if self.slots is not None:
-                self.slots.release(turn.key)
-            self._release_branch(turn)
-            release()
+            end()
 
     def _store_streamed(self, turn: _Turn, manager: Any, stream: ChatStream) -> bool:
         """Store a finished stream's reply; whether it was stored."""
@@ -426,7 +463,9 @@ class ChatService:
         if stream.tool_calls:
             message["tool_calls"] = stream.tool_calls
         reply = self._reply_message(message)
-        return self._store_reply(turn, manager, reply) if reply is not None else False
+        if reply is None:
+            return False
+        return self._store_reply(turn, manager, reply, stream.timings, stream.usage)
 
     def _reply_message(self, message: dict[str, Any]) -> ChatMessage | None:
         raw = {"role": "assistant", "content": message.get("content")}
@@ -439,11 +478,13 @@ class ChatService:
         except BadInputError:
             return None
 
-    def _store_reply(self, turn: _Turn, manager: Any, reply: ChatMessage) -> bool:
+    def _store_reply(self, turn: _Turn, manager: Any, reply: ChatMessage, timings: Any, usage: Any) -> bool:
+        """Store the reply and the operator's view of the turn (one transaction)."""
+        facts = self._live_facts(turn, timings, usage)
         if turn.kind == "regenerate":
-            chat_turn.replace_reply(manager, turn.key, reply)
+            chat_turn.replace_reply(manager, turn.key, reply, facts)
         else:
-            chat_turn.finish_turn(manager, turn.key, reply)
+            chat_turn.finish_turn(manager, turn.key, reply, facts)
         if turn.tail is not None:  # a session made by this turn is remembered from its next one
             self.known.remember(turn.key, turn.tail, [*turn.messages, reply])
         self.metrics.sessions_stored.labels(turn.kind).inc()
@@ -476,7 +517,7 @@ class ChatService:
                 "dropped": turn.dropped or None,
             }
         )
-        self._record_live(turn, timings, prompt_tokens)
+        self._record_live(turn, timings, usage, stored)
         if self.slots is not None:
             self.slots.after_turn(turn.key, timings)
         self._write_trace(
@@ -491,9 +532,10 @@ class ChatService:
             return max(0.0, turn.sent_at - turn.started)
         return max(0.0, time.perf_counter() - turn.started - turn.upstream_s)
 
-    def _record_live(self, turn: _Turn, timings: Any, prompt_tokens: Any) -> None:
-        """The operator's view in the session's metadata: n_ctx, the last prompt's size
-        and cached share, and its slot (for the session moved out of a slot too)."""
+    def _live_facts(self, turn: _Turn, timings: Any, usage: Any) -> dict[str, Any]:
+        """The operator's view of the session after this turn: n_ctx, the last prompt's
+        size and cached share, its action and its slot."""
+        prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
         facts: dict[str, Any] = {
             "n_ctx": self.n_ctx,
             "capacity_tokens": turn.capacity,
@@ -502,12 +544,17 @@ class ChatService:
             "last_action": self._action(turn),
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
         }
-        evicted = None
         if self.slots is not None:
             facts.update(self.slots.facts(turn.key))
-            evicted = self.slots.evicted_by(turn.key)
+        return facts
+
+    def _record_live(self, turn: _Turn, timings: Any, usage: Any, stored: bool) -> None:
+        """The operator's view in the session's metadata (stored with the reply, else
+        here), and in that of the session moved out of a slot for this one."""
+        evicted = self.slots.evicted_by(turn.key) if self.slots is not None else None
         try:
-            chat_turn.record_live(self.store, turn.key, facts)
+            if not stored:
+                chat_turn.record_live(self.store, turn.key, self._live_facts(turn, timings, usage))
             if evicted is not None:
                 chat_turn.record_live(self.store, evicted, self.slots.facts(evicted))  # type: ignore[union-attr]
         except KVCacheError:

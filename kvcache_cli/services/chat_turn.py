@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from kvcache_cli.config import Config
@@ -65,9 +66,10 @@ def begin_turn(
     ``forced_start``: the context start of a clear made by :func:`force_clear` (it is
     later than the engine's own when the last clear was forced). ``verified``: how many
     of ``messages`` the caller found stored already, under the session's lock (the
-    stored history is then not read again).
+    stored history is then not read again). Vectors are left for :func:`add_vectors`
+    (after the answer), but for a question retrieval searches with.
     """
-    outcome = turns.begin_turn(manager, session_key, messages, verified)
+    outcome = turns.begin_turn(manager, session_key, messages, verified, defer_vectors=True)
     plan = TurnPlan(
         session_key=session_key, messages_stored=outcome.messages_stored, notices=list(outcome.notices)
     )
@@ -118,14 +120,28 @@ def force_clear(manager: KVCacheManager, session_key: str, user_index: int, plan
     return new
 
 
-def finish_turn(manager: KVCacheManager, session_key: str, reply: ChatMessage) -> int:
-    """Store the complete reply after the stored history; returns messages stored."""
-    return manager.finish_turn(session_key, [reply])
+def finish_turn(
+    manager: KVCacheManager, session_key: str, reply: ChatMessage, facts: dict[str, Any] | None = None
+) -> int:
+    """Store the complete reply after the stored history, and ``facts`` as
+    :func:`record_live` does, in one transaction; returns messages stored."""
+    update = partial(_merge_live, facts=facts) if facts else None
+    return turns.finish_turn(manager, session_key, [reply], defer_vectors=True, update=update)
 
 
-def replace_reply(manager: KVCacheManager, session_key: str, reply: ChatMessage) -> int:
-    """Regenerate: the new reply replaces the stored one; returns messages dropped."""
-    return manager.replace_reply(session_key, [reply])
+def replace_reply(
+    manager: KVCacheManager, session_key: str, reply: ChatMessage, facts: dict[str, Any] | None = None
+) -> int:
+    """Regenerate: the new reply replaces the stored one (and ``facts`` are recorded, see
+    :func:`finish_turn`); returns messages dropped."""
+    update = partial(_merge_live, facts=facts) if facts else None
+    return turns.replace_reply(manager, session_key, [reply], defer_vectors=True, update=update)
+
+
+def add_vectors(manager: KVCacheManager, session_key: str) -> int:
+    """Embed and store the vectors the session's messages lack (the turn's question and
+    reply: left for after the answer); the vectors stored."""
+    return turns.store_missing_vectors(manager, session_key)
 
 
 def branch(manager: KVCacheManager, source_key: str, new_key: str, common: int) -> None:
@@ -152,9 +168,14 @@ def record_live(store: Store, session_key: str, facts: dict[str, Any]) -> None:
         row = sessions.find(store, session_key, for_update=True)
         if row is None:
             return
-        meta = json.loads(row.metadata or "{}")
-        meta["serve"] = {**meta.get("serve", {}), **facts}
-        row.metadata = json.dumps(meta, sort_keys=True)
+        _merge_live(row, facts)
         sessions.save(store, row)
 
     store.transaction(work)
+
+
+def _merge_live(row: Any, facts: dict[str, Any]) -> None:
+    """Merge ``facts`` into a session row's metadata under ``serve`` (not saved)."""
+    meta = json.loads(row.metadata or "{}")
+    meta["serve"] = {**meta.get("serve", {}), **facts}
+    row.metadata = json.dumps(meta, sort_keys=True)

@@ -82,6 +82,7 @@ def replay(
     known_tokens: list[int] | None = None,
     outcome_of_last: bool = False,
     verified: int | None = None,
+    defer_vectors: bool = False,
 ) -> TurnOutcome | None:
     """Store and decide every turn of ``conv`` not stored yet, one transaction each.
 
@@ -89,6 +90,8 @@ def replay(
     ``outcome_of_last``: read the full ``TurnOutcome`` of the last turn (``begin_turn``);
     otherwise only the reports are collected into ``result``.
     ``verified``: see ``check_prefix``.
+    ``defer_vectors``: embed only a question that retrieval will search with; the other
+    messages are stored without vectors, for :func:`store_missing_vectors` to add later.
     """
     result.messages_total = len(conv.messages)
     result.capacity_bytes = core.capacity()
@@ -106,7 +109,12 @@ def replay(
     if rerun is not None:
         done = rerun
     pending = [(lo, hi) for lo, hi in split_turns(conv.messages) if hi > done]
-    embedder = start_embeddings(core, session_key)  # also embeds stored messages lacking vectors
+    if defer_vectors:
+        embedder = None
+        if core.embedder is not None:
+            core.embedder.vectors.clear()  # none of an earlier turn is stored by this one
+    else:
+        embedder = start_embeddings(core, session_key)  # also embeds stored messages lacking vectors
     outcome: TurnOutcome | None = None
     for number, (lo, hi) in enumerate(pending, start=1):
         new = conv.messages[max(lo, done) : hi]
@@ -114,7 +122,9 @@ def replay(
             tokens = known_tokens[max(lo, done) : hi]
         else:
             tokens = core.tokens.count([msg.content for msg in new])
-        if embedder is not None and not core.server_down():  # HTTP before the turn's transaction
+        if defer_vectors:
+            _prefetch_question(core, session_key, conv.messages, max(lo, done), hi)
+        elif embedder is not None and not core.server_down():  # HTTP before the turn's transaction
             embedder.prefetch(conv.messages, max(lo, done), hi)
         summaries.prepare_for_turn(core, session_key, new, tokens, max(lo, done))
         full = outcome_of_last and number == len(pending)
@@ -132,6 +142,35 @@ def replay(
     result.notices.extend(core.notices)
     core.notices.clear()
     return outcome
+
+
+def _prefetch_question(core: Core, session_key: str, messages: list[ChatMessage], lo: int, hi: int) -> None:
+    """Embed the question of turn ``lo..hi`` when retrieval will search with it (its
+    semantic tier needs the vector inside the turn's transaction)."""
+    question = next((i for i in range(lo, hi) if messages[i].role == "user"), None)
+    if question is None or not core.config.cache.retrieval_enabled:
+        return
+    if not should_retrieve(messages[question].content):
+        return
+    embedder = start_embeddings(core, session_key, backfill=False)
+    if embedder is not None and not core.server_down():
+        embedder.prefetch(messages, question, question + 1)
+
+
+def store_missing_vectors(core: Core, session_key: str) -> int:
+    """Embed and store the vectors the session's stored messages lack (HTTP outside the
+    transactions); the vectors stored. What a live turn left for after its answer."""
+    embedder = start_embeddings(core, session_key, backfill=False)
+    if embedder is None:
+        return 0
+    session = sessions.find(core.store, session_key)
+    if session is None:
+        return 0
+    from kvcache_cli.retrieval.embeddings import backfill_session
+
+    stored = backfill_session(embedder, session.get_id(), utcnow())
+    core.server_down()
+    return stored
 
 
 def start_embeddings(core: Core, session_key: str, backfill: bool = True) -> Any:
@@ -371,7 +410,11 @@ def _outcome(
 
 
 def begin_turn(
-    core: Core, session_key: str, messages: list[ChatMessage], verified: int | None = None
+    core: Core,
+    session_key: str,
+    messages: list[ChatMessage],
+    verified: int | None = None,
+    defer_vectors: bool = False,
 ) -> TurnOutcome:
     """Store a request's new messages and decide its turn.
 
@@ -380,10 +423,13 @@ def begin_turn(
     turns are replayed as ``process`` would, each in its own transaction; the last
     one's decision is returned with what the prompt needs. ``verified``: how many of
     ``messages`` the caller found stored already (see ``check_prefix``).
+    ``defer_vectors``: see ``replay``.
     """
     conv = Conversation(session_key=session_key, messages=list(messages), place=f"session {session_key}: ")
     result = ProcessResult(session_id=session_key, source=f"session {session_key}")
-    outcome = replay(core, conv, session_key, result, outcome_of_last=True, verified=verified)
+    outcome = replay(
+        core, conv, session_key, result, outcome_of_last=True, verified=verified, defer_vectors=defer_vectors
+    )
     if outcome is None:  # nothing new: the state as it stands
 
         def now_state() -> TurnOutcome:
@@ -396,17 +442,26 @@ def begin_turn(
     return outcome
 
 
-def finish_turn(core: Core, session_key: str, reply: list[ChatMessage]) -> int:
+def finish_turn(
+    core: Core,
+    session_key: str,
+    reply: list[ChatMessage],
+    defer_vectors: bool = False,
+    update: Callable[[m.Session], None] | None = None,
+) -> int:
     """Store the turn's reply messages after the stored history (one transaction).
 
     Returns how many messages were stored. Token counts and embeddings are fetched
-    before the transaction.
+    before the transaction (``defer_vectors``: no embeddings, see
+    :func:`store_missing_vectors`). ``update`` changes the session row in the same
+    transaction (``kvcache serve``: the operator's view in its metadata).
     """
     if not reply:
         return 0
     check_prefix(core, session_key, [], f"session {session_key}")  # NUL check of the key
     tokens = core.tokens.count([msg.content for msg in reply])
-    _prefetch_vectors(core, session_key, reply)
+    if not defer_vectors:
+        _prefetch_vectors(core, session_key, reply)
 
     def work() -> int:
         wall = utcnow()
@@ -414,6 +469,8 @@ def finish_turn(core: Core, session_key: str, reply: list[ChatMessage]) -> int:
         start = sessions.stored_count(core.store, session.get_id())
         _store_reply(core, session, None, start, reply, tokens, reply[0].timestamp or wall)
         session.last_activity = wall
+        if update is not None:
+            update(session)
         sessions.save(core.store, session)
         return len(reply)
 
@@ -422,14 +479,22 @@ def finish_turn(core: Core, session_key: str, reply: list[ChatMessage]) -> int:
     return stored
 
 
-def replace_reply(core: Core, session_key: str, reply: list[ChatMessage]) -> int:
+def replace_reply(
+    core: Core,
+    session_key: str,
+    reply: list[ChatMessage],
+    defer_vectors: bool = False,
+    update: Callable[[m.Session], None] | None = None,
+) -> int:
     """Regenerate: drop the stored messages after the last user message, store ``reply``.
 
     One transaction; the dropped messages leave the history, its full-text index,
     their vectors and the active cache. Returns how many messages were dropped.
+    ``defer_vectors`` and ``update``: see :func:`finish_turn`.
     """
     tokens = core.tokens.count([msg.content for msg in reply])
-    _prefetch_vectors(core, session_key, reply)
+    if not defer_vectors:
+        _prefetch_vectors(core, session_key, reply)
 
     def work() -> int:
         wall = utcnow()
@@ -447,6 +512,8 @@ def replace_reply(core: Core, session_key: str, reply: list[ChatMessage]) -> int
             start = sessions.stored_count(core.store, sid)
             _store_reply(core, session, None, start, reply, tokens, reply[0].timestamp or wall)
         session.last_activity = wall
+        if update is not None:
+            update(session)
         sessions.save(core.store, session)
         return len(ids)
 
