@@ -34,6 +34,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from kvcache_cli.errors import ServerError
+from kvcache_cli.llm.client import EmbeddingBatch
 from kvcache_cli.store import vectors as vector_rows
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ __all__ = [
     "cosine",
     "drop_stale_vectors",
     "embed_query",
+    "embed_texts",
     "embedding_model_name",
     "pack_vector",
     "semantic_search",
@@ -56,9 +58,21 @@ __all__ = [
 ]
 
 MAX_EMBED_CHARS = 1500
-"""Texts are cut to this many characters before embedding: a 512-token embedding model
-(all-MiniLM, nomic, bge-small) rejects longer input with a 500, and the head of a long
-message is what its vector should describe."""
+"""Texts are cut to this many characters before embedding: the head of a long message is
+what its vector should describe."""
+
+MAX_EMBED_UNITS = 500
+"""...and to this many non-space characters. A 512-token embedding model (all-MiniLM,
+bge-small, nomic-bert: WordPiece) rejects longer input with a 500, and WordPiece never
+makes more tokens than a text has non-space characters (each piece is at least one
+character; CJK, digits and punctuation are one each), so 500 of them plus the two
+special tokens always fit. English runs about 4-5 characters per token, so this keeps
+the first ~110 words: more than the ~128-256 word pieces MiniLM was trained to read.
+A server with a smaller limit still answers "too large": :func:`embed_texts` then
+retries the texts one at a time, each cut shorter until it fits."""
+
+MIN_EMBED_CHARS = 32
+"""The shortest cut :func:`embed_texts` tries before giving up on a text."""
 
 _BIG_ENDIAN = sys.byteorder == "big"
 
@@ -95,7 +109,53 @@ def cosine(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def _clip(text: str) -> str:
-    return text[:MAX_EMBED_CHARS]
+    """The head of ``text`` that an embedding model of 512 tokens accepts (see MAX_EMBED_UNITS)."""
+    text = text[:MAX_EMBED_CHARS]
+    if len(text) <= MAX_EMBED_UNITS:
+        return text
+    seen = 0
+    for pos, ch in enumerate(text):
+        if not ch.isspace():
+            seen += 1
+            if seen > MAX_EMBED_UNITS:
+                return text[:pos]
+    return text
+
+
+def _too_large(exc: ServerError) -> bool:
+    """Whether the server refused an input for its length (llama-server: 500 "too large")."""
+    return "too large" in str(exc).lower()
+
+
+def embed_texts(llm: LLMClient, texts: Sequence[str]) -> EmbeddingBatch:
+    """Vectors of ``texts`` (clipped by :func:`_clip`), in order; raises ServerError.
+
+    When the server refuses a batch as too large (a model whose limit is under 512
+    tokens), each text is sent alone, and one that is still refused is cut to half its
+    length until it fits or is shorter than MIN_EMBED_CHARS (then the error stands).
+    """
+    clipped = [_clip(t) or " " for t in texts]
+    try:
+        return llm.embed(clipped)
+    except ServerError as exc:
+        if not _too_large(exc):
+            raise
+    vectors: list[list[float]] = []
+    model, dim = "", 0
+    for text in clipped:
+        while True:
+            try:
+                one = llm.embed([text])
+                break
+            except ServerError as exc:
+                if not _too_large(exc) or len(text) // 2 < MIN_EMBED_CHARS:
+                    raise
+                text = text[: len(text) // 2]
+        if dim and one.dim != dim:
+            raise ServerError(f"the server changed the embedding size ({dim} -> {one.dim})")
+        model, dim = one.model, one.dim
+        vectors.extend(one.vectors)
+    return EmbeddingBatch(vectors=vectors, model=model, dim=dim)
 
 
 def embedding_model_name(llm: LLMClient) -> str:
@@ -108,7 +168,7 @@ def embed_query(llm: LLMClient, text: str) -> tuple[list[float], str]:
 
     Call it *before* opening a transaction: it is an HTTP request.
     """
-    batch = llm.embed([_clip(text) or " "])
+    batch = embed_texts(llm, [text])
     return batch.vectors[0], embedding_model_name(llm)
 
 
@@ -168,7 +228,7 @@ class TurnEmbedder:
     def _embed(self, texts: list[str]) -> list[list[float]] | None:
         """One batch through the server, checked against the stored dimension."""
         try:
-            batch = self.llm.embed([_clip(t) for t in texts])
+            batch = embed_texts(self.llm, texts)
         except ServerError as exc:
             self._fail(exc)
             return None
