@@ -16,28 +16,33 @@ Every tier produces two ranked lists of :class:`RetrievedEntry` for a query:
     :func:`retrieval.merge_results` ranks them after every first-stage result.
 ``hybrid``
     normalised weighted fusion (see :func:`fuse_weighted`) with ``[cache.hybrid]``
-    weights (scaled to sum to 1). Reciprocal rank fusion (:func:`fuse_rrf`) is kept
-    for comparison; ``bench/locomo.py --fusion`` measures both (docs/retrieval.md).
+    weights (scaled to sum to 1). Reciprocal rank fusion (:func:`fuse_rrf`) and the
+    other fusion settings (:class:`Fusion`, named by :func:`parse_fusion`) are kept for
+    comparison; ``bench/locomo_hybrid_loo.py`` chooses among them (docs/retrieval.md).
 
 All scores stay in [0, 1].
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from kvcache_cli.retrieval.fusion import RetrievedEntry
 
 __all__ = [
+    "DEFAULT_FUSION",
     "FUSIONS",
+    "Fusion",
     "SEMANTIC_STRATEGIES",
     "combine",
     "fuse_rrf",
     "fuse_weighted",
     "ident",
     "needs_semantic",
+    "parse_fusion",
     "semantic_context",
     "semantic_entries",
     "semantic_score",
@@ -46,8 +51,56 @@ __all__ = [
 SEMANTIC_STRATEGIES = ("semantic_only", "keyword_then_semantic", "semantic_then_keyword", "hybrid")
 FUSIONS = ("weighted", "rrf")
 RRF_K = 60.0
-#: the fusion ``hybrid`` uses (``bench/locomo.py --fusion`` compares; see docs/retrieval.md)
-DEFAULT_FUSION = "weighted"
+NORMALISATIONS = ("max", "median")
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How ``hybrid`` fuses a tier's keyword and semantic lists.
+
+    ``kind``: ``weighted`` (:func:`fuse_weighted`) or ``rrf`` (:func:`fuse_rrf`, with
+    ``k``). ``normalise`` (weighted): ``max`` divides each side by its best score for
+    the query; ``median`` first subtracts the side's median over the session's messages
+    (a keyword side's median is 0: most messages match no word), so the semantic side
+    counts how far a message stands above the session's typical similarity instead of
+    its raw cosine. ``context``: weight of the semantic side's neighbour context
+    (:func:`semantic_context`).
+    """
+
+    kind: str = "weighted"
+    normalise: str = "max"
+    k: float = RRF_K
+    context: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.kind not in FUSIONS:
+            raise ValueError(f"unknown fusion {self.kind!r} (use {', '.join(FUSIONS)})")
+        if self.normalise not in NORMALISATIONS:
+            raise ValueError(f"unknown normalisation {self.normalise!r} (use {', '.join(NORMALISATIONS)})")
+        if self.k <= 0 or self.context < 0:
+            raise ValueError("fusion k must be > 0 and context >= 0")
+
+
+#: the fusion ``hybrid`` uses (``bench/locomo_hybrid_loo.py`` compares; see docs/retrieval.md)
+DEFAULT_FUSION = Fusion()
+
+
+def parse_fusion(spec: str | Fusion | None) -> Fusion:
+    """A :class:`Fusion` from ``kind[,field=value...]``, e.g. ``rrf,k=20`` or
+    ``weighted,normalise=median,context=0.5`` (None: :data:`DEFAULT_FUSION`)."""
+    if spec is None:
+        return DEFAULT_FUSION
+    if isinstance(spec, Fusion):
+        return spec
+    kind, *rest = [part.strip() for part in spec.split(",")]
+    known = {f.name for f in fields(Fusion)}
+    values: dict[str, Any] = {"kind": kind}
+    for item in rest:
+        name, eq, value = item.partition("=")
+        if not eq or name not in known or name == "kind":
+            raise ValueError(f"bad fusion setting {item!r} (use normalise=, k= or context=)")
+        values[name] = value if name == "normalise" else float(value)
+    return replace(DEFAULT_FUSION, **values)
 
 
 def needs_semantic(strategy: str) -> bool:
@@ -81,8 +134,15 @@ def _normalised(items: Sequence[RetrievedEntry]) -> dict[tuple[str, Any], float]
     return {ident(e): e.score / best for e in items}
 
 
-SEMANTIC_CONTEXT = (3, 0.25, 0.8)
-"""Neighbour context of the hybrid's semantic side: window, weight, decay (docs/retrieval.md)."""
+def _above_median(values: dict[tuple[str, Any], float]) -> dict[tuple[str, Any], float]:
+    """``max(0, v - median) / (best - median)``: how far each value stands above the typical one."""
+    if not values:
+        return {}
+    mid = statistics.median(values.values())
+    top = max(values.values())
+    if top <= mid:
+        return {i: 0.0 for i in values}
+    return {i: max(0.0, v - mid) / (top - mid) for i, v in values.items()}
 
 
 def semantic_context(
@@ -109,6 +169,7 @@ def fuse_weighted(
     keyword_weight: float = 0.5,
     semantic_weight: float = 0.5,
     semantic_lookup: dict[tuple[str, Any], float] | None = None,
+    normalise: str = "max",
 ) -> list[RetrievedEntry]:
     """Normalised weighted score fusion.
 
@@ -118,13 +179,18 @@ def fuse_weighted(
     from one list has 0 on that side. Ordering uses ``fused``; the entry's ``score`` is
     ``fused * (wk * best_kw + ws * best_sem)``, so a query whose best matches are weak
     keeps low similarities (thresholds stay meaningful), still in [0, 1].
+    ``normalise="median"`` (with ``semantic_lookup``): the semantic side is
+    ``max(0, v - median) / (best - median)`` over the session's messages instead.
     Ties: keyword rank, then message.
     """
     wk, ws = _weights(keyword_weight, semantic_weight)
     kn, sn = _normalised(keyword), _normalised(semantic)
     if semantic_lookup:  # semantic values of every message, not only the listed ones
-        top = max(semantic_lookup.values())
-        sn = {i: (v / top if top > 0 else 0.0) for i, v in semantic_lookup.items()}
+        if normalise == "median":
+            sn = _above_median(semantic_lookup)
+        else:
+            top = max(semantic_lookup.values())
+            sn = {i: (v / top if top > 0 else 0.0) for i, v in semantic_lookup.items()}
     best_k = max((e.score for e in keyword), default=0.0)
     best_s = max((e.score for e in semantic), default=0.0)
     scale = wk * best_k + ws * best_s
@@ -183,13 +249,14 @@ def combine(
     keep: Callable[[RetrievedEntry], bool] | None = None,
     keyword_weight: float = 0.5,
     semantic_weight: float = 0.5,
-    fusion: str | None = None,
+    fusion: str | Fusion | None = None,
     semantic_lookup: dict[tuple[str, Any], float] | None = None,
 ) -> list[RetrievedEntry]:
     """One tier's results for ``strategy`` (``semantic`` None: no embeddings, keyword only).
 
     ``keep`` filters results (thresholds, excluded turns) before a cascade decides
     whether the first list found enough; ``need`` is how many it should find.
+    ``fusion``: the hybrid's :class:`Fusion` or its spec (:func:`parse_fusion`).
     """
     ok = keep or (lambda _e: True)
     kw = [e for e in keyword if ok(e)] if strategy != "hybrid" else list(keyword)
@@ -206,10 +273,11 @@ def combine(
         fill = [replace(e, stage=1) for e in second if ident(e) not in have]
         return first + fill[: max(0, need - len(first))]
     if strategy == "hybrid":
-        if (fusion or DEFAULT_FUSION) == "rrf":
-            fused = fuse_rrf(kw, sem, keyword_weight, semantic_weight)
+        how = parse_fusion(fusion)
+        if how.kind == "rrf":
+            fused = fuse_rrf(kw, sem, keyword_weight, semantic_weight, how.k)
         else:
-            fused = fuse_weighted(kw, sem, keyword_weight, semantic_weight, semantic_lookup)
+            fused = fuse_weighted(kw, sem, keyword_weight, semantic_weight, semantic_lookup, how.normalise)
         return [e for e in fused if ok(e)]
     raise ValueError(f"unknown retrieval strategy {strategy!r}")
 

@@ -80,7 +80,8 @@ def in_session(
     lookup: dict[tuple[str, Any], float] | None = None
     ctx: dict[int, float] = {}
     if sims and strategy == "hybrid":  # the semantic side with neighbour context
-        ctx = st.semantic_context({idx: cos for idx, (_, cos) in sims.items()})
+        cosines = {idx: cos for idx, (_, cos) in sims.items()}
+        ctx = st.semantic_context(cosines, weight=st.parse_fusion(core.fusion).context)
         lookup = {(session.key, idx): v for idx, v in ctx.items()}
 
     def combine(
