@@ -10,8 +10,9 @@ capacity: what does not fit is dropped, oldest first, retrieved context first.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvcache_cli.engine import bridge
@@ -19,6 +20,7 @@ from kvcache_cli.services.chat_turn import TurnPlan
 
 SYSTEM_ROLES = ("system", "developer")
 RETRIEVED_HEADER = "[Memory Retrieval] Earlier in this conversation:"
+OBSERVED_KEPT = 8  # answered prompts kept to learn the template's cost from
 
 
 @dataclass
@@ -27,12 +29,17 @@ class TokenBudget:
 
     ``per_message``/``fixed`` start pessimistic and are learned from the upstream's
     ``usage.prompt_tokens`` (see :meth:`learn`), so the estimate stays at or above the
-    real count for the template in use.
+    real count for the template in use. Learning needs every text of the prompt counted,
+    so the prompts answered are kept (:meth:`observe`) and learned from only when counts
+    are next needed: a prompt that :meth:`bound` proves to fit costs no count at all.
     """
 
     count_texts: Callable[[list[str]], list[int]]
     per_message: int = 12
     fixed: int = 16
+    _seen: deque[tuple[list[dict[str, Any]], int]] = field(
+        default_factory=lambda: deque(maxlen=OBSERVED_KEPT), repr=False
+    )
 
     def text_of(self, message: dict[str, Any]) -> str:
         content = message.get("content")
@@ -44,6 +51,7 @@ class TokenBudget:
         return str(calls) if calls else ""
 
     def counts(self, messages: list[dict[str, Any]]) -> list[int]:
+        self.settle()
         texts = [self.text_of(m) for m in messages]
         return [n + self.per_message for n in self.count_texts(texts)]
 
@@ -56,6 +64,19 @@ class TokenBudget:
         most its word-start marker: one more per text)."""
         texts = [self.text_of(m) for m in messages]
         return sum(len(t.encode("utf-8", "surrogatepass")) + 1 + self.per_message for t in texts) + self.fixed
+
+    def observe(self, messages: list[dict[str, Any]], prompt_tokens: int) -> None:
+        """A prompt the upstream answered, ``prompt_tokens`` long: learned from later."""
+        self._seen.append((list(messages), prompt_tokens))
+
+    def settle(self) -> None:
+        """Learn from the prompts observed since the last counts (oldest first)."""
+        while True:
+            try:
+                messages, prompt_tokens = self._seen.popleft()
+            except IndexError:
+                return
+            self.learn(messages, prompt_tokens)
 
     def learn(self, messages: list[dict[str, Any]], prompt_tokens: int) -> None:
         """Tighten the template cost from a prompt whose real size the upstream reported

@@ -382,6 +382,7 @@ class ChatService:
         """The upstream said the prompt is too long: clear (once) and shrink the estimate."""
         self.metrics.context_retries.inc()
         turn.retried = True
+        self.budget.settle()
         self.budget.per_message += 4
         assert turn.plan is not None
         if "cleared" not in turn.plan.action:
@@ -414,7 +415,10 @@ class ChatService:
         timings, usage = answer.get("timings"), answer.get("usage")
         self._learn(turn, usage)
         reply = self._reply_message(message)
-        stored = self._store_reply(turn, manager, reply, timings, usage) if reply is not None else False
+        generated = self._generated(message, choice, usage)
+        stored = (
+            self._store_reply(turn, manager, reply, timings, usage, generated) if reply is not None else False
+        )
         answer["kvcache"] = {"session_id": turn.key, "action": self._action(turn), "stored": stored}
         self._after(turn, timings, usage, stored)
         return answer
@@ -462,10 +466,13 @@ class ChatService:
         message: dict[str, Any] = {"content": stream.text or None}
         if stream.tool_calls:
             message["tool_calls"] = stream.tool_calls
+        if stream.reasoned:
+            message["reasoning_content"] = True
         reply = self._reply_message(message)
         if reply is None:
             return False
-        return self._store_reply(turn, manager, reply, stream.timings, stream.usage)
+        generated = self._generated(message, {"finish_reason": stream.finish_reason}, stream.usage)
+        return self._store_reply(turn, manager, reply, stream.timings, stream.usage, generated)
 
     def _reply_message(self, message: dict[str, Any]) -> ChatMessage | None:
         raw = {"role": "assistant", "content": message.get("content")}
@@ -478,21 +485,44 @@ class ChatService:
         except BadInputError:
             return None
 
-    def _store_reply(self, turn: _Turn, manager: Any, reply: ChatMessage, timings: Any, usage: Any) -> bool:
+    def _store_reply(
+        self,
+        turn: _Turn,
+        manager: Any,
+        reply: ChatMessage,
+        timings: Any,
+        usage: Any,
+        generated: int | None = None,
+    ) -> bool:
         """Store the reply and the operator's view of the turn (one transaction)."""
         facts = self._live_facts(turn, timings, usage)
         if turn.kind == "regenerate":
-            chat_turn.replace_reply(manager, turn.key, reply, facts)
+            chat_turn.replace_reply(manager, turn.key, reply, facts, generated)
         else:
-            chat_turn.finish_turn(manager, turn.key, reply, facts)
+            chat_turn.finish_turn(manager, turn.key, reply, facts, generated)
         if turn.tail is not None:  # a session made by this turn is remembered from its next one
             self.known.remember(turn.key, turn.tail, [*turn.messages, reply])
         self.metrics.sessions_stored.labels(turn.kind).inc()
         return True
 
+    @staticmethod
+    def _generated(message: dict[str, Any], choice: dict[str, Any], usage: Any) -> int | None:
+        """The reply's token count as the upstream generated it (``usage.completion_tokens``),
+        when the stored text is all it generated: plain text, no tool calls, no separate
+        reasoning; None: count it."""
+        count = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        text = message.get("content")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            return None
+        if not isinstance(text, str) or not text or message.get("tool_calls"):
+            return None
+        if message.get("reasoning_content") or choice.get("finish_reason") not in ("stop", "length"):
+            return None
+        return count
+
     def _learn(self, turn: _Turn, usage: Any) -> None:
         if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-            self.budget.learn(turn.prompt, usage["prompt_tokens"])
+            self.budget.observe(turn.prompt, usage["prompt_tokens"])
 
     def _after(self, turn: _Turn, timings: Any, usage: Any, stored: bool) -> None:
         cached_share = None

@@ -159,6 +159,7 @@ class ChatStream:
         self.usage: dict[str, Any] | None = None
         self.finish_reason: str | None = None
         self.done = False  # the upstream sent ``[DONE]``
+        self.reasoned = False  # it streamed reasoning besides the content
         self._calls: dict[int, dict[str, Any]] = {}  # streamed tool calls by index
 
     def __iter__(self) -> Iterator[bytes]:
@@ -198,6 +199,8 @@ class ChatStream:
                 delta = choice.get("delta") or {}
                 if isinstance(delta.get("content"), str):
                     self.content.append(delta["content"])
+                if delta.get("reasoning_content"):
+                    self.reasoned = True
                 for call in delta.get("tool_calls") or []:
                     if isinstance(call, dict):
                         self._add_call(call)

@@ -17,6 +17,7 @@ from typing import Any
 
 from kvcache_cli.config import Config
 from kvcache_cli.engine.entries import ChatMessage
+from kvcache_cli.engine.memory import TEMPLATE_TOKENS
 from kvcache_cli.services import turns
 from kvcache_cli.services.manager import KVCacheManager
 from kvcache_cli.store import sessions
@@ -121,21 +122,38 @@ def force_clear(manager: KVCacheManager, session_key: str, user_index: int, plan
 
 
 def finish_turn(
-    manager: KVCacheManager, session_key: str, reply: ChatMessage, facts: dict[str, Any] | None = None
+    manager: KVCacheManager,
+    session_key: str,
+    reply: ChatMessage,
+    facts: dict[str, Any] | None = None,
+    generated: int | None = None,
 ) -> int:
     """Store the complete reply after the stored history, and ``facts`` as
-    :func:`record_live` does, in one transaction; returns messages stored."""
+    :func:`record_live` does, in one transaction; returns messages stored.
+
+    ``generated``: the tokens the model generated for the reply's text (the answer's
+    ``usage.completion_tokens``): its count without asking ``/tokenize``."""
     update = partial(_merge_live, facts=facts) if facts else None
-    return turns.finish_turn(manager, session_key, [reply], defer_vectors=True, update=update)
+    known = [generated + TEMPLATE_TOKENS] if generated is not None else None
+    return turns.finish_turn(
+        manager, session_key, [reply], defer_vectors=True, update=update, known_tokens=known
+    )
 
 
 def replace_reply(
-    manager: KVCacheManager, session_key: str, reply: ChatMessage, facts: dict[str, Any] | None = None
+    manager: KVCacheManager,
+    session_key: str,
+    reply: ChatMessage,
+    facts: dict[str, Any] | None = None,
+    generated: int | None = None,
 ) -> int:
-    """Regenerate: the new reply replaces the stored one (and ``facts`` are recorded, see
-    :func:`finish_turn`); returns messages dropped."""
+    """Regenerate: the new reply replaces the stored one (``facts`` and ``generated``:
+    see :func:`finish_turn`); returns messages dropped."""
     update = partial(_merge_live, facts=facts) if facts else None
-    return turns.replace_reply(manager, session_key, [reply], defer_vectors=True, update=update)
+    known = [generated + TEMPLATE_TOKENS] if generated is not None else None
+    return turns.replace_reply(
+        manager, session_key, [reply], defer_vectors=True, update=update, known_tokens=known
+    )
 
 
 def add_vectors(manager: KVCacheManager, session_key: str) -> int:

@@ -448,18 +448,22 @@ def finish_turn(
     reply: list[ChatMessage],
     defer_vectors: bool = False,
     update: Callable[[m.Session], None] | None = None,
+    known_tokens: list[int] | None = None,
 ) -> int:
     """Store the turn's reply messages after the stored history (one transaction).
 
-    Returns how many messages were stored. Token counts and embeddings are fetched
-    before the transaction (``defer_vectors``: no embeddings, see
-    :func:`store_missing_vectors`). ``update`` changes the session row in the same
+    Returns how many messages were stored. Token counts (unless ``known_tokens``) and
+    embeddings are fetched before the transaction (``defer_vectors``: no embeddings,
+    see :func:`store_missing_vectors`). ``update`` changes the session row in the same
     transaction (``kvcache serve``: the operator's view in its metadata).
     """
     if not reply:
         return 0
     check_prefix(core, session_key, [], f"session {session_key}")  # NUL check of the key
-    tokens = core.tokens.count([msg.content for msg in reply])
+    if known_tokens is not None and len(known_tokens) == len(reply):
+        tokens = list(known_tokens)
+    else:
+        tokens = core.tokens.count([msg.content for msg in reply])
     if not defer_vectors:
         _prefetch_vectors(core, session_key, reply)
 
@@ -485,14 +489,18 @@ def replace_reply(
     reply: list[ChatMessage],
     defer_vectors: bool = False,
     update: Callable[[m.Session], None] | None = None,
+    known_tokens: list[int] | None = None,
 ) -> int:
     """Regenerate: drop the stored messages after the last user message, store ``reply``.
 
     One transaction; the dropped messages leave the history, its full-text index,
     their vectors and the active cache. Returns how many messages were dropped.
-    ``defer_vectors`` and ``update``: see :func:`finish_turn`.
+    ``defer_vectors``, ``update`` and ``known_tokens``: see :func:`finish_turn`.
     """
-    tokens = core.tokens.count([msg.content for msg in reply])
+    if known_tokens is not None and len(known_tokens) == len(reply):
+        tokens = list(known_tokens)
+    else:
+        tokens = core.tokens.count([msg.content for msg in reply])
     if not defer_vectors:
         _prefetch_vectors(core, session_key, reply)
 

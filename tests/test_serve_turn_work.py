@@ -1,0 +1,145 @@
+"""What one ``kvcache serve`` turn asks of the upstream and the store, and when: the
+client waits only for the question's token count, the chat and the store work of the
+question and the reply; the turn's vectors are embedded after the answer (before the
+session's lock is released), the session's live view is stored with the reply, and the
+reply's token count is the one the upstream reports for what it generated."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvcache_cli.config import Config
+from kvcache_cli.engine.memory import TEMPLATE_TOKENS
+from kvcache_cli.server.context import TokenBudget
+from kvcache_cli.server.metrics import Metrics
+from kvcache_cli.server.protocol import ChatCompletionRequest
+from kvcache_cli.server.serving_chat import ChatService, TurnResult
+from kvcache_cli.server.upstream import Upstream
+from kvcache_cli.services.llm_setup import llm_client
+from kvcache_cli.store.backend import Store, open_store
+from tests.fake_llama_server import FakeLlamaServer
+
+
+@pytest.fixture()
+def fake() -> Iterator[FakeLlamaServer]:
+    with FakeLlamaServer(n_ctx=8192) as server:
+        yield server
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Iterator[Store]:
+    store = open_store(tmp_path / "kv.db")
+    yield store
+    store.close()
+
+
+def _service(store: Store, fake: FakeLlamaServer) -> ChatService:
+    config = Config()
+    assert config.cache.generate_cache_embeddings  # the default this test is about
+    llm = llm_client(dataclasses.replace(config.llm, base_url=fake.url), fake.url, required=True)
+    return ChatService(store, config, Upstream(fake.url, None, 5, 60), llm, Metrics(), n_ctx=8192)
+
+
+def _ask(service: ChatService, history: list[dict[str, Any]], key: str) -> TurnResult:
+    body = {"model": "m", "messages": history, "max_tokens": 32}
+    return service.handle(ChatCompletionRequest.model_validate(body), body, key)
+
+
+def _paths(fake: FakeLlamaServer) -> list[str]:
+    paths = [r.path for r in fake.requests]
+    fake.clear_requests()
+    return paths
+
+
+def _rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def test_a_turn_embeds_after_its_answer_and_stores_its_reply_and_live_view_at_once(
+    tmp_path: Path, store: Store, fake: FakeLlamaServer
+) -> None:
+    service = _service(store, fake)
+    history: list[dict[str, Any]] = [{"role": "system", "content": "You answer briefly."}]
+    for turn in range(4):
+        history.append({"role": "user", "content": f"Turn {turn}: name one harbour town, please."})
+        fake.clear_requests()
+        result = _ask(service, history, "work-1")
+        assert result.body is not None and result.after is not None
+        during = _paths(fake)
+        # while the client waits: the question's count and the chat; no embeddings
+        assert "/v1/embeddings" not in during and during.count("/v1/chat/completions") == 1
+        assert during.count("/tokenize") == (2 if turn == 0 else 1)  # the new messages (the reply: usage)
+        reply = result.body["choices"][0]["message"]["content"]
+        history.append({"role": "assistant", "content": reply})
+        stored = _rows(tmp_path / "kv.db", "SELECT role, content FROM messages ORDER BY message_index")
+        assert stored == [(m["role"], m["content"]) for m in history]  # the reply: before the answer
+        meta = json.loads(_rows(tmp_path / "kv.db", "SELECT metadata FROM sessions")[0][0])
+        assert meta["serve"]["last_prompt_tokens"] == result.body["usage"]["prompt_tokens"]
+        result.after()
+        assert _paths(fake) == ["/v1/embeddings"]  # one call for the turn's messages
+        missing = _rows(
+            tmp_path / "kv.db",
+            "SELECT COUNT(*) FROM messages m LEFT JOIN embeddings e ON e.message_id = m.id "
+            "WHERE e.id IS NULL",
+        )
+        assert missing == [(0,)]
+        tokens = _rows(tmp_path / "kv.db", "SELECT tokens FROM messages ORDER BY message_index DESC LIMIT 1")
+        assert tokens == [(result.body["usage"]["completion_tokens"] + TEMPLATE_TOKENS,)]
+
+
+def test_the_session_stays_locked_until_the_turn_after_its_answer_ran(
+    store: Store, fake: FakeLlamaServer
+) -> None:
+    service = _service(store, fake)
+    history = [{"role": "user", "content": "Which river runs through the harbour town?"}]
+    result = _ask(service, history, "work-2")
+    assert result.after is not None
+    with service.locks.held("work-2", timeout=0.05) as got:
+        assert not got  # the turn is not over: its vectors are still to come
+    result.after()
+    result.after()  # runs once
+    with service.locks.held("work-2", timeout=0.05) as got:
+        assert got
+
+
+def test_a_question_retrieval_searches_with_is_embedded_before_the_answer(
+    store: Store, fake: FakeLlamaServer
+) -> None:
+    service = _service(store, fake)
+    history: list[dict[str, Any]] = [{"role": "user", "content": "My locker code is 73519, remember it."}]
+    first = _ask(service, history, "work-3")
+    assert first.body is not None and first.after is not None
+    first.after()
+    history.append({"role": "assistant", "content": first.body["choices"][0]["message"]["content"]})
+    history.append({"role": "user", "content": "What was my locker code that I told you earlier?"})
+    fake.clear_requests()
+    second = _ask(service, history, "work-3")
+    assert second.after is not None
+    assert "/v1/embeddings" in _paths(fake)  # the recall question: its vector is searched with
+    second.after()
+
+
+def test_the_token_budget_learns_from_answered_prompts_only_when_it_next_counts() -> None:
+    asked: list[list[str]] = []
+
+    def count(texts: list[str]) -> list[int]:
+        asked.append(list(texts))
+        return [len(t.split()) for t in texts]
+
+    budget = TokenBudget(count)
+    prompt = [{"role": "user", "content": "one two three"}] * 4
+    budget.observe(prompt, 4 * 3 + 4 * 5 + budget.fixed)  # the template costs 5 per message
+    assert asked == [] and budget.per_message == 12  # nothing counted yet: still pessimistic
+    assert budget.bound(prompt) >= 4 * 3 + 4 * 5 + budget.fixed
+    assert budget.counts(prompt[:1]) == [3 + 6]  # learned first: 5, and one of margin
+    assert len(asked) == 2
+    budget.counts(prompt[:1])
+    assert len(asked) == 3  # learned once
