@@ -48,10 +48,18 @@ def run_timed(cmd: Sequence[str], env: dict[str, str] | None = None, check: bool
     return elapsed
 
 
-def create_store(db: Path | str, env: dict[str, str] | None = None) -> None:
-    """Create and migrate an empty store at ``db`` (read-only commands refuse a missing file)."""
+def install_python(kvcache: str) -> str:
+    """The Python of the install whose ``kvcache`` script this is (the one beside it), else ours."""
+    beside = Path(kvcache).parent / "python"
+    return str(beside) if Path(kvcache).parent != Path() and beside.exists() else PYTHON
+
+
+def create_store(db: Path | str, env: dict[str, str] | None = None, kvcache: str = KVCACHE) -> None:
+    """Create and migrate an empty store at ``db`` with ``kvcache``'s own code and schema
+    (read-only commands refuse a missing file). ``-P``: the package comes from that install,
+    not from the current folder."""
     code = "import sys; from kvcache_cli.store.backend import open_store; open_store(sys.argv[1]).close()"
-    subprocess.run([PYTHON, "-c", code, str(db)], env=env, check=True)
+    subprocess.run([install_python(kvcache), "-P", "-c", code, str(db)], env=env, check=True)
 
 
 def run_rusage(cmd: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, int]:

@@ -25,16 +25,17 @@ from gen_sharegpt import cached  # noqa: E402
 MB = 2**20
 
 
-def measure(small: int = 250_000, large: int = 1_000_000) -> dict[str, float]:
+def measure(small: int = 250_000, large: int = 1_000_000, kvcache: str = KVCACHE) -> dict[str, float]:
+    """Peak RSS of the import at both sizes and of ``--help`` (``kvcache``: which install)."""
     with tempfile.TemporaryDirectory(prefix="kvbench-memory-") as tmp:
         folder = Path(tmp)
         env = bench_env(folder / "home")
-        _, base = run_rusage([KVCACHE, "--help"], env)
+        _, base = run_rusage([kvcache, "--help"], env)
         out: dict[str, float] = {"baseline_rss_mb": base / MB}
         for label, n in (("small", small), ("large", large)):
             source = cached(n)
             seconds, rss = run_rusage(
-                [KVCACHE, "--db", str(folder / f"{label}.db"), "-q", "import", str(source)], env
+                [kvcache, "--db", str(folder / f"{label}.db"), "-q", "import", str(source)], env
             )
             out[f"{label}_messages"] = float(n)
             out[f"{label}_file_mb"] = source.stat().st_size / MB

@@ -68,8 +68,11 @@ def count_rows(db: Path) -> int:
         conn.close()
 
 
-def measure(messages: int = 1_000_000, conversations: int = 2000, runs: int = 3) -> dict[str, float]:
-    """Median seconds, messages/s, peak RSS of kvcache import and of the reference."""
+def measure(
+    messages: int = 1_000_000, conversations: int = 2000, runs: int = 3, kvcache: str = KVCACHE
+) -> dict[str, float]:
+    """Median seconds, messages/s, peak RSS of kvcache import and of the reference
+    (``kvcache``: which install)."""
     source = cached(messages, conversations)
     ref_times: list[float] = []
     kv_times: list[float] = []
@@ -81,14 +84,14 @@ def measure(messages: int = 1_000_000, conversations: int = 2000, runs: int = 3)
         script.write_text(REFERENCE)
         for run in range(runs):
             ref_db = folder / f"ref{run}.db"
-            create_store(ref_db, env)  # create + migrate
+            create_store(ref_db, env, kvcache)  # create + migrate
             seconds, _ = run_rusage([PYTHON, str(script), str(ref_db), str(source)], env)
             ref_times.append(seconds)
             if count_rows(ref_db) != messages:
                 raise RuntimeError("reference stored the wrong number of messages")
             ref_db.unlink()
             kv_db = folder / f"kv{run}.db"
-            seconds, rss = run_rusage([KVCACHE, "--db", str(kv_db), "-q", "import", str(source)], env)
+            seconds, rss = run_rusage([kvcache, "--db", str(kv_db), "-q", "import", str(source)], env)
             kv_times.append(seconds)
             kv_rss.append(rss)
             if count_rows(kv_db) != messages:

@@ -66,7 +66,8 @@ for sid, path in enumerate(sys.argv[2:], start=1):
 """
 
 
-def measure(runs: int = 3, locomo: Path = LOCOMO) -> dict[str, float]:
+def measure(runs: int = 3, locomo: Path = LOCOMO, kvcache: str = KVCACHE) -> dict[str, float]:
+    """Median seconds and rates of the replay and of the reference (``kvcache``: which install)."""
     sources = sorted(locomo.glob("*.json"))
     if not sources:
         raise SystemExit(f"no LoCoMo files in {locomo}")
@@ -87,13 +88,13 @@ def measure(runs: int = 3, locomo: Path = LOCOMO) -> dict[str, float]:
         ref_times: list[float] = []
         for run in range(runs):
             ref_db = folder / f"ref{run}.db"
-            create_store(ref_db, env)  # create + migrate
+            create_store(ref_db, env, kvcache)  # create + migrate
             ref_times.append(run_timed([PYTHON, str(script), str(ref_db), *files], env))
             kv_db = folder / f"kv{run}.db"
-            kv_times.append(run_timed([KVCACHE, "--db", str(kv_db), "-q", "process", *files], env))
+            kv_times.append(run_timed([kvcache, "--db", str(kv_db), "-q", "process", *files], env))
             one_db = folder / f"one{run}.db"
             one_times.append(
-                run_timed([KVCACHE, "--db", str(one_db), "-q", "process", "--jobs", "1", *files], env)
+                run_timed([kvcache, "--db", str(one_db), "-q", "process", "--jobs", "1", *files], env)
             )
     kv = median(kv_times)
     one = median(one_times)

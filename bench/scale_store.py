@@ -38,11 +38,11 @@ ENTRIES = 20
 OPS_PER_SESSION = 25
 
 
-def build(folder: Path, messages: int, sessions: int, env: dict[str, str]) -> Path:
+def build(folder: Path, messages: int, sessions: int, env: dict[str, str], kvcache: str = KVCACHE) -> Path:
     """A store with the shape described in the module doc; returns its path."""
     db = folder / "scale.db"
     source = cached(messages, sessions)
-    run_timed([KVCACHE, "--db", str(db), "-q", "import", str(source)], env)
+    run_timed([kvcache, "--db", str(db), "-q", "import", str(source)], env)
     now = datetime.now(UTC).replace(tzinfo=None)
     old = now - timedelta(hours=48)
     conn = sqlite3.connect(str(db), isolation_level=None)
@@ -139,8 +139,13 @@ def counts(db: Path) -> dict[str, int]:
 
 
 def measure(
-    messages: int = 1_000_000, sessions: int = 2000, runs: int = 3, keep: Path | None = None
+    messages: int = 1_000_000,
+    sessions: int = 2000,
+    runs: int = 3,
+    keep: Path | None = None,
+    kvcache: str = KVCACHE,
 ) -> dict[str, float]:
+    """Median seconds of maintain and stats and of the bare app (``kvcache``: which install)."""
     with tempfile.TemporaryDirectory(prefix="kvbench-scale-") as tmp:
         folder = keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
@@ -149,7 +154,7 @@ def measure(
         if not (keep and db.exists()):
             for suffix in ("", "-wal", "-shm"):
                 Path(str(db) + suffix).unlink(missing_ok=True)
-            build(folder, messages, sessions, env)
+            build(folder, messages, sessions, env, kvcache)
         shape = counts(db)
         app = folder / "app.py"
         app.write_text(BARE_APP)
@@ -161,9 +166,9 @@ def measure(
             copy = folder / f"copy{run}.db"
             shutil.copyfile(db, copy)
             bare_t.append(run_timed([PYTHON, str(app), "--help"], env))
-            stats_t.append(run_timed([KVCACHE, "--db", str(db), "stats"], env))
-            stats_json_t.append(run_timed([KVCACHE, "--db", str(db), "stats", "--json"], env))
-            maintain_t.append(run_timed([KVCACHE, "--db", str(copy), "maintain"], env))
+            stats_t.append(run_timed([kvcache, "--db", str(db), "stats"], env))
+            stats_json_t.append(run_timed([kvcache, "--db", str(db), "stats", "--json"], env))
+            maintain_t.append(run_timed([kvcache, "--db", str(copy), "maintain"], env))
             after = counts(copy)
             for suffix in ("", "-wal", "-shm"):
                 Path(str(copy) + suffix).unlink(missing_ok=True)

@@ -87,21 +87,21 @@ if __name__ == "__main__":
 '''
 
 
-def measure(runs: int = 15) -> dict[str, float]:
-    """Median seconds of each command and the ratios to the bare app."""
+def measure(runs: int = 15, kvcache: str = KVCACHE) -> dict[str, float]:
+    """Median seconds of each command and the ratios to the bare app (``kvcache``: which install)."""
     with tempfile.TemporaryDirectory(prefix="kvbench-startup-") as tmp:
         folder = Path(tmp)
         app = folder / "app.py"
         app.write_text(BARE_APP)
         env = bench_env(folder / "home")
         db = folder / "empty.db"
-        create_store(db, env)  # create + migrate
+        create_store(db, env, kvcache)  # create + migrate
         commands = {
             "bare_help": [PYTHON, str(app), "--help"],
             "bare_command": [PYTHON, str(app), "stats", "S", "--history", "3"],
             "bare_same_params": [PYTHON, str(app), "stats-full", "S", "--history", "3"],
-            "kvcache_help": [KVCACHE, "--help"],
-            "kvcache_stats": [KVCACHE, "--db", str(db), "stats"],
+            "kvcache_help": [kvcache, "--help"],
+            "kvcache_stats": [kvcache, "--db", str(db), "stats"],
         }
         for cmd in commands.values():  # warm the page cache
             run_timed(cmd, env)
