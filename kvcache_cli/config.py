@@ -9,9 +9,7 @@ naming the key and the file.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +185,8 @@ def _check_value(name: str, value: Any, default: Any, where: str) -> Any:
 def _suggestion(key: str, known: Iterable[str], prefix: str | None) -> str:
     """`` (did you mean X?)``: the nearest known key (difflib), or the section that has
     ``key``; empty when nothing is close."""
+    import difflib  # only for a config with a mistake
+
     names = list(known)
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     if not close:
@@ -340,6 +340,8 @@ def load_config(explicit: str | Path | None = None) -> Config:
         raise ConfigError(f"{where}: config file not found") from None
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read config file ({exc.strerror})") from None
+    import tomllib  # only when there is a file to read
+
     try:
         data = tomllib.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError:

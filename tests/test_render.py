@@ -186,6 +186,18 @@ def test_stats_session_text(known: dict[str, Any]) -> None:
     )
 
 
+def test_panel_titles_are_printed_as_written(known: dict[str, Any]) -> None:
+    """A database path or session id with "[x]" or ":smile:" is not read as markup or emoji."""
+    overview = {**known["overview"], "database": "/srv/kv[x]/a:smile:.db"}
+    assert (
+        "kvcache · /srv/kv[x]/a:smile:.db (sqlite,"
+        in text_of(render.stats_view(overview, known["insights"], 100))[0]
+    )
+    state = {**known["session"]["sessions"][0], "session_id": "s[bold]x:smile:"}
+    session = {**known["session"], "sessions": [state]}
+    assert "session s[bold]x:smile:" in text_of(render.stats_view(session, known["insights"], 100))[0]
+
+
 def test_process_summary_sawtooth(known: dict[str, Any]) -> None:
     result = known["results"][0]
     lines = text_of(render.process_view(result, 0.6, 100))

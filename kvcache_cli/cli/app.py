@@ -1,36 +1,99 @@
-"""The ``kvcache`` app: global options, then one registered command per module.
+"""The ``kvcache`` app: global options, then one command per module, built when used.
 
 Each command lives in ``cli/commands/<name>.py`` as a plain function (parse, call one
 service, render); ``register`` adds the global options after the command name and turns
 the core's errors into one line on stderr and an exit code (see ``cli/command.py``).
+
+``COMMANDS`` names them; the group imports a command's module and builds its Typer
+command only when that command runs (``--help`` and shell completion build them all),
+so ``kvcache stats`` does not pay for the other thirteen (click's "lazily loading
+subcommands" pattern, through a ``TyperGroup`` subclass).
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from collections.abc import Iterator, MutableMapping
+from importlib import import_module
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
-from kvcache_cli.cli.command import ConfigOpt, DbOpt, QuietOpt, VerboseOpt, register
-from kvcache_cli.cli.commands.clear import clear
-from kvcache_cli.cli.commands.copy_store import copy_store_command
-from kvcache_cli.cli.commands.export import export_command
-from kvcache_cli.cli.commands.forget import forget
-from kvcache_cli.cli.commands.import_files import import_command
-from kvcache_cli.cli.commands.init_config import init_config
-from kvcache_cli.cli.commands.maintain import maintain
-from kvcache_cli.cli.commands.process import process
-from kvcache_cli.cli.commands.restore import restore
-from kvcache_cli.cli.commands.retrieve import retrieve
-from kvcache_cli.cli.commands.serve import serve
-from kvcache_cli.cli.commands.sessions import sessions
-from kvcache_cli.cli.commands.snapshot import snapshot
-from kvcache_cli.cli.commands.stats import StatsCommand, stats
+from kvcache_cli.cli.command import ConfigOpt, DbOpt, KvcacheCommand, QuietOpt, VerboseOpt, register
 from kvcache_cli.cli.context import CliContext, error_line
+
+#: Command name -> (module in ``cli/commands``, its command function, its command class
+#: when not ``KvcacheCommand``), in the order ``kvcache --help`` lists them.
+COMMANDS: dict[str, tuple[str, str, str | None]] = {
+    "process": ("process", "process", None),
+    "import": ("import_files", "import_command", None),
+    "clear": ("clear", "clear", None),
+    "retrieve": ("retrieve", "retrieve", None),
+    "snapshot": ("snapshot", "snapshot", None),
+    "restore": ("restore", "restore", None),
+    "maintain": ("maintain", "maintain", None),
+    "stats": ("stats", "stats", "StatsCommand"),
+    "sessions": ("sessions", "sessions", None),
+    "export": ("export", "export_command", None),
+    "forget": ("forget", "forget", None),
+    "copy-store": ("copy_store", "copy_store_command", None),
+    "init-config": ("init_config", "init_config", None),
+    "serve": ("serve", "serve", None),
+}
+
+
+def build_command(name: str) -> Any:
+    """The click command ``name`` of ``COMMANDS``, built as a one-command Typer app."""
+    module_name, func_name, cls_name = COMMANDS[name]
+    module = import_module(f"kvcache_cli.cli.commands.{module_name}")
+    cls = getattr(module, cls_name) if cls_name else KvcacheCommand
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+    register(single, getattr(module, func_name), name, cls=cls)
+    return typer.main.get_command(single)
+
+
+class _CommandsOnDemand(MutableMapping[str, Any]):
+    """The group's commands by name (``COMMANDS`` order); each is built on first use."""
+
+    def __init__(self) -> None:
+        self._built: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._built:
+            if name not in COMMANDS:
+                raise KeyError(name)
+            self._built[name] = build_command(name)
+        return self._built[name]
+
+    def __setitem__(self, name: str, command: Any) -> None:
+        self._built[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        del self._built[name]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from COMMANDS
+        yield from (name for name in self._built if name not in COMMANDS)
+
+    def __len__(self) -> int:
+        return len(COMMANDS) + sum(1 for name in self._built if name not in COMMANDS)
+
+    def __contains__(self, name: object) -> bool:
+        return name in COMMANDS or name in self._built
+
+
+class KvcacheGroup(TyperGroup):
+    """The ``kvcache`` group: its commands are ``COMMANDS``, built when first used."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands = _CommandsOnDemand()
+
 
 app = typer.Typer(
     name="kvcache",
+    cls=KvcacheGroup,
     help="Manage LLM conversation memory and KV cache: replay, import, clear, retrieve, snapshot, restore.",
     no_args_is_help=True,
     add_completion=True,
@@ -62,22 +125,6 @@ def main_options(
 ) -> None:
     """Manage LLM conversation memory and KV cache."""
     ctx.obj = CliContext(db=db, config_path=config, verbose=verbose, quiet=quiet)
-
-
-register(app, process)
-register(app, import_command, "import")
-register(app, clear)
-register(app, retrieve)
-register(app, snapshot)
-register(app, restore)
-register(app, maintain)
-register(app, stats, cls=StatsCommand)
-register(app, sessions)
-register(app, export_command, "export")
-register(app, forget)
-register(app, copy_store_command, "copy-store")
-register(app, init_config, "init-config")
-register(app, serve)
 
 
 def main() -> None:

@@ -626,8 +626,9 @@ def _totals_panel(data: dict[str, Any], insights: dict[str, Any] | None) -> Pane
     for row in rows:
         grid.add_row(*row)
     where = f"{data.get('backend', 'sqlite')}, {human_bytes(data['database_size_bytes'])}"
-    title = f"kvcache · {printable(data['database'])} ({where})"
-    subtitle = f"last operation {_when(data.get('last_operation'))}"
+    # Text, not str: Rich reads a str title as markup (a "[x]" in a path would vanish)
+    title = Text(f"kvcache · {printable(data['database'])} ({where})")
+    subtitle = Text(f"last operation {_when(data.get('last_operation'))}")
     return Panel(
         grid, title=title, title_align="left", subtitle=subtitle, subtitle_align="right", expand=False
     )
@@ -801,7 +802,7 @@ def _session_view(data: dict[str, Any], insights: dict[str, Any] | None, width: 
     parts: list[Any] = [
         Panel(
             Group(bar, grid),
-            title=f"session {printable(state['session_id'])}",
+            title=Text(f"session {printable(state['session_id'])}"),
             title_align="left",
             expand=False,
         )

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from kvcache_cli.config import Config
 from kvcache_cli.engine.memory import TokenCounter, capacity_bytes
-from kvcache_cli.engine.scoring import CacheEntryScorer
 from kvcache_cli.errors import NotFoundError, ServerError, StoreError
 from kvcache_cli.store import models as m
 from kvcache_cli.store import sessions
 from kvcache_cli.store.connection import Store
 
 if TYPE_CHECKING:  # made on first use: commands that never replay do not import them
+    from kvcache_cli.engine.scoring import CacheEntryScorer
     from kvcache_cli.retrieval.session_index import SessionIndexes
     from kvcache_cli.store.fts_lengths import SessionLengths
 
@@ -34,7 +34,7 @@ class Core:
         # A client made from [llm].embeddings_url alone serves embeddings only: no chat
         # summaries and no /tokenize (that server's tokenizer is the embedding model's).
         self.chat_llm = None if llm is None or getattr(llm, "embeddings_only", False) else llm
-        self.scorer = CacheEntryScorer()
+        self._scorer: CacheEntryScorer | None = None  # see ``scorer``
         self.tokens = TokenCounter(
             self.chat_llm.tokenize if self.chat_llm is not None and self.config.llm.use_tokenize else None
         )
@@ -51,6 +51,15 @@ class Core:
         # keeps no full-text index (the merge indexes the rows in the real store), so a
         # search there is refused and the worker's conversation is replayed in the parent
         self.index_history = True
+
+    @property
+    def scorer(self) -> CacheEntryScorer:
+        """The cache entries' importance scorer (made on first use: reports never score)."""
+        if self._scorer is None:
+            from kvcache_cli.engine.scoring import CacheEntryScorer
+
+            self._scorer = CacheEntryScorer()
+        return self._scorer
 
     @property
     def replay_indexes(self) -> SessionIndexes:

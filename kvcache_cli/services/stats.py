@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kvcache_cli.services.cache_ops import list_snapshots
 from kvcache_cli.services.core import Core
 from kvcache_cli.store import models as m
 from kvcache_cli.store import reports
@@ -84,6 +83,8 @@ def session_state(core: Core, session: Any, capacity: int | None = None) -> dict
 
 def session_detail(core: Core, session: m.Session) -> dict[str, Any]:
     """One session's snapshots, summary and cache usage turn by turn."""
+    from kvcache_cli.services.cache_ops import list_snapshots  # the cache services: only here
+
     summary = reports.summary_row(core.store, session.get_id())
     return {
         "message_count": reports.message_count(core.store, session.get_id()),

@@ -5,6 +5,9 @@ open ``Store``; it runs inside ``BEGIN IMMEDIATE`` (SQLite) or a transaction
 (PostgreSQL), and re-checks that it is still pending once it holds the lock, so two
 processes opening a new store at once apply it once. Rule for new migrations: never
 edit a released one; append a new version that changes what is there.
+
+Opening a current store only reads the applied versions: the frozen schema and the
+search index modules a migration needs are imported by that migration.
 """
 
 from __future__ import annotations
@@ -18,9 +21,7 @@ from peewee import sort_models  # type: ignore[attr-defined]  # public, missing 
 
 from kvcache_cli.errors import StoreError
 from kvcache_cli.store import models as m
-from kvcache_cli.store import schema_v1
 from kvcache_cli.store.connection import Store
-from kvcache_cli.store.search import create_index
 
 
 def utcnow() -> datetime:
@@ -36,6 +37,8 @@ def create_tables(store: Store, models: list[Any]) -> None:
 
 def _v1_initial_schema(store: Store) -> None:
     """Tables of the first released schema (frozen in ``schema_v1``) and the statistics row."""
+    from kvcache_cli.store import schema_v1
+
     create_tables(store, schema_v1.ALL_MODELS)
     stats = schema_v1.Statistics
     if not store.bind(stats.select().where(stats._meta.primary_key == 1)).exists():
@@ -44,6 +47,8 @@ def _v1_initial_schema(store: Store) -> None:
 
 def _v2_search_index(store: Store) -> None:
     """The full-text index over the message history, filled from existing messages."""
+    from kvcache_cli.store.search import create_index
+
     create_index(store)
 
 

@@ -9,7 +9,6 @@ from peewee import fn
 
 from kvcache_cli.store import models as m
 from kvcache_cli.store.connection import Store
-from kvcache_cli.store.slot_records import WAITING_OPERATION
 
 
 def _has_snapshot() -> Any:
@@ -139,6 +138,8 @@ def crowded_sessions(store: Store, keep: int) -> list[tuple[int, str]]:
 
 def trim_operations(store: Store, keep: int) -> None:
     """Delete all but the newest ``keep`` operations (slot files still waiting stay listed)."""
+    from kvcache_cli.store.slot_records import WAITING_OPERATION  # maintenance only, not the reports
+
     op = m.Operation
     boundary = store.bind(op.select(op.id).order_by(op.id.desc()).offset(keep - 1).limit(1)).scalar()
     store.bind(op.delete().where((op.id < boundary) & (op.operation_type != WAITING_OPERATION))).execute()
