@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from peewee import JOIN, fn
+from peewee import fn
 
 from kvcache_cli.store import models as m
 from kvcache_cli.store.connection import Store
@@ -40,18 +40,18 @@ def insert(store: Store, model: str, rows: list[tuple[int, int, bytes]], now: da
 
 
 def missing(store: Store, session_id: int, model: str, limit: int) -> list[tuple[int, str]]:
-    """Up to ``limit`` (id, content) of the session's messages without a ``model`` vector."""
-    emb: Any = m.Embedding
-    msg: Any = m.Message
-    query: Any = (
-        msg.select(msg.id, msg.content)
-        .join(emb, JOIN.LEFT_OUTER, on=((emb.message == msg.id) & (emb.model == model)))
-        .where((msg.session == session_id) & emb.id.is_null() & (msg.content != ""))
-        .order_by(msg.message_index)
-        .limit(limit)
-        .tuples()
+    """Up to ``limit`` (id, content) of the session's messages without a ``model`` vector.
+
+    Raw SQL: ``kvcache serve`` asks this after every turn, and building the query with
+    the ORM took 70 times as long as running it."""
+    rows = store.query(
+        "SELECT m.id, m.content FROM messages m "
+        "LEFT JOIN embeddings e ON e.message_id = m.id AND e.model = ? "
+        "WHERE m.session_id = ? AND e.id IS NULL AND m.content != '' "
+        "ORDER BY m.message_index LIMIT ?",
+        (model, int(session_id), int(limit)),
     )
-    return [(int(mid), str(content)) for mid, content in store.bind(query) if str(content).strip()]
+    return [(int(mid), str(content)) for mid, content in rows if str(content).strip()]
 
 
 def _session_scope(session_id: int, model: str, dim: int) -> Any:
