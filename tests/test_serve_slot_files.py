@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -56,6 +57,21 @@ def _ask(api: Any, history: list[dict[str, str]], session: str, text: str) -> No
     history.append({"role": "assistant", "content": reply.choices[0].message.content})
 
 
+def _what_serve_did(saves: Any, serve: ServeProcess, fake: FakeLlamaServer, metrics: str) -> str:
+    """The recorded saves, serve's stderr, its slot metrics and the upstream's requests (a
+    failure of the fixture shows what happened)."""
+    calls = []
+    for r in fake.requests:
+        body = r.body if isinstance(r.body, dict) else {}
+        if r.path.startswith("/slots") or r.path.endswith("/chat/completions"):
+            detail = f"{r.query.get('action', '')} {body.get('filename', '')} id_slot={body.get('id_slot')}"
+            calls.append(f"{r.method} {r.path} {detail}")
+    slot_metrics = [line for line in metrics.splitlines() if "slot" in line and not line.startswith("#")]
+    return "\n".join(
+        [f"saved: {saves}", "serve's stderr:", serve.stderr, "metrics:", *slot_metrics, "upstream:", *calls]
+    )
+
+
 @pytest.fixture
 def served(tmp_path: Path, store_url: str) -> Iterator[Served]:  # noqa: F811
     """Three sessions over two slots, taking turns twice round: each is moved out of its
@@ -72,11 +88,13 @@ def served(tmp_path: Path, store_url: str) -> Iterator[Served]:  # noqa: F811
                 _ask(
                     api, histories[key], f"slot-{key}", f"{key} turn {len(histories[key])}: harbours, ships?"
                 )
+            metrics = requests.get(serve.url + "/metrics", timeout=30).text
     saves = {}
     for key in ("A", "B", "C"):
         meta = state.json("stats", f"slot-{key}")["sessions"][0]["metadata"]
-        saves[key] = meta["slot_files_saved"]
-    assert all(len(names) == 1 for names in saves.values()), saves  # one file per session, once
+        saves[key] = meta.get("slot_files_saved", [])
+    # one file per session, once
+    assert all(len(names) == 1 for names in saves.values()), _what_serve_did(saves, serve, fake, metrics)
     state.by_session = {key: names[0] for key, names in saves.items()}
     assert set(state.by_session.values()) == state.on_disk()
     yield state
@@ -182,3 +200,35 @@ def test_trimming_the_history_keeps_a_forgotten_sessions_files_listed(served: Se
     trimmed = served.json("maintain")
     assert trimmed["operations_trimmed"] > 0 and trimmed["slot_files_to_delete"] == [a_file]
     assert served.json("maintain")["slot_files_to_delete"] == [a_file]
+
+
+def test_a_restarted_upstream_is_noticed_by_a_resident_session_and_the_others_restore(
+    tmp_path: Path,
+) -> None:
+    """After an upstream restart (its slots empty) the first resident session to return
+    finds nothing cached: serve then stops taking the sessions of the emptied slots as
+    resident, so the next one restores its file instead of a cold prompt."""
+    files = tmp_path / "slots"
+    files.mkdir()
+    histories: dict[str, list[dict[str, str]]] = {k: [] for k in ("A", "B", "C")}
+    config = Served(tmp_path, str(tmp_path / "kv.db"), files, {}).configure(slot_folder=False)
+    with FakeLlamaServer(n_slots=2, n_ctx=2048, slot_save_path=files) as fake:
+        with ServeProcess(tmp_path, tmp_path / "kv.db", fake.url, config=config) as serve:
+            api = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
+            for key in ("A", "B", "C", "A", "B"):  # A and B end in the slots, all three saved once
+                _ask(
+                    api, histories[key], f"slot-{key}", f"{key} turn {len(histories[key])}: harbours, ships?"
+                )
+            assert len(list(files.iterdir())) == 3
+            with fake._lock:  # the upstream restarted: its slots are empty
+                for slot in fake._slots:
+                    slot.tokens, slot.id_task = [], None
+            _ask(api, histories["A"], "slot-A", "A after the restart")  # resident: nothing cached
+            assert serve.traces()[-1]["timings"]["cache_n"] == 0
+            _ask(api, histories["B"], "slot-B", "B after the restart")
+            back = serve.traces()[-1]
+            metrics = requests.get(serve.url + "/metrics", timeout=30).text
+    assert back["session"] == "slot-B" and back["timings"]["cache_n"] > 20, serve.stderr
+    assert 'kvcache_slot_actions_total{action="resident_check",result="lost"} 1.0' in metrics
+    assert 'kvcache_slot_actions_total{action="restore_check",result="reused"} 3.0' in metrics
+    assert "'slot-A' found nothing cached (upstream restarted?)" in serve.stderr

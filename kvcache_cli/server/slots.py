@@ -10,11 +10,13 @@ A file's name carries the session's digest and the model and ``n_ctx`` it was sa
 under (from ``/props``), so a file is never restored into another model or context
 size. A restore is checked on the next answer's ``timings``: one whose ``cache_n``
 is 0 reused nothing, and is logged and counted (``result="unused"``), not trusted.
-Before a save, ``/slots`` must show the slot holding tokens: an upstream that
-restarted (its slots empty) never overwrites a good file, and its residency is
-forgotten. Each file saved is recorded on its session (``services.slot_files``), so
-``forget`` and ``maintain`` (for a session idle beyond the retention) delete it, or
-list it when the slot folder is not known here.
+An upstream that restarted comes back with empty slots. Before a save, ``/slots``
+must show the slot holding tokens, so an empty slot never overwrites a good file; and
+a session that kept its slot but finds nothing cached (``cache_n`` 0) means the same:
+either way the sessions whose slots ``/slots`` shows empty are no longer taken as
+resident, so their next turn restores their file. Each file saved is recorded on its
+session (``services.slot_files``), so ``forget`` and ``maintain`` (for a session idle
+beyond the retention) delete it, or list it when the slot folder is not known here.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class _Slot:
 class _Pending:
     slot: int
     restored: int = 0  # tokens a restore put back before this turn (0: none)
+    resident: bool = False  # the slot held the session already (nothing moved in)
     cleared: bool = False
     evicted: str | None = None  # the session this turn moved out of the slot
 
@@ -130,7 +133,7 @@ class SlotPinning:
                 evicted, moving_in = None, False
             slot.busy = True
             slot.last_used = time.monotonic()
-        pending = _Pending(slot.id, cleared=cleared, evicted=evicted)
+        pending = _Pending(slot.id, cleared=cleared, evicted=evicted, resident=not moving_in)
         try:
             if moving_in:
                 if evicted is not None:
@@ -170,12 +173,16 @@ class SlotPinning:
         if pending is None:
             return
         try:
-            if pending.restored and isinstance(timings, dict):
-                if int(timings.get("cache_n") or 0) > 0:
-                    self._count("restore_check", "reused")
-                else:
-                    self._count("restore_check", "unused")
+            reused = int(timings.get("cache_n") or 0) > 0 if isinstance(timings, dict) else None
+            if pending.restored and reused is not None:
+                self._count("restore_check", "reused" if reused else "unused")
+                if not reused:
                     self._note(f"slot {pending.slot}: the restore for {session_key!r} reused nothing")
+            elif pending.resident and reused is False:
+                # the slot lost what this session left in it: the upstream restarted
+                self._count("resident_check", "lost")
+                self._note(f"slot {pending.slot}: {session_key!r} found nothing cached (upstream restarted?)")
+                self._forget_emptied(keep=pending.slot)
             if pending.cleared:
                 self._save(pending.slot, session_key)
         finally:
@@ -190,19 +197,34 @@ class SlotPinning:
                 self._slots[pending.slot].busy = False
 
     # -------------------------------------------------------------- actions
+    def _forget_emptied(self, keep: int, infos: list[Any] | None = None) -> None:
+        """Sessions in idle slots that ``/slots`` (``infos``, else read now) shows empty are
+        resident no more: their next turn restores their file. Slot ``keep`` stays."""
+        if infos is None:
+            try:
+                infos = self.llm.slots()
+            except KVCacheError as exc:
+                self._note(f"could not read the upstream's slots: {exc}")
+                return
+        holding = {s.id for s in infos if s.n_prompt_tokens}
+        with self._lock:
+            for slot in self._slots:
+                if slot.id != keep and not slot.busy and slot.id not in holding:
+                    slot.owner = None
+
     def _save(self, slot_id: int, owner: str) -> None:
         try:
-            info = {s.id: s for s in self.llm.slots()}.get(slot_id)
-        except KVCacheError:
+            infos = self.llm.slots()
+        except KVCacheError as exc:
             self._count("save", "failed")
+            self._note(f"slot {slot_id}: not saved for {owner!r}: could not read the upstream's slots: {exc}")
             return
+        info = next((s for s in infos if s.id == slot_id), None)
         if info is None or not info.n_prompt_tokens:
             # empty: the upstream restarted (or never ran this slot). Never overwrite a file with it
             self._count("save", "skipped_empty")
-            with self._lock:
-                for slot in self._slots:
-                    if not slot.busy:
-                        slot.owner = None
+            self._note(f"slot {slot_id}: empty upstream slot (restarted?): {owner!r}'s file is kept")
+            self._forget_emptied(keep=slot_id, infos=infos)
             return
         name = self.file_for(owner)
         try:
