@@ -332,3 +332,47 @@ def test_dates_and_phrases_rank_identically_on_both_backends(tmp_path: Path) -> 
             assert _dated_hits(url, conv, queries) == got
         finally:
             drop_database(url)
+
+
+# Turn 1 is Bob's and says "Lisbon"; turn 7 is Bob's and says "ferry" and "Lisbon";
+# turn 0 repeats "ferry" four times.
+FERRY = [
+    ("Alice", "Ferry, ferry, ferry: the ferry is all Bob talks about now."),
+    ("Bob", "We are planning a trip to Lisbon for the summer holidays."),
+    ("Alice", "Which breed was the puppy again?"),
+    ("Bob", "A golden retriever. She loves chasing tennis balls in the park."),
+    ("Alice", "I started learning to play the violin in March."),
+    ("Bob", "The violin is hard! How is the practice going?"),
+    ("Alice", "Slowly. My teacher says my bowing improved a lot and I practise every evening after dinner."),
+    (
+        "Bob",
+        "On our last holiday we walked along the river, ate far too many pastries and took "
+        "the old ferry across to the other side of Lisbon at sunset.",
+    ),
+    ("Alice", "Our database migration to PostgreSQL finished yesterday."),
+    ("Bob", "Did the warmup after the migration work?"),
+]
+
+
+def test_turn_covering_more_of_the_question_ranks_first_on_both_backends(tmp_path: Path) -> None:
+    """Coordination (``coverage``): holding both query words beats a shorter turn holding one.
+
+    The best-covering turn keeps its score; the others are scaled down, not up.
+    """
+    from tests.pg import PG_URL, create_database, drop_database
+
+    conv = _conversation(tmp_path / "ferry.json", "chat", FERRY)
+    query = ["Which ferry did Bob take in Lisbon?"]
+    got = _dated_hits(str(tmp_path / "kv.db"), conv, query)
+    flat = _dated_hits(str(tmp_path / "flat.db"), conv, query, coverage=0.0)
+    assert got[0][0][0] == 7
+    assert flat[0][0][0] == 1  # without it, Bob's shorter "Lisbon" turn wins
+    best = {idx: raw for idx, raw, _ in flat[0]}
+    assert got[0][0][1] == best[7]
+    assert all(raw <= best.get(idx, raw) + 1e-9 for idx, raw, _ in got[0])
+    if PG_URL:
+        url = create_database()
+        try:
+            assert _dated_hits(url, conv, query) == got
+        finally:
+            drop_database(url)

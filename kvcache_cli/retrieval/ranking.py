@@ -4,7 +4,11 @@ The index backends (``search_sqlite``, ``store/search_postgres``) only find cand
 messages and term statistics; :func:`rank_candidates` scores them (docs/retrieval.md):
 
 1. own score: BM25 (k1 = 1.2, ``b = length_b``) of the candidate's stems, the
-   ``speaker:`` prefix counted in the length but not as a mention of the name;
+   ``speaker:`` prefix counted in the length but not as a mention of the name,
+   times ``(held / best held) ** coverage``, where ``held`` is the IDF sum of the
+   query stems the turn holds and ``best held`` the largest over the candidates
+   (coordination: a turn that covers more of the question beats one that repeats
+   one of its words; the best-covering turns keep their score);
 2. answer type: for a "when" question a turn holding a time expression gets
    ``* (1 + temporal_boost)``; word pairs adjacent in the query and within
    ``proximity_window`` tokens in the turn add a pseudo-term (:func:`_proximity`); a
@@ -98,6 +102,8 @@ class RankParams:
     # score to the turn answering it, which then ranks at least as high (``answer_floor``)
     answer_weight: float = 1.0
     answer_floor: bool = True
+    # coordination: own score times (IDF of the query stems held / the best candidate's) ** coverage
+    coverage: float = 0.5
 
 
 def rank_params(options: dict[str, Any]) -> RankParams:
@@ -237,6 +243,7 @@ def rank_candidates(
     temporal_q = p.temporal_boost > 0 and is_temporal
     count_q = p.number_boost > 0 and is_count
     dates = query_dates if p.date_boost > 0 else []
+    date_stems = {st for st in (ts.stem(t) for t in ts.date_words(query)) if st in idf} if dates else set()
     # query-adjacent word pairs (sequential dependence): (stem a, stem b, pair weight)
     pairs: list[tuple[str, str, float]] = []
     if p.proximity_weight > 0:
@@ -251,12 +258,15 @@ def rank_candidates(
     doc_of: dict[tuple[int, int], Doc] = {}
     named: set[tuple[int, int]] = set()
     order = {s: i for i, s in enumerate(idf)}
+    held: dict[tuple[int, int], float] = {}  # IDF sum of the query stems a candidate holds
     for d in docs:
         present = held_stems(d.stems, idf, order)
         if not present:
             continue  # matched only through the speaker prefix
         sc = bm25_terms(d.stems, d.length, idf, avg_len, p.length_b, present)
         key = (d.session_id, d.index)
+        if p.coverage > 0:
+            held[key] = sum(idf[s] for s in present)
         if p.speaker_boost > 0 and not d.speaker_stems.isdisjoint(stem_set_q):
             named.add(key)
         if temporal_q and _has_temporal(d.content):
@@ -268,9 +278,15 @@ def rank_candidates(
             sc += _proximity(found, pairs, p.proximity_window, d.length, avg_len, p.length_b)
         if dates and ts.date_matches(d.day, dates):
             sc *= 1.0 + p.date_boost
+            if key in held:  # the turn's date holds the query's date words
+                held[key] += sum(idf[s] for s in date_stems.difference(present))
         own[key] = sc
         info[key] = (d.message_id, d.content)
         doc_of[key] = d
+    best_held = max(held.values(), default=0.0)
+    if best_held > 0:  # relative to the best-covering candidate: that one keeps its score
+        for key, mass in held.items():
+            own[key] *= (mass / best_held) ** p.coverage
 
     window, weight, decay = p.context_window, p.context_weight, p.context_decay
     dist_weights = [(dist, decay ** (dist - 1)) for dist in range(1, window + 1)]

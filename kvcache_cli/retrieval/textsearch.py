@@ -152,6 +152,11 @@ def query_dates(query: str) -> list[tuple[int | None, int | None, int | None]]:
     return list(dict.fromkeys(out))
 
 
+def date_words(query: str) -> list[str]:
+    """The tokens of ``query`` that can be part of a date (month names, days, years)."""
+    return [t for t in tokenize(query) if t in _MONTHS or _YEAR_RE.match(t) or _DAY_RE.match(t)]
+
+
 def date_matches(day: str, dates: Sequence[tuple[int | None, int | None, int | None]]) -> bool:
     """True when ``day`` (``YYYY-MM-DD``, a message's date) fits one of ``dates``."""
     if len(day) < 10 or not dates:

@@ -17,7 +17,9 @@ Ranking (see docs/retrieval.md for the measurements)
        :func:`_all_session_candidates`);
     3. own score: BM25 recomputed in Python (k1 = 1.2, ``b = length_b = 0.5``; IDF
        over the session for a per-session query), the ``speaker:`` prefix not
-       counted as a mention of the name;
+       counted as a mention of the name; times ``(held / best held) ** coverage``
+       (coordination: the share of the query's IDF a turn holds, relative to the
+       best-covering candidate);
     4. answer type: for a "when" question a turn with a time expression gets
        ``* (1 + temporal_boost)``; query-adjacent word pairs near each other in the
        turn add a pseudo-term; a turn whose date fits a date named in the question
