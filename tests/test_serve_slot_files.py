@@ -6,6 +6,8 @@ listing them (a forgotten session's too) until the folder is known."""
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,8 @@ from tests.fake_llama_server import FakeLlamaServer  # noqa: E402
 from tests.helpers import invoke, invoke_json  # noqa: E402
 from tests.pg import store_url  # noqa: E402,F401  (fixture)
 from tests.serve_util import ServeProcess  # noqa: E402
+
+REAL_LLAMA = "KVCACHE_TEST_LLAMA_URL"  # a real llama-server for the opt-in test (-np N --slot-save-path)
 
 
 @dataclass
@@ -232,3 +236,40 @@ def test_a_restarted_upstream_is_noticed_by_a_resident_session_and_the_others_re
     assert 'kvcache_slot_actions_total{action="resident_check",result="lost"} 1.0' in metrics
     assert 'kvcache_slot_actions_total{action="restore_check",result="reused"} 3.0' in metrics
     assert "'slot-A' found nothing cached (upstream restarted?)" in serve.stderr
+
+
+@pytest.mark.skipif(not os.environ.get(REAL_LLAMA), reason=f"{REAL_LLAMA} names no llama-server")
+def test_a_real_llama_server_restores_a_swapped_out_session(tmp_path: Path) -> None:
+    """Opt-in: ``KVCACHE_TEST_LLAMA_URL`` names a llama-server started with ``-np N
+    --slot-save-path DIR``. N+1 short sessions over its N slots: the first is saved when
+    the last moves in, and restored when it returns; its answer's ``timings`` show the
+    restored tokens reused. (It pins that server's slots and leaves its files in DIR.)"""
+    url = os.environ[REAL_LLAMA].rstrip("/")
+    n_slots = len(requests.get(url + "/slots", timeout=30).json())
+    files = tmp_path / "unused"
+    files.mkdir()
+    config = Served(tmp_path, str(tmp_path / "kv.db"), files, {}).configure(slot_folder=False)
+    config.write_text(config.read_text() + "[llm]\nread_timeout = 600.0\n")
+    run = uuid.uuid4().hex[:8]  # a file from an earlier run is never restored
+    keys = [f"real-{run}-{n}" for n in range(n_slots + 1)]
+    histories: dict[str, list[dict[str, str]]] = {k: [] for k in keys}
+    first_prompt = 0  # tokens of the first session's first prompt: what its file holds
+    with ServeProcess(tmp_path, tmp_path / "kv.db", url, config=config) as serve:
+        assert f"slot swapping is on: {n_slots} slot(s)" in serve.stderr
+        api = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        for n, key in enumerate([*keys, keys[0]]):
+            entries = " ".join(f"Ship {key}-{i} docks at berth {i % 11} with timber." for i in range(8))
+            histories[key].append({"role": "user", "content": f"Log {n}. {entries}"})
+            reply = api.chat.completions.create(
+                model="m", messages=histories[key], max_tokens=4, extra_headers={"X-Session-Id": key}
+            )
+            histories[key].append({"role": "assistant", "content": reply.choices[0].message.content})
+            first_prompt = first_prompt or (reply.usage.prompt_tokens if reply.usage else 0)
+        back = serve.traces()[-1]
+        metrics = requests.get(serve.url + "/metrics", timeout=30).text
+    assert back["session"] == keys[0], serve.stderr
+    # more than any other session's prompt shares with it (the chat template's start)
+    assert back["timings"]["cache_n"] >= first_prompt > 0, (back["timings"], serve.stderr)
+    assert 'kvcache_slot_actions_total{action="restore_check",result="reused"} 1.0' in metrics, metrics
+    saved = Served(tmp_path, str(tmp_path / "kv.db"), files, {}).json("stats", keys[0])
+    assert len(saved["sessions"][0]["metadata"]["slot_files_saved"]) == 1
