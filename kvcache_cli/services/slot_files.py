@@ -42,10 +42,11 @@ if TYPE_CHECKING:
 def of_sessions(store: Store, session_ids: list[int]) -> dict[int, list[str]]:
     """The slot files of sessions being released: their snapshots' files (read before
     the snapshots go) and the files ``serve`` saved for them."""
+    of_snapshots = sessions_admin.snapshot_slot_files_of(store, session_ids)
+    saved = slot_records.saved_of_sessions(store, session_ids)
     out = {}
     for sid in session_ids:
-        names = set(sessions_admin.snapshot_slot_files(store, sid).values())
-        names.update(slot_records.saved_of(store, sid))
+        names = of_snapshots.get(sid, set()) | set(saved.get(sid, []))
         if names:
             out[sid] = sorted(names)
     return out

@@ -127,6 +127,22 @@ def snapshot_slot_files(store: Store, sid: int) -> dict[int, str]:
     return {int(snap_id): str(name) for snap_id, name in rows}
 
 
+def snapshot_slot_files_of(store: Store, session_ids: list[int]) -> dict[int, set[str]]:
+    """``{session id: slot files}`` of the sessions' snapshots that name one (one query
+    per 500 sessions: ``maintain`` asks for every idle session)."""
+    out: dict[int, set[str]] = {}
+    for lo in range(0, len(session_ids), 500):
+        part = session_ids[lo : lo + 500]
+        rows = store.query(
+            "SELECT session_id, slot_filename FROM snapshots WHERE session_id IN "
+            f"({', '.join('?' * len(part))}) AND slot_filename IS NOT NULL AND slot_filename <> ''",
+            part,
+        )
+        for sid, name in rows:
+            out.setdefault(int(sid), set()).add(str(name))
+    return out
+
+
 def metadata_of(store: Store, sid: int) -> dict[str, Any]:
     """The session's metadata object ({} when absent or not an object)."""
     rows = store.query("SELECT metadata FROM sessions WHERE id = ?", (sid,))

@@ -52,6 +52,28 @@ def saved_of(store: Store, sid: int) -> list[str]:
     return _names(metadata_of(store, sid).get(SAVED_KEY))
 
 
+def saved_of_sessions(store: Store, session_ids: list[int]) -> dict[int, list[str]]:
+    """``{session id: slot files serve saved}`` of the sessions that name any (one query
+    per 500 sessions)."""
+    out: dict[int, list[str]] = {}
+    for lo in range(0, len(session_ids), 500):
+        part = session_ids[lo : lo + 500]
+        rows = store.query(
+            f"SELECT id, metadata FROM sessions WHERE id IN ({', '.join('?' * len(part))}) "
+            "AND metadata LIKE ?",
+            [*part, f"%{SAVED_KEY}%"],
+        )
+        for sid, text in rows:
+            try:
+                meta = json.loads(text or "{}")
+            except ValueError:
+                continue
+            names = _names(meta.get(SAVED_KEY)) if isinstance(meta, dict) else []
+            if names:
+                out[int(sid)] = names
+    return out
+
+
 def set_saved(store: Store, sid: int, names: list[str]) -> None:
     """Record the session's saved slot files (an empty list removes the record)."""
     set_metadata_names(store, sid, SAVED_KEY, names)
