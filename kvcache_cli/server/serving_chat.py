@@ -509,7 +509,8 @@ class ChatService:
     def _generated(message: dict[str, Any], choice: dict[str, Any], usage: Any) -> int | None:
         """The reply's token count as the upstream generated it (``usage.completion_tokens``),
         when the stored text is all it generated: plain text, no tool calls, no separate
-        reasoning; None: count it."""
+        reasoning; None: count it. llama-server counts a stop on the end-of-generation
+        token too (one more than ``/tokenize`` of the text): an error on the safe side."""
         count = usage.get("completion_tokens") if isinstance(usage, dict) else None
         text = message.get("content")
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
