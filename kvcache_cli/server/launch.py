@@ -116,8 +116,9 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
 
     from kvcache_cli.server.api_server import AppSettings, create_app
     from kvcache_cli.server.metrics import Metrics
-    from kvcache_cli.server.serving_chat import ChatService, TraceWriter
+    from kvcache_cli.server.serving_chat import ChatService
     from kvcache_cli.server.slots import SlotPinning, probe_slot_files
+    from kvcache_cli.server.trace import TraceWriter
     from kvcache_cli.server.upstream import Upstream
     from kvcache_cli.services.llm_setup import llm_client
     from kvcache_cli.store.backend import open_store

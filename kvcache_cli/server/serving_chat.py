@@ -24,6 +24,7 @@ from kvcache_cli.server import sessions as ses
 from kvcache_cli.server.context import TokenBudget, build_prompt, fit_prompt
 from kvcache_cli.server.metrics import Metrics
 from kvcache_cli.server.protocol import ChatCompletionRequest, error_body
+from kvcache_cli.server.trace import TraceWriter
 from kvcache_cli.server.upstream import ChatStream, ContextExceededError, Upstream, UpstreamError
 from kvcache_cli.services import chat_turn
 from kvcache_cli.store import live_history
@@ -65,24 +66,6 @@ class ServeError(Exception):
         self.status = status
         self.body = body
         self.reason = reason
-
-
-class TraceWriter:
-    """``--trace FILE``: one JSON line per turn, appended and flushed as it ends."""
-
-    def __init__(self, path: str) -> None:
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
-        self._lock = threading.Lock()
-
-    def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False, default=str)
-        with self._lock:
-            self._file.write(line + "\n")
-            self._file.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            self._file.close()
 
 
 @dataclass

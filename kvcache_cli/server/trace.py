@@ -1,0 +1,25 @@
+"""``kvcache serve --trace FILE``: what the model saw, one JSON line per turn."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+
+class TraceWriter:
+    """``--trace FILE``: one JSON line per turn, appended and flushed as it ends."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        self._lock = threading.Lock()
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False, default=str)
+        with self._lock:
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
