@@ -26,6 +26,8 @@ compare as same-run ratios on a shared machine.
 Real server (when ``KVCACHE_BENCH_LLAMA_URL`` names a llama-server started with
 ``-np 2 --slot-save-path DIR``): 4 sessions of about 1,500 tokens over its 2 slots;
 the returning session's ``timings.prompt_ms`` through kvcache against llama-server alone.
+The full comparison (time to first token; llama-server's ``--cache-ram`` on and 0; an
+upstream restart) is ``serve_real.py``, which starts llama-servers of its own.
 """
 
 # ruff: noqa: E501  (report lines)

@@ -223,7 +223,7 @@ class SlotPinning:
         if info is None or not info.n_prompt_tokens:
             # empty: the upstream restarted (or never ran this slot). Never overwrite a file with it
             self._count("save", "skipped_empty")
-            self._note(f"slot {slot_id}: empty upstream slot (restarted?): {owner!r}'s file is kept")
+            self._note(f"slot {slot_id}: empty upstream slot (restarted?): the file of {owner!r} is kept")
             self._forget_emptied(keep=slot_id, infos=infos)
             return
         name = self.file_for(owner)
