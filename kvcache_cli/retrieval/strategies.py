@@ -8,6 +8,9 @@ Every tier produces two ranked lists of :class:`RetrievedEntry` for a query:
 
 :func:`combine` turns them into one list per tier, by ``cache.retrieval_strategy``:
 
+``auto`` (the default)
+    ``hybrid`` when an embeddings server gave the query a vector, else ``keyword_only``
+    (silently: see :func:`resolve`).
 ``keyword_only`` / ``semantic_only``
     that list alone.
 ``keyword_then_semantic`` / ``semantic_then_keyword``
@@ -43,12 +46,16 @@ __all__ = [
     "ident",
     "needs_semantic",
     "parse_fusion",
+    "resolve",
     "semantic_context",
     "semantic_entries",
     "semantic_score",
 ]
 
-SEMANTIC_STRATEGIES = ("semantic_only", "keyword_then_semantic", "semantic_then_keyword", "hybrid")
+SEMANTIC_STRATEGIES = ("auto", "semantic_only", "keyword_then_semantic", "semantic_then_keyword", "hybrid")
+QUIET_FALLBACK = ("auto", "keyword_then_semantic")
+"""Strategies whose run without an embeddings server is no news (no notice): ``auto`` (the
+default) and ``keyword_then_semantic`` (its keyword stage stands on its own)."""
 FUSIONS = ("weighted", "rrf")
 RRF_K = 60.0
 NORMALISATIONS = ("max", "median")
@@ -106,6 +113,15 @@ def parse_fusion(spec: str | Fusion | None) -> Fusion:
 def needs_semantic(strategy: str) -> bool:
     """Whether the strategy uses embeddings at all."""
     return strategy in SEMANTIC_STRATEGIES
+
+
+def resolve(strategy: str, have_vector: bool) -> str:
+    """The strategy that runs: a semantic one without the query's vector runs as
+    ``keyword_only``; ``auto`` with it runs as ``hybrid`` (it won leave-one-out on the
+    LoCoMo dev split with all-MiniLM on llama-server: docs/retrieval.md)."""
+    if needs_semantic(strategy) and not have_vector:
+        return "keyword_only"
+    return "hybrid" if strategy == "auto" else strategy
 
 
 def semantic_score(cos: float) -> float:

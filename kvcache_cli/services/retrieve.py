@@ -184,8 +184,7 @@ def new_result(
     result = RetrievalResult(query=query, strategy=core.config.cache.retrieval_strategy)
     if notice:
         result.notices.append(notice)
-    if semantic is None and st.needs_semantic(result.strategy):
-        result.strategy = "keyword_only"
+    result.strategy = st.resolve(result.strategy, semantic is not None)
     result.keywords_used = query_terms(query)
     return result
 
@@ -420,8 +419,7 @@ def query_embedding(
         return None, None
     fallback = f"{strategy}: keyword_only used instead"
     if core.llm is None or getattr(core.llm, "_emb_base", True) is None:
-        if strategy == "keyword_then_semantic":
-            # the default: its keyword stage stands on its own, so no server is no news
+        if strategy in st.QUIET_FALLBACK:  # the default: no server is no news
             return None, None
         return None, f"retrieval: no embeddings server configured; {fallback}"
     from kvcache_cli.retrieval.embeddings import TurnEmbedder, backfill_session, embed_query
