@@ -20,6 +20,7 @@ from kvcache_cli.paths import default_config_path
 
 SNAPSHOT_KINDS = ("none", "full", "incremental", "adaptive")
 RETRIEVAL_STRATEGIES = (
+    "auto",
     "keyword_only",
     "semantic_only",
     "keyword_then_semantic",
@@ -42,8 +43,8 @@ class SnapshotConfig:
 class HybridConfig:
     """Weights of the ``hybrid`` retrieval strategy (normalised to sum to 1)."""
 
-    keyword_weight: float = 0.5
-    semantic_weight: float = 0.5
+    keyword_weight: float = 0.7
+    semantic_weight: float = 0.3
 
 
 @dataclass
@@ -58,7 +59,7 @@ class CacheConfig:
     max_cache_entries: int = 1000
     min_importance_to_preserve: float = 0.7
     generate_cache_embeddings: bool = True
-    retrieval_strategy: str = "keyword_then_semantic"
+    retrieval_strategy: str = "auto"  # hybrid with an embeddings server, else keyword_only
     preserve_system_prompts: bool = True
     preserve_code_entries: bool = True
     hybrid: HybridConfig = field(default_factory=HybridConfig)
