@@ -23,7 +23,7 @@ def test_reference_defaults() -> None:
     assert cache.memory_threshold_percent == 0.6
     assert cache.max_cache_entries == 1000
     assert cache.min_importance_to_preserve == 0.7
-    assert cache.retrieval_strategy == "keyword_then_semantic"
+    assert cache.retrieval_strategy == "auto"  # hybrid with an embeddings server (issue 18)
     assert (cache.preserve_system_prompts, cache.preserve_code_entries) == (True, True)
     assert (cache.snapshot.strategy, cache.snapshot.interval_conversations, cache.snapshot.max_snapshots) == (
         "incremental",

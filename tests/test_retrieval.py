@@ -134,9 +134,10 @@ def test_semantic_strategy_without_server_falls_back_with_a_notice(stores: dict[
         assert data["strategy"] == "keyword_only" and data["results"]
     rc, data, err = _retrieve(home, db, "chat", "violin practice", "--strategy", "keyword_only")
     assert rc == 0 and err.strip() == ""
-    # the default keyword_then_semantic: the keyword stage stands alone, no notice
-    rc, data, err = _retrieve(home, db, "chat", "violin practice")
-    assert rc == 0 and err.strip() == "" and data["results"]
+    # the default (auto) and keyword_then_semantic ask for nothing a server must give: no notice
+    for extra in ((), ("--strategy", "keyword_then_semantic")):
+        rc, data, err = _retrieve(home, db, "chat", "violin practice", *extra)
+        assert rc == 0 and err.strip() == "" and data["results"]
 
 
 def test_every_strategy_with_a_server(stores: dict[str, Any]) -> None:
@@ -149,7 +150,7 @@ def test_every_strategy_with_a_server(stores: dict[str, Any]) -> None:
             )
             assert rc == 0, err
             assert "keyword_only used instead" not in err, err
-            assert data["strategy"] == strategy
+            assert data["strategy"] == st.resolve(strategy, have_vector=True)  # auto: hybrid
             assert data["results"], strategy
             assert all(0.0 <= r["score"] <= 1.0 for r in data["results"])
             assert all(FIELDS <= set(r) for r in data["results"])
