@@ -80,6 +80,24 @@ def run_rusage(cmd: Sequence[str], env: dict[str, str] | None = None) -> tuple[f
     return elapsed, usage.ru_maxrss * 1024  # Linux: kilobytes
 
 
+def run_cpu(cmd: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """CPU seconds (user + system, of ``cmd`` and the children it waited for) and peak
+    RSS (bytes) of ``cmd``: on a shared machine these move far less with load than wall time."""
+    pid = os.fork()
+    if pid == 0:  # child: exec with output discarded
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        try:
+            os.execvpe(cmd[0], list(cmd), env or dict(os.environ))
+        finally:
+            os._exit(127)
+    _, status, usage = os.wait4(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({os.waitstatus_to_exitcode(status)})")
+    return usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
