@@ -36,7 +36,12 @@ class IntegrityError(StoreError):
 
 
 class ServerError(KVCacheError):
-    """The LLM server could not be reached or answered with an error."""
+    """The LLM server could not be reached or answered with an error (``status``: the
+    HTTP status of its answer, None when it did not answer)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class LockBusyError(KVCacheError):

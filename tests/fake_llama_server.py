@@ -345,6 +345,7 @@ class FakeLlamaServer:
         api_key: str | None = None,
         embedding_max_tokens: int = 512,
         slow_seconds: float = 1.0,
+        port: int = 0,
     ) -> None:
         self.n_slots = n_slots
         self.n_ctx = n_ctx
@@ -370,13 +371,14 @@ class FakeLlamaServer:
         self._lock = threading.RLock()
         self._httpd: _HTTPServer | None = None
         self._port: int | None = None
+        self._bind_port = port  # 0: a free one
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> Self:
-        """Bind 127.0.0.1 on a free port and serve in a daemon thread."""
-        httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
+        """Bind 127.0.0.1 on a free port (or the one given) and serve in a daemon thread."""
+        httpd = _HTTPServer(("127.0.0.1", self._bind_port), _Handler)
         httpd.fake = self
         self._httpd = httpd
         self._port = int(httpd.server_address[1])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import requests
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
+from kvcache_cli.llm.client import LLMClient, LLMSettings  # noqa: E402
+from kvcache_cli.server.slots import probe_slot_files  # noqa: E402
 from kvcache_cli.services import slot_files  # noqa: E402
 from kvcache_cli.store.backend import open_store  # noqa: E402
 from tests.fake_llama_server import FakeLlamaServer  # noqa: E402
@@ -273,3 +276,27 @@ def test_a_real_llama_server_restores_a_swapped_out_session(tmp_path: Path) -> N
     assert 'kvcache_slot_actions_total{action="restore_check",result="reused"} 1.0' in metrics, metrics
     saved = Served(tmp_path, str(tmp_path / "kv.db"), files, {}).json("stats", keys[0])
     assert len(saved["sessions"][0]["metadata"]["slot_files_saved"]) == 1
+
+
+def test_the_slot_probe_reads_the_answers_status_not_the_url(tmp_path: Path) -> None:
+    """The start-up probe of slot files on a server with ``--slot-save-path`` whose port
+    holds "501": swapping stays on. It once searched the error's text, which names the
+    URL, for "501", so such a port turned swapping off and no file was saved (the
+    fixture above then found no ``slot_files_saved``, about once in eight suite runs)."""
+    candidates = [p for p in range(10000, 65536) if "501" in str(p)]
+    for port in random.sample(candidates, len(candidates)):
+        fake = FakeLlamaServer(slot_save_path=tmp_path, port=port)
+        try:
+            fake.start()
+        except OSError:  # in use
+            continue
+        break
+    else:
+        pytest.skip("no free port holding 501")
+    try:
+        with LLMClient(LLMSettings(base_url=fake.url)) as llm:
+            assert probe_slot_files(llm) is None
+        with FakeLlamaServer() as without, LLMClient(LLMSettings(base_url=without.url)) as llm:
+            assert probe_slot_files(llm) == "the upstream has no --slot-save-path"
+    finally:
+        fake.stop()

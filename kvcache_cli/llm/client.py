@@ -280,8 +280,8 @@ class LLMClient:
             text = text.replace(key, "***")
         return text
 
-    def _fail(self, message: str) -> ServerError:
-        return ServerError(self._scrub(message))
+    def _fail(self, message: str, status: int | None = None) -> ServerError:
+        return ServerError(self._scrub(message), status)
 
     def _request(
         self,
@@ -352,7 +352,7 @@ class LLMClient:
                 failure = self._http_failure(label, what, resp, context)
                 continue
             if status >= 300:
-                raise self._fail(self._http_failure(label, what, resp, context) + tried)
+                raise self._fail(self._http_failure(label, what, resp, context) + tried, status)
             try:
                 return resp.json()
             except ValueError:

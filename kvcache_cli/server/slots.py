@@ -51,13 +51,13 @@ def probe_slot_files(llm: Any) -> str | None:
     """
     try:
         llm.slot_restore(0, "kvcache-probe-does-not-exist.bin")
-    except KVCacheError as exc:
-        text = str(exc)
-        if "501" in text or "slot-save-path" in text or "not support" in text:
+    except KVCacheError as exc:  # by the answer's status: the message names the URL, port included
+        status = getattr(exc, "status", None)
+        if status == 501:
             return "the upstream has no --slot-save-path"
-        if "400" in text:
+        if status == 400:
             return None
-        return f"the upstream's slot actions failed ({text[:120]})"
+        return f"the upstream's slot actions failed ({str(exc)[:120]})"
     return None
 
 
