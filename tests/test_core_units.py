@@ -1,4 +1,4 @@
-"""The seed's logic, piece by piece: scorer, extractor, bridges, keywords (per SEED-NOTES)."""
+"""The reference design's logic, piece by piece: scorer, extractor, bridges, keywords (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def entry(text: str = "plain words here", **kw: object) -> KVEntry:
 
 
 # ----------------------------------------------------------------------------- scorer
-def test_weights_are_the_seeds() -> None:
+def test_weights_are_the_reference_designs() -> None:
     w = ScoringWeights()
     assert (w.recency, w.access_count, w.key_pattern, w.layer, w.head, w.value_size) == (
         0.3,

@@ -1,4 +1,4 @@
-"""The word-set fast paths of scoring and summary agree with the seed's regexes."""
+"""The word-set fast paths of scoring and summary agree with the reference design's regexes."""
 
 from __future__ import annotations
 
@@ -51,10 +51,10 @@ def test_pattern_probes_match_the_regexes(text: str) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(TEXTS)
-def test_summary_regex_rewrites_match_the_seed(text: str) -> None:
+def test_summary_regex_rewrites_match_the_reference(text: str) -> None:
     import re
 
-    seed_split = re.compile(r"(?<=[.!?])\s+|\n+")
-    seed_name = re.compile(r"(?<![.!?]\s)(?<!^)\b[A-Z][a-z]{2,}\b")
-    assert summary._SENTENCE_RE.split(text) == seed_split.split(text)
-    assert summary._NAME_RE.findall(text) == seed_name.findall(text)
+    reference_split = re.compile(r"(?<=[.!?])\s+|\n+")
+    reference_name = re.compile(r"(?<![.!?]\s)(?<!^)\b[A-Z][a-z]{2,}\b")
+    assert summary._SENTENCE_RE.split(text) == reference_split.split(text)
+    assert summary._NAME_RE.findall(text) == reference_name.findall(text)

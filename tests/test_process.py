@@ -67,7 +67,7 @@ def test_long_messages_clear_earlier_by_memory(store: Store, tmp_path: Path) -> 
     # every memory clear makes room: it frees entries and keeps at most half the threshold
     for clear in result.clears:
         assert clear.entries_cleared > 0
-    # and no turn ever goes over capacity (the seed's size-blind preservation did)
+    # and no turn ever goes over capacity (the reference design's size-blind preservation did)
     assert all(t.cache_size_bytes <= result.capacity_bytes for t in result.turns)
 
 

@@ -13,7 +13,6 @@ import os
 import pty
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,11 @@ from tests.helpers import (
     CliRun,
     build_support_store,
     invoke,
+    kvcache_command,
+    run_kvcache,
     small_config,
     support_conversation,
 )
-
-KVCACHE = str(Path(sys.executable).with_name("kvcache"))
 
 #: The keys ``stats --json`` had before the operator's view; they must stay.
 STATS_KEYS = {
@@ -255,18 +254,9 @@ def run(*args: str) -> CliRun:
 def test_stats_piped_is_plain_and_json_keeps_its_keys(known: dict[str, Any], tmp_path: Path) -> None:
     db = str(known["path"])
     for args in (("stats",), ("stats", "support-long")):
-        out = tmp_path / "out.txt"
-        with out.open("w") as handle:
-            proc = subprocess.run(
-                [KVCACHE, "--db", db, *args],
-                stdout=handle,
-                stderr=subprocess.PIPE,
-                text=True,
-                env={**os.environ, "COLUMNS": "100"},
-                timeout=60,
-            )
-        assert proc.returncode == 0, proc.stderr
-        text = out.read_text(encoding="utf-8")
+        piped = run_kvcache(*args, home=tmp_path, db=db, env={"COLUMNS": "100"}, timeout=60)
+        assert piped.returncode == 0, piped.stderr
+        text = piped.stdout
         assert "\x1b[" not in text
         assert "cache vs capacity" in text or "cache usage by turn" in text
     ran = run("--db", db, "stats", "--json")
@@ -334,7 +324,7 @@ def test_watch_redraws_until_ctrl_c(known: dict[str, Any], watch_args: list[str]
     """On a pseudo-terminal: draws, redraws, and stops with exit 0 on SIGINT."""
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
-        [KVCACHE, "--db", str(known["path"]), "stats", *watch_args],
+        [*kvcache_command(), "--db", str(known["path"]), "stats", *watch_args],
         stdout=follower,
         stderr=subprocess.PIPE,
         env={**os.environ, "COLUMNS": "100", "TERM": "xterm"},
@@ -387,7 +377,7 @@ def test_hostile_text_is_escaped_and_piped_tables_are_not_cut(tmp_path: Path) ->
     env["KVCACHE_HOME"] = str(tmp_path)
 
     def piped(*args: str) -> str:
-        command = [KVCACHE, "--db", db, *args]
+        command = [*kvcache_command(), "--db", db, *args]  # COLUMNS unset: the default width
         proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
@@ -410,11 +400,5 @@ def test_hostile_text_is_escaped_and_piped_tables_are_not_cut(tmp_path: Path) ->
     for name in ("stats", "snapshots", "retrieve"):
         assert long_id in outputs[name], name
         assert "…" not in outputs[name], name
-    proc = subprocess.run(
-        [KVCACHE, "--db", db, "retrieve", "--all-sessions", "budget", "--json"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    proc = run_kvcache("retrieve", "--all-sessions", "budget", "--json", home=tmp_path, db=db, timeout=60)
     assert "\\u0000" in proc.stdout  # --json stays exact

@@ -143,7 +143,7 @@ def test_rank_texts_gives_the_same_results_for_new_and_known_texts() -> None:
         assert ranking.rank_texts(query, texts, names=names, limit=3) == known[:3]
 
 
-def test_engagement_decay_sql_follows_the_seed(support: tuple[Store, int]) -> None:
+def test_engagement_decay_sql_follows_the_reference_rule(support: tuple[Store, int]) -> None:
     """Untouched keys x0.95 with a 0.1 floor, retrieved keys +0.15; rows at the floor stay."""
     store, _ = support
     manager = KVCacheManager(store, Config())

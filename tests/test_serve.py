@@ -22,7 +22,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from tests.fake_llama_server import FakeLlamaServer  # noqa: E402
-from tests.helpers import cli_env, dump_db, kvcache_command, run_kvcache, table_rows  # noqa: E402
+from tests.helpers import cli_env, dump_db, run_kvcache, table_rows  # noqa: E402
 from tests.pg import pg_url  # noqa: E402,F401  (fixture)
 from tests.serve_util import ServeProcess  # noqa: E402
 
@@ -510,21 +510,8 @@ def test_sigterm_mid_stream_finishes_it_and_stops_cleanly(tmp_path: Path) -> Non
 
 
 def test_security_defaults(tmp_path: Path, fake: FakeLlamaServer) -> None:
-    rc = subprocess.run(
-        [
-            *kvcache_command(),
-            "--db",
-            str(tmp_path / "kv.db"),
-            "serve",
-            "--upstream",
-            fake.url,
-            "--host",
-            "0.0.0.0",
-        ],
-        env=cli_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
+    rc = run_kvcache(
+        "serve", "--upstream", fake.url, "--host", "0.0.0.0", home=tmp_path, db=tmp_path / "kv.db", timeout=60
     )
     assert rc.returncode == 2 and "--api-key-env" in rc.stderr and "Traceback" not in rc.stderr
     env = {"SERVE_KEY": "s3cret-key"}
