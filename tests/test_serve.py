@@ -509,6 +509,35 @@ def test_sigterm_mid_stream_finishes_it_and_stops_cleanly(tmp_path: Path) -> Non
     assert "session=term-1" in line and "cached=" in line and "stored=True" in line  # -v: the detail
 
 
+def test_the_log_line_shows_the_upstreams_prompt_count(tmp_path: Path) -> None:
+    """``tokens=`` is the upstream's own ``usage.prompt_tokens`` once the answer is in
+    (not the byte bound that spared the ``/tokenize`` call), streamed or not."""
+    with FakeLlamaServer(n_slots=1, n_ctx=2048) as fake:
+        serve = ServeProcess(tmp_path, tmp_path / "kv.db", fake.url, config=write_config(tmp_path))
+        try:
+            history = [{"role": "user", "content": "How tall is the lighthouse on the north cape?"}]
+            raw = client(serve).chat.completions.with_raw_response.create(
+                model="m", messages=history, extra_headers={"X-Session-Id": "log-1"}
+            )
+            counted = raw.parse().usage.prompt_tokens
+            history += [{"role": "assistant", "content": raw.parse().choices[0].message.content}]
+            history += [{"role": "user", "content": "And who keeps it?"}]
+            streamed = requests.post(
+                serve.url + "/v1/chat/completions",
+                json={"messages": history, "stream": True},
+                headers={"X-Session-Id": "log-1"},
+                timeout=60,
+            ).text
+            last = [json.loads(ln[6:]) for ln in streamed.splitlines() if ln.startswith("data: {")][-1]
+            timings = last["timings"]  # llama-server's stream ends with timings, not usage
+        finally:
+            serve.stop()
+    lines = [ln for ln in serve.stderr.splitlines() if ln.startswith("POST /v1/chat/completions 200")]
+    assert len(lines) == 2
+    assert f"tokens={counted}/" in lines[0], lines[0]
+    assert f"tokens={timings['prompt_n'] + timings['cache_n']}/" in lines[1], lines[1]
+
+
 def test_security_defaults(tmp_path: Path, fake: FakeLlamaServer) -> None:
     rc = run_kvcache(
         "serve", "--upstream", fake.url, "--host", "0.0.0.0", home=tmp_path, db=tmp_path / "kv.db", timeout=60

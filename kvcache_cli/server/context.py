@@ -158,3 +158,13 @@ def fit_prompt(prompt: list[dict[str, Any]], budget: TokenBudget, capacity: int)
             dropped += 1
         total = sum(counts) + budget.fixed
     return Prompt(messages=msgs, tokens=total, dropped=dropped)
+
+
+def upstream_prompt_count(usage: Any, timings: Any) -> int | None:
+    """The prompt's size as the upstream counted it: ``usage.prompt_tokens``, else (a
+    llama-server stream ends with ``timings`` and no ``usage``) ``prompt_n + cache_n``."""
+    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+        return int(usage["prompt_tokens"])
+    if isinstance(timings, dict) and isinstance(timings.get("prompt_n"), int):
+        return int(timings["prompt_n"]) + int(timings.get("cache_n") or 0) or None
+    return None

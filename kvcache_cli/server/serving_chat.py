@@ -21,7 +21,7 @@ from kvcache_cli.engine.entries import ChatMessage
 from kvcache_cli.errors import BadInputError, KVCacheError
 from kvcache_cli.loaders import parse_message
 from kvcache_cli.server import sessions as ses
-from kvcache_cli.server.context import TokenBudget, build_prompt, fit_prompt
+from kvcache_cli.server.context import TokenBudget, build_prompt, fit_prompt, upstream_prompt_count
 from kvcache_cli.server.metrics import Metrics
 from kvcache_cli.server.protocol import ChatCompletionRequest, error_body
 from kvcache_cli.server.trace import TraceWriter
@@ -100,6 +100,7 @@ class _Turn:
     plan: chat_turn.TurnPlan | None = None
     prompt: list[dict[str, Any]] = field(default_factory=list)
     estimate: int = 0
+    bounded: bool = False  # ``estimate`` is the byte bound, not a count
     dropped: int = 0
     retried: bool = False
     started: float = field(default_factory=time.perf_counter)
@@ -330,7 +331,7 @@ class ChatService:
         prompt = build_prompt(turn.raw, turn.plan)
         bound = self.budget.bound(prompt)
         if bound <= turn.capacity:  # fits even at one token per byte: no count needed
-            turn.prompt, turn.estimate, turn.dropped = prompt, bound, 0
+            turn.prompt, turn.estimate, turn.dropped, turn.bounded = prompt, bound, 0, True
             if turn.plan.retrieved:
                 self.metrics.retrievals.inc()
             return
@@ -344,6 +345,7 @@ class ChatService:
                 error_body(400, "the prompt does not fit the upstream context", "context_length_exceeded"),
             )
         turn.prompt, turn.estimate, turn.dropped = fitted.messages, fitted.tokens, fitted.dropped
+        turn.bounded = False
         if turn.plan.retrieved:
             self.metrics.retrievals.inc()
 
@@ -372,6 +374,7 @@ class ChatService:
             self._force_clear(turn, manager)
         fitted = fit_prompt(build_prompt(turn.raw, turn.plan), self.budget, int(turn.capacity * 0.9))
         turn.prompt, turn.estimate, turn.dropped = fitted.messages, fitted.tokens, fitted.dropped
+        turn.bounded = False
 
     def _call(self, turn: _Turn, manager: Any, send: Callable[[dict[str, Any]], Any]) -> Any:
         started = time.perf_counter()
@@ -516,7 +519,7 @@ class ChatService:
             cached_share = cache_n / total if total else None
             if cached_share is not None:
                 self.metrics.cached_share.set(cached_share)
-        prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        prompt_tokens = upstream_prompt_count(usage, timings)
         self.metrics.prompt_tokens.observe(prompt_tokens or turn.estimate)
         overhead = self._overhead(turn)
         self.metrics.overhead.observe(overhead)
@@ -531,6 +534,8 @@ class ChatService:
                 "dropped": turn.dropped or None,
             }
         )
+        if "tokens" in turn.log:  # a stream's line was begun before its answer was in
+            turn.log["tokens"] = self._tokens_fact(turn)
         self._record_live(turn, timings, usage, stored)
         if self.slots is not None:
             self.slots.after_turn(turn.key, timings)
@@ -549,11 +554,11 @@ class ChatService:
     def _live_facts(self, turn: _Turn, timings: Any, usage: Any) -> dict[str, Any]:
         """The operator's view of the session after this turn: n_ctx, the last prompt's
         size and cached share, its action and its slot."""
-        prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        prompt_tokens = upstream_prompt_count(usage, timings)
         facts: dict[str, Any] = {
             "n_ctx": self.n_ctx,
             "capacity_tokens": turn.capacity,
-            "last_prompt_tokens": prompt_tokens if isinstance(prompt_tokens, int) else turn.estimate,
+            "last_prompt_tokens": prompt_tokens if prompt_tokens is not None else turn.estimate,
             "last_cached_tokens": timings.get("cache_n") if isinstance(timings, dict) else None,
             "last_action": self._action(turn),
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
@@ -596,10 +601,19 @@ class ChatService:
                 "session": turn.key,
                 "turn": turn.kind,
                 "action": self._action(turn),
-                "tokens": f"{turn.estimate}/{turn.capacity}",
+                "tokens": self._tokens_fact(turn),
             }
         )
         return turn.log
+
+    @staticmethod
+    def _tokens_fact(turn: _Turn) -> str:
+        """``prompt/capacity``: the upstream's own count once the answer is in, else
+        kvcache's count, or ``<=bound`` when the byte bound alone proved the fit."""
+        counted = turn.log.get("prompt_tokens")
+        if isinstance(counted, int):
+            return f"{counted}/{turn.capacity}"
+        return f"{'<=' if turn.bounded else ''}{turn.estimate}/{turn.capacity}"
 
     def _write_trace(self, turn: _Turn, **extra: Any) -> None:
         if self.trace is None:
