@@ -346,10 +346,10 @@ def test_adjacent_query_words_prefer_the_phrase() -> None:
 
 
 def test_pair_proximity_matches_the_quadratic_definition_and_scales() -> None:
-    """``_near`` (binary search) counts what the all-pairs scan counts, in linear time."""
+    """``_near_count`` (one merge) counts what the all-pairs scan counts, in linear time."""
     import random
 
-    from kvcache_cli.retrieval.documents import _near
+    from kvcache_cli.retrieval.documents import _near_count
 
     rng = random.Random(7)
     for _ in range(500):
@@ -357,7 +357,27 @@ def test_pair_proximity_matches_the_quadratic_definition_and_scales() -> None:
         pc = sorted(rng.sample(range(300), rng.randint(1, 30)))
         w = rng.randint(1, 5)
         slow = sum(1 for i in pa if any(0 < abs(j - i) <= w for j in pc))
-        assert sum(1 for i in pa if _near(pc, i, w)) == slow
+        assert _near_count(pa, pc, w) == slow
     big = list(range(0, 2_000_000, 2))  # a huge message: a million occurrences each
     odd = [j + 1 for j in big]
-    assert sum(1 for i in big if _near(odd, i, 1)) == len(big)
+    assert _near_count(big, odd, 1) == len(big)
+    assert _near_count(big, big, 1) == 0  # a position is never near itself
+
+
+def test_stem_filter_counts_and_positions_equal_stemming_every_token() -> None:
+    """Each distinct word is stemmed once per call; the result is what stemming every
+    token gives (repeats, a stem shared by two words, one-letter words)."""
+    import random
+
+    words = ["running", "runs", "run", "ran", "trips", "trip", "a", "i", "roadmap", "road", "ROADS", "the"]
+    rng = random.Random(3)
+    for _ in range(200):
+        tokens = [w.lower() for w in rng.choices(words, k=rng.randint(0, 60))]
+        wanted = {ts.stem(w.lower()) for w in rng.sample(words, 4)}
+        f = ts.StemFilter(wanted)
+        naive_positions: dict[str, list[int]] = {}
+        for pos, tok in enumerate(tokens):
+            if ts.stem(tok) in wanted:
+                naive_positions.setdefault(ts.stem(tok), []).append(pos)
+        assert f.positions(tokens) == naive_positions
+        assert f.counts(tokens) == {s: len(p) for s, p in naive_positions.items()}

@@ -9,7 +9,6 @@ and :func:`_proximity` give the collection statistics and the word-pair term tha
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -261,14 +260,20 @@ def session_idf(
     return {s: ts.bm25_idf(int(n_rows), df[s]) for s in stems}
 
 
-def _near(sorted_positions: list[int], i: int, window: int) -> bool:
-    """Whether a position other than ``i`` lies within ``window`` of ``i`` (binary search)."""
-    k = bisect_left(sorted_positions, i - window)
-    while k < len(sorted_positions) and sorted_positions[k] <= i + window:
-        if sorted_positions[k] != i:
-            return True
-        k += 1
-    return False
+def _near_count(first: list[int], second: list[int], window: int) -> int:
+    """How many positions of ``first`` have a position of ``second`` (not the same one)
+    within ``window``: one merge of the two sorted lists."""
+    count, j, n = 0, 0, len(second)
+    for i in first:
+        while j < n and second[j] < i - window:
+            j += 1
+        k = j
+        while k < n and second[k] <= i + window:
+            if second[k] != i:
+                count += 1
+                break
+            k += 1
+    return count
 
 
 def _proximity(
@@ -290,7 +295,7 @@ def _proximity(
         pa, pc = positions.get(a), positions.get(c)
         if not pa or not pc:
             continue
-        tf = sum(1 for i in pa if _near(pc, i, window))
+        tf = _near_count(pa, pc, window)
         if tf:
             score += w * tf * (BM25_K1 + 1.0) / (tf + norm)
     return score

@@ -350,26 +350,35 @@ class StemFilter:
         self._keys = frozenset(_prefix_key(s) for s in self.stems if len(s) >= 2)
         self._singles = frozenset(s for s in self.stems if len(s) < 2)
 
+    def _stem_of(self, tok: str, seen: dict[str, str | None]) -> str | None:
+        """``tok``'s stem when it is one of ``stems``, else None (remembered in ``seen``:
+        a long text repeats few distinct words, so each is checked once)."""
+        st: str | None = None
+        if _prefix_key(tok) in self._keys or tok[:1] in self._singles:
+            st = stem(tok)
+            if st not in self.stems:
+                st = None
+        seen[tok] = st
+        return st
+
     def positions(self, tokens: Iterable[str]) -> dict[str, list[int]]:
         """Token positions of each of ``stems`` among ``tokens``."""
         out: dict[str, list[int]] = {}
-        keys, singles, stems = self._keys, self._singles, self.stems
+        seen: dict[str, str | None] = {}
         for pos, tok in enumerate(tokens):
-            if _prefix_key(tok) in keys or tok[:1] in singles:
-                st = stem(tok)
-                if st in stems:
-                    out.setdefault(st, []).append(pos)
+            st = seen[tok] if tok in seen else self._stem_of(tok, seen)
+            if st is not None:
+                out.setdefault(st, []).append(pos)
         return out
 
     def counts(self, tokens: Iterable[str]) -> Counter[str]:
         """Occurrences of each of ``stems`` among ``tokens``."""
+        seen: dict[str, str | None] = {}
         out: Counter[str] = Counter()
-        keys, singles, stems = self._keys, self._singles, self.stems
-        for tok in tokens:
-            if _prefix_key(tok) in keys or tok[:1] in singles:
-                st = stem(tok)
-                if st in stems:
-                    out[st] += 1
+        for tok, n in Counter(tokens).items():
+            st = self._stem_of(tok, seen)
+            if st is not None:
+                out[st] += n
         return out
 
 
