@@ -442,6 +442,44 @@ def begin_turn(
     return outcome
 
 
+def _reply_tokens(
+    core: Core,
+    session_key: str,
+    reply: list[ChatMessage],
+    known_tokens: list[int] | None,
+    defer_vectors: bool,
+) -> list[int]:
+    """A reply's token counts (``known_tokens`` when it has one per message) and,
+    unless ``defer_vectors``, its embeddings fetched: the network part, before the
+    transaction."""
+    if known_tokens is not None and len(known_tokens) == len(reply):
+        tokens = list(known_tokens)
+    else:
+        tokens = core.tokens.count([msg.content for msg in reply])
+    if not defer_vectors:
+        _prefetch_vectors(core, session_key, reply)
+    return tokens
+
+
+def _append_reply(
+    core: Core,
+    session: m.Session,
+    reply: list[ChatMessage],
+    tokens: list[int],
+    wall: datetime,
+    update: Callable[[m.Session], None] | None,
+) -> None:
+    """Inside the transaction: ``reply`` after the stored history, then the session row
+    (activity time, ``update``) saved."""
+    if reply:
+        start = sessions.stored_count(core.store, session.get_id())
+        _store_reply(core, session, None, start, reply, tokens, reply[0].timestamp or wall)
+    session.last_activity = wall
+    if update is not None:
+        update(session)
+    sessions.save(core.store, session)
+
+
 def finish_turn(
     core: Core,
     session_key: str,
@@ -460,22 +498,12 @@ def finish_turn(
     if not reply:
         return 0
     check_prefix(core, session_key, [], f"session {session_key}")  # NUL check of the key
-    if known_tokens is not None and len(known_tokens) == len(reply):
-        tokens = list(known_tokens)
-    else:
-        tokens = core.tokens.count([msg.content for msg in reply])
-    if not defer_vectors:
-        _prefetch_vectors(core, session_key, reply)
+    tokens = _reply_tokens(core, session_key, reply, known_tokens, defer_vectors)
 
     def work() -> int:
         wall = utcnow()
         session = core.session_for_update(session_key, create=False, now=wall)
-        start = sessions.stored_count(core.store, session.get_id())
-        _store_reply(core, session, None, start, reply, tokens, reply[0].timestamp or wall)
-        session.last_activity = wall
-        if update is not None:
-            update(session)
-        sessions.save(core.store, session)
+        _append_reply(core, session, reply, tokens, wall, update)
         return len(reply)
 
     stored = core.store.transaction(work, core.forget_replay_state)
@@ -497,12 +525,7 @@ def replace_reply(
     their vectors and the active cache. Returns how many messages were dropped.
     ``defer_vectors``, ``update`` and ``known_tokens``: see :func:`finish_turn`.
     """
-    if known_tokens is not None and len(known_tokens) == len(reply):
-        tokens = list(known_tokens)
-    else:
-        tokens = core.tokens.count([msg.content for msg in reply])
-    if not defer_vectors:
-        _prefetch_vectors(core, session_key, reply)
+    tokens = _reply_tokens(core, session_key, reply, known_tokens, defer_vectors)
 
     def work() -> int:
         wall = utcnow()
@@ -516,13 +539,7 @@ def replace_reply(
             cache.drop_after(core.store, sid, last_user)
             sessions.delete_messages(core.store, ids)
             session.cache_size_bytes, session.entry_count = cache.totals(core.store, sid)
-        if reply:
-            start = sessions.stored_count(core.store, sid)
-            _store_reply(core, session, None, start, reply, tokens, reply[0].timestamp or wall)
-        session.last_activity = wall
-        if update is not None:
-            update(session)
-        sessions.save(core.store, session)
+        _append_reply(core, session, reply, tokens, wall, update)
         return len(ids)
 
     dropped = core.store.transaction(work, core.forget_replay_state)
