@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -62,39 +63,36 @@ def create_store(db: Path | str, env: dict[str, str] | None = None, kvcache: str
     subprocess.run([install_python(kvcache), "-P", "-c", code, str(db)], env=env, check=True)
 
 
-def run_rusage(cmd: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of ``cmd`` as a child process."""
-    started = time.perf_counter()
+def _run_child(cmd: Sequence[str], env: dict[str, str] | None, quiet_stderr: bool) -> resource.struct_rusage:
+    """Fork and exec ``cmd`` with stdout (and, if ``quiet_stderr``, stderr) discarded;
+    wait for it and return its ``resource`` usage (``RuntimeError`` if it failed)."""
     pid = os.fork()
     if pid == 0:  # child: exec with output discarded
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
+        if quiet_stderr:
+            os.dup2(devnull, 2)
         try:
             os.execvpe(cmd[0], list(cmd), env or dict(os.environ))
         finally:
             os._exit(127)
     _, status, usage = os.wait4(pid, 0)
-    elapsed = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({os.waitstatus_to_exitcode(status)})")
-    return elapsed, usage.ru_maxrss * 1024  # Linux: kilobytes
+    return usage
+
+
+def run_rusage(cmd: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of ``cmd`` as a child process."""
+    started = time.perf_counter()
+    usage = _run_child(cmd, env, quiet_stderr=False)
+    return time.perf_counter() - started, usage.ru_maxrss * 1024  # Linux: kilobytes
 
 
 def run_cpu(cmd: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, int]:
     """CPU seconds (user + system, of ``cmd`` and the children it waited for) and peak
     RSS (bytes) of ``cmd``: on a shared machine these move far less with load than wall time."""
-    pid = os.fork()
-    if pid == 0:  # child: exec with output discarded
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        try:
-            os.execvpe(cmd[0], list(cmd), env or dict(os.environ))
-        finally:
-            os._exit(127)
-    _, status, usage = os.wait4(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({os.waitstatus_to_exitcode(status)})")
+    usage = _run_child(cmd, env, quiet_stderr=True)
     return usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
 
 
@@ -124,3 +122,24 @@ def machine() -> str:
 
 def self_peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+#: The line ``kvcache serve`` prints on stderr once it listens.
+SERVE_LISTEN_RE = re.compile(r"listening on (http://\S+?),")
+
+
+def start_serve(
+    command: Sequence[str], env: dict[str, str], err: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``command`` (a ``kvcache ... serve --port 0`` line) with stderr to ``err``;
+    wait for its listening line and return the process and its URL."""
+    proc = subprocess.Popen(list(command), env=env, stdout=subprocess.DEVNULL, stderr=err.open("w"))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        found = SERVE_LISTEN_RE.search(err.read_text())
+        if found:
+            return proc, found.group(1)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise RuntimeError(f"kvcache serve did not start: {err.read_text()}")

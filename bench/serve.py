@@ -36,11 +36,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,11 +51,9 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import KVCACHE, bench_env, machine  # noqa: E402
+from _common import KVCACHE, bench_env, machine, start_serve  # noqa: E402
 
 from tests.fake_llama_server import FakeLlamaServer  # noqa: E402
-
-LISTEN_RE = re.compile(r"listening on (http://\S+?),")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -70,22 +66,11 @@ class Serve:
 
     def __init__(self, db: Path, upstream: str, home: Path, kvcache: str = KVCACHE) -> None:
         self.err = home / f"serve-{time.monotonic_ns()}.err"
-        self.proc = subprocess.Popen(
+        self.proc, self.url = start_serve(
             [kvcache, "-q", "--db", str(db), "serve", "--upstream", upstream, "--port", "0"],
-            env=bench_env(home),
-            stdout=subprocess.DEVNULL,
-            stderr=self.err.open("w"),
+            bench_env(home),
+            self.err,
         )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            found = LISTEN_RE.search(self.err.read_text())
-            if found:
-                self.url = found.group(1)
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"kvcache serve did not start: {self.err.read_text()}")
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

@@ -48,10 +48,9 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import KVCACHE, bench_env, machine  # noqa: E402
+from _common import KVCACHE, bench_env, machine, start_serve  # noqa: E402
 
 PEER = Path(os.environ.get("PEER", "/tmp/peer"))
-LISTEN_RE = re.compile(r"listening on (http://\S+?),")
 MAX_TOKENS = 4  # the reply: short, the prompt is what is measured
 QUESTION = "Which berth did the last vessel use?"
 
@@ -121,22 +120,9 @@ class Serve:
         config.write_text("[cache]\ngenerate_cache_embeddings = false\n[llm]\nread_timeout = 3600.0\n")
         self.err = home / "serve.err"
         command = [KVCACHE, "--db", str(home / "serve.db"), "--config", str(config)]
-        self.proc = subprocess.Popen(
-            [*command, "serve", "--upstream", upstream, "--port", "0"],
-            env=bench_env(home),
-            stdout=subprocess.DEVNULL,
-            stderr=self.err.open("w"),
+        self.proc, self.url = start_serve(
+            [*command, "serve", "--upstream", upstream, "--port", "0"], bench_env(home), self.err
         )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            found = LISTEN_RE.search(self.err.read_text())
-            if found:
-                self.url = found.group(1)
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"kvcache serve did not start: {self.err.read_text()}")
 
     def slot_metrics(self) -> dict[str, float]:
         """``kvcache_slot_actions_total`` by ``action:result``."""
