@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from locomo import CATEGORIES, KS  # noqa: E402
 from locomo_cli import Runner, load_questions  # noqa: E402
+from locomo_loo import criterion, fmt, spread  # noqa: E402
 from locomo_to_conversations import convert_file  # noqa: E402
 
 from kvcache_cli.config import Config  # noqa: E402
@@ -171,14 +172,6 @@ def mean_rows(rows: Sequence[list[float]]) -> list[float]:
     return [sum(r[j] for r in rows) / len(rows) for j in range(len(KS))] if rows else [0.0] * len(KS)
 
 
-def criterion(r: list[float]) -> float:
-    return (r[0] + r[1] + r[2]) / 3
-
-
-def fmt(r: list[float]) -> str:
-    return " ".join(f"R@{k} {v:.3f}" for k, v in zip(KS, r, strict=True))
-
-
 def label(s: Setting) -> str:
     return s[0] if s[1] == "-" else f"{s[0]} {s[1]} kw={s[2]}"
 
@@ -244,14 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["folds"].append({"held_out": out, "chose": chosen[out], "recall": held, "keyword_only": base})
     total = mean_rows(loo)
     print(f"hybrid leave-one-out: {fmt(total)}   keyword_only: {fmt(mean_rows(kw))}")
-    print(
-        "spread over folds: "
-        + "  ".join(
-            f"R@{k} {min(f[j] for f in folds):.3f}-{max(f[j] for f in folds):.3f} "
-            f"sd {statistics.pstdev(f[j] for f in folds):.3f}"
-            for j, k in enumerate(KS)
-        )
-    )
+    print(spread(folds))
     diffs = []
     for j, k in enumerate(KS):
         d = [a[j] - b[j] for a, b in zip(loo, kw, strict=True)]

@@ -94,6 +94,15 @@ def fmt(r: list[float]) -> str:
     return " ".join(f"R@{k} {v:.3f}" for k, v in zip(KS, r, strict=False))
 
 
+def spread(folds: list[list[float]]) -> str:
+    """The spread of the held-out figures over the folds: range and sd per R@k."""
+    return "spread over folds: " + "  ".join(
+        f"R@{k} {min(f[j] for f in folds):.3f}-{max(f[j] for f in folds):.3f} "
+        f"sd {statistics.pstdev(f[j] for f in folds):.3f}"
+        for j, k in enumerate(KS)
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--grid", default="{}", help="JSON object: RankParams field -> list of values")
@@ -133,14 +142,7 @@ def main() -> None:
     total = pooled([h[2] for h in held])
     print(f"leave-one-out (question-weighted): {fmt(total)}")
     folds = [pooled([h[2]]) for h in held]
-    print(
-        "spread over folds: "
-        + "  ".join(
-            f"R@{k} {min(f[j] for f in folds):.3f}-{max(f[j] for f in folds):.3f} "
-            f"sd {statistics.pstdev(f[j] for f in folds):.3f}"
-            for j, k in enumerate(KS)
-        )
-    )
+    print(spread(folds))
     if args.json:
         print(
             json.dumps(
