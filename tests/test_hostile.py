@@ -155,40 +155,27 @@ def test_api_keys_never_appear_in_output_or_errors(tmp_path: Path) -> None:
         compact=True,
     )
     outputs = []
-    with FakeLlamaServer(api_key="the-right-key") as server:  # our key is wrong: 401 everywhere
-        for args in (
-            ["process", "--server", server.url, str(src)],
-            ["stats", "--server", server.url, "--json"],
-            ["snapshot", "s", "--slot", "0", "--server", server.url],
-            ["clear", "s", "--slot", "0", "--server", server.url],
-        ):
-            outputs.append(
-                invoke(
-                    "-vv",
-                    "--db",
-                    str(db),
-                    "--config",
-                    str(config),
-                    *args,
-                    home=home,
-                    env={"KV_TEST_API_KEY": SECRET},
-                )
+
+    def run(*args: str) -> None:
+        outputs.append(
+            invoke(
+                "-vv",
+                "--db",
+                str(db),
+                "--config",
+                str(config),
+                *args,
+                home=home,
+                env={"KV_TEST_API_KEY": SECRET},
             )
-    outputs.append(
-        invoke(
-            "-vv",
-            "--db",
-            str(db),
-            "--config",
-            str(config),
-            "process",
-            "--server",
-            "http://127.0.0.1:9",
-            str(src),
-            home=home,
-            env={"KV_TEST_API_KEY": SECRET},
         )
-    )
+
+    with FakeLlamaServer(api_key="the-right-key") as server:  # our key is wrong: 401 everywhere
+        run("process", "--server", server.url, str(src))
+        run("stats", "--server", server.url, "--json")
+        run("snapshot", "s", "--slot", "0", "--server", server.url)
+        run("clear", "s", "--slot", "0", "--server", server.url)
+    run("process", "--server", "http://127.0.0.1:9", str(src))
     outputs.append(invoke("-vv", "--db", f"postgresql://user:{SECRET}@127.0.0.1:9/kv", "stats", home=home))
     assert any(o.returncode != 0 for o in outputs)
     for out in outputs:
