@@ -130,6 +130,22 @@ def test_transaction_rolls_back_on_error(store_url: str) -> None:  # noqa: F811
         store.close()
 
 
+def test_close_rolls_back_a_transaction_a_ctrl_c_tore(store_url: str) -> None:  # noqa: F811
+    """A Ctrl-C between peewee's BEGIN and the ``with`` block taking over leaves the
+    transaction open with no block to end it: closing rolls it back instead of failing
+    with "Attempting to close database while transaction is open"."""
+    store = open_store(store_url)
+    torn = store.db.atomic()
+    torn.__enter__()  # entered, never exited: what the interrupt leaves behind
+    store.bind(m.Session.insert(key="torn", created_at=utcnow(), last_activity=utcnow())).execute()
+    store.close()
+    again = open_store(store_url)
+    try:
+        assert again.bind(m.Session.select()).count() == 0  # nothing of it was committed
+    finally:
+        again.close()
+
+
 def test_exclusive_lock_is_exclusive(store_url: str) -> None:  # noqa: F811
     from kvcache_cli.errors import LockBusyError
 

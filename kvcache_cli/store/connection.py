@@ -202,5 +202,15 @@ class Store:
             os.close(fd)
 
     def close(self) -> None:
-        if not self.db.is_closed():
-            self.db.close()
+        """Close the connection. A transaction still open here was torn by a Ctrl-C that
+        landed inside peewee's ``atomic()`` entry, after its BEGIN and before the ``with``
+        block could end it: nothing of it was committed, so it is rolled back (peewee
+        would refuse to close)."""
+        if self.db.is_closed():
+            return
+        if self.db.in_transaction():
+            while self.db.transaction_depth():
+                self.db.pop_transaction()
+            with contextlib.suppress(peewee.DatabaseError):
+                self.db.rollback()
+        self.db.close()
