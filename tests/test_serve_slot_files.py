@@ -300,3 +300,26 @@ def test_the_slot_probe_reads_the_answers_status_not_the_url(tmp_path: Path) -> 
             assert probe_slot_files(llm) == "the upstream has no --slot-save-path"
     finally:
         fake.stop()
+
+
+def test_a_session_without_a_saved_file_is_not_restored(tmp_path: Path) -> None:
+    """A session moving into a slot is restored only from a file the store records as
+    saved for it: the first turns of A, B and C ask for no restore; A, moved out by C
+    (its file saved), is restored when it returns. (Serve once asked the upstream to
+    restore a file that did not exist on every new session's first turn.)"""
+    files = tmp_path / "slots"
+    files.mkdir()
+    histories: dict[str, list[dict[str, str]]] = {k: [] for k in ("A", "B", "C")}
+    config = Served(tmp_path, str(tmp_path / "kv.db"), files, {}).configure(slot_folder=False)
+    with FakeLlamaServer(n_slots=2, n_ctx=2048, slot_save_path=files) as fake:
+        with ServeProcess(tmp_path, tmp_path / "kv.db", fake.url, config=config) as serve:
+            fake.clear_requests()  # the start-up probe asks for a file that does not exist, on purpose
+            api = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
+            for key in ("A", "B", "C", "A"):  # C moves A out (saved); A comes back (restored)
+                _ask(api, histories[key], f"slot-{key}", f"{key} turn {len(histories[key])}: harbours?")
+            metrics = requests.get(serve.url + "/metrics", timeout=30).text
+    restores = [r.body.get("filename") for r in fake.requests if r.query.get("action") == "restore"]
+    saved = {p.name for p in files.iterdir()}
+    assert len(saved) == 2 and len(restores) == 1 and restores[0] in saved, (restores, saved)
+    assert 'kvcache_slot_actions_total{action="restore",result="ok"} 1.0' in metrics
+    assert 'kvcache_slot_actions_total{action="restore",result="no_file"} 3.0' in metrics

@@ -242,9 +242,24 @@ class SlotPinning:
             except KVCacheError as exc:
                 self._note(f"slot {slot_id}: could not record {name} for {owner!r}: {exc}")
 
-    def _restore(self, slot_id: int, session_key: str) -> int:
+    def _has_file(self, session_key: str, name: str) -> bool:
+        """Whether the store records ``name`` as saved for the session (no store, or it
+        cannot say: assume so, and let the upstream answer)."""
+        if self.store is None:
+            return True
         try:
-            result = self.llm.slot_restore(slot_id, self.file_for(session_key))
+            return name in slot_files.saved_for(self.store, session_key)
+        except KVCacheError:
+            return True
+
+    def _restore(self, slot_id: int, session_key: str) -> int:
+        """Restore the session's file into the slot (none recorded: no call); tokens restored."""
+        name = self.file_for(session_key)
+        if not self._has_file(session_key, name):
+            self._count("restore", "no_file")
+            return 0
+        try:
+            result = self.llm.slot_restore(slot_id, name)
         except KVCacheError:
             self._count("restore", "no_file")
             return 0

@@ -81,6 +81,13 @@ def keep_forgotten(store: Store, key: str, names: list[str]) -> None:
     slot_records.set_forgotten_waiting(store, key, names, utcnow())
 
 
+def saved_for(store: Store, session_key: str) -> list[str]:
+    """The slot files ``serve`` saved for the session called ``session_key`` (none when it
+    has no row or saved none): what a slot can be restored from."""
+    sid = sessions_admin.session_id(store, session_key)
+    return slot_records.saved_of(store, sid) if sid is not None else []
+
+
 def record_saved(store: Store, session_key: str, name: str) -> None:
     """``serve`` saved the session's slot into ``name`` (one transaction): record it on
     the session; the name is live again, so it leaves the waiting lists. A session
