@@ -54,6 +54,20 @@ def create_database() -> str:
     return with_database(PG_URL, name)
 
 
+def copy_database(url: str) -> str:
+    """A new database holding what the database at ``url`` holds (made from it as a
+    template: nothing may be connected to it); returns its URL."""
+    name = "kvtest_" + uuid.uuid4().hex[:12]
+    source = urlsplit(url).path.lstrip("/")
+    conn = _admin()
+    try:
+        with conn.cursor() as cur:  # type: ignore[attr-defined]
+            cur.execute(f'CREATE DATABASE "{name}" TEMPLATE "{source}"')
+    finally:
+        conn.close()  # type: ignore[attr-defined]
+    return with_database(PG_URL, name)
+
+
 def drop_database(url: str) -> None:
     """Drop a database made by :func:`create_database` (ending its sessions)."""
     name = urlsplit(url).path.lstrip("/")

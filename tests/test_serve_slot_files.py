@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from kvcache_cli.services import slot_files  # noqa: E402
 from kvcache_cli.store.backend import open_store  # noqa: E402
 from tests.fake_llama_server import FakeLlamaServer  # noqa: E402
 from tests.helpers import invoke, invoke_json  # noqa: E402
-from tests.pg import store_url  # noqa: E402,F401  (fixture)
+from tests.pg import BACKENDS, PG_URL, copy_database, create_database, drop_database, is_pg  # noqa: E402
 from tests.serve_util import ServeProcess  # noqa: E402
 
 REAL_LLAMA = "KVCACHE_TEST_LLAMA_URL"  # a real llama-server for the opt-in test (-np N --slot-save-path)
@@ -79,17 +81,13 @@ def _what_serve_did(saves: Any, serve: ServeProcess, fake: FakeLlamaServer, metr
     )
 
 
-@pytest.fixture
-def served(tmp_path: Path, store_url: str) -> Iterator[Served]:  # noqa: F811
+def _serve_three_sessions(state: Served) -> None:
     """Three sessions over two slots, taking turns twice round: each is moved out of its
     slot (saved) at least once, A twice (the same file, overwritten)."""
-    files = tmp_path / "slots"
-    files.mkdir()
-    state = Served(tmp_path, store_url, files, {})
     config = state.configure(slot_folder=False)
     histories: dict[str, list[dict[str, str]]] = {k: [] for k in ("A", "B", "C")}
-    with FakeLlamaServer(n_slots=2, n_ctx=2048, slot_save_path=files) as fake:
-        with ServeProcess(tmp_path, state.db, fake.url, config=config) as serve:  # type: ignore[arg-type]
+    with FakeLlamaServer(n_slots=2, n_ctx=2048, slot_save_path=state.files) as fake:
+        with ServeProcess(state.home, state.db, fake.url, config=config) as serve:  # type: ignore[arg-type]
             api = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
             for key in ("A", "B", "C", "A", "B", "C", "A"):  # each arrival moves the oldest out
                 _ask(
@@ -104,7 +102,54 @@ def served(tmp_path: Path, store_url: str) -> Iterator[Served]:  # noqa: F811
     assert all(len(names) == 1 for names in saves.values()), _what_serve_did(saves, serve, fake, metrics)
     state.by_session = {key: names[0] for key, names in saves.items()}
     assert set(state.by_session.values()) == state.on_disk()
-    yield state
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def served_once(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The store and slot folder ``serve`` left (once per backend and module: a serve
+    and its upstream take seconds to start; each test gets a copy, see ``served``)."""
+    home = tmp_path_factory.mktemp("served")
+    files = home / "slots"
+    files.mkdir()
+    if request.param == "sqlite":
+        db = str(home / "kvcache.db")
+    elif not PG_URL:
+        pytest.skip("set KVCACHE_TEST_PG_URL to run the PostgreSQL tests")
+    else:
+        db = create_database()
+    try:
+        state = Served(home, db, files, {})
+        _serve_three_sessions(state)
+        yield state
+    finally:
+        if is_pg(db):
+            drop_database(db)
+
+
+@pytest.fixture
+def served(served_once: Served, tmp_path: Path) -> Iterator[Served]:
+    """A private copy of what ``serve`` left (store, slot files, config without the
+    folder) for a test to change."""
+    files = tmp_path / "slots"
+    shutil.copytree(served_once.files, files)
+    if is_pg(served_once.db):
+        db = copy_database(served_once.db)
+    else:
+        db = str(tmp_path / "kvcache.db")
+        source = sqlite3.connect(served_once.db)
+        try:
+            with sqlite3.connect(db) as target:
+                source.backup(target)
+            target.close()
+        finally:
+            source.close()
+    state = Served(tmp_path, db, files, dict(served_once.by_session))
+    state.configure(slot_folder=False)
+    try:
+        yield state
+    finally:
+        if is_pg(db):
+            drop_database(db)
 
 
 def test_serve_files_of_a_live_session_stay_and_forget_lists_then_maintain_keeps_listing(
