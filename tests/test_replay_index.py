@@ -123,9 +123,7 @@ def test_a_rolled_back_transaction_drops_the_indexes(support: tuple[Store, int])
 
 
 def _clear_text_caches() -> None:
-    for cache in (documents._PROFILES, documents._SEEN_ONCE, documents._BASES, documents._POSITIONS):
-        cache.clear()
-    documents._TEMPORAL.clear()
+    documents.clear_profiles()
 
 
 def test_rank_texts_gives_the_same_results_for_new_and_known_texts() -> None:

@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 
 from kvcache_cli.engine.entries import KVEntry
 
@@ -147,9 +148,7 @@ def numeric_match(text: str, probe: Probe | None) -> bool:
     return "o clock" in folded and NUMERIC_RE.search(text) is not None
 
 
-_PATTERN_CACHE: dict[str, tuple[str, ...]] = {}
-_PATTERN_CACHE_MAX = 8192  # texts up to 4096 chars: at most ~32 MB
-_PATTERN_CACHE_TEXT = 4096
+_PATTERN_CACHE_TEXT = 4096  # longer texts are matched each time (not remembered)
 
 
 def pattern_matches(text: str) -> list[str]:
@@ -163,15 +162,16 @@ def pattern_matches(text: str) -> list[str]:
 
 
 def matched_patterns(text: str) -> tuple[str, ...]:
-    """``pattern_matches(text)`` as a tuple, cached for short texts (speed only)."""
+    """``pattern_matches(text)`` as a tuple, memoised for short texts (speed only)."""
     if len(text) <= _PATTERN_CACHE_TEXT:
-        cached = _PATTERN_CACHE.get(text)
-        if cached is None:
-            cached = tuple(_pattern_matches(text))
-            if len(_PATTERN_CACHE) >= _PATTERN_CACHE_MAX:
-                _PATTERN_CACHE.clear()
-            _PATTERN_CACHE[text] = cached
-        return cached
+        return _short_text_patterns(text)
+    return tuple(_pattern_matches(text))
+
+
+# 8192 texts of at most 4096 characters: at most ~32 MB of keys, and more entries than a
+# replay's cache and recent snapshots hold at once (the texts scored turn after turn).
+@lru_cache(maxsize=8192)
+def _short_text_patterns(text: str) -> tuple[str, ...]:
     return tuple(_pattern_matches(text))
 
 

@@ -9,9 +9,10 @@ and :func:`_proximity` give the collection statistics and the word-pair term tha
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from kvcache_cli.retrieval import textsearch as ts
@@ -41,104 +42,152 @@ class Doc:
     all_stems: bool = False
 
 
-# Text profiles: a replay queries the same session's messages thousands of times, so a
-# text seen twice keeps its tokens and full stem counts (bounded), and a candidate then
-# costs a few dict lookups instead of a pass over its tokens. A text seen once is not
-# stemmed whole (the cold path, one CLI call, stays as cheap as StemFilter makes it).
-# The caches change speed only, never results.
-# Bounded by count and by size: a text longer than PROFILE_TEXT_MAX is never kept, and
-# the caches start over past _PROFILE_MAX texts or _PROFILE_CHARS characters in all.
-_PROFILES: dict[str, tuple[list[str], Counter[str]]] = {}
-_SEEN_ONCE: set[int] = set()  # hashes of texts seen once (a collision only profiles early)
-_PROFILE_MAX = 50_000
-_PROFILE_CHARS = 20_000_000
-PROFILE_TEXT_MAX = 200_000
-_profiled_chars = 0
-# per known text (same lifetime as _PROFILES): stem -> token positions; has a time word
-_POSITIONS: dict[tuple[str, int], dict[str, list[int]]] = {}
-_TEMPORAL: dict[str, bool] = {}
+class Profile:
+    """What ranking reads from one known text, worked out once.
 
-
-def profile(text: str, remember: bool = False) -> tuple[list[str], Counter[str]] | None:
-    """``(tokens, stem counts)`` of ``text`` if known (or ``remember``); else None, noted.
-
-    The returned objects are shared: callers must not modify them.
+    ``tokens`` and ``counts`` (every stem, speaker prefix included) are filled at once;
+    per speaker name its base (:func:`_base`), per prefix length its stem positions
+    and whether it holds a time expression are filled when first asked for.
     """
-    global _profiled_chars
-    prof = _PROFILES.get(text)
-    if prof is not None:
+
+    __slots__ = ("bases", "counts", "positions", "temporal", "tokens")
+
+    def __init__(self, tokens: list[str], counts: Counter[str]) -> None:
+        self.tokens = tokens
+        self.counts = counts
+        self.bases: dict[str | None, tuple[Counter[str], int, frozenset[str], int]] = {}
+        self.positions: dict[int, dict[str, list[int]]] = {}
+        self.temporal: bool | None = None
+
+
+class TextProfiles:
+    """A bounded memo of :class:`Profile` by text, least recently used evicted first.
+
+    A replay ranks the same session's messages thousands of times (and ``kvcache serve``
+    the same live sessions for its whole life), so a text seen twice keeps its profile
+    and a candidate then costs a few dict lookups instead of a pass over its tokens. A
+    text seen once is not stemmed whole (one CLI call stays as cheap as ``StemFilter``
+    makes it). Bounds: ``max_texts`` profiles and ``max_chars`` characters of text in
+    all; a text longer than ``text_max`` is never kept. A profile costs about 50 bytes
+    per character of its text (measured on the LoCoMo dev turns with a speaker base,
+    positions and time flag), so the defaults hold at most about 200 MB; the replay's
+    working set (its four most recent sessions, ``session_index``) is at most 40,000
+    messages, which fit at 100 characters each. The memo changes speed only, never
+    results.
+    """
+
+    def __init__(self, max_texts: int = 50_000, max_chars: int = 4_000_000, text_max: int = 200_000) -> None:
+        self.max_texts = max_texts
+        self.max_chars = max_chars
+        self.text_max = text_max
+        self._entries: OrderedDict[str, Profile] = OrderedDict()
+        self._seen_once: set[int] = set()  # hashes of texts seen once (a collision only profiles early)
+        self.chars = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def known(self, text: str) -> Profile | None:
+        """The profile of ``text`` if it is kept (no admission, no reordering)."""
+        return self._entries.get(text)
+
+    def profile(self, text: str, remember: bool = False) -> Profile | None:
+        """The profile of ``text`` if known, made now on its second sighting (or with
+        ``remember``); else None, the sighting noted."""
+        entries = self._entries
+        prof = entries.get(text)
+        if prof is not None:
+            entries.move_to_end(text)
+            return prof
+        if len(text) > self.text_max or len(text) > self.max_chars:
+            return None
+        if not remember:
+            key = hash(text)
+            if key not in self._seen_once:
+                if len(self._seen_once) >= self.max_texts:
+                    self._seen_once.clear()
+                self._seen_once.add(key)
+                return None
+        tokens = ts.tokenize(text)
+        prof = Profile(tokens, Counter(ts.stem_all(tokens)))
+        while entries and (len(entries) >= self.max_texts or self.chars + len(text) > self.max_chars):
+            old, _ = entries.popitem(last=False)
+            self.chars -= len(old)
+        entries[text] = prof
+        self.chars += len(text)
         return prof
-    if len(text) > PROFILE_TEXT_MAX:
-        return None
-    if not remember and hash(text) not in _SEEN_ONCE:
-        if len(_SEEN_ONCE) >= _PROFILE_MAX:
-            _SEEN_ONCE.clear()
-        _SEEN_ONCE.add(hash(text))
-        return None
-    tokens = ts.tokenize(text)
-    prof = (tokens, Counter(ts.stem_all(tokens)))
-    if len(_PROFILES) >= _PROFILE_MAX or _profiled_chars + len(text) > _PROFILE_CHARS:
-        _PROFILES.clear()
-        _POSITIONS.clear()
-        _TEMPORAL.clear()
-        _BASES.clear()
-        _profiled_chars = 0
-    _PROFILES[text] = prof
-    _profiled_chars += len(text)
-    return prof
+
+    def clear(self) -> None:
+        """Forget every profile and sighting."""
+        self._entries.clear()
+        self._seen_once.clear()
+        self.chars = 0
 
 
-_NAMES: dict[str, tuple[list[str], list[str]]] = {}
+#: The process's text profiles (a bounded memo: see :class:`TextProfiles`).
+PROFILES = TextProfiles()
+PROFILE_TEXT_MAX = PROFILES.text_max
 
 
-def name_profile(name: str) -> tuple[list[str], list[str]]:
-    """A speaker name's tokens and their stems (few distinct names: cached)."""
-    prof = _NAMES.get(name)
-    if prof is None:
-        tokens = ts.tokenize(name)
-        prof = (tokens, ts.stem_all(tokens))
-        if len(_NAMES) >= 10_000:
-            _NAMES.clear()
-        _NAMES[name] = prof
-    return prof
+def profile(text: str, remember: bool = False) -> Profile | None:
+    """``PROFILES.profile(text, remember)``. The returned profile is shared: do not modify it."""
+    return PROFILES.profile(text, remember)
+
+
+def clear_profiles() -> None:
+    """Forget every memoised text profile (tests compare cold and warm ranking with it)."""
+    PROFILES.clear()
+
+
+@lru_cache(maxsize=1024)  # speaker names: a handful per session; each entry is a few words
+def name_profile(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A speaker name's tokens and their stems."""
+    tokens = ts.tokenize(name)
+    return tuple(tokens), tuple(ts.stem_all(tokens))
 
 
 def _tokens(text: str) -> list[str]:
-    """``ts.tokenize(text)``, from the profile cache when the text is known (do not modify)."""
-    prof = _PROFILES.get(text)
-    return prof[0] if prof is not None else ts.tokenize(text)
+    """``ts.tokenize(text)``, from the profile when the text is known (do not modify)."""
+    prof = PROFILES.known(text)
+    return prof.tokens if prof is not None else ts.tokenize(text)
 
 
 def _has_temporal(text: str) -> bool:
     """``ts.has_temporal_expression(ts.tokenize(text))``, remembered for known texts."""
-    flag = _TEMPORAL.get(text)
-    if flag is None:
-        flag = ts.has_temporal_expression(_tokens(text))
-        if text in _PROFILES:
-            _TEMPORAL[text] = flag
-    return flag
+    prof = PROFILES.known(text)
+    if prof is None:
+        return ts.has_temporal_expression(ts.tokenize(text))
+    if prof.temporal is None:
+        prof.temporal = ts.has_temporal_expression(prof.tokens)
+    return prof.temporal
 
 
 def _positions(
     pfilter: ts.StemFilter, text: str, skip: int, held: Iterable[str] | None = None
 ) -> dict[str, list[int]]:
-    """``pfilter.positions(ts.tokenize(text)[skip:])``, from a per-text map when known.
+    """``pfilter.positions(ts.tokenize(text)[skip:])``, from the profile when known.
 
     ``held``: the filter's stems the text has after its first ``skip`` tokens (a
     known text then looks only those up).
     """
-    prof = _PROFILES.get(text)
+    prof = PROFILES.known(text)
     if prof is None:
         return pfilter.positions(ts.tokenize(text)[skip:])
-    key = (text, skip)
-    posmap = _POSITIONS.get(key)
+    posmap = prof.positions.get(skip)
     if posmap is None:  # stem -> positions after the first ``skip`` tokens
         posmap = {}
-        for i, tok in enumerate(prof[0][skip:]):
+        for i, tok in enumerate(prof.tokens[skip:]):
             posmap.setdefault(ts.stem(tok), []).append(i)
-        _POSITIONS[key] = posmap
+        if len(prof.positions) >= _PER_TEXT:
+            prof.positions.clear()
+        prof.positions[skip] = posmap
     stems = pfilter.stems if held is None else held
     return {st: posmap[st] for st in stems if st in posmap}
+
+
+# A known text keeps a base and a position map per speaker name / prefix length: one
+# or two in practice; past this many (the same text said by many speakers) they start over.
+_PER_TEXT = 8
 
 
 def _doc_matched(
@@ -156,33 +205,25 @@ def _doc_matched(
 
 def matched(terms: Sequence[str], text: str) -> list[str]:
     """``ts.matched_keywords`` through the profile cache when the text is known."""
-    prof = _PROFILES.get(text)
+    prof = PROFILES.known(text)
     if prof is None:
         return ts.matched_keywords(terms, text)
-    return [t for t in terms if ts.stem(t) in prof[1]]
-
-
-# Per known text and speaker: its full stem counts (speaker prefix taken off), length,
-# speaker stems and prefix length. Filled with _PROFILES (a text seen twice), so a
-# replay's candidates cost one lookup; cleared with it.
-_BASES: dict[tuple[str, str | None], tuple[Counter[str], int, frozenset[str], int]] = {}
+    return [t for t in terms if ts.stem(t) in prof.counts]
 
 
 def _base(text: str, name: str | None) -> tuple[Counter[str], int, frozenset[str], int] | None:
-    """Cached ``(full stem counts, length, speaker stems, prefix length)`` of a known text."""
-    key = (text, name)
-    base = _BASES.get(key)
-    if base is not None:
-        return base
-    prof = _PROFILES.get(text)
+    """``(full stem counts, length, speaker stems, prefix length)`` of a known text, kept
+    in its profile (a replay's candidates then cost one lookup); None for other texts."""
+    prof = PROFILES.known(text)
     if prof is None:
         return None
-    tokens, full = prof
-    stems = Counter(full)
-    speaker, prefix_len = _speaker(name, text, tokens, stems)
-    if len(_BASES) >= _PROFILE_MAX:
-        _BASES.clear()
-    base = _BASES[key] = (stems, len(tokens), speaker, prefix_len)
+    base = prof.bases.get(name)
+    if base is None:
+        stems = Counter(prof.counts)
+        speaker, prefix_len = _speaker(name, text, prof.tokens, stems)
+        if len(prof.bases) >= _PER_TEXT:
+            prof.bases.clear()
+        base = prof.bases[name] = (stems, len(prof.tokens), speaker, prefix_len)
     return base
 
 
@@ -194,7 +235,7 @@ def _speaker(
         return frozenset(), 0
     name_tokens, name_stems = name_profile(name)
     prefix_len = 0
-    if ":" in text[: len(name) + 2] and tokens[: len(name_tokens)] == name_tokens:
+    if ":" in text[: len(name) + 2] and tuple(tokens[: len(name_tokens)]) == name_tokens:
         prefix_len = len(name_tokens)
         for st in name_stems:
             if stems.get(st, 0) > 0:
@@ -204,7 +245,7 @@ def _speaker(
 
 def is_profiled(text: str) -> bool:
     """Whether ``text``'s query-independent parts are memoised (cheap to rank again)."""
-    return text in _PROFILES
+    return PROFILES.known(text) is not None
 
 
 def make_doc(

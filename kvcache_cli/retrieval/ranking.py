@@ -36,6 +36,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from kvcache_cli.retrieval import textsearch as ts
@@ -184,33 +185,20 @@ def bm25_terms(
 
 
 # ------------------------------------------------------------------------ queries
-# A replay ranks each question up to three times (tiers 1-3): what a query asks is
-# worked out once (bounded caches; values never change).
-_KINDS: dict[str, tuple[bool, bool, list[tuple[int | None, int | None, int | None]]]] = {}
-_FILTERS: dict[tuple[str, ...], ts.StemFilter] = {}
-
-
-def _query_kind(query: str) -> tuple[bool, bool, list[tuple[int | None, int | None, int | None]]]:
+# A replay ranks each question up to three times (tiers 1-3), and ``serve`` one request
+# at a time: what a query asks is worked out once. Pure functions of the query, so a
+# small LRU suffices (256: far more than the queries in flight at once; an entry is a
+# few hundred bytes).
+@lru_cache(maxsize=256)
+def _query_kind(query: str) -> tuple[bool, bool, tuple[tuple[int | None, int | None, int | None], ...]]:
     """(asks when, asks how many, dates named) of ``query``."""
-    kind = _KINDS.get(query)
-    if kind is None:
-        if len(_KINDS) >= 256:
-            _KINDS.clear()
-        kind = _KINDS[query] = (
-            ts.is_temporal_question(query),
-            ts.is_count_question(query),
-            ts.query_dates(query),
-        )
-    return kind
+    return ts.is_temporal_question(query), ts.is_count_question(query), tuple(ts.query_dates(query))
 
 
+@lru_cache(maxsize=256)
 def _stem_filter(stems: tuple[str, ...]) -> ts.StemFilter:
-    found = _FILTERS.get(stems)
-    if found is None:
-        if len(_FILTERS) >= 256:
-            _FILTERS.clear()
-        found = _FILTERS[stems] = ts.StemFilter(stems)
-    return found
+    """The (immutable) :class:`ts.StemFilter` of a query's stems."""
+    return ts.StemFilter(stems)
 
 
 # ------------------------------------------------------------------------ ranking
@@ -242,7 +230,7 @@ def rank_candidates(
     is_temporal, is_count, query_dates = _query_kind(query)
     temporal_q = p.temporal_boost > 0 and is_temporal
     count_q = p.number_boost > 0 and is_count
-    dates = query_dates if p.date_boost > 0 else []
+    dates = query_dates if p.date_boost > 0 else ()
     date_stems = {st for st in (ts.stem(t) for t in ts.date_words(query)) if st in idf} if dates else set()
     # query-adjacent word pairs (sequential dependence): (stem a, stem b, pair weight)
     pairs: list[tuple[str, str, float]] = []
