@@ -5,7 +5,8 @@ client gets: unreachable 502, timed out 504, loading 503, any other 5xx 502, a 4
 passed through as the upstream sent it. An over-long prompt (llama-server's 400
 ``exceed_context_size_error``, or the 500 form some builds send) is
 :class:`ContextExceededError`, so the turn can clear and retry. The API key is sent,
-never put in a message.
+never put in a message. Requests go over kept-alive ``http.client`` connections
+(``llm.keepalive``): on the path of every turn, ``requests`` cost four times the CPU.
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import requests
-from requests.adapters import HTTPAdapter
-
-from kvcache_cli.llm.http_session import session_for
+from kvcache_cli.llm.keepalive import KeepAlivePool, Reply, Streamed, TransportError
 from kvcache_cli.server.protocol import error_body
 
 _CONTEXT_MARKERS = ("exceed_context_size_error", "exceeds the available context size", "context size")
@@ -47,71 +45,66 @@ class Upstream:
         api_key: str | None = None,
         connect_timeout: float = 3.0,
         read_timeout: float = 120.0,
-        pool_size: int = 64,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self.timeout = (connect_timeout, read_timeout)
-        self._http = session_for([self.base_url])  # the environment's proxy settings read once
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
-        self._http.mount("http://", adapter)
-        self._http.mount("https://", adapter)
-        if api_key:
-            self._http.headers["Authorization"] = f"Bearer {api_key}"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = KeepAlivePool(self.base_url, headers, connect_timeout, read_timeout)
 
     def close(self) -> None:
         self._http.close()
 
     # ---------------------------------------------------------------- plumbing
-    def _send(self, method: str, path: str, body: bytes | None, stream: bool = False) -> requests.Response:
+    def _send(self, method: str, path: str, body: bytes | None, stream: bool = False) -> Reply | Streamed:
         headers = {"Content-Type": "application/json"} if body is not None else {}
         try:
-            return self._http.request(
-                method, self.base_url + path, data=body, headers=headers, timeout=self.timeout, stream=stream
-            )
-        except requests.Timeout:
-            raise UpstreamError(
-                504, error_body(504, f"the upstream did not answer {method} {path} in time"), "timeout"
-            ) from None
-        except requests.RequestException:
+            if stream:
+                return self._http.open(method, path, body, headers)
+            return self._http.request(method, path, body, headers)
+        except TransportError as exc:
+            if exc.timed_out:
+                raise UpstreamError(
+                    504, error_body(504, f"the upstream did not answer {method} {path} in time"), "timeout"
+                ) from None
             raise UpstreamError(
                 502, error_body(502, f"cannot reach the upstream for {method} {path}"), "unreachable"
             ) from None
 
     @staticmethod
-    def _check(resp: requests.Response, what: str) -> None:
+    def _check(status: int, content: bytes, what: str) -> None:
         """Raise the client-facing error for a non-2xx answer."""
-        if resp.status_code < 400:
+        if status < 400:
             return
-        text = resp.text
+        text = content.decode("utf-8", "replace")
         try:
-            body = resp.json()
+            body = json.loads(content)
         except ValueError:
             body = None
         lowered = text.lower()
-        if resp.status_code in (400, 500) and any(m in lowered for m in _CONTEXT_MARKERS):
+        if status in (400, 500) and any(m in lowered for m in _CONTEXT_MARKERS):
             raise ContextExceededError(
                 400, body if isinstance(body, dict) else error_body(400, text[:300]), "context_exceeded"
             )
-        if resp.status_code < 500:  # the client's mistake: passed through as sent
+        if status < 500:  # the client's mistake: passed through as sent
             raise UpstreamError(
-                resp.status_code,
-                body if isinstance(body, dict) else error_body(resp.status_code, text[:300]),
-                f"http_{resp.status_code}",
+                status,
+                body if isinstance(body, dict) else error_body(status, text[:300]),
+                f"http_{status}",
             )
-        status = 503 if resp.status_code == 503 else 502
+        answered = 503 if status == 503 else 502
         detail = body.get("error", {}).get("message") if isinstance(body, dict) else None
-        message = f"the upstream answered {what} with HTTP {resp.status_code}"
+        message = f"the upstream answered {what} with HTTP {status}"
         if isinstance(detail, str) and detail:
             message += f": {detail[:300]}"
-        raise UpstreamError(status, error_body(status, message), f"http_{resp.status_code}")
+        raise UpstreamError(answered, error_body(answered, message), f"http_{status}")
 
     # ---------------------------------------------------------------- chat
     def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         """A whole (non-streamed) chat completion."""
-        resp = self._send("POST", "/v1/chat/completions", json.dumps(body).encode())
-        self._check(resp, "POST /v1/chat/completions")
+        reply = self._send("POST", "/v1/chat/completions", json.dumps(body).encode())
+        assert isinstance(reply, Reply)
+        self._check(reply.status, reply.content, "POST /v1/chat/completions")
         try:
-            data = resp.json()
+            data = json.loads(reply.content)
         except ValueError:
             data = None
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
@@ -123,27 +116,31 @@ class Upstream:
     def chat_stream(self, body: dict[str, Any]) -> ChatStream:
         """Open a streamed chat completion; errors before the first event raise here."""
         resp = self._send("POST", "/v1/chat/completions", json.dumps(body).encode(), stream=True)
-        try:
-            self._check(resp, "POST /v1/chat/completions")
-        except UpstreamError:
-            resp.close()
-            raise
+        assert isinstance(resp, Streamed)
+        if resp.status >= 400:
+            try:
+                content = resp.read_all()
+            except TransportError:
+                content = b""
+            self._check(resp.status, content, "POST /v1/chat/completions")
         return ChatStream(resp)
 
     # ---------------------------------------------------------------- pass-through
     def forward(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes, str]:
         """Any other endpoint: (status, body, content type) as the upstream answered,
         except that unreachable/timeout/5xx become kvcache's 502/503/504 errors."""
-        resp = self._send(method, path, body)
-        if resp.status_code >= 500:
-            self._check(resp, f"{method} {path}")
-        return resp.status_code, resp.content, resp.headers.get("Content-Type", "application/json")
+        reply = self._send(method, path, body)
+        assert isinstance(reply, Reply)
+        if reply.status >= 500:
+            self._check(reply.status, reply.content, f"{method} {path}")
+        return reply.status, reply.content, reply.header("Content-Type", "application/json")
 
     def get_json(self, path: str) -> Any:
         """``GET path`` decoded, or None when it fails (for optional facts like ``/props``)."""
         try:
-            resp = self._send("GET", path, None)
-            return resp.json() if resp.status_code == 200 else None
+            reply = self._send("GET", path, None)
+            assert isinstance(reply, Reply)
+            return json.loads(reply.content) if reply.status == 200 else None
         except (UpstreamError, ValueError):
             return None
 
@@ -152,7 +149,7 @@ class ChatStream:
     """The server-sent events of a streamed chat, one event (bytes, ending in a blank
     line) at a time as they arrive, with the reply text and last ``timings`` gathered."""
 
-    def __init__(self, resp: requests.Response) -> None:
+    def __init__(self, resp: Streamed) -> None:
         self._resp = resp
         self.content: list[str] = []
         self.timings: dict[str, Any] | None = None
@@ -165,7 +162,7 @@ class ChatStream:
     def __iter__(self) -> Iterator[bytes]:
         buffer = b""
         try:
-            for piece in self._resp.iter_content(chunk_size=None):
+            for piece in self._resp:
                 buffer += piece
                 while b"\n\n" in buffer:
                     event, buffer = buffer.split(b"\n\n", 1)
@@ -173,7 +170,7 @@ class ChatStream:
                     if event:
                         self._note(event)
                         yield event + b"\n\n"
-        except requests.RequestException:
+        except TransportError:
             raise UpstreamError(
                 502, error_body(502, "the upstream's stream broke off"), "stream_broken"
             ) from None
