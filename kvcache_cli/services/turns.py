@@ -237,7 +237,11 @@ def _turn(
     found: RetrievalResult | None = None
     if question is not None and user_pos is not None:
         report, found = _decide(core, session, active, start + user_pos, question, now)
-    outcome = _outcome(core, session, report, found) if full_outcome else TurnOutcome(session_key, report)
+    if full_outcome:  # with no clear in this turn, the active cache is the list at hand
+        unchanged = active if report is None or report.clear is None else None
+        outcome = _outcome(core, session, report, found, unchanged)
+    else:
+        outcome = TurnOutcome(session_key, report)
     if after:
         _store_reply(core, session, conv, start + cut, after, tokens[cut:], now, max(0, kept - cut))
         result.messages_added += len(after) - max(0, kept - cut)
@@ -395,16 +399,21 @@ def _decide(
 
 # ----------------------------------------------------------------------------- live turns
 def _outcome(
-    core: Core, session: m.Session, report: TurnReport | None, found: RetrievalResult | None
+    core: Core,
+    session: m.Session,
+    report: TurnReport | None,
+    found: RetrievalResult | None,
+    active: list[KVEntry] | None = None,
 ) -> TurnOutcome:
-    """The turn's decision with what a prompt builder needs (inside the transaction)."""
+    """The turn's decision with what a prompt builder needs (inside the transaction);
+    ``active``: the session's active cache when the caller holds it (else it is read)."""
     sid = session.get_id()
     return TurnOutcome(
         session_id=session.key,
         report=report,
         retrieved=list(found.entries) if found is not None else [],
         summary=cache.summary_text(core.store, sid),
-        active=cache.active_entries(core.store, sid),
+        active=list(active) if active is not None else cache.active_entries(core.store, sid),
         context_start=cache.last_clear_index(core.store, sid),
     )
 
