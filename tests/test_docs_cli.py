@@ -36,3 +36,32 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     assert command in ci
     assert ci[-1] == command  # run last, after the PostgreSQL set-up
+
+
+def _console_block(command: str) -> str:
+    """The output the README shows under ``$ COMMAND`` in a console block."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index(f"$ {command}") + 1
+    end = lines.index("```", start)
+    return "\n".join(lines[start:end]) + "\n"
+
+
+def test_readme_examples_are_what_the_commands_print(tmp_path: Path) -> None:
+    """The README's ``process`` and ``retrieve`` examples, run as shown on a 100-column
+    screen, print exactly what the README says they print."""
+    from tests.helpers import invoke
+
+    process = "kvcache --db demo.db process examples/support-chat.json"
+    question = "which index did we create on geo_lookup?"
+    retrieve = f'kvcache --db demo.db retrieve support-4821 "{question}" --limit 3'
+    db = tmp_path / "demo.db"
+    runs = []
+    for args in (
+        ["process", "examples/support-chat.json"],
+        ["retrieve", "support-4821", question, "--limit", "3"],
+    ):
+        rc, out, err = invoke(*args, home=tmp_path, db=db, cwd=ROOT, env={"COLUMNS": "100"})
+        assert rc == 0, err
+        runs.append(out)
+    assert runs[0] == _console_block(process), "README's process example is stale"
+    assert runs[1] == _console_block(retrieve), "README's retrieve example is stale"
