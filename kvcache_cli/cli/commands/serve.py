@@ -53,7 +53,9 @@ def serve(
     section = config.serve
     url = upstream or section.upstream or config.llm.base_url
     if not url:
-        raise BadInputError("kvcache serve needs --upstream URL (or [serve] upstream in the config)")
+        raise BadInputError(
+            "kvcache serve needs --upstream URL (or [serve] upstream or [llm] base_url in the config)"
+        )
     options = ServeOptions(
         upstream=url,
         host=host or section.host,
