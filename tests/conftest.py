@@ -60,3 +60,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Slow cases first (stable order otherwise): with workers (``-n``) they start at once
     instead of finishing the run alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Drop the PostgreSQL test databases this process kept for reuse (``tests/pg.py``)."""
+    from tests.pg import drop_spares
+
+    drop_spares()

@@ -113,20 +113,20 @@ def _ranked(store_url: str, conv: Path, session: str, query: str) -> tuple[list[
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_other_speakers_reply_outranks_the_question(tmp_path: Path, backend: str) -> None:
     """Both backends: Bob's reply first, Alice's question kept; without the step, the question first."""
-    from tests.pg import PG_URL, create_database, drop_database
+    from tests.pg import PG_URL, empty_database, release
 
     conv = _write(tmp_path / "hike.json", "hike", HIKING, named=True)
     if backend == "sqlite":
         url = str(tmp_path / "kv.db")
     elif PG_URL:
-        url = create_database()
+        url = empty_database()
     else:
         pytest.skip("set KVCACHE_TEST_PG_URL to run the PostgreSQL variant")
     try:
         got, flat = _ranked(url, conv, "hike", "Where did Bob go hiking?")
     finally:
         if backend != "sqlite":
-            drop_database(url)
+            release(url)
     assert got[0] == 3 and 2 in got[:3], got
     assert flat.index(2) < flat.index(3), flat
 

@@ -37,9 +37,9 @@ from tests.helpers import (
 from tests.pg import (  # noqa: F401  (fixtures)
     BACKENDS,
     PG_URL,
-    create_database,
-    drop_database,
+    empty_database,
     is_pg,
+    release,
     store_factory,
     store_url,
 )
@@ -380,13 +380,13 @@ def seeded(
     elif not PG_URL:
         pytest.skip("set KVCACHE_TEST_PG_URL to run the PostgreSQL tests")
     else:
-        db = create_database()
+        db = empty_database()
     try:
         invoke_json("process", EXAMPLES / "openai.jsonl", home=home, db=db)
         yield home, db
     finally:
         if isinstance(db, str):
-            drop_database(db)
+            release(db)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FILES))

@@ -315,7 +315,7 @@ def _dated_hits(
 
 def test_dates_and_phrases_rank_identically_on_both_backends(tmp_path: Path) -> None:
     """Session-date and word-pair features live in the shared scorer: same hits on both."""
-    from tests.pg import PG_URL, create_database, drop_database
+    from tests.pg import PG_URL, empty_database, release
 
     conv = _conversation(tmp_path / "chat.json", "chat", TURNS)
     queries = [
@@ -328,11 +328,11 @@ def test_dates_and_phrases_rank_identically_on_both_backends(tmp_path: Path) -> 
     assert _dated_hits(str(tmp_path / "nodate.db"), conv, queries[:1], date_boost=0.0)[0][0][0] == 3
     assert all(0.0 <= s <= 1.0 for hits in got for _, _, s in hits)
     if PG_URL:
-        url = create_database()
+        url = empty_database()
         try:
             assert _dated_hits(url, conv, queries) == got
         finally:
-            drop_database(url)
+            release(url)
 
 
 # Turn 1 is Bob's and says "Lisbon"; turn 7 is Bob's and says "ferry" and "Lisbon";
@@ -360,7 +360,7 @@ def test_turn_covering_more_of_the_question_ranks_first_on_both_backends(tmp_pat
 
     The best-covering turn keeps its score; the others are scaled down, not up.
     """
-    from tests.pg import PG_URL, create_database, drop_database
+    from tests.pg import PG_URL, empty_database, release
 
     conv = _conversation(tmp_path / "ferry.json", "chat", FERRY)
     query = ["Which ferry did Bob take in Lisbon?"]
@@ -372,8 +372,8 @@ def test_turn_covering_more_of_the_question_ranks_first_on_both_backends(tmp_pat
     assert got[0][0][1] == best[7]
     assert all(raw <= best.get(idx, raw) + 1e-9 for idx, raw, _ in got[0])
     if PG_URL:
-        url = create_database()
+        url = empty_database()
         try:
             assert _dated_hits(url, conv, query) == got
         finally:
-            drop_database(url)
+            release(url)

@@ -28,7 +28,7 @@ from kvcache_cli.services import slot_files  # noqa: E402
 from kvcache_cli.store.backend import open_store  # noqa: E402
 from tests.fake_llama_server import FakeLlamaServer  # noqa: E402
 from tests.helpers import invoke, invoke_json  # noqa: E402
-from tests.pg import BACKENDS, PG_URL, copy_database, create_database, drop_database, is_pg  # noqa: E402
+from tests.pg import BACKENDS, PG_URL, copy_database, empty_database, is_pg, release  # noqa: E402
 from tests.serve_util import ServeProcess  # noqa: E402
 
 REAL_LLAMA = "KVCACHE_TEST_LLAMA_URL"  # a real llama-server for the opt-in test (-np N --slot-save-path)
@@ -116,14 +116,14 @@ def served_once(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     elif not PG_URL:
         pytest.skip("set KVCACHE_TEST_PG_URL to run the PostgreSQL tests")
     else:
-        db = create_database()
+        db = empty_database()
     try:
         state = Served(home, db, files, {})
         _serve_three_sessions(state)
         yield state
     finally:
         if is_pg(db):
-            drop_database(db)
+            release(db)
 
 
 @pytest.fixture
@@ -149,7 +149,7 @@ def served(served_once: Served, tmp_path: Path) -> Iterator[Served]:
         yield state
     finally:
         if is_pg(db):
-            drop_database(db)
+            release(db)
 
 
 def test_serve_files_of_a_live_session_stay_and_forget_lists_then_maintain_keeps_listing(
