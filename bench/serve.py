@@ -14,7 +14,8 @@ kvcache made per turn besides the chat itself (``/tokenize``, ``/v1/embeddings``
 all, and those made while the client waited: a turn embeds its messages after its
 answer is sent) and,
 from one in-process ``ChatService`` over the same conversation, the SQL statements and
-store transactions per turn, and the CPU time the ``kvcache serve`` process spent per
+store transactions per turn and the CPU time of the thread that handles the turn (until
+the answer, and after it), and the CPU time the ``kvcache serve`` process spent per
 turn: figures that a loaded machine does not blur (on an idle machine the overhead is
 about that CPU time plus the upstream calls' round trips).
 
@@ -179,13 +180,17 @@ def statements_per_turn(turns: int) -> dict[str, Any]:
         service = ChatService(store, config, Upstream(fake.url, None, 5, 60), llm, Metrics(), n_ctx=8192)
         history: list[dict[str, Any]] = [{"role": "system", "content": "You answer briefly."}]
         per_turn: list[dict[str, int]] = []
+        cpu: list[tuple[float, float]] = []  # the handling thread's CPU ms: until answered, after
         for t in range(turns):
             history.append({"role": "user", "content": f"Turn {t}: tell me one thing about topic {t % 7}."})
             body = {"model": "m", "messages": history, "max_tokens": 32}
             counts.update(statements=0, commits=0)
+            started = time.thread_time()
             answer = service.handle(ChatCompletionRequest.model_validate(body), body, "count-0")
+            answered = time.thread_time()
             if answer.after is not None:  # the part of the turn after the answer is sent
                 answer.after()
+            cpu.append(((answered - started) * 1000, (time.thread_time() - answered) * 1000))
             per_turn.append(dict(counts))
             assert answer.body is not None
             history.append({"role": "assistant", "content": answer.body["choices"][0]["message"]["content"]})
@@ -196,6 +201,8 @@ def statements_per_turn(turns: int) -> dict[str, Any]:
         "sql_statements_per_turn": round(statistics.mean(c["statements"] for c in steady), 1),
         "sql_statements_last_turn": per_turn[-1]["statements"],
         "transactions_per_turn": round(statistics.mean(c["commits"] for c in steady), 1),
+        "cpu_ms_until_answered_p50": round(statistics.median(c for c, _ in cpu[1:]), 2),
+        "cpu_ms_after_answer_p50": round(statistics.median(a for _, a in cpu[1:]), 2),
     }
 
 
@@ -306,7 +313,9 @@ def main() -> int:
     counts = results["counts"]
     print(
         f"this install, in process, {counts['turns']} turns: {counts['sql_statements_per_turn']} SQL statements "
-        f"and {counts['transactions_per_turn']} transactions per turn (last turn: {counts['sql_statements_last_turn']})"
+        f"and {counts['transactions_per_turn']} transactions per turn (last turn: {counts['sql_statements_last_turn']}); "
+        f"CPU of the turn's thread p50 {counts['cpu_ms_until_answered_p50']} ms until answered, "
+        f"{counts['cpu_ms_after_answer_p50']} ms after"
     )
     if "real_server" in results:
         print(f"real server: {results['real_server']}")
