@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import itertools
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -106,13 +105,6 @@ class RankParams:
     answer_floor: bool = True
     # coordination: own score times (IDF of the query stems held / the best candidate's) ** coverage
     coverage: float = 0.5
-    # candidates measured and not kept (docs/retrieval.md, "Tried and dropped"); off by default:
-    proximity_all_pairs: bool = False  # proximity over every pair of query stems, not adjacent ones
-    short_turn: int = 0  # a turn of fewer words than this: own score x words / short_turn
-    list_coverage: float = 1.0  # "what/which ... <plural>" questions: coverage x this
-    list_diversity: float = 0.0  # those questions: each further hit of one session date x (1 - d)
-    idf_floor: float = 0.0  # a word in most turns weighs at least this (FTS5 floors it at 1e-6)
-    list_context: float = 1.0  # list questions: context_weight x this (fewer borrowed neighbours)
 
 
 def rank_params(options: dict[str, Any]) -> RankParams:
@@ -198,16 +190,9 @@ def bm25_terms(
 # small LRU suffices (256: far more than the queries in flight at once; an entry is a
 # few hundred bytes).
 @lru_cache(maxsize=256)
-def _query_kind(
-    query: str,
-) -> tuple[bool, bool, tuple[tuple[int | None, int | None, int | None], ...], bool]:
-    """(asks when, asks how many, dates named, asks for a list) of ``query``."""
-    return (
-        ts.is_temporal_question(query),
-        ts.is_count_question(query),
-        tuple(ts.query_dates(query)),
-        ts.is_list_question(query),
-    )
+def _query_kind(query: str) -> tuple[bool, bool, tuple[tuple[int | None, int | None, int | None], ...]]:
+    """(asks when, asks how many, dates named) of ``query``."""
+    return ts.is_temporal_question(query), ts.is_count_question(query), tuple(ts.query_dates(query))
 
 
 @lru_cache(maxsize=256)
@@ -240,12 +225,9 @@ def rank_candidates(
     if limit <= 0 or not docs:
         return []
     p = params
-    if p.idf_floor > 0:
-        idf = {s: max(v, p.idf_floor) for s, v in idf.items()}
     stems = list(idf)
     stem_set_q = frozenset(stems)
-    is_temporal, is_count, query_dates, is_list = _query_kind(query)
-    coverage = p.coverage * (p.list_coverage if is_list else 1.0)
+    is_temporal, is_count, query_dates = _query_kind(query)
     temporal_q = p.temporal_boost > 0 and is_temporal
     count_q = p.number_boost > 0 and is_count
     dates = query_dates if p.date_boost > 0 else ()
@@ -254,12 +236,9 @@ def rank_candidates(
     pairs: list[tuple[str, str, float]] = []
     if p.proximity_weight > 0:
         qstems = [s for s in dict.fromkeys(ts.stem(t) for t in terms) if s in idf]
-        adjacent = (
-            itertools.combinations(qstems, 2)
-            if p.proximity_all_pairs
-            else zip(qstems, qstems[1:], strict=False)
-        )
-        pairs = [(a, b, p.proximity_weight * min(idf[a], idf[b])) for a, b in adjacent]
+        pairs = [
+            (a, b, p.proximity_weight * min(idf[a], idf[b])) for a, b in zip(qstems, qstems[1:], strict=False)
+        ]
         pfilter = _stem_filter(tuple(qstems))
 
     own: dict[tuple[int, int], float] = {}
@@ -274,7 +253,7 @@ def rank_candidates(
             continue  # matched only through the speaker prefix
         sc = bm25_terms(d.stems, d.length, idf, avg_len, p.length_b, present)
         key = (d.session_id, d.index)
-        if coverage > 0:
+        if p.coverage > 0:
             held[key] = sum(idf[s] for s in present)
         if p.speaker_boost > 0 and not d.speaker_stems.isdisjoint(stem_set_q):
             named.add(key)
@@ -289,19 +268,15 @@ def rank_candidates(
             sc *= 1.0 + p.date_boost
             if key in held:  # the turn's date holds the query's date words
                 held[key] += sum(idf[s] for s in date_stems.difference(present))
-        if p.short_turn > 0 and d.length - d.prefix_len < p.short_turn:
-            sc *= max(1, d.length - d.prefix_len) / p.short_turn
         own[key] = sc
         info[key] = (d.message_id, d.content)
         doc_of[key] = d
     best_held = max(held.values(), default=0.0)
     if best_held > 0:  # relative to the best-covering candidate: that one keeps its score
         for key, mass in held.items():
-            own[key] *= (mass / best_held) ** coverage
+            own[key] *= (mass / best_held) ** p.coverage
 
     window, weight, decay = p.context_window, p.context_weight, p.context_decay
-    if is_list:
-        weight *= p.list_context
     dist_weights = [(dist, decay ** (dist - 1)) for dist in range(1, window + 1)]
     own_rows: dict[int, dict[int, float]] = {}  # session -> index -> own score
     for (sid, idx), sc in own.items():
@@ -363,8 +338,6 @@ def rank_candidates(
             if combined[answer] <= combined[question]:  # just above: ranks first, same score
                 combined[answer] = math.nextafter(combined[question], math.inf)
 
-    if is_list and p.list_diversity > 0:
-        _spread_over_sessions(combined, info, doc_of, p.list_diversity)
     ranked = heapq.nsmallest(  # = sorted(...)[:limit]
         limit,
         (k for k in combined if combined[k] > 0 and (keep is None or keep(k[1]))),
@@ -388,22 +361,6 @@ def rank_candidates(
         )
         for key in ranked
     ]
-
-
-def _spread_over_sessions(
-    combined: dict[tuple[int, int], float],
-    info: dict[tuple[int, int], tuple[int, str]],
-    doc_of: dict[tuple[int, int], Doc],
-    d: float,
-) -> None:
-    """Each further turn of one session date (in score order) x ``(1 - d) ** n`` (in place)."""
-    seen: Counter[str] = Counter()
-    for key in sorted(combined, key=lambda k: (-combined[k], info[k][0])):
-        doc = doc_of.get(key)
-        day = doc.day if doc is not None else ""
-        if day:
-            combined[key] *= (1.0 - d) ** seen[day]
-            seen[day] += 1
 
 
 def _answers(

@@ -420,20 +420,6 @@ def is_temporal_question(query: str) -> bool:
     return bool(_TEMPORAL_Q_RE.search(query))
 
 
-_LIST_Q_RE = re.compile(r"^\W*(?:in\s+)?(?:what|which)\b", re.IGNORECASE)
-
-
-def is_list_question(query: str) -> bool:
-    """True when ``query`` asks "what/which ..." about a plural ("What books has she read?",
-    "What activities ..."): its answer is spread over several turns."""
-    if not _LIST_Q_RE.search(query):
-        return False
-    for tok in query_terms(query):
-        if len(tok) > 3 and tok.endswith("s") and not tok.endswith(("ss", "us", "is")):
-            return True
-    return False
-
-
 def has_temporal_expression(tokens: Iterable[str]) -> bool:
     """True when the (unstemmed) tokens contain a date or a time word."""
     return any(t in TEMPORAL_WORDS or _YEAR_RE.match(t) for t in tokens)
