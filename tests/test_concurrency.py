@@ -16,8 +16,8 @@ import pytest
 from tests.helpers import (
     check_turn_boundaries,
     integrity,
+    invoke,
     logical_state,
-    run_kvcache,
     start_kvcache,
     uniform_conversation,
     write_json,
@@ -50,7 +50,8 @@ def test_sixteen_concurrent_writers_equal_a_sequential_run(
     home = tmp_path / "home"
 
     seq_db = store_factory("seq")
-    result = run_kvcache("-q", "--db", seq_db, "process", *map(str, files), str(shared), home=home)
+    # the sequential reference in-process (-j 1: no workers forked from pytest)
+    result = invoke("-q", "--db", seq_db, "process", "-j", "1", *map(str, files), str(shared), home=home)
     assert result.returncode == 0, result.stderr
 
     db = store_factory("conc")

@@ -21,6 +21,7 @@ from tests.helpers import (
     check_turn_boundaries,
     committed_rows,
     integrity,
+    invoke,
     logical_state,
     run_kvcache,
     start_kvcache,
@@ -56,8 +57,8 @@ def test_sigkill_at_random_points_then_replay_equals_uninterrupted(tmp_path: Pat
     src2 = write_json(tmp_path / "other.json", data2, compact=True)
     convs = {"crash": data, "other": data2}
 
-    ref = tmp_path / "ref.db"
-    done = run_kvcache("-q", "--db", str(ref), "process", str(src), str(src2), home=home)
+    ref = tmp_path / "ref.db"  # the uninterrupted run: in-process (-j 1 forks no workers from pytest)
+    done = invoke("-q", "--db", str(ref), "process", "-j", "1", str(src), str(src2), home=home)
     assert done.returncode == 0, done.stderr
     total = len(data["messages"]) + len(data2["messages"])
 
@@ -93,7 +94,7 @@ def test_sigkill_of_a_parallel_replay_keeps_whole_sessions_and_stops_its_workers
     data = {f"w{i}": uniform_conversation(f"w{i}", TURNS, topic=f"w{i}", seed=i) for i in range(8)}
     srcs = [str(write_json(tmp_path / f"{key}.json", conv, compact=True)) for key, conv in data.items()]
     ref = tmp_path / "ref.db"
-    assert run_kvcache("-q", "--db", str(ref), "process", "-j", "1", *srcs, home=home).returncode == 0
+    assert invoke("-q", "--db", str(ref), "process", "-j", "1", *srcs, home=home).returncode == 0
     rng = random.Random(7)
     db = tmp_path / "killed.db"
     sessions_at_kill = []
@@ -129,7 +130,7 @@ def test_ctrl_c_stops_at_a_turn_boundary_with_exit_130(tmp_path: Path) -> None:
     data = uniform_conversation("intr", TURNS, topic="intr")
     src = write_json(tmp_path / "intr.json", data, compact=True)
     ref = tmp_path / "ref.db"
-    assert run_kvcache("-q", "--db", str(ref), "process", str(src), home=home).returncode == 0
+    assert invoke("-q", "--db", str(ref), "process", "-j", "1", str(src), home=home).returncode == 0
 
     db = tmp_path / "intr.db"
     proc = start_kvcache("--db", str(db), "process", str(src), home=home)

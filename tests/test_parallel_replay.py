@@ -29,6 +29,7 @@ from tests.helpers import (
     cli_env,
     committed_rows,
     conversation,
+    invoke,
     kvcache_command,
     recall_conversation,
     run_kvcache,
@@ -92,7 +93,7 @@ def prior_store(tmp_path: Path, name: str) -> Path:
     merge shifts starts above 1."""
     db = tmp_path / name
     prior = write_json(tmp_path / f"prior-{name}.json", recall_conversation("prior", 34, "camping"))
-    rc, _, err = run_kvcache("process", "-j", "1", prior, home=_home(tmp_path), db=db)
+    rc, _, err = invoke("process", "-j", "1", prior, home=_home(tmp_path), db=db)
     assert rc == 0, err
     return db
 
@@ -102,7 +103,7 @@ def test_workers_leave_exactly_the_store_of_a_sequential_replay(tmp_path: Path) 
     files = inputs(tmp_path / "in")
     seq_db, par_db = prior_store(tmp_path, "seq.db"), prior_store(tmp_path, "par.db")
     home = _home(tmp_path)
-    rc, seq_out, err = run_kvcache("process", "-j", "1", "--json", "--turns", *files, home=home, db=seq_db)
+    rc, seq_out, err = invoke("process", "-j", "1", "--json", "--turns", *files, home=home, db=seq_db)
     assert rc == 0, err
     rc, par_out, err = run_kvcache(
         "-v", "process", "-j", "2", "--json", "--turns", *files, home=home, db=par_db
@@ -132,7 +133,7 @@ def test_repeated_and_stored_sessions_stay_in_the_parent(tmp_path: Path) -> None
     order = [part, *files[:3], more_prior, rest, *files[3:]]
     seq_db, par_db = prior_store(tmp_path, "seq.db"), prior_store(tmp_path, "par.db")
     home = _home(tmp_path)
-    rc, seq_out, err = run_kvcache("process", "-j", "1", "--json", *order, home=home, db=seq_db)
+    rc, seq_out, err = invoke("process", "-j", "1", "--json", *order, home=home, db=seq_db)
     assert rc == 0, err
     rc, par_out, err = run_kvcache("-v", "process", "-j", "2", "--json", *order, home=home, db=par_db)
     assert rc == 0, err
@@ -389,7 +390,7 @@ def test_files_are_read_ahead_in_batches_and_each_batch_merges_exactly(tmp_path:
         files.append(folder / f"{name}.jsonl")
         files[-1].write_text("\n".join(lines) + "\n")
     home = _home(tmp_path)
-    rc, seq_out, err = run_kvcache("process", "-j", "1", "--json", *files, home=home, db=tmp_path / "seq.db")
+    rc, seq_out, err = invoke("process", "-j", "1", "--json", *files, home=home, db=tmp_path / "seq.db")
     assert rc == 0, err
     script = (
         "import sys; import kvcache_cli.services.parallel_replay as p; p.READ_AHEAD_BYTES = 1; "
