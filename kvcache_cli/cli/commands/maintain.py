@@ -21,15 +21,16 @@ def maintain(
     as_json: JsonOpt = False,
 ) -> None:
     """Release idle sessions' caches, prune snapshots, trim history (quiet for cron)."""
-    from kvcache_cli.cli import render
     from kvcache_cli.cli.output import emit_json
     from kvcache_cli.errors import LockBusyError
+    from kvcache_cli.services.maintain import maintain as run_maintenance
 
     state = cli_context(ctx)
-    manager, store = state.manager(read_only=True)
+    config = state.config()
+    store = state.open_store(read_only=True)
     try:
         try:
-            result = manager.maintain(dry_run=dry_run, inactive_hours=inactive_hours, check=check)
+            result = run_maintenance(store, config, dry_run, inactive_hours, check)
         except LockBusyError as exc:
             state.info(f"kvcache: {exc}; nothing done")
             if as_json:
@@ -40,6 +41,8 @@ def maintain(
     if as_json:
         emit_json(result.to_dict())
     else:
+        from kvcache_cli.cli import render  # Rich: only for the report, not for --json
+
         render.maintenance_result(result, verbose=state.verbose > 0)
     if result.integrity is not None and result.integrity != "ok":
         raise typer.Exit(1)

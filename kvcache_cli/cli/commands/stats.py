@@ -54,7 +54,6 @@ def stats(
     until Ctrl-C; it needs a terminal on stdout (exit 2 otherwise) and does not combine
     with --json. A number right after --watch is SECONDS: put a numeric SESSION first.
     """
-    from kvcache_cli.cli import render
     from kvcache_cli.services.stats_report import add_server_slots, store_report
 
     state = cli_context(ctx)
@@ -72,6 +71,8 @@ def stats(
                 store.close()
             return data, data.pop("insights")
 
+        from kvcache_cli.cli import render
+
         try:
             render.watch_statistics(fetch, interval)
         except KeyboardInterrupt:
@@ -88,6 +89,8 @@ def stats(
 
         emit_json(data)
     else:
+        from kvcache_cli.cli import render  # Rich: only for the tables, not for --json
+
         render.statistics(data, data["insights"])
     if report.server_error is not None:
         if server:  # asked for explicitly: the store's part is shown, and the run fails
