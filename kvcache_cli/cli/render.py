@@ -648,13 +648,17 @@ def _sessions_table(data: dict[str, Any], insights: dict[str, Any], limit: int =
     table.add_column("turns", justify="right")
     table.add_column("clears", justify="right")
     table.add_column("idle", justify="right", no_wrap=True)
+    served = any(_served(by_key.get(s["session_id"], {})) for s in ordered[:limit])
+    if served:  # what ``kvcache serve`` recorded: columns only when a shown session has it
+        for name in ("slot", "prompt/n_ctx", "saves/restores"):
+            table.add_column(name, justify="right", no_wrap=True)
     now = parse_utc(insights["generated_at"])
     for s in ordered[:limit]:
         state = by_key.get(s["session_id"], {})
         fill = Text(f"{s['fill'] * 100:3.0f}% ")
         fill.append(s["threshold_state"], style=STATE_STYLE[s["threshold_state"]])
         last = state.get("last_activity")
-        table.add_row(
+        cells: list[Text | str] = [
             printable(s["session_id"]),
             usage_bar(s["fill"], threshold, s["threshold_state"]),
             fill,
@@ -662,7 +666,10 @@ def _sessions_table(data: dict[str, Any], insights: dict[str, Any], limit: int =
             str(state.get("turn_count", "")),
             str(s["total_clears"]),
             _age((now - parse_utc(last)).total_seconds()) if last else "-",
-        )
+        ]
+        if served:
+            cells += _served_cells(_served(state))
+        table.add_row(*cells)
     caption = (
         f"┆ memory threshold {threshold * 100:.0f}% (a clear at the next turn); "
         f"near from {threshold * NEAR_FRACTION * 100:.0f}%"
@@ -672,6 +679,24 @@ def _sessions_table(data: dict[str, Any], insights: dict[str, Any], limit: int =
     table.caption = caption
     table.caption_justify = "left"
     return table
+
+
+def _served(state: dict[str, Any]) -> dict[str, Any] | None:
+    """What ``kvcache serve`` recorded on a session (``metadata.serve``), if anything."""
+    live = (state.get("metadata") or {}).get("serve")
+    return live if isinstance(live, dict) else None
+
+
+def _served_cells(live: dict[str, Any] | None) -> list[str]:
+    """The slot, last prompt against n_ctx and slot files saved/restored of a served session."""
+    if live is None:
+        return ["-", "-", "-"]
+    slot = live.get("slot")
+    return [
+        "-" if slot is None else str(slot),
+        f"{live.get('last_prompt_tokens', '?')}/{live.get('n_ctx', '?')}",
+        f"{live.get('slot_saves', 0)}/{live.get('slot_restores', 0)}",
+    ]
 
 
 def _top_tables(insights: dict[str, Any]) -> Table:
