@@ -21,11 +21,12 @@ def test_the_overview_shows_the_slot_and_last_prompt_of_served_sessions(tmp_path
     assert rc == 0, err
     lines = out.splitlines()
     header = next(line for line in lines if line.startswith("session ") and "idle" in line)
-    assert header.split()[-3:] == ["slot", "prompt/n_ctx", "saves/restores"]
+    assert header.split()[-3:] == ["slot", "prompt", "files"]
     billing = next(line for line in lines if line.startswith("billing "))
     assert billing.split()[-3:] == ["1", "1834/4096", "3/2"]
     other = next(line for line in lines if line.startswith("quick "))
     assert other.split()[-3:] == ["-", "-", "-"]
+    assert "served: last prompt tokens/n_ctx; slot files saved/restored" in lines
 
 
 def test_a_store_serve_never_touched_keeps_its_overview(tmp_path: Path) -> None:

@@ -650,7 +650,7 @@ def _sessions_table(data: dict[str, Any], insights: dict[str, Any], limit: int =
     table.add_column("idle", justify="right", no_wrap=True)
     served = any(_served(by_key.get(s["session_id"], {})) for s in ordered[:limit])
     if served:  # what ``kvcache serve`` recorded: columns only when a shown session has it
-        for name in ("slot", "prompt/n_ctx", "saves/restores"):
+        for name in ("slot", "prompt", "files"):
             table.add_column(name, justify="right", no_wrap=True)
     now = parse_utc(insights["generated_at"])
     for s in ordered[:limit]:
@@ -674,6 +674,8 @@ def _sessions_table(data: dict[str, Any], insights: dict[str, Any], limit: int =
         f"┆ memory threshold {threshold * 100:.0f}% (a clear at the next turn); "
         f"near from {threshold * NEAR_FRACTION * 100:.0f}%"
     )
+    if served:
+        caption += "\nserved: last prompt tokens/n_ctx; slot files saved/restored"
     if len(ordered) > limit:
         caption += f"; {plural(len(ordered) - limit, 'more session')} not shown (--json lists all)"
     table.caption = caption
