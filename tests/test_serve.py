@@ -572,7 +572,9 @@ def test_serve_without_its_extra_prints_the_install_hint(tmp_path: Path) -> None
         [sys.executable, "-c", code], env=cli_env(tmp_path), capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "kvcache serve needs the server extra: pip install 'kvcache-cli[serve]'"
+    assert proc.stderr.strip() == (
+        "kvcache: error: kvcache serve needs the serve extra: pip install 'kvcache-cli[serve]'"
+    )
 
 
 def test_other_commands_do_not_import_the_server_stack(tmp_path: Path) -> None:

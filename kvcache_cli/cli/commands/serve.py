@@ -6,7 +6,7 @@ import typer
 
 from kvcache_cli.cli.context import cli_context, error_line
 
-INSTALL_HINT = "kvcache serve needs the server extra: pip install 'kvcache-cli[serve]'"
+INSTALL_HINT = "kvcache: error: kvcache serve needs the serve extra: pip install 'kvcache-cli[serve]'"
 
 
 def serve(
