@@ -22,6 +22,7 @@ from kvcache_cli.errors import BadInputError, KVCacheError
 from kvcache_cli.loaders import parse_message
 from kvcache_cli.server import sessions as ses
 from kvcache_cli.server.context import TokenBudget, build_prompt, fit_prompt, upstream_prompt_count
+from kvcache_cli.server.messages import canonical_calls, normalise
 from kvcache_cli.server.metrics import Metrics
 from kvcache_cli.server.protocol import ChatCompletionRequest, error_body
 from kvcache_cli.server.trace import TraceWriter
@@ -33,29 +34,6 @@ from kvcache_cli.store.live_history import HistoryTail
 
 MANAGERS_KEPT = 256  # sessions whose manager (and retrieval index) stays in memory
 DEFAULT_REPLY_RESERVE = 512  # tokens kept free for the reply when the request sets no max_tokens
-
-
-def canonical_calls(message: dict[str, Any]) -> dict[str, Any]:
-    """``message`` with its ``tool_calls`` in one shape (``id``, ``type``, ``function``:
-    ``name``, ``arguments``, in that order), so the reply as the upstream sent it and
-    the same message as a client sends it back are stored and compared alike."""
-    calls = message.get("tool_calls")
-    if not isinstance(calls, list):
-        return message
-    shaped = []
-    for call in calls:
-        if not isinstance(call, dict):
-            return message
-        given = call.get("function")
-        function: dict[str, Any] = given if isinstance(given, dict) else {}
-        shaped.append(
-            {
-                "id": call.get("id"),
-                "type": call.get("type") or "function",
-                "function": {"name": function.get("name"), "arguments": function.get("arguments")},
-            }
-        )
-    return {**message, "tool_calls": shaped}
 
 
 class ServeError(Exception):
@@ -156,7 +134,7 @@ class ChatService:
 
     def _normalise(self, raw: list[dict[str, Any]]) -> list[ChatMessage]:
         try:
-            return [parse_message(canonical_calls(m), f"messages[{i}]") for i, m in enumerate(raw)]
+            return normalise(raw)
         except BadInputError as exc:
             raise ServeError(400, error_body(400, str(exc), "invalid_message"), "bad_message") from None
 

@@ -107,11 +107,22 @@ def find_by_prefix(store: Store, messages: list[ChatMessage]) -> str | None:
     return best[1] if best else None
 
 
+def _digest_bytes(messages: Sequence[ChatMessage]) -> bytes:
+    """What :func:`history_digest` hashes: each message's role and text, each ended by NUL."""
+    return "".join(f"{m.role}\0{m.content}\0" for m in messages).encode("utf-8", "surrogatepass")
+
+
 def history_digest(messages: Sequence[ChatMessage]) -> str:
-    h = hashlib.sha256()
-    for msg in messages:
-        h.update(msg.role.encode() + b"\0" + msg.content.encode("utf-8", "surrogatepass") + b"\0")
-    return h.hexdigest()
+    """A digest of the messages' roles and texts, in order."""
+    return hashlib.sha256(_digest_bytes(messages)).hexdigest()
+
+
+def history_digests(messages: Sequence[ChatMessage]) -> tuple[str, str]:
+    """(:func:`history_digest` of all but the last message, of all of them), in one pass."""
+    h = hashlib.sha256(_digest_bytes(messages[:-1]))
+    before_last = h.hexdigest()
+    h.update(_digest_bytes(messages[-1:]))
+    return before_last, h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -152,7 +163,8 @@ class KnownHistories:
         as read before the turn, for its id and creation time)."""
         last = (stored[-1].role, stored[-1].content)
         now = HistoryTail(tail.session_id, tail.created_at, tail.metadata, len(stored), last)
-        known = KnownHistory(now, history_digest(stored), history_digest(stored[:-1]))
+        before_last, digest = history_digests(stored)
+        known = KnownHistory(now, digest, before_last)
         with self._guard:
             self._known.pop(key, None)
             self._known[key] = known
