@@ -89,6 +89,13 @@ def run_rusage(cmd: Sequence[str], env: dict[str, str] | None = None) -> tuple[f
     return time.perf_counter() - started, usage.ru_maxrss * 1024  # Linux: kilobytes
 
 
+def run_wall_cpu(cmd: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system) of one run of ``cmd`` (output discarded)."""
+    started = time.perf_counter()
+    usage = _run_child(cmd, env, quiet_stderr=True)
+    return time.perf_counter() - started, usage.ru_utime + usage.ru_stime
+
+
 def run_cpu(cmd: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, int]:
     """CPU seconds (user + system, of ``cmd`` and the children it waited for) and peak
     RSS (bytes) of ``cmd``: on a shared machine these move far less with load than wall time."""

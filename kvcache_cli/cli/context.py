@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import typer
@@ -21,15 +20,22 @@ if TYPE_CHECKING:
     from kvcache_cli.store.backend import Store
 
 
-@dataclass
 class CliContext:
-    """Global options (``--db``, ``--config``, ``-v``, ``-q``) and what follows from them."""
+    """Global options (``--db``, ``--config``, ``-v``, ``-q``) and what follows from them.
 
-    db: str | None = None
-    config_path: str | None = None
-    verbose: int = 0
-    quiet: bool = False
-    _config: Config | None = field(default=None, repr=False)
+    A plain class, not a dataclass: every command makes one, and defining a dataclass
+    (its generated ``__init__``, ``__repr__`` and ``__eq__``) costs start-up time that
+    nothing here uses.
+    """
+
+    def __init__(
+        self, db: str | None = None, config_path: str | None = None, verbose: int = 0, quiet: bool = False
+    ) -> None:
+        self.db = db
+        self.config_path = config_path
+        self.verbose = verbose
+        self.quiet = quiet
+        self._config: Config | None = None
 
     def add_options(self, db: str | None, config: str | None, verbose: int, quiet: bool) -> None:
         """Fold in global options given after the command name (they win; ``-v`` adds up)."""

@@ -7,7 +7,6 @@ report still has everything from the store, plus ``server: {url, error}``.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -26,14 +25,6 @@ def _shown(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-@dataclass
-class StatsReport:
-    """The report (``data``, as ``stats --json`` prints it) and the server failure, if any."""
-
-    data: dict[str, Any]
-    server_error: ServerError | None = None
-
-
 def store_report(store: Store, config: Config, session: str | None, history: int) -> dict[str, Any]:
     """The store's statistics with their insights (no server involved).
 
@@ -49,19 +40,20 @@ def store_report(store: Store, config: Config, session: str | None, history: int
     return data
 
 
-def add_server_slots(data: dict[str, Any], client: LLMClient | None, configured_only: bool) -> StatsReport:
+def add_server_slots(
+    data: dict[str, Any], client: LLMClient | None, configured_only: bool
+) -> ServerError | None:
     """Add the server's slots to ``data``; a failure goes under ``server`` (and, for a
-    server that was configured rather than asked for, ``slots_error``)."""
-    report = StatsReport(data)
+    server that was configured rather than asked for, ``slots_error``) and is returned."""
     if client is None:
-        return report
+        return None
     try:
         data["slots"] = [dataclasses.asdict(s) for s in client.slots()]
     except ServerError as exc:
-        report.server_error = exc
         data["server"] = {"url": _shown(client.settings.base_url or ""), "error": str(exc)}
         if configured_only:
             data["slots_error"] = str(exc)
+        return exc
     finally:
         client.close()
-    return report
+    return None

@@ -83,7 +83,7 @@ def stats(
         data = store_report(store, state.config(), session, history)
     finally:
         store.close()
-    report = add_server_slots(data, state.llm_client(server), configured_only=not server)
+    server_error = add_server_slots(data, state.llm_client(server), configured_only=not server)
     if as_json:
         from kvcache_cli.cli.output import emit_json
 
@@ -92,8 +92,8 @@ def stats(
         from kvcache_cli.cli import render  # Rich: only for the tables, not for --json
 
         render.statistics(data, data["insights"])
-    if report.server_error is not None:
+    if server_error is not None:
         if server:  # asked for explicitly: the store's part is shown, and the run fails
-            error_line(f"kvcache: error: {report.server_error}")
+            error_line(f"kvcache: error: {server_error}")
             raise typer.Exit(1)
-        state.info(f"kvcache: slots: {report.server_error}")
+        state.info(f"kvcache: slots: {server_error}")
