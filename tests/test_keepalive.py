@@ -25,6 +25,7 @@ class _Recorder(ThreadingHTTPServer):
         self.lines: list[str] = []  # request lines, in order
         self.peers: list[int] = []  # the client port of each request (one per connection)
         self.close_after = False  # answer, then close the connection (as an idle timeout would)
+        self.drop_second = False  # a connection's second request: closed without an answer
         self.delay = 0.0
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -43,6 +44,11 @@ class _Handler(BaseHTTPRequestHandler):
         """Quiet."""
 
     def do_GET(self) -> None:
+        served = getattr(self, "_served", 0)
+        self._served = served + 1
+        if self.server.drop_second and served == 1:
+            self.close_connection = True  # read, then closed: the client sees no answer
+            return
         self.server.lines.append(self.requestline)
         self.server.peers.append(self.client_address[1])
         time.sleep(self.server.delay)
@@ -92,6 +98,18 @@ def test_a_connection_the_server_closed_while_idle_is_replaced(server: _Recorder
         time.sleep(0.05)  # the close reaches the idle connection
         assert pool.request("GET", "/health").status == 200
     assert len(set(server.peers)) == 3
+    pool.close()
+
+
+def test_a_request_a_reused_connection_loses_is_sent_again_on_a_new_one(server: _Recorder) -> None:
+    """The server closes a kept-alive connection as the next request arrives (the race
+    the idle check cannot see): the request goes again, once, on a new connection."""
+    server.drop_second = True
+    pool = KeepAlivePool(server.url)
+    assert pool.request("GET", "/first").status == 200
+    assert pool.request("GET", "/second").status == 200
+    assert server.lines == ["GET /first HTTP/1.1", "GET /second HTTP/1.1"]
+    assert len(set(server.peers)) == 2
     pool.close()
 
 

@@ -79,6 +79,15 @@ def _kind(exc: BaseException, connecting: bool) -> str:
     return "failed"
 
 
+def _readable(sock: socket.socket) -> bool:
+    """Whether an idle connection has something to read: the server closed it."""
+    if hasattr(select, "poll"):  # no limit on descriptor numbers (select stops at 1024)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([sock], [], [], 0)[0])
+
+
 class KeepAlivePool:
     """Keep-alive connections to the server at ``base_url`` (``scheme://host[:port][/path]``;
     request paths are appended to its path). ``headers`` go with every request."""
@@ -155,8 +164,7 @@ class KeepAlivePool:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
                 return self._connect(), False
-            sock = conn.sock
-            if sock is not None and not select.select([sock], [], [], 0)[0]:
+            if conn.sock is not None and not _readable(conn.sock):
                 return conn, True
             conn.close()  # readable while idle: closed by the server (or junk): not reused
 
