@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvcache_cli.store.backend import open_store
-from tests.helpers import run_kvcache
+from tests.helpers import EXAMPLES, run_kvcache
 
 #: Never needed by a command that talks to no server and draws no progress bar.
 NETWORK_AND_SYSTEM = {
@@ -50,6 +50,7 @@ def empty_store(tmp_path: Path) -> Path:
         (("stats", "--json"), NETWORK_AND_SYSTEM | RICH),
         (("maintain",), NETWORK_AND_SYSTEM | {"kvcache_cli.services.manager"}),
         (("maintain", "--json"), NETWORK_AND_SYSTEM | RICH | {"kvcache_cli.services.manager"}),
+        (("sessions", "--json"), NETWORK_AND_SYSTEM | RICH),
     ],
 )
 def test_a_command_imports_only_what_it_uses(
@@ -70,3 +71,16 @@ def test_maintain_builds_no_llm_client_even_with_a_server_configured(
     )
     assert "kvcache_cli.services.maintain" in names
     assert names & {"requests", "kvcache_cli.llm.client"} == set()
+
+
+def test_json_output_of_a_replay_and_a_search_imports_no_rich(empty_store: Path, tmp_path: Path) -> None:
+    """``process``, ``retrieve`` and ``snapshot --list`` with ``--json`` draw nothing."""
+    home = tmp_path / "home"
+    chat = EXAMPLES / "support-chat.json"
+    for args in (
+        ("process", str(chat), "--json"),
+        ("retrieve", "support-4821", "refund", "--json"),
+        ("snapshot", "support-4821", "--list", "--json"),
+    ):
+        names = imported_modules(*args, home=home, db=empty_store)
+        assert names & (NETWORK_AND_SYSTEM | RICH) == set(), args

@@ -14,8 +14,7 @@ def clear(
     as_json: JsonOpt = False,
 ) -> None:
     """Clear a session's cache now, keeping its important entries (reason Manual)."""
-    from kvcache_cli.cli import render
-    from kvcache_cli.cli.output import show
+    from kvcache_cli.cli.output import emit_json
     from kvcache_cli.services.slot_ops import clear_session
 
     manager, store = cli_context(ctx).manager(server, need_server=slot is not None, read_only=True)
@@ -23,4 +22,9 @@ def clear(
         result = clear_session(manager, session, slot)
     finally:
         store.close()
-    show(result, as_json, render.clear_result)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        from kvcache_cli.cli import render  # Rich: only to draw, not for --json
+
+        render.clear_result(result)

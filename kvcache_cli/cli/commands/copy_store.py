@@ -21,8 +21,13 @@ def copy_store_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Copy a whole store between SQLite and PostgreSQL, verified by row counts and hashes."""
-    from kvcache_cli.cli import render
-    from kvcache_cli.cli.output import show
+    from kvcache_cli.cli.output import emit_json
     from kvcache_cli.services.copy_store import copy_store
 
-    show(copy_store(source, dest, force=force), as_json, render.copy_result)
+    result = copy_store(source, dest, force=force)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        from kvcache_cli.cli import render  # Rich: only to draw, not for --json
+
+        render.copy_result(result)

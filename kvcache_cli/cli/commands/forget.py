@@ -28,8 +28,7 @@ def forget(
     All named sessions go in one transaction, or none (an unknown one is an error).
     Without --yes it asks on a terminal and refuses otherwise.
     """
-    from kvcache_cli.cli import render_sessions
-    from kvcache_cli.cli.output import show
+    from kvcache_cli.cli.output import emit_json
     from kvcache_cli.errors import BadInputError
     from kvcache_cli.services import sessions as service
 
@@ -38,7 +37,12 @@ def forget(
     try:
         plan = service.plan_forget(store, sessions)  # unknown sessions fail before any question
         if dry_run:
-            show(plan, as_json, render_sessions.forget_result)
+            if as_json:
+                emit_json(plan.to_dict())
+            else:
+                from kvcache_cli.cli import render_sessions  # Rich: only to draw, not for --json
+
+                render_sessions.forget_result(plan)
             return
         if not yes:
             if not sys.stdin.isatty():
@@ -53,4 +57,9 @@ def forget(
         store.close()
     for text in result.notices:
         state.info(f"kvcache: {text}")
-    show(result, as_json, render_sessions.forget_result)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        from kvcache_cli.cli import render_sessions  # Rich: only to draw, not for --json
+
+        render_sessions.forget_result(result)

@@ -19,8 +19,7 @@ def import_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Bulk-import conversation files into the searchable history (no clears/snapshots)."""
-    from kvcache_cli.cli import render
-    from kvcache_cli.cli.output import show
+    from kvcache_cli.cli.output import emit_json
     from kvcache_cli.services.importing import import_files
 
     state = cli_context(ctx)
@@ -31,7 +30,12 @@ def import_command(
         )
     finally:
         store.close()
-    show(result, as_json, render.import_result)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        from kvcache_cli.cli import render  # Rich: only to draw, not for --json
+
+        render.import_result(result)
     for item in result.files:
         if item.conversations == 0:
             from kvcache_cli.loaders import no_conversations_notice

@@ -1,6 +1,6 @@
 """``kvcache process``: replay conversation files turn by turn."""
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -23,9 +23,11 @@ class _Printer:
         self.as_json = as_json
 
     def progress(self, session_key: str) -> "AbstractContextManager[OnTurn | None]":
-        from kvcache_cli.cli import render
+        if self.state.quiet or self.as_json:
+            return nullcontext(None)
+        from kvcache_cli.cli import render  # Rich: only to draw, not for --json
 
-        return render.turn_progress(session_key, enabled=not (self.state.quiet or self.as_json))
+        return render.turn_progress(session_key, enabled=True)
 
     def session_done(self, result: "ProcessResult") -> None:
         if not self.as_json:

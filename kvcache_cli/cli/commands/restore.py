@@ -19,8 +19,7 @@ def restore(
     as_json: JsonOpt = False,
 ) -> None:
     """Put a snapshot's entries back into the session's active cache."""
-    from kvcache_cli.cli import render
-    from kvcache_cli.cli.output import show
+    from kvcache_cli.cli.output import emit_json
     from kvcache_cli.services.slot_ops import restore_snapshot
 
     manager, store = cli_context(ctx).manager(server, need_server=slot is not None, read_only=True)
@@ -28,4 +27,9 @@ def restore(
         result = restore_snapshot(manager, session, snapshot_id, slot)
     finally:
         store.close()
-    show(result, as_json, render.restore_result)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        from kvcache_cli.cli import render  # Rich: only to draw, not for --json
+
+        render.restore_result(result)

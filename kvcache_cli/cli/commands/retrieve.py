@@ -59,8 +59,7 @@ def retrieve(
 
     With -v: each result's full text and how its score was made.
     """
-    from kvcache_cli.cli import render
-    from kvcache_cli.cli.output import show
+    from kvcache_cli.cli.output import emit_json
 
     state = cli_context(ctx)
     if all_sessions:
@@ -87,4 +86,9 @@ def retrieve(
         store.close()
     for notice in result.notices:
         state.info(f"kvcache: {notice}")
-    show(result, as_json, lambda r: render.retrieval_result(r, verbose=state.verbose > 0))
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        from kvcache_cli.cli import render  # Rich: only to draw, not for --json
+
+        render.retrieval_result(result, verbose=state.verbose > 0)

@@ -19,8 +19,7 @@ def sessions(
     as_json: JsonOpt = False,
 ) -> None:
     """List sessions: messages, turns, clears, cache used, last activity (UTC)."""
-    from kvcache_cli.cli import render_sessions
-    from kvcache_cli.cli.output import show
+    from kvcache_cli.cli.output import emit_json
     from kvcache_cli.services.sessions import list_sessions
 
     store = cli_context(ctx).open_store(read_only=True)
@@ -28,4 +27,9 @@ def sessions(
         result = list_sessions(store, idle_over)
     finally:
         store.close()
-    show(result, as_json, render_sessions.session_list)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        from kvcache_cli.cli import render_sessions  # Rich: only to draw, not for --json
+
+        render_sessions.session_list(result)

@@ -18,8 +18,7 @@ def snapshot(
     as_json: JsonOpt = False,
 ) -> None:
     """Snapshot a session's active cache now, or list snapshots."""
-    from kvcache_cli.cli import render
-    from kvcache_cli.cli.output import emit_json, show
+    from kvcache_cli.cli.output import emit_json
     from kvcache_cli.services.slot_ops import take_snapshot
 
     if not list_ and session is None:
@@ -33,9 +32,12 @@ def snapshot(
             created = take_snapshot(manager, session, slot)
     finally:
         store.close()
+    if as_json:
+        emit_json(created.to_dict() if not list_ else {"snapshots": [s.to_dict() for s in items]})
+        return
+    from kvcache_cli.cli import render  # Rich: only to draw, not for --json
+
     if not list_:
-        show(created, as_json, render.snapshot_created)
-    elif as_json:
-        emit_json({"snapshots": [s.to_dict() for s in items]})
+        render.snapshot_created(created)
     else:
         render.snapshot_list(items)
