@@ -15,7 +15,7 @@ def statistics(core: Core, session_key: str | None = None, history: int = 10) ->
     """The statistics export, the session states and recent operations."""
     store = core.store
     stats = reports.counters(store)
-    op_count = reports.count(store, m.Operation)
+    counts = reports.table_counts(store)
     session = core.session(session_key) if session_key is not None else None
     capacity = core.capacity()  # once: the estimate may ask the OS for free memory
     # plain rows, not model instances (thousands of sessions); same attribute names
@@ -29,14 +29,14 @@ def statistics(core: Core, session_key: str | None = None, history: int = 10) ->
         "entries_retrieved": stats.entries_retrieved,
         # the sessions state is held for; maintenance releases an idle session's cache
         # and snapshots, so "active" = still holding either
-        "active_sessions": reports.active_session_count(store),
-        "session_count": reports.count(store, m.Session),
+        "active_sessions": counts["active_sessions"],
+        "session_count": counts["sessions"],
         "last_operation": utc_iso(stats.last_operation) if stats.last_operation else None,
-        "operation_history_count": op_count,
+        "operation_history_count": counts["operations"],
         "total_snapshots": stats.total_snapshots,
         "total_restores": stats.total_restores,
-        "snapshot_count": reports.count(store, m.Snapshot),
-        "message_count": reports.count(store, m.Message),
+        "snapshot_count": counts["snapshots"],
+        "message_count": counts["messages"],
         "cache_size_bytes": sum(s["cache_size_bytes"] for s in states),
         "capacity_bytes": capacity,
         "memory_threshold_percent": core.config.cache.memory_threshold_percent,
