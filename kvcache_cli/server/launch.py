@@ -174,12 +174,6 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
             if n_ctx
             else f"upstream context unknown, using [model] n_ctx {config.model.n_ctx}"
         )
-        sys.stderr.write(
-            f"kvcache serve: listening on http://{shown_host}:{port}, managing {options.upstream} "
-            f"({context}; store {store.location.display})\n"
-        )
-        sys.stderr.write(f"kvcache serve: {swapping}\n")
-        sys.stderr.flush()
         server = uvicorn.Server(
             uvicorn.Config(
                 app,
@@ -191,9 +185,22 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
         )
         # uvicorn handles SIGINT/SIGTERM while it runs (graceful shutdown), then puts back
         # the handlers it found and raises the signal again: these record it, so the
-        # process ends here normally (store closed, exit 0) instead of dying of it
+        # process ends here normally (store closed, exit 0) instead of dying of it. One
+        # that comes after the start-up line but before uvicorn takes over stops it too.
         stops: list[int] = []
-        previous = {sig: signal.signal(sig, lambda n, _f: stops.append(n)) for sig in STOP_SIGNALS}
+
+        def stop(signum: int, _frame: object) -> None:
+            stops.append(signum)
+            server.should_exit = True
+
+        previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+        sys.stderr.write(
+            f"kvcache serve: listening on http://{shown_host}:{port}, managing {options.upstream} "
+            f"({context}; store {store.location.display})\n"
+        )
+        if not options.quiet:  # -q: the listening line (scripts wait for it) and errors only
+            sys.stderr.write(f"kvcache serve: {swapping}\n")
+        sys.stderr.flush()
         try:
             server.run(sockets=[sock])
         finally:
