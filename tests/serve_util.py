@@ -56,7 +56,7 @@ class ServeProcess:
                 raise AssertionError(
                     f"kvcache serve exited {self.proc.returncode}: {self.stderr_path.read_text()}"
                 )
-            time.sleep(0.05)
+            time.sleep(0.01)
         self.stop()
         raise AssertionError(f"kvcache serve did not start: {self.stderr_path.read_text()}")
 

@@ -246,18 +246,21 @@ def test_default_location_is_created(kvcache_home: Path) -> None:
 
 
 # ----------------------------------------------------------------------- item 10
-def test_stats_with_the_server_down_still_shows_the_store(store: Path) -> None:
+def test_stats_with_the_server_down_still_shows_the_store(store: Path, tmp_path: Path) -> None:
     import socket
 
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    result = kv("--db", store, "stats", "--server", url, "--json", code=1)
+    # no retries: the default two wait 1.5 s of back-off per run and end the same way
+    config = tmp_path / "no-retries.toml"
+    config.write_text("[llm]\nretries = 0\n", encoding="utf-8")
+    result = kv("--db", store, "--config", config, "stats", "--server", url, "--json", code=1)
     data = json.loads(result.stdout)
     assert data["session_count"] == 1 and data["sessions"][0]["session_id"] == SUPPORT_SESSION
     assert data["server"]["url"] == url and data["server"]["error"]
     assert result.stderr.startswith("kvcache: error:")
-    table = kv("--db", store, "stats", "--server", url, code=1)
+    table = kv("--db", store, "--config", config, "stats", "--server", url, code=1)
     assert SUPPORT_SESSION in table.stdout and "kvcache: error:" in table.stderr
 
 
