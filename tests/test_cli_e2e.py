@@ -215,6 +215,7 @@ def test_turn_details_show_the_bridges(home: Path, store_url: str) -> None:  # n
 
 
 # ----------------------------------------------------------------------------- replays
+@pytest.mark.slow
 @pytest.mark.parametrize("split", [47, 48], ids=["turn-boundary", "mid-turn"])
 def test_two_halves_by_two_processes_equal_one_replay(
     tmp_path: Path,

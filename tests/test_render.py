@@ -251,6 +251,7 @@ def run(*args: str) -> CliRun:
     return invoke(*args, home=Path(os.environ["KVCACHE_HOME"]), env={"COLUMNS": "100"})
 
 
+@pytest.mark.slow
 def test_stats_piped_is_plain_and_json_keeps_its_keys(known: dict[str, Any], tmp_path: Path) -> None:
     db = str(known["path"])
     for args in (("stats",), ("stats", "support-long")):
@@ -356,6 +357,7 @@ def test_printable_escapes_controls_and_bidi() -> None:
     assert render.printable("plain ünïcode [bold]") == "plain ünïcode [bold]"
 
 
+@pytest.mark.slow
 def test_hostile_text_is_escaped_and_piped_tables_are_not_cut(tmp_path: Path) -> None:
     """Stored control/bidi characters print as escapes; piped output (no COLUMNS) keeps whole ids."""
     long_id = "3f2b8c1e-9a7d-4e5f-8b6a-1c2d3e4f5a6b-project"

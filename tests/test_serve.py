@@ -155,6 +155,7 @@ TOPICS = ["gardening", "sailing", "chess", "baking", "astronomy", "cycling", "po
 FACT = "For the record, my locker combination is 73519 and the locker is in the Quokka building."
 
 
+@pytest.mark.slow
 def test_long_conversation_stays_in_context_and_recalls_an_early_fact(tmp_path: Path) -> None:
     """300 turns against a 2,048-token upstream: every prompt kvcache sends fits (the
     fake refuses any that does not), while the same history sent directly is refused;
@@ -471,6 +472,7 @@ def test_a_client_that_goes_away_mid_stream_stores_no_reply(
     assert stored(serve.db, "gone-1")[-1] == ("assistant", reply)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_stream_finishes_it_and_stops_cleanly(tmp_path: Path) -> None:
     with FakeLlamaServer(n_slots=1, n_ctx=2048) as fake:
         fake.stream_delay = 0.1
@@ -590,6 +592,7 @@ def test_other_commands_do_not_import_the_server_stack(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.slow
 def test_sessions_swap_through_slot_files(tmp_path: Path) -> None:
     """Three sessions over two slots: the least recently used one is saved to its file
     when a third moves in, and restored (and its reuse checked) when it returns; a
@@ -640,6 +643,7 @@ def test_sessions_swap_through_slot_files(tmp_path: Path) -> None:
     assert rc == 0 and "last prompt" in out and "1 saved, 1 restored" in out, out + err
 
 
+@pytest.mark.slow
 def test_two_servers_on_one_postgresql_store_never_interleave_a_session(
     tmp_path: Path,
     pg_url: str,  # noqa: F811  (the fixture)
@@ -680,6 +684,7 @@ def test_two_servers_on_one_postgresql_store_never_interleave_a_session(
         assert stored(pg_url, key) == [(m["role"], m["content"]) for m in history]
 
 
+@pytest.mark.slow
 def test_a_prompt_the_engine_lets_grow_too_long_is_cleared_and_the_restart_remembers(tmp_path: Path) -> None:
     """With the engine's own clears out of reach, kvcache clears when the prompt would
     exceed the upstream's context (reason ContextLimit); where the context restarts is
