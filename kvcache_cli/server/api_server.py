@@ -1,9 +1,9 @@
 """The FastAPI app of ``kvcache serve`` and the uvicorn run loop.
 
 Routes: ``POST /v1/chat/completions`` (managed, see ``serving_chat``), pass-through
-``GET /v1/models``, ``POST /v1/embeddings``, ``POST /tokenize``, ``POST /detokenize``,
-and kvcache's own ``GET /health`` and ``GET /metrics``. Every error is an
-OpenAI-style body. Endpoints run the synchronous core in the thread pool.
+``GET /v1/models``, ``POST /v1/embeddings`` (to ``[llm] embeddings_url`` when that is
+set), ``POST /tokenize``, ``POST /detokenize``, and kvcache's own ``GET /health`` and
+``GET /metrics``. Every error is an OpenAI-style body with a stable ``code``. Endpoints run the synchronous core in the thread pool.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class AppSettings:
     store_label: str = ""
 
 
-def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
+def _error(status: int, message: str, code: str) -> JSONResponse:
     return JSONResponse(error_body(status, message, code), status_code=status)
 
 
@@ -121,8 +121,15 @@ class _AnswerThenEnd(JSONResponse):
                 await run_in_threadpool(self._after)
 
 
-def create_app(service: ChatService, upstream: Upstream, metrics: Metrics, settings: AppSettings) -> FastAPI:
-    """The app: routes over ``service`` (chat) and ``upstream`` (pass-through)."""
+def create_app(
+    service: ChatService,
+    upstream: Upstream,
+    metrics: Metrics,
+    settings: AppSettings,
+    embeddings: Upstream | None = None,
+) -> FastAPI:
+    """The app: routes over ``service`` (chat) and ``upstream`` (pass-through);
+    ``embeddings``, when given, answers ``POST /v1/embeddings`` instead of ``upstream``."""
     app = FastAPI(title="kvcache serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, settings=settings, metrics=metrics, log=_Log(settings))
 
@@ -170,9 +177,11 @@ def create_app(service: ChatService, upstream: Upstream, metrics: Metrics, setti
 
     async def pass_through(request: Request) -> Response:
         raw = await request.body()
+        path = request.url.path
+        target = embeddings if embeddings is not None and path == "/v1/embeddings" else upstream
         try:
             status, content, ctype = await run_in_threadpool(
-                upstream.forward, request.method, request.url.path, raw or None
+                target.forward, request.method, path, raw or None
             )
         except UpstreamError as exc:
             metrics.upstream_errors.labels(exc.reason).inc()

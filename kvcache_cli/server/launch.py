@@ -109,6 +109,13 @@ def _model_name(upstream: Any) -> str:
     return "unknown"
 
 
+def embeddings_upstream_url(configured: str, upstream: str) -> str | None:
+    """Where ``POST /v1/embeddings`` goes when it is not the upstream: ``[llm]
+    embeddings_url`` (without a trailing ``/`` or ``/v1``), None when unset or the same."""
+    url = configured.strip().rstrip("/").removesuffix("/v1")
+    return url if url and url != upstream.rstrip("/") else None
+
+
 def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code."""
     client_key = check_options(options)
@@ -132,6 +139,12 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
     sock = _bind(options.host, options.port)
     store = open_store(store_url, config.database.busy_timeout_ms)
     upstream = Upstream(options.upstream, upstream_key, llm_cfg.connect_timeout, llm_cfg.read_timeout)
+    embeddings_url = embeddings_upstream_url(llm_cfg.embeddings_url, upstream.base_url)
+    embeddings = (
+        Upstream(embeddings_url, upstream_key, llm_cfg.connect_timeout, llm_cfg.read_timeout)
+        if embeddings_url
+        else None
+    )
     llm = llm_client(llm_cfg, options.upstream, required=True)
     trace = TraceWriter(options.trace) if options.trace else None
     try:
@@ -166,7 +179,7 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
             quiet=options.quiet,
             store_label=store.location.display,
         )
-        app = create_app(service, upstream, metrics, settings)
+        app = create_app(service, upstream, metrics, settings, embeddings=embeddings)
         port = sock.getsockname()[1]
         shown_host = f"[{options.host}]" if ":" in options.host else options.host
         context = (
@@ -174,6 +187,8 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
             if n_ctx
             else f"upstream context unknown, using [model] n_ctx {config.model.n_ctx}"
         )
+        if embeddings is not None:
+            context += f"; embeddings to {embeddings.base_url}"
         server = uvicorn.Server(
             uvicorn.Config(
                 app,
@@ -210,6 +225,8 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
         if trace is not None:
             trace.close()
         upstream.close()
+        if embeddings is not None:
+            embeddings.close()
         if llm is not None:
             llm.close()
         store.close()

@@ -55,10 +55,9 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens or default
 
 
-def error_body(
-    status: int, message: str, code: str | None = None, err_type: str | None = None
-) -> dict[str, Any]:
-    """``{"error": {"message", "type", "code"}}`` as OpenAI's API answers."""
+def error_body(status: int, message: str, code: str, err_type: str | None = None) -> dict[str, Any]:
+    """``{"error": {"message", "type", "code"}}`` as OpenAI's API answers; ``code`` is
+    one of kvcache's stable codes (the README's Serve section lists them)."""
     return {
         "error": {
             "message": message,

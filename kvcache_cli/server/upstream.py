@@ -1,8 +1,9 @@
 """The HTTP client to the model server: chat (whole or streamed) and pass-through.
 
 Failures become :class:`UpstreamError` carrying the status and OpenAI-style body the
-client gets: unreachable 502, timed out 504, loading 503, any other 5xx 502, a 4xx
-passed through as the upstream sent it. An over-long prompt (llama-server's 400
+client gets: unreachable 502 ``upstream_unreachable``, timed out 504 ``upstream_timeout``,
+loading 503 ``upstream_unavailable``, any other 5xx (or a broken or malformed answer)
+502 ``upstream_error``, a 4xx passed through as the upstream sent it. An over-long prompt (llama-server's 400
 ``exceed_context_size_error``, or the 500 form some builds send) is
 :class:`ContextExceededError`, so the turn can clear and retry. The API key is sent,
 never put in a message. Requests go over kept-alive ``http.client`` connections
@@ -63,10 +64,16 @@ class Upstream:
         except TransportError as exc:
             if exc.timed_out:
                 raise UpstreamError(
-                    504, error_body(504, f"the upstream did not answer {method} {path} in time"), "timeout"
+                    504,
+                    error_body(
+                        504, f"the upstream did not answer {method} {path} in time", "upstream_timeout"
+                    ),
+                    "timeout",
                 ) from None
             raise UpstreamError(
-                502, error_body(502, f"cannot reach the upstream for {method} {path}"), "unreachable"
+                502,
+                error_body(502, f"cannot reach the upstream for {method} {path}", "upstream_unreachable"),
+                "unreachable",
             ) from None
 
     @staticmethod
@@ -82,12 +89,14 @@ class Upstream:
         lowered = text.lower()
         if status in (400, 500) and any(m in lowered for m in _CONTEXT_MARKERS):
             raise ContextExceededError(
-                400, body if isinstance(body, dict) else error_body(400, text[:300]), "context_exceeded"
+                400,
+                body if isinstance(body, dict) else error_body(400, text[:300], "context_length_exceeded"),
+                "context_exceeded",
             )
         if status < 500:  # the client's mistake: passed through as sent
             raise UpstreamError(
                 status,
-                body if isinstance(body, dict) else error_body(status, text[:300]),
+                body if isinstance(body, dict) else error_body(status, text[:300], "upstream_rejected"),
                 f"http_{status}",
             )
         answered = 503 if status == 503 else 502
@@ -95,7 +104,8 @@ class Upstream:
         message = f"the upstream answered {what} with HTTP {status}"
         if isinstance(detail, str) and detail:
             message += f": {detail[:300]}"
-        raise UpstreamError(answered, error_body(answered, message), f"http_{status}")
+        code = "upstream_unavailable" if answered == 503 else "upstream_error"
+        raise UpstreamError(answered, error_body(answered, message, code), f"http_{status}")
 
     # ---------------------------------------------------------------- chat
     def chat(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +119,9 @@ class Upstream:
             data = None
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
             raise UpstreamError(
-                502, error_body(502, "the upstream's chat answer is not a chat completion"), "malformed"
+                502,
+                error_body(502, "the upstream's chat answer is not a chat completion", "upstream_error"),
+                "malformed",
             )
         return data
 
@@ -172,7 +184,7 @@ class ChatStream:
                         yield event + b"\n\n"
         except TransportError:
             raise UpstreamError(
-                502, error_body(502, "the upstream's stream broke off"), "stream_broken"
+                502, error_body(502, "the upstream's stream broke off", "upstream_error"), "stream_broken"
             ) from None
         if buffer.strip():
             self._note(buffer.strip())

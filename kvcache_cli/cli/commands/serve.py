@@ -37,7 +37,12 @@ def serve(
         typer.Option("--trace", metavar="FILE", help="Append one JSON line per turn: what the model saw."),
     ] = None,
 ) -> None:
-    """Serve the OpenAI chat API in front of a model server, managing each session's context."""
+    """Serve the OpenAI chat API in front of a model server, managing each session's context.
+
+    On stderr: one line saying where it listens and which upstream it manages (scripts
+    wait for it), whether slot swapping is on, then one line per request. With -q: only
+    the listening line and errors.
+    """
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
