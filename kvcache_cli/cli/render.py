@@ -19,6 +19,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from kvcache_cli.cli import render_served
 from kvcache_cli.timefmt import parse_utc
 
 if TYPE_CHECKING:
@@ -589,6 +590,7 @@ def _totals_panel(data: dict[str, Any], insights: dict[str, Any] | None) -> Pane
             f"{states.get(name, 0)} {name}", style=STATE_STYLE[name] if states.get(name) else ""
         )
     used, capacity = data.get("cache_size_bytes", 0), data.get("capacity_bytes", 0)
+    note = render_served.capacity_note(data.get("sessions") or [], capacity, human_bytes)
     rows: list[tuple[str, str | Text, str, str, str, str]] = [
         (
             "sessions",
@@ -616,7 +618,8 @@ def _totals_panel(data: dict[str, Any], insights: dict[str, Any] | None) -> Pane
         ),
         (
             "threshold",
-            f"{data.get('memory_threshold_percent', 0) * 100:.0f}% of {human_bytes(capacity)}",
+            f"{data.get('memory_threshold_percent', 0) * 100:.0f}% of "
+            + ("capacity" if note else human_bytes(capacity)),
             "cleared",
             str(data.get("entries_cleared")),
             "operations",
@@ -630,7 +633,12 @@ def _totals_panel(data: dict[str, Any], insights: dict[str, Any] | None) -> Pane
     title = Text(f"kvcache · {printable(data['database'])} ({where})")
     subtitle = Text(f"last operation {_when(data.get('last_operation'))}")
     return Panel(
-        grid, title=title, title_align="left", subtitle=subtitle, subtitle_align="right", expand=False
+        Group(grid, Text(note, style="dim")) if note else grid,
+        title=title,
+        title_align="left",
+        subtitle=subtitle,
+        subtitle_align="right",
+        expand=False,
     )
 
 
@@ -648,7 +656,7 @@ def _sessions_table(data: dict[str, Any], insights: dict[str, Any], limit: int =
     table.add_column("turns", justify="right")
     table.add_column("clears", justify="right")
     table.add_column("idle", justify="right", no_wrap=True)
-    served = any(_served(by_key.get(s["session_id"], {})) for s in ordered[:limit])
+    served = any(render_served.served(by_key.get(s["session_id"], {})) for s in ordered[:limit])
     if served:  # what ``kvcache serve`` recorded: columns only when a shown session has it
         for name in ("slot", "prompt", "files"):
             table.add_column(name, justify="right", no_wrap=True)
@@ -668,7 +676,7 @@ def _sessions_table(data: dict[str, Any], insights: dict[str, Any], limit: int =
             _age((now - parse_utc(last)).total_seconds()) if last else "-",
         ]
         if served:
-            cells += _served_cells(_served(state))
+            cells += render_served.served_cells(render_served.served(state))
         table.add_row(*cells)
     caption = (
         f"┆ memory threshold {threshold * 100:.0f}% (a clear at the next turn); "
@@ -681,24 +689,6 @@ def _sessions_table(data: dict[str, Any], insights: dict[str, Any], limit: int =
     table.caption = caption
     table.caption_justify = "left"
     return table
-
-
-def _served(state: dict[str, Any]) -> dict[str, Any] | None:
-    """What ``kvcache serve`` recorded on a session (``metadata.serve``), if anything."""
-    live = (state.get("metadata") or {}).get("serve")
-    return live if isinstance(live, dict) else None
-
-
-def _served_cells(live: dict[str, Any] | None) -> list[str]:
-    """The slot, last prompt against n_ctx and slot files saved/restored of a served session."""
-    if live is None:
-        return ["-", "-", "-"]
-    slot = live.get("slot")
-    return [
-        "-" if slot is None else str(slot),
-        f"{live.get('last_prompt_tokens', '?')}/{live.get('n_ctx', '?')}",
-        f"{live.get('slot_saves', 0)}/{live.get('slot_restores', 0)}",
-    ]
 
 
 def _top_tables(insights: dict[str, Any]) -> Table:
