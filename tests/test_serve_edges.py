@@ -13,8 +13,9 @@ import requests
 
 pytest.importorskip("fastapi")
 
+from kvcache_cli.cli.render import human_bytes  # noqa: E402
 from tests.fake_llama_server import FakeLlamaServer  # noqa: E402
-from tests.helpers import run_kvcache  # noqa: E402
+from tests.helpers import invoke, invoke_json, run_kvcache  # noqa: E402
 from tests.serve_util import ServeProcess  # noqa: E402
 
 
@@ -140,3 +141,43 @@ def test_without_an_embeddings_server_embeddings_go_upstream(tmp_path: Path, fak
         assert_error(answer, 502, "upstream_error")  # the upstream's 501, as a 5xx is
         assert "HTTP 501" in answer.json()["error"]["message"]
         assert fake.count("POST", "/v1/embeddings") == before + 1
+
+
+# ----------------------------------------------------------------------------- stats SESSION
+def test_a_served_sessions_turn_log_is_process_s_and_the_chart_says_where_it_is_now(
+    tmp_path: Path, fake: FakeLlamaServer
+) -> None:
+    """A turn's figure is the cache its question found, served or replayed alike (so the
+    last reply is in no turn's figure); the chart's title also gives the cache now."""
+    config = write_config(tmp_path)
+    history: list[dict[str, str]] = []
+    with ServeProcess(tmp_path, tmp_path / "kv.db", fake.url, "-q", config=config) as serve:
+        for question in ("Hello!", "Tell me about the lighthouse on the north cape, please."):
+            history.append({"role": "user", "content": question})
+            answer = serve.post(
+                "/v1/chat/completions", {"messages": history}, headers={"X-Session-Id": "chart"}
+            )
+            assert answer.status_code == 200, answer.text
+            history.append(
+                {"role": "assistant", "content": answer.json()["choices"][0]["message"]["content"]}
+            )
+    served = invoke_json("stats", "chart", home=tmp_path, db=tmp_path / "kv.db")
+    exported = tmp_path / "chart.json"
+    rc, _, err = invoke("export", "chart", "-o", exported, home=tmp_path, db=tmp_path / "kv.db")
+    assert rc == 0, err
+    replayed_db = tmp_path / "replayed.db"
+    rc, _, err = invoke(
+        "--config", config, "process", exported, "--server", fake.url, home=tmp_path, db=replayed_db
+    )
+    assert rc == 0, err
+    replayed = invoke_json("stats", "chart", home=tmp_path, db=replayed_db)
+    usage = served["session"]["usage"]
+    assert [u["turn"] for u in usage] == [1, 2]
+    assert usage == replayed["session"]["usage"]  # the same figures as process records
+    now = served["sessions"][0]["cache_size_bytes"]
+    assert now > max(u["cache_size_bytes"] for u in usage)  # the last reply came after
+    rc, out, err = invoke("stats", "chart", home=tmp_path, db=tmp_path / "kv.db")
+    assert rc == 0, err
+    title = next(line for line in out.splitlines() if line.startswith("cache usage by turn:"))
+    peak = human_bytes(max(u["cache_size_bytes"] for u in usage))
+    assert title.startswith(f"cache usage by turn: peak {peak}, now {human_bytes(now)} of "), title

@@ -428,9 +428,11 @@ def clear_summary(reasons: list[tuple[int, str]]) -> str:
     return f"{total} clear{'s' if total != 1 else ''}: " + ", ".join(parts)
 
 
-def _chart_title(capacity: int, threshold: float, peak: int) -> str:
+def _chart_title(capacity: int, threshold: float, peak: int, now: int | None = None) -> str:
+    """``now``: the session's cache today (a turn's figure is the cache its question found)."""
+    shown = f"peak {human_bytes(peak)}" + (f", now {human_bytes(now)}" if now is not None else "")
     return (
-        f"cache usage by turn: peak {human_bytes(peak)} of {human_bytes(capacity)}, "
+        f"cache usage by turn: {shown} of {human_bytes(capacity)}, "
         f"clear at {threshold * 100:.0f}% ({human_bytes(capacity * threshold)}); T turn limit, M memory"
     )
 
@@ -860,7 +862,8 @@ def _session_view(data: dict[str, Any], insights: dict[str, Any] | None, width: 
     usage = detail["usage"]
     if usage:
         values = [u["cache_size_bytes"] for u in usage]
-        parts.append(Text(_chart_title(capacity, threshold, max(values)), style="bold"))
+        title = _chart_title(capacity, threshold, max(values), state["cache_size_bytes"])
+        parts.append(Text(title, style="bold"))
         parts.append(
             usage_chart(
                 values,
