@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import stat
 from pathlib import Path
@@ -43,27 +44,37 @@ def _digest(db: Path) -> dict[str, str]:
     return out
 
 
-@pytest.fixture()
-def store(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """A store with an idle session ``old`` and active ``live`` and ``busy`` (with summaries)."""
-    home = tmp_path / "home"
-    folder = tmp_path / "store"
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of a store with an idle session ``old`` and active ``live`` and ``busy``
+    (with summaries), made once per module: each test gets a copy (``store``)."""
+    base = tmp_path_factory.mktemp("processed")
+    folder = base / "store"
     folder.mkdir()
     db = folder / "kv.db"
     files = [
-        write_json(tmp_path / f"{key}.json", uniform_conversation(key, 20, topic=key, seed=i), compact=True)
+        write_json(base / f"{key}.json", uniform_conversation(key, 20, topic=key, seed=i), compact=True)
         for i, key in enumerate(("old", "live", "busy"))
     ]
-    done = invoke("-q", "--db", str(db), "process", *map(str, files), home=home)
+    done = invoke("-q", "--db", str(db), "process", *map(str, files), home=base / "home")
     assert done.returncode == 0, done.stderr
     conn = connect(db)
     with conn:
         conn.execute("UPDATE sessions SET last_activity = datetime('now', '-48 hours') WHERE key = 'old'")
     conn.close()
     _checkpoint(db)
+    return folder
+
+
+@pytest.fixture()
+def store(processed: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A copy of the ``processed`` store (files and modes as the store made them), its
+    kvcache home and config."""
+    folder = tmp_path / "store"
+    shutil.copytree(processed, folder)
     config = tmp_path / "kvcache.toml"
     config.write_text(CONFIG)
-    return home, db, config
+    return tmp_path / "home", folder / "kv.db", config
 
 
 def _history(db: Path) -> dict[str, object]:
