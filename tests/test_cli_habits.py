@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kvcache_cli.cli.app import app
-from tests.helpers import REPO
+from tests.helpers import REPO, invoke
 
 EXAMPLES = REPO / "examples"
 SUPPORT = EXAMPLES / "support-chat.json"
@@ -32,11 +34,27 @@ def kv(*args: str | Path, code: int = 0) -> Any:
     return result
 
 
+@pytest.fixture(scope="module")
+def replayed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding the support-chat example, replayed once per module."""
+    base = tmp_path_factory.mktemp("replayed")
+    db = base / "kv.db"
+    done = invoke("--db", db, "-q", "process", "-j", "1", SUPPORT, home=base / "home")
+    assert done.returncode == 0, done.stderr
+    return db
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Path:
-    """A store holding the support-chat example, replayed."""
+def store(replayed: Path, tmp_path: Path) -> Path:
+    """A copy of the ``replayed`` store for the test."""
     db = tmp_path / "kv.db"
-    kv("--db", db, "-q", "process", "-j", "1", SUPPORT)
+    source = sqlite3.connect(replayed)
+    try:
+        target = sqlite3.connect(db)
+        source.backup(target)
+        target.close()
+    finally:
+        source.close()
     return db
 
 
@@ -268,7 +286,7 @@ def test_stats_with_the_server_down_still_shows_the_store(store: Path, tmp_path:
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_stats_watch_redraws_in_place_on_a_small_terminal(store: Path, tmp_path: Path) -> None:
     """On 80x24 the view keeps its top line and fits the screen, redraw after redraw."""
-    socket_name = f"kvtest{tmp_path.name[-12:]}"
+    socket_name = f"kvtest-{uuid.uuid4().hex[:12]}"  # unique: runs of the suite side by side share /tmp
     kvcache = f"env -u COLUMNS -u LINES '{sys.executable}' -m kvcache_cli"
     command = f"{kvcache} --db '{store}' stats --watch 0.3; sleep 30"
     tmux = ["tmux", "-L", socket_name]
