@@ -3,7 +3,8 @@
 Routes: ``POST /v1/chat/completions`` (managed, see ``serving_chat``), pass-through
 ``GET /v1/models``, ``POST /v1/embeddings`` (to ``[llm] embeddings_url`` when that is
 set), ``POST /tokenize``, ``POST /detokenize``, and kvcache's own ``GET /health`` and
-``GET /metrics``. Every error is an OpenAI-style body with a stable ``code``. Endpoints run the synchronous core in the thread pool.
+``GET /metrics``. Every error is an OpenAI-style body with a stable ``code``. Endpoints
+run the synchronous core in the thread pool.
 """
 
 from __future__ import annotations
