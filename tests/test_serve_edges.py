@@ -181,3 +181,54 @@ def test_a_served_sessions_turn_log_is_process_s_and_the_chart_says_where_it_is_
     title = next(line for line in out.splitlines() if line.startswith("cache usage by turn:"))
     peak = human_bytes(max(u["cache_size_bytes"] for u in usage))
     assert title.startswith(f"cache usage by turn: peak {peak}, now {human_bytes(now)} of "), title
+
+
+class _BrokenChat:
+    """A chat service with a bug: every turn raises what no route expects."""
+
+    n_ctx = 2048
+
+    def handle(self, *_args: Any) -> Any:
+        raise RuntimeError("a bug in the turn")
+
+
+def test_a_bug_in_a_turn_is_a_500_with_the_error_shape_and_the_server_keeps_answering() -> None:
+    import threading
+
+    import uvicorn
+
+    from kvcache_cli.server.api_server import AppSettings, create_app
+    from kvcache_cli.server.metrics import Metrics
+    from kvcache_cli.server.upstream import Upstream
+
+    with FakeLlamaServer() as fake:
+        upstream = Upstream(fake.url)
+        app = create_app(_BrokenChat(), upstream, Metrics(), AppSettings(quiet=True))  # type: ignore[arg-type]
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        try:
+            url = f"http://127.0.0.1:{port}"
+            for _ in range(200):
+                if server.started:
+                    break
+                threading.Event().wait(0.02)
+            body = {"messages": [{"role": "user", "content": "hi"}]}
+            resp = requests.post(f"{url}/v1/chat/completions", json=body, timeout=10)
+            assert resp.status_code == 500
+            assert resp.json() == {
+                "error": {
+                    "message": "kvcache: internal error (RuntimeError)",
+                    "type": "server_error",
+                    "code": "internal_error",
+                }
+            }
+            assert requests.get(f"{url}/v1/models", timeout=10).status_code == 200
+        finally:
+            server.should_exit = True
+            thread.join(10)
+            upstream.close()
+            sock.close()

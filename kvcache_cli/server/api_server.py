@@ -218,6 +218,12 @@ def create_app(
     async def not_allowed(request: Request, exc: Exception) -> Response:
         return _error(405, f"{request.method} is not allowed on {request.url.path}", "method_not_allowed")
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # a bug, not bad input: the client still gets the API's error shape (Starlette's
+        # outermost middleware sends this, then re-raises so the traceback is logged once)
+        return _error(500, f"kvcache: internal error ({type(exc).__name__})", "internal_error")
+
     return app
 
 
