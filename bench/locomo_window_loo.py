@@ -16,7 +16,8 @@ Every question is asked through the retrieve service (``KVCacheManager.retrieve`
 the variant's, in memory: nothing is stored. The keyword side is the code's own and is
 computed once per question (memoised; the variants only change the semantic side).
 Semantic variants: one vector kind (``M``, ``P``, ...), or ``max:M,P`` (per message, the
-larger cosine of the two kinds). Each is crossed with keyword weights and the semantic
+larger cosine of the two kinds); ``|median`` after either uses the fusion's above-median
+normalisation of the semantic side. Each is crossed with keyword weights and the semantic
 neighbour-context weight. The first setting is the shipped default (``M``, keyword 0.7,
 context 0.25). Choice and report as in ``bench/locomo_hybrid_loo.py``: each held-out
 conversation gets the setting with the best mean of R@1/5/10 on the other four (ties to
@@ -196,8 +197,9 @@ class Prototype:
         cfg = self.manager.config.cache
         cfg.retrieval_strategy = "hybrid"
         cfg.hybrid.keyword_weight, cfg.hybrid.semantic_weight = weight, 1.0 - weight
-        self.manager.fusion = f"weighted,context={context}"
-        self.variant = variant
+        kind, _, normalise = variant.partition("|")  # "P|median": above-median normalisation
+        self.manager.fusion = f"weighted,context={context}" + (f",normalise={normalise}" if normalise else "")
+        self.variant = kind
         out = []
         for q in questions:
             self.query = q["q"]
