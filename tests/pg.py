@@ -44,15 +44,20 @@ def _admin() -> object:
     return conn
 
 
-def create_database() -> str:
-    """A new empty database on the test server; returns its URL."""
-    name = "kvtest_" + uuid.uuid4().hex[:12]
+def _admin_execute(sql: str, params: tuple[object, ...] = ()) -> None:
+    """Run one statement on the server's maintenance connection (autocommit)."""
     conn = _admin()
     try:
         with conn.cursor() as cur:  # type: ignore[attr-defined]
-            cur.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+            cur.execute(sql, params or None)
     finally:
         conn.close()  # type: ignore[attr-defined]
+
+
+def create_database() -> str:
+    """A new empty database on the test server; returns its URL."""
+    name = "kvtest_" + uuid.uuid4().hex[:12]
+    _admin_execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
     return with_database(PG_URL, name)
 
 
@@ -61,24 +66,14 @@ def copy_database(url: str) -> str:
     template: nothing may be connected to it); returns its URL."""
     name = "kvtest_" + uuid.uuid4().hex[:12]
     source = urlsplit(url).path.lstrip("/")
-    conn = _admin()
-    try:
-        with conn.cursor() as cur:  # type: ignore[attr-defined]
-            cur.execute(f'CREATE DATABASE "{name}" TEMPLATE "{source}"')
-    finally:
-        conn.close()  # type: ignore[attr-defined]
+    _admin_execute(f'CREATE DATABASE "{name}" TEMPLATE "{source}"')
     return with_database(PG_URL, name)
 
 
 def drop_database(url: str) -> None:
     """Drop a database made by :func:`create_database` (ending its sessions)."""
     name = urlsplit(url).path.lstrip("/")
-    conn = _admin()
-    try:
-        with conn.cursor() as cur:  # type: ignore[attr-defined]
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        conn.close()  # type: ignore[attr-defined]
+    _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 #: Emptied databases of earlier tests of this process, for the next ones to use.
@@ -97,16 +92,11 @@ def release(url: str) -> None:
 
     name = urlsplit(url).path.lstrip("/")
     try:
-        admin = _admin()
-        try:
-            with admin.cursor() as cur:  # type: ignore[attr-defined]
-                cur.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = %s AND pid <> pg_backend_pid()",
-                    (name,),
-                )
-        finally:
-            admin.close()  # type: ignore[attr-defined]
+        _admin_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        )
         conn = psycopg2.connect(url)
         try:
             conn.autocommit = True
