@@ -40,13 +40,15 @@ if TYPE_CHECKING:
     from kvcache_cli.store import models as m
 
 
-def rerun_from(core: Core, session_key: str, matched: int, length: int) -> int | None:
+def rerun_from(
+    core: Core, session: m.Session | None, session_key: str, matched: int, length: int
+) -> int | None:
     """Where the engine must start on the stored messages of ``session_key``, or None.
 
-    ``matched``: how many of the file's ``length`` messages are stored already. Outside
-    any transaction (a session imported before marks existed is marked in its own).
+    ``session``: its stored row, read just before (None: not stored). ``matched``: how
+    many of the file's ``length`` messages are stored already. Outside any transaction
+    (a session imported before marks existed is marked in its own).
     """
-    session = sessions.find(core.store, session_key)
     if session is None or matched == 0:
         return None
     sid = session.get_id()

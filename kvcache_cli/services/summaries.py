@@ -3,6 +3,7 @@ else written extractively (``engine.summary``) inside it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -35,14 +36,20 @@ def _ask_llm(core: Core, prior: str | None, messages: list[ChatMessage]) -> str 
 
 
 def prepare_for_turn(
-    core: Core, session_key: str, msgs: list[ChatMessage], tokens: list[int], seen: int | None = None
+    core: Core,
+    stored: Callable[[], m.Session | None],
+    session_key: str,
+    msgs: list[ChatMessage],
+    tokens: list[int],
+    seen: int | None = None,
 ) -> None:
     """Before a turn's transaction: when the turn looks set to clear, get the LLM summary now.
 
-    Predicts the turn's clear from the stored session (turn count, cache size plus the
-    turn's new messages), so the chat request runs outside the write lock. ``seen``: the
-    index of the turn's first message (the stored messages before it are what the turn
-    sees; an imported session also stores later ones); None: every stored message.
+    Predicts the turn's clear from the stored session (``stored()``: its row, None when
+    not stored): turn count, cache size plus the turn's new messages, so the chat
+    request runs outside the write lock. ``seen``: the index of the turn's first message
+    (the stored messages before it are what the turn sees; an imported session also
+    stores later ones); None: every stored message.
     """
     core.ready_summary = None
     if core.chat_llm is None or core.server_down():
@@ -50,7 +57,7 @@ def prepare_for_turn(
     user_pos = next((i for i, msg in enumerate(msgs) if msg.role == "user"), None)
     if user_pos is None:
         return
-    session = sessions.find(core.store, session_key)
+    session = stored()
     count = (session.conversation_count if session else 0) + 1
     usage = (session.cache_size_bytes if session else 0) + sum(
         tokens[: user_pos + 1]

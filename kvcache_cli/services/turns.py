@@ -104,7 +104,8 @@ def replay(
             "which PostgreSQL cannot store"
         )
     # messages ``import`` stored are run through the engine and stored once (imported_replay)
-    rerun = imported_replay.rerun_from(core, session_key, done, len(conv.messages))
+    stored_session = sessions.find(core.store, session_key)  # also the first turn's prediction
+    rerun = imported_replay.rerun_from(core, stored_session, session_key, done, len(conv.messages))
     stored_before = done
     if rerun is not None:
         done = rerun
@@ -126,7 +127,11 @@ def replay(
             _prefetch_question(core, session_key, conv.messages, max(lo, done), hi)
         elif embedder is not None and not core.server_down():  # HTTP before the turn's transaction
             embedder.prefetch(conv.messages, max(lo, done), hi)
-        summaries.prepare_for_turn(core, session_key, new, tokens, max(lo, done))
+        # the first turn's prediction uses the row read above; a later one reads it again
+        stored: Callable[[], m.Session | None] = (
+            (lambda: stored_session) if number == 1 else partial(sessions.find, core.store, session_key)
+        )
+        summaries.prepare_for_turn(core, stored, session_key, new, tokens, max(lo, done))
         full = outcome_of_last and number == len(pending)
         work = partial(_turn, core, conv, session_key, lo, hi, tokens, result, full)
         outcome = core.store.transaction(work, core.forget_replay_state)
@@ -231,7 +236,8 @@ def _turn(
     new_entries += _file_entries(core, conv, start, start + cut, now)
     result.messages_added += len(before) - min(kept, cut)
     active = cache.active_entries(core.store, session.get_id())
-    cache.add_entries(core.store, session.get_id(), new_entries, len(active))
+    cached = {entry.key_hash for entry in active}  # the whole cache, read just now
+    cache.add_entries(core.store, session.get_id(), new_entries, len(active), cached)
     active += new_entries
     report: TurnReport | None = None
     found: RetrievalResult | None = None
