@@ -12,6 +12,7 @@ import shutil
 import sqlite3
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,32 +255,40 @@ def test_trimming_the_history_keeps_a_forgotten_sessions_files_listed(served: Se
     assert served.json("maintain")["slot_files_to_delete"] == [a_file]
 
 
-def test_a_restarted_upstream_is_noticed_by_a_resident_session_and_the_others_restore(
+@contextmanager
+def _three_sessions_over_two_slots(
     tmp_path: Path,
-) -> None:
-    """After an upstream restart (its slots empty) the first resident session to return
-    finds nothing cached: serve then stops taking the sessions of the emptied slots as
-    resident, so the next one restores its file instead of a cold prompt."""
+) -> Iterator[tuple[FakeLlamaServer, ServeProcess, Path, dict[str, list[dict[str, str]]]]]:
+    """A fake upstream with 2 slots and a slot folder, ``kvcache serve`` in front of it,
+    and empty histories for sessions A, B and C."""
     files = tmp_path / "slots"
     files.mkdir()
     histories: dict[str, list[dict[str, str]]] = {k: [] for k in ("A", "B", "C")}
     config = Served(tmp_path, str(tmp_path / "kv.db"), files, {}).configure(slot_folder=False)
     with FakeLlamaServer(n_slots=2, n_ctx=2048, slot_save_path=files) as fake:
         with ServeProcess(tmp_path, tmp_path / "kv.db", fake.url, config=config) as serve:
-            api = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
-            for key in ("A", "B", "C", "A", "B"):  # A and B end in the slots, all three saved once
-                _ask(
-                    api, histories[key], f"slot-{key}", f"{key} turn {len(histories[key])}: harbours, ships?"
-                )
-            assert len(list(files.iterdir())) == 3
-            with fake._lock:  # the upstream restarted: its slots are empty
-                for slot in fake._slots:
-                    slot.tokens, slot.id_task = [], None
-            _ask(api, histories["A"], "slot-A", "A after the restart")  # resident: nothing cached
-            assert serve.traces()[-1]["timings"]["cache_n"] == 0
-            _ask(api, histories["B"], "slot-B", "B after the restart")
-            back = serve.traces()[-1]
-            metrics = requests.get(serve.url + "/metrics", timeout=30).text
+            yield fake, serve, files, histories
+
+
+def test_a_restarted_upstream_is_noticed_by_a_resident_session_and_the_others_restore(
+    tmp_path: Path,
+) -> None:
+    """After an upstream restart (its slots empty) the first resident session to return
+    finds nothing cached: serve then stops taking the sessions of the emptied slots as
+    resident, so the next one restores its file instead of a cold prompt."""
+    with _three_sessions_over_two_slots(tmp_path) as (fake, serve, files, histories):
+        api = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
+        for key in ("A", "B", "C", "A", "B"):  # A and B end in the slots, all three saved once
+            _ask(api, histories[key], f"slot-{key}", f"{key} turn {len(histories[key])}: harbours, ships?")
+        assert len(list(files.iterdir())) == 3
+        with fake._lock:  # the upstream restarted: its slots are empty
+            for slot in fake._slots:
+                slot.tokens, slot.id_task = [], None
+        _ask(api, histories["A"], "slot-A", "A after the restart")  # resident: nothing cached
+        assert serve.traces()[-1]["timings"]["cache_n"] == 0
+        _ask(api, histories["B"], "slot-B", "B after the restart")
+        back = serve.traces()[-1]
+        metrics = requests.get(serve.url + "/metrics", timeout=30).text
     assert back["session"] == "slot-B" and back["timings"]["cache_n"] > 20, serve.stderr
     assert 'kvcache_slot_actions_total{action="resident_check",result="lost"} 1.0' in metrics
     assert 'kvcache_slot_actions_total{action="restore_check",result="reused"} 3.0' in metrics
@@ -352,17 +361,12 @@ def test_a_session_without_a_saved_file_is_not_restored(tmp_path: Path) -> None:
     saved for it: the first turns of A, B and C ask for no restore; A, moved out by C
     (its file saved), is restored when it returns. (Serve once asked the upstream to
     restore a file that did not exist on every new session's first turn.)"""
-    files = tmp_path / "slots"
-    files.mkdir()
-    histories: dict[str, list[dict[str, str]]] = {k: [] for k in ("A", "B", "C")}
-    config = Served(tmp_path, str(tmp_path / "kv.db"), files, {}).configure(slot_folder=False)
-    with FakeLlamaServer(n_slots=2, n_ctx=2048, slot_save_path=files) as fake:
-        with ServeProcess(tmp_path, tmp_path / "kv.db", fake.url, config=config) as serve:
-            fake.clear_requests()  # the start-up probe asks for a file that does not exist, on purpose
-            api = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
-            for key in ("A", "B", "C", "A"):  # C moves A out (saved); A comes back (restored)
-                _ask(api, histories[key], f"slot-{key}", f"{key} turn {len(histories[key])}: harbours?")
-            metrics = requests.get(serve.url + "/metrics", timeout=30).text
+    with _three_sessions_over_two_slots(tmp_path) as (fake, serve, files, histories):
+        fake.clear_requests()  # the start-up probe asks for a file that does not exist, on purpose
+        api = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
+        for key in ("A", "B", "C", "A"):  # C moves A out (saved); A comes back (restored)
+            _ask(api, histories[key], f"slot-{key}", f"{key} turn {len(histories[key])}: harbours?")
+        metrics = requests.get(serve.url + "/metrics", timeout=30).text
     restores = [r.body.get("filename") for r in fake.requests if r.query.get("action") == "restore"]
     saved = {p.name for p in files.iterdir()}
     assert len(saved) == 2 and len(restores) == 1 and restores[0] in saved, (restores, saved)
