@@ -172,6 +172,25 @@ def mean_rows(rows: Sequence[list[float]]) -> list[float]:
     return [sum(r[j] for r in rows) / len(rows) for j in range(len(KS))] if rows else [0.0] * len(KS)
 
 
+def per_conversation_r10(questions: list[dict[str, Any]], rows: list[list[float]], convs: list[str]) -> str:
+    """``26:0.787 30:0.823 ...``: each conversation's R@10 over its questions' rows."""
+    by_conv = {
+        c: mean_rows([r for q, r in zip(questions, rows, strict=True) if q["session"] == c]) for c in convs
+    }
+    return " ".join(f"{c[-2:]}:{by_conv[c][2]:.3f}" for c in convs)
+
+
+def paired_differences(a: list[list[float]], b: list[list[float]], name: str) -> list[dict[str, Any]]:
+    """Per k, the mean per-question difference ``a - b`` and its standard error (printed)."""
+    out = []
+    for j, k in enumerate(KS):
+        d = [x[j] - y[j] for x, y in zip(a, b, strict=True)]
+        se = statistics.stdev(d) / math.sqrt(len(d))
+        out.append({"k": k, "diff": sum(d) / len(d), "se": se})
+        print(f"paired {name} R@{k}: {sum(d) / len(d):+.4f} (SE {se:.4f})")
+    return out
+
+
 def label(s: Setting) -> str:
     return s[0] if s[1] == "-" else f"{s[0]} {s[1]} kw={s[2]}"
 
@@ -207,13 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with multiprocessing.Pool(args.jobs) as pool:  # each worker on its own copy of the store
         for setting, rows, ms in pool.imap(task, REFERENCES + grid):
             per[setting] = rows
-            by_conv = {
-                c: mean_rows([r for q, r in zip(questions, per[setting], strict=True) if q["session"] == c])
-                for c in convs
-            }
             print(
                 f"{label(setting):<46} {fmt(mean_rows(per[setting]))} | R@10 "
-                + " ".join(f"{c[-2:]}:{by_conv[c][2]:.3f}" for c in convs)
+                + per_conversation_r10(questions, per[setting], convs)
                 + f" | {ms:.0f} ms/q",
                 flush=True,
             )
@@ -238,12 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     total = mean_rows(loo)
     print(f"hybrid leave-one-out: {fmt(total)}   keyword_only: {fmt(mean_rows(kw))}")
     print(spread(folds))
-    diffs = []
-    for j, k in enumerate(KS):
-        d = [a[j] - b[j] for a, b in zip(loo, kw, strict=True)]
-        se = statistics.stdev(d) / math.sqrt(len(d))
-        diffs.append({"k": k, "diff": sum(d) / len(d), "se": se})
-        print(f"paired hybrid-LOO minus keyword_only R@{k}: {sum(d) / len(d):+.4f} (SE {se:.4f})")
+    diffs = paired_differences(loo, kw, "hybrid-LOO minus keyword_only")
     for cat in sorted(CATEGORIES):
         idx = [i for i, q in enumerate(questions) if q["cat"] == cat]
         cells = {

@@ -33,7 +33,6 @@ import math
 import operator
 import os
 import sqlite3
-import statistics
 import sys
 import tempfile
 import time
@@ -47,7 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from locomo import CATEGORIES, KS  # noqa: E402
 from locomo_cli import load_questions  # noqa: E402
-from locomo_hybrid_loo import CachedEmbeddings, mean_rows, server_config  # noqa: E402
+from locomo_hybrid_loo import (  # noqa: E402
+    CachedEmbeddings,
+    mean_rows,
+    paired_differences,
+    per_conversation_r10,
+    server_config,
+)
 from locomo_loo import criterion, fmt, spread  # noqa: E402
 
 from kvcache_cli.services import retrieve as retrieve_service  # noqa: E402
@@ -78,7 +83,8 @@ def window_text(kind: str, msgs: list[tuple[int, int, str, str]], j: int) -> str
     c = msgs[j][2]
     prev = msgs[j - 1][2] if j > 0 else None
     nxt = msgs[j + 1][2] if j + 1 < len(msgs) else None
-    parts = {"M": [c], "P": [prev, c], "N": [c, nxt], "PN": [prev, c, nxt]}[base]
+    windows: dict[str, list[str | None]] = {"M": [c], "P": [prev, c], "N": [c, nxt], "PN": [prev, c, nxt]}
+    parts = windows[base]
     text = "\n".join(p for p in parts if p)
     if flag == "D":
         d = datetime.fromisoformat(msgs[j][3][:19])
@@ -297,13 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.rows:
                 with args.rows.open("a") as fh:
                     fh.write(json.dumps({"setting": setting, "rows": per[setting]}) + "\n")
-        by_conv = {
-            c: mean_rows([r for q, r in zip(questions, per[setting], strict=True) if q["session"] == c])
-            for c in convs
-        }
         print(
             f"{setting[0]:<12} kw={setting[1]} ctx={setting[2]:<5} {fmt(mean_rows(per[setting]))} | R@10 "
-            + " ".join(f"{c[-2:]}:{by_conv[c][2]:.3f}" for c in convs)
+            + per_conversation_r10(questions, per[setting], convs)
             + f" | {time.perf_counter() - started:.0f} s",
             flush=True,
         )
@@ -326,12 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["folds"].append({"held_out": out, "chose": chosen[out], "recall": held, "default": ref})
     print(f"window leave-one-out: {fmt(mean_rows(loo))}   shipped default: {fmt(mean_rows(base))}")
     print(spread(folds))
-    paired = []
-    for j, k in enumerate(KS):
-        d = [a[j] - b[j] for a, b in zip(loo, base, strict=True)]
-        se = statistics.stdev(d) / math.sqrt(len(d))
-        paired.append({"k": k, "diff": sum(d) / len(d), "se": se})
-        print(f"paired LOO minus default R@{k}: {sum(d) / len(d):+.4f} (SE {se:.4f})")
+    paired = paired_differences(loo, base, "LOO minus default")
     for cat in sorted(CATEGORIES):
         idx = [i for i, q in enumerate(questions) if q["cat"] == cat]
         cells = {"loo": mean_rows([loo[i] for i in idx]), "default": mean_rows([base[i] for i in idx])}
