@@ -40,7 +40,7 @@ import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,6 +57,7 @@ from kvcache_cli.services.manager import KVCacheManager  # noqa: E402
 from kvcache_cli.store.backend import open_store  # noqa: E402
 
 Setting = tuple[str, str, float]  # strategy, fusion spec, keyword weight
+S = TypeVar("S")  # a grid setting of either leave-one-out script
 
 GRID: list[Setting] = [
     # the fusion in use first (ties go to the earlier setting), then the alternatives
@@ -172,12 +173,29 @@ def mean_rows(rows: Sequence[list[float]]) -> list[float]:
     return [sum(r[j] for r in rows) / len(rows) for j in range(len(KS))] if rows else [0.0] * len(KS)
 
 
+def conversation_rows(
+    questions: list[dict[str, Any]], rows: list[list[float]], conv: str, inside: bool = True
+) -> list[list[float]]:
+    """The rows of ``conv``'s questions (``inside``), or of every other conversation's."""
+    return [r for q, r in zip(questions, rows, strict=True) if (q["session"] == conv) == inside]
+
+
 def per_conversation_r10(questions: list[dict[str, Any]], rows: list[list[float]], convs: list[str]) -> str:
     """``26:0.787 30:0.823 ...``: each conversation's R@10 over its questions' rows."""
-    by_conv = {
-        c: mean_rows([r for q, r in zip(questions, rows, strict=True) if q["session"] == c]) for c in convs
-    }
-    return " ".join(f"{c[-2:]}:{by_conv[c][2]:.3f}" for c in convs)
+    return " ".join(f"{c[-2:]}:{mean_rows(conversation_rows(questions, rows, c))[2]:.3f}" for c in convs)
+
+
+def choose_per_fold(
+    grid: list[S], per: dict[S, list[list[float]]], questions: list[dict[str, Any]], convs: list[str]
+) -> dict[str, S]:
+    """For each held-out conversation, the grid setting with the best criterion on the
+    other conversations' questions (pooled); ties go to the earlier setting."""
+
+    def score(setting: S, out: str) -> tuple[float, int]:
+        others = conversation_rows(questions, per[setting], out, inside=False)
+        return criterion(mean_rows(others)), -grid.index(setting)
+
+    return {out: max(grid, key=lambda s: score(s, out)) for out in convs}
 
 
 def paired_differences(a: list[list[float]], b: list[list[float]], name: str) -> list[dict[str, Any]]:
@@ -233,20 +251,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
 
-    def rows_of(setting: Setting, conv: str, inside: bool) -> list[list[float]]:
-        return [r for q, r in zip(questions, per[setting], strict=True) if (q["session"] == conv) == inside]
+    def rows_of(setting: Setting, conv: str) -> list[list[float]]:
+        return conversation_rows(questions, per[setting], conv)
 
-    chosen: dict[str, Setting] = {}
-    for out in convs:
-        chosen[out] = max(grid, key=lambda s: (criterion(mean_rows(rows_of(s, out, False))), -grid.index(s)))
+    chosen = choose_per_fold(grid, per, questions, convs)
     loo = [per[chosen[q["session"]]][i] for i, q in enumerate(questions)]
     kw = per[REFERENCES[0]]
     report: dict[str, Any] = {"settings": {}, "folds": [], "categories": {}}
     print()
     folds = []
     for out in convs:
-        held = mean_rows(rows_of(chosen[out], out, True))
-        base = mean_rows(rows_of(REFERENCES[0], out, True))
+        held = mean_rows(rows_of(chosen[out], out))
+        base = mean_rows(rows_of(REFERENCES[0], out))
         folds.append(held)
         print(f"fold {out}: chose {label(chosen[out])}; held-out {fmt(held)} (keyword_only {fmt(base)})")
         report["folds"].append({"held_out": out, "chose": chosen[out], "recall": held, "keyword_only": base})

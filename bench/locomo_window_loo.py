@@ -48,12 +48,14 @@ from locomo import CATEGORIES, KS  # noqa: E402
 from locomo_cli import load_questions  # noqa: E402
 from locomo_hybrid_loo import (  # noqa: E402
     CachedEmbeddings,
+    choose_per_fold,
+    conversation_rows,
     mean_rows,
     paired_differences,
     per_conversation_r10,
     server_config,
 )
-from locomo_loo import criterion, fmt, spread  # noqa: E402
+from locomo_loo import fmt, spread  # noqa: E402
 
 from kvcache_cli.services import retrieve as retrieve_service  # noqa: E402
 from kvcache_cli.services.llm_setup import llm_client  # noqa: E402
@@ -310,19 +312,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
 
-    def rows_of(setting: Setting, conv: str, inside: bool) -> list[list[float]]:
-        return [r for q, r in zip(questions, per[setting], strict=True) if (q["session"] == conv) == inside]
+    def rows_of(setting: Setting, conv: str) -> list[list[float]]:
+        return conversation_rows(questions, per[setting], conv)
 
-    chosen = {
-        out: max(grid, key=lambda s: (criterion(mean_rows(rows_of(s, out, False))), -grid.index(s)))
-        for out in convs
-    }
+    chosen = choose_per_fold(grid, per, questions, convs)
     loo = [per[chosen[q["session"]]][i] for i, q in enumerate(questions)]
     base = per[default]
     report: dict[str, Any] = {"folds": [], "settings": {}, "categories": {}}
     folds = []
     for out in convs:
-        held, ref = mean_rows(rows_of(chosen[out], out, True)), mean_rows(rows_of(default, out, True))
+        held, ref = mean_rows(rows_of(chosen[out], out)), mean_rows(rows_of(default, out))
         folds.append(held)
         print(f"fold {out}: chose {chosen[out]}; held-out {fmt(held)} (default {fmt(ref)})")
         report["folds"].append({"held_out": out, "chose": chosen[out], "recall": held, "default": ref})
@@ -340,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for setting, r in per.items():
         report["settings"][f"{setting[0]} kw={setting[1]} ctx={setting[2]}"] = {
             "all": mean_rows(r),
-            **{c: mean_rows(rows_of(setting, c, True)) for c in convs},
+            **{c: mean_rows(rows_of(setting, c)) for c in convs},
         }
     if args.json_out:
         args.json_out.write_text(json.dumps(report, indent=1))
