@@ -175,6 +175,13 @@ class KeepAlivePool:
                 return
         conn.close()
 
+    def _finished(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        """An answer read to its end: its connection is reused unless the server ends it."""
+        if resp.will_close:
+            conn.close()
+        else:
+            self._give(conn)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -217,10 +224,7 @@ class KeepAlivePool:
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             raise TransportError(_kind(exc, connecting=False), str(exc)) from None
-        if resp.will_close:
-            conn.close()
-        else:
-            self._give(conn)
+        self._finished(conn, resp)
         return Reply(resp.status, resp.msg, content)
 
     def open(
@@ -263,10 +267,7 @@ class Streamed:
             raise TransportError(_kind(exc, connecting=False), str(exc)) from None
         conn, self._conn = self._conn, None
         if conn is not None:
-            if self._resp.will_close:
-                conn.close()
-            else:
-                self._pool._give(conn)
+            self._pool._finished(conn, self._resp)
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
