@@ -9,6 +9,9 @@ ranking path than each bound allows.
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import pytest
 
 from kvcache_cli.engine import scoring
@@ -38,6 +41,37 @@ def test_text_profiles_evict_the_least_recently_used_within_both_bounds() -> Non
     assert memo.known(keep) is not None and memo.known(_texts(1)[0]) is None
     assert memo.profile("x" * 201, remember=True) is None  # over text_max: never kept
     assert len(memo._seen_once) <= 20
+
+
+def test_text_profiles_shared_by_threads_evict_without_errors_and_keep_their_count() -> None:
+    """``kvcache serve`` ranks in several threads: one thread's eviction must not break
+    another's lookup (a text evicted between its lookup and its move to the LRU's end
+    raised KeyError), and the character count stays the sum of the kept texts."""
+    memo = documents.TextProfiles(max_texts=20, max_chars=10_000)
+    texts = _texts(60)
+    errors: list[BaseException] = []
+
+    def rank_some(offset: int) -> None:
+        try:
+            for _ in range(500):
+                for text in texts[offset::4]:
+                    memo.profile(text, remember=True)
+        except BaseException as exc:  # noqa: BLE001 (reported by the assertion below)
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        threads = [threading.Thread(target=rank_some, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert len(memo) == 20
+    assert memo.chars == sum(len(text) for text in texts if memo.known(text) is not None)
 
 
 def test_ranking_many_distinct_texts_keeps_the_profile_memo_bounded(monkeypatch: pytest.MonkeyPatch) -> None:

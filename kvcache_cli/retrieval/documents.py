@@ -9,6 +9,7 @@ and :func:`_proximity` give the collection statistics and the word-pair term tha
 
 from __future__ import annotations
 
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -83,6 +84,10 @@ class TextProfiles:
         self._entries: OrderedDict[str, Profile] = OrderedDict()
         self._seen_once: set[int] = set()  # hashes of texts seen once (a collision only profiles early)
         self.chars = 0
+        # serve ranks in several threads at once: sightings, insertions, evictions and the
+        # character count change under this lock; a hit only reads and reorders (each one
+        # atomic OrderedDict call), and tokenising and stemming a new text runs outside it
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -97,31 +102,41 @@ class TextProfiles:
         entries = self._entries
         prof = entries.get(text)
         if prof is not None:
-            entries.move_to_end(text)
+            try:
+                entries.move_to_end(text)
+            except KeyError:  # evicted by another thread since the lookup: still a good profile
+                pass
             return prof
         if len(text) > self.text_max or len(text) > self.max_chars:
             return None
-        if not remember:
-            key = hash(text)
-            if key not in self._seen_once:
-                if len(self._seen_once) >= self.max_texts:
-                    self._seen_once.clear()
-                self._seen_once.add(key)
-                return None
+        with self._lock:
+            if not remember:
+                key = hash(text)
+                if key not in self._seen_once:
+                    if len(self._seen_once) >= self.max_texts:
+                        self._seen_once.clear()
+                    self._seen_once.add(key)
+                    return None
         tokens = ts.tokenize(text)
-        prof = Profile(tokens, Counter(ts.stem_all(tokens)))
-        while entries and (len(entries) >= self.max_texts or self.chars + len(text) > self.max_chars):
-            old, _ = entries.popitem(last=False)
-            self.chars -= len(old)
-        entries[text] = prof
-        self.chars += len(text)
-        return prof
+        made = Profile(tokens, Counter(ts.stem_all(tokens)))
+        with self._lock:
+            prof = entries.get(text)  # another thread may have made it meanwhile
+            if prof is not None:
+                entries.move_to_end(text)
+                return prof
+            while entries and (len(entries) >= self.max_texts or self.chars + len(text) > self.max_chars):
+                old, _ = entries.popitem(last=False)
+                self.chars -= len(old)
+            entries[text] = made
+            self.chars += len(text)
+        return made
 
     def clear(self) -> None:
         """Forget every profile and sighting."""
-        self._entries.clear()
-        self._seen_once.clear()
-        self.chars = 0
+        with self._lock:
+            self._entries.clear()
+            self._seen_once.clear()
+            self.chars = 0
 
 
 #: The process's text profiles (a bounded memo: see :class:`TextProfiles`).
