@@ -144,8 +144,18 @@ def _content_text(value: Any, where: str) -> str:
     raise _fail(where, f"content must be a string, not {type(value).__name__}")
 
 
+_ROLE_SET = frozenset(ROLES)
+
+
 def parse_message(raw: Any, where: str) -> ChatMessage:
     """One OpenAI-style message ``{"role", "content", "timestamp"?, "name"?}``."""
+    if (  # the common plain message (role and text): every check below passes, so skip them
+        type(raw) is dict
+        and len(raw) == 2
+        and type(raw.get("content")) is str
+        and raw.get("role") in _ROLE_SET
+    ):
+        return ChatMessage(role=raw["role"], content=raw["content"])
     if not isinstance(raw, dict):
         raise _fail(where, f"a message must be an object, not {type(raw).__name__}")
     if "role" not in raw:

@@ -3,20 +3,17 @@
 ``normalise`` turns a request's ``messages`` into :class:`ChatMessage` (the loaders'
 rules: content parts joined, tool calls kept as JSON); ``canonical_calls`` gives
 ``tool_calls`` one shape, so a reply as the upstream sent it and the same message as a
-client sends it back are stored and compared alike. A plain message (only ``role`` and
-text ``content``, by far the most common) is taken as it is: every turn carries the
-whole history, so parsing each message in full made a long conversation's turns slower
-as it grew.
+client sends it back are stored and compared alike. Every turn carries the whole
+history, so the plain message (only ``role`` and text ``content``) takes
+``parse_message``'s short path.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from kvcache_cli.engine.entries import ROLES, ChatMessage
+from kvcache_cli.engine.entries import ChatMessage
 from kvcache_cli.loaders import parse_message
-
-_ROLES = frozenset(ROLES)
 
 
 def canonical_calls(message: dict[str, Any]) -> dict[str, Any]:
@@ -44,16 +41,7 @@ def canonical_calls(message: dict[str, Any]) -> dict[str, Any]:
 def normalise(raw: list[Any]) -> list[ChatMessage]:
     """The request's messages as stored; a bad one is a ``BadInputError`` naming it
     (``messages[i]``)."""
-    out = []
-    for i, message in enumerate(raw):
-        if (
-            type(message) is dict
-            and len(message) == 2
-            and type(message.get("content")) is str
-            and message.get("role") in _ROLES
-        ):
-            out.append(ChatMessage(role=message["role"], content=message["content"]))
-        else:
-            shaped = canonical_calls(message) if isinstance(message, dict) else message
-            out.append(parse_message(shaped, f"messages[{i}]"))
-    return out
+    return [
+        parse_message(canonical_calls(message) if isinstance(message, dict) else message, f"messages[{i}]")
+        for i, message in enumerate(raw)
+    ]
