@@ -392,6 +392,19 @@ def build_support_store(path: Path, config: Config | None = None) -> tuple[Any, 
 
 
 # ----------------------------------------------------------------------------- store dumps
+def copy_sqlite(source: Path | str, target: Path | str) -> None:
+    """Copy the SQLite store at ``source`` to ``target`` (the backup API: a consistent copy)."""
+    src = sqlite3.connect(source)
+    try:
+        dst = sqlite3.connect(target)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+    finally:
+        src.close()
+
+
 def dump_db(path: Path | str) -> dict[str, list[tuple[Any, ...]]]:
     """Every table's rows (sorted), read with plain ``sqlite3`` (or psycopg2 for a
     ``postgresql://`` URL): compare before/after."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kvcache_cli.cli.app import app
-from tests.helpers import REPO, invoke
+from tests.helpers import REPO, copy_sqlite, invoke
 
 EXAMPLES = REPO / "examples"
 SUPPORT = EXAMPLES / "support-chat.json"
@@ -48,13 +47,7 @@ def replayed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def store(replayed: Path, tmp_path: Path) -> Path:
     """A copy of the ``replayed`` store for the test."""
     db = tmp_path / "kv.db"
-    source = sqlite3.connect(replayed)
-    try:
-        target = sqlite3.connect(db)
-        source.backup(target)
-        target.close()
-    finally:
-        source.close()
+    copy_sqlite(replayed, db)
     return db
 
 

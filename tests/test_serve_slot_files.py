@@ -9,7 +9,6 @@ import json
 import os
 import random
 import shutil
-import sqlite3
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from kvcache_cli.server.slots import probe_slot_files  # noqa: E402
 from kvcache_cli.services import slot_files  # noqa: E402
 from kvcache_cli.store.backend import open_store  # noqa: E402
 from tests.fake_llama_server import FakeLlamaServer  # noqa: E402
-from tests.helpers import invoke, invoke_json  # noqa: E402
+from tests.helpers import copy_sqlite, invoke, invoke_json  # noqa: E402
 from tests.pg import BACKENDS, PG_URL, copy_database, empty_database, is_pg, release  # noqa: E402
 from tests.serve_util import ServeProcess  # noqa: E402
 
@@ -137,13 +136,7 @@ def served(served_once: Served, tmp_path: Path) -> Iterator[Served]:
         db = copy_database(served_once.db)
     else:
         db = str(tmp_path / "kvcache.db")
-        source = sqlite3.connect(served_once.db)
-        try:
-            with sqlite3.connect(db) as target:
-                source.backup(target)
-            target.close()
-        finally:
-            source.close()
+        copy_sqlite(served_once.db, db)
     state = Served(tmp_path, db, files, dict(served_once.by_session))
     state.configure(slot_folder=False)
     try:
