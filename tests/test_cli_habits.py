@@ -299,7 +299,15 @@ def test_stats_watch_redraws_in_place_on_a_small_terminal(store: Path, tmp_path:
                 break
             time.sleep(0.3)
         lines = screen.splitlines()
-        assert lines and lines[0].startswith("╭─ kvcache"), screen
+        # it failed twice, unexplained, with an empty screen: say what the pane was running
+        fields = "dead=#{pane_dead} status=#{pane_dead_status} cmd=#{pane_current_command}"
+        pane = subprocess.run(
+            [*tmux, "list-panes", "-F", fields],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert lines and lines[0].startswith("╭─ kvcache"), (screen, pane.stdout, pane.stderr)
         assert screen.count("watching every") == 1, screen
         assert "hidden" in screen, screen  # lower sections dropped to fit 24 lines
     finally:
