@@ -65,7 +65,44 @@ class ServeProcess:
         return self.stderr_path.read_text()
 
     def post(self, path: str, body: Any = None, **kwargs: Any) -> requests.Response:
-        return requests.post(self.url + path, json=body, timeout=60, **kwargs)
+        """POST ``body``; a chat answer returns once its turn has ended (see ``settle``)."""
+        resp = requests.post(self.url + path, json=body, timeout=60, **kwargs)
+        if path == "/v1/chat/completions":
+            self.settle()
+        return resp
+
+    def settle(self, timeout: float = 60.0) -> None:
+        """Wait until no turn is in progress (``/health``'s ``turns_in_progress``): a JSON
+        answer's reply is stored just after the answer went out, so a test that reads the
+        store right after an answer waits for that first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                health = requests.get(self.url + "/health", timeout=30).json()
+            except (requests.RequestException, ValueError):
+                return  # the server is gone: nothing is in progress
+            if health.get("kvcache", {}).get("turns_in_progress", 0) == 0:
+                return
+            time.sleep(0.005)
+        raise AssertionError(f"kvcache serve still had turns in progress after {timeout} s")
+
+    def openai(self, settle: bool = True, **kwargs: Any) -> Any:
+        """An official ``openai`` client of this server (no retries) whose JSON answers
+        return once their turn has ended (``settle``: many clients at once would wait for
+        each other, so they pass False and settle once); streams are left as they arrive."""
+        import openai
+
+        def settled(response: Any) -> None:
+            if response.request.url.path.endswith("/chat/completions") and not response.headers.get(
+                "content-type", ""
+            ).startswith("text/event-stream"):
+                self.settle()
+
+        kwargs.setdefault("api_key", "unused")
+        kwargs.setdefault("max_retries", 0)
+        hooks = {"response": [settled]} if settle else {}
+        http_client = openai.DefaultHttpxClient(event_hooks=hooks, timeout=kwargs.pop("timeout", 60))
+        return openai.OpenAI(base_url=self.url + "/v1", http_client=http_client, **kwargs)
 
     def traces(self) -> list[dict[str, Any]]:
         if not self.trace.exists():

@@ -53,9 +53,7 @@ def write_config(home: Path, text: str = "") -> Path:
 
 
 def client(serve: ServeProcess, **kwargs: Any) -> Any:
-    return openai.OpenAI(
-        base_url=serve.url + "/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0, **kwargs
-    )
+    return serve.openai(**kwargs)
 
 
 SHARED_CONFIG = """
@@ -413,7 +411,7 @@ def test_concurrent_clients_lose_nothing(serve: ServeProcess, upstream: FakeLlam
     """16 clients on 8 session ids at once: two clients share each id with different
     conversations, so one of each pair branches; every client's history is stored
     exactly under the session kvcache told it."""
-    api = client(serve)
+    api = client(serve, settle=False)  # each answer at once: the clients do not wait for each other
     results: dict[int, tuple[str, list[dict[str, str]]]] = {}
     errors: list[BaseException] = []
 
@@ -440,6 +438,7 @@ def test_concurrent_clients_lose_nothing(serve: ServeProcess, upstream: FakeLlam
     assert len(results) == 16
     keys = {key for key, _ in results.values()}
     assert len(keys) == 16  # each pair: the id's session and one branch
+    serve.settle()  # the last replies are stored just after their answers
     for key, history in results.values():
         assert stored(serve.db, key) == [(m["role"], m["content"]) for m in history]
 

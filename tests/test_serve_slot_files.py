@@ -88,7 +88,7 @@ def _serve_three_sessions(state: Served) -> None:
     histories: dict[str, list[dict[str, str]]] = {k: [] for k in ("A", "B", "C")}
     with FakeLlamaServer(n_slots=2, n_ctx=2048, slot_save_path=state.files) as fake:
         with ServeProcess(state.home, state.db, fake.url, config=config) as serve:  # type: ignore[arg-type]
-            api = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
+            api = serve.openai()
             for key in ("A", "B", "C", "A", "B", "C", "A"):  # each arrival moves the oldest out
                 _ask(
                     api, histories[key], f"slot-{key}", f"{key} turn {len(histories[key])}: harbours, ships?"
@@ -270,7 +270,7 @@ def test_a_restarted_upstream_is_noticed_by_a_resident_session_and_the_others_re
     finds nothing cached: serve then stops taking the sessions of the emptied slots as
     resident, so the next one restores its file instead of a cold prompt."""
     with _three_sessions_over_two_slots(tmp_path) as (fake, serve, files, histories):
-        api = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
+        api = serve.openai()
         for key in ("A", "B", "C", "A", "B"):  # A and B end in the slots, all three saved once
             _ask(api, histories[key], f"slot-{key}", f"{key} turn {len(histories[key])}: harbours, ships?")
         assert len(list(files.iterdir())) == 3
@@ -306,7 +306,7 @@ def test_a_real_llama_server_restores_a_swapped_out_session(tmp_path: Path) -> N
     first_prompt = 0  # tokens of the first session's first prompt: what its file holds
     with ServeProcess(tmp_path, tmp_path / "kv.db", url, config=config) as serve:
         assert f"slot swapping is on: {n_slots} slot(s)" in serve.stderr
-        api = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        api = serve.openai(timeout=600)
         for n, key in enumerate([*keys, keys[0]]):
             entries = " ".join(f"Ship {key}-{i} docks at berth {i % 11} with timber." for i in range(8))
             histories[key].append({"role": "user", "content": f"Log {n}. {entries}"})
@@ -356,7 +356,7 @@ def test_a_session_without_a_saved_file_is_not_restored(tmp_path: Path) -> None:
     restore a file that did not exist on every new session's first turn.)"""
     with _three_sessions_over_two_slots(tmp_path) as (fake, serve, files, histories):
         fake.clear_requests()  # the start-up probe asks for a file that does not exist, on purpose
-        api = openai.OpenAI(base_url=serve.url + "/v1", api_key="unused", max_retries=0)
+        api = serve.openai()
         for key in ("A", "B", "C", "A"):  # C moves A out (saved); A comes back (restored)
             _ask(api, histories[key], f"slot-{key}", f"{key} turn {len(histories[key])}: harbours?")
         metrics = requests.get(serve.url + "/metrics", timeout=30).text

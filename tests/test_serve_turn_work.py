@@ -1,8 +1,8 @@
 """What one ``kvcache serve`` turn asks of the upstream and the store, and when: the
 client waits only for the question's token count, the chat and the store work of the
-question and the reply; the turn's vectors are embedded after the answer (before the
-session's lock is released), the session's live view is stored with the reply, and the
-reply's token count is the one the upstream reports for what it generated."""
+question; the reply (with the session's live view) is stored and the turn's vectors are
+embedded after the answer, before the session's lock is released; the reply's token
+count is the one the upstream reports for what it generated."""
 
 from __future__ import annotations
 
@@ -80,10 +80,13 @@ def test_a_turn_embeds_after_its_answer_and_stores_its_reply_and_live_view_at_on
         reply = result.body["choices"][0]["message"]["content"]
         history.append({"role": "assistant", "content": reply})
         stored = _rows(tmp_path / "kv.db", "SELECT role, content FROM messages ORDER BY message_index")
-        assert stored == [(m["role"], m["content"]) for m in history]  # the reply: before the answer
+        assert stored == [(m["role"], m["content"]) for m in history[:-1]]  # the reply: once sent
+        assert result.body["kvcache"]["stored"] is True
+        result.after()
+        stored = _rows(tmp_path / "kv.db", "SELECT role, content FROM messages ORDER BY message_index")
+        assert stored == [(m["role"], m["content"]) for m in history]
         meta = json.loads(_rows(tmp_path / "kv.db", "SELECT metadata FROM sessions")[0][0])
         assert meta["serve"]["last_prompt_tokens"] == result.body["usage"]["prompt_tokens"]
-        result.after()
         assert _paths(fake) == ["/v1/embeddings"]  # one call for the turn's messages
         missing = _rows(
             tmp_path / "kv.db",
@@ -102,12 +105,25 @@ def test_the_session_stays_locked_until_the_turn_after_its_answer_ran(
     history = [{"role": "user", "content": "Which river runs through the harbour town?"}]
     result = _ask(service, history, "work-2")
     assert result.after is not None
+    assert service.locks.in_progress == 1  # what /health reports as turns_in_progress
     with service.locks.held("work-2", timeout=0.05) as got:
-        assert not got  # the turn is not over: its vectors are still to come
+        assert not got  # the turn is not over: its reply and vectors are still to come
     result.after()
     result.after()  # runs once
+    assert service.locks.in_progress == 0
     with service.locks.held("work-2", timeout=0.05) as got:
         assert got
+
+
+def test_a_session_lock_is_dropped_once_no_turn_uses_it(store: Store, fake: FakeLlamaServer) -> None:
+    """A server that runs for days keeps no lock per session it ever saw."""
+    service = _service(store, fake)
+    for n in range(20):
+        result = _ask(service, [{"role": "user", "content": f"Question {n} about the harbour?"}], f"s-{n}")
+        assert result.after is not None
+        assert len(service.locks) == 1
+        result.after()
+    assert len(service.locks) == 0 and service.locks.in_progress == 0
 
 
 def test_a_question_retrieval_searches_with_is_embedded_before_the_answer(

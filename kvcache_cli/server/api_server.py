@@ -199,7 +199,12 @@ def create_app(
             ok = isinstance(upstream_health, dict) and upstream_health.get("status") == "ok"
             return {
                 "status": "ok" if ok else "degraded",
-                "kvcache": {"status": "ok", "store": settings.store_label, "n_ctx": service.n_ctx},
+                "kvcache": {
+                    "status": "ok",
+                    "store": settings.store_label,
+                    "n_ctx": service.n_ctx,
+                    "turns_in_progress": service.locks.in_progress,
+                },
                 "upstream": {"url": upstream.base_url, "status": "ok" if ok else "unavailable"},
             }
 

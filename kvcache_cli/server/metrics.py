@@ -55,6 +55,11 @@ class Metrics:
             registry=r,
         )
         self.sessions_stored = Counter("kvcache_turns_stored", "Chat turns stored", ["kind"], registry=r)
+        self.reply_store_errors = Counter(
+            "kvcache_reply_store_errors",
+            "Replies answered but not stored (a store error; the client's next turn brings them back)",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -87,6 +87,7 @@ class _Turn:
     sent_at: float = 0.0  # when the prompt first went upstream
     log: dict[str, Any] = field(default_factory=dict)  # the request's log line (filled as it goes)
     branch_release: Callable[[], None] | None = None
+    write_reply: Callable[[], bool] | None = None  # a JSON answer's reply, stored once it is sent
 
 
 class ChatService:
@@ -202,9 +203,10 @@ class ChatService:
                 release()
 
     def _ender(self, turn: _Turn, manager: Any, release: Callable[[], None]) -> Callable[[], None]:
-        """What ends a turn once its answer is out (runs once): the vectors of the turn's
-        messages (HTTP and a transaction that the client need not wait for), then the
-        session's slot and locks are released, so its next turn sees them stored."""
+        """What ends a turn once its answer is out (runs once): a JSON answer's reply is
+        stored, then the vectors of the turn's messages (HTTP and a transaction that the
+        client need not wait for); then the session's slot and locks are released, so its
+        next turn sees them stored."""
         ended = False
 
         def end() -> None:
@@ -213,6 +215,7 @@ class ChatService:
                 return
             ended = True
             try:
+                self._write_reply(turn)
                 with contextlib.suppress(KVCacheError):
                     chat_turn.add_vectors(manager, turn.key)
             finally:
@@ -222,6 +225,20 @@ class ChatService:
                 release()
 
         return end
+
+    def _write_reply(self, turn: _Turn) -> None:
+        """Store a JSON answer's reply (once). The client has the answer already, and the
+        session's lock is still held, so its next turn finds the reply stored. A store
+        error is the request's log line's ``error``; the reply is not lost: the client
+        sends it back with its next turn, which stores it as one of that turn's messages."""
+        write, turn.write_reply = turn.write_reply, None
+        if write is None:
+            return
+        try:
+            write()
+        except KVCacheError as exc:
+            self.metrics.reply_store_errors.inc()
+            turn.log.update({"stored": False, "error": f"reply not stored: {exc}"})
 
     def _manager(self, turn: _Turn) -> Any:
         """The session's manager: kept between its turns (like one ``process`` run keeps
@@ -380,11 +397,12 @@ class ChatService:
         self._learn(turn, usage)
         reply = self._reply_message(message)
         generated = self._generated(message, choice, usage)
-        stored = (
-            self._store_reply(turn, manager, reply, timings, usage, generated) if reply is not None else False
-        )
-        answer["kvcache"] = {"session_id": turn.key, "action": self._action(turn), "stored": stored}
-        self._after(turn, timings, usage, stored)
+        if reply is not None:  # written once the answer is out (see ``_ender``)
+            facts = self._live_facts(turn, timings, usage)
+            turn.write_reply = lambda: self._store_reply(turn, manager, reply, facts, generated)
+        kept = reply is not None
+        answer["kvcache"] = {"session_id": turn.key, "action": self._action(turn), "stored": kept}
+        self._after(turn, timings, usage, kept)
         return answer
 
     def _open_stream(self, turn: _Turn, manager: Any) -> ChatStream:
@@ -436,7 +454,8 @@ class ChatService:
         if reply is None:
             return False
         generated = self._generated(message, {"finish_reason": stream.finish_reason}, stream.usage)
-        return self._store_reply(turn, manager, reply, stream.timings, stream.usage, generated)
+        facts = self._live_facts(turn, stream.timings, stream.usage)
+        return self._store_reply(turn, manager, reply, facts, generated)
 
     def _reply_message(self, message: dict[str, Any]) -> ChatMessage | None:
         raw = {"role": "assistant", "content": message.get("content")}
@@ -450,16 +469,10 @@ class ChatService:
             return None
 
     def _store_reply(
-        self,
-        turn: _Turn,
-        manager: Any,
-        reply: ChatMessage,
-        timings: Any,
-        usage: Any,
-        generated: int | None = None,
+        self, turn: _Turn, manager: Any, reply: ChatMessage, facts: dict[str, Any], generated: int | None
     ) -> bool:
-        """Store the reply and the operator's view of the turn (one transaction)."""
-        facts = self._live_facts(turn, timings, usage)
+        """Store the reply and the operator's view of the turn (``facts``, see
+        ``_live_facts``) in one transaction."""
         if turn.kind == "regenerate":
             chat_turn.replace_reply(manager, turn.key, reply, facts, generated)
         else:

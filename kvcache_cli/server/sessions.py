@@ -188,21 +188,44 @@ class SessionLocks:
     def __init__(self, store: Store, pg_url: str | None = None) -> None:
         self._store = store
         self._pg_url = pg_url if not store.is_sqlite else None
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}  # key -> (lock, turns using it)
         self._guard = threading.Lock()
+        self._held = 0
 
-    def _lock_for(self, key: str) -> threading.Lock:
+    @property
+    def in_progress(self) -> int:
+        """Turns in progress: sessions whose lock is taken (a JSON answer's turn holds it
+        until its reply and vectors are stored, after the answer went out)."""
+        return self._held
+
+    def __len__(self) -> int:
+        """Sessions with a lock in memory: those a turn holds or waits for."""
+        return len(self._locks)
+
+    def _enter(self, key: str) -> threading.Lock:
+        """The session's lock, counted as in use (a lock no turn uses is dropped, so a
+        server that runs for days does not keep one per session it ever saw)."""
         with self._guard:
-            lock = self._locks.get(key)
-            if lock is None:
-                lock = self._locks[key] = threading.Lock()
+            lock, users = self._locks.get(key) or (threading.Lock(), 0)
+            self._locks[key] = (lock, users + 1)
             return lock
+
+    def _leave(self, key: str, was_held: bool) -> None:
+        with self._guard:
+            lock, users = self._locks[key]
+            if users <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+            if was_held:
+                self._held -= 1
 
     def acquire(self, key: str, timeout: float) -> Any:
         """Take the session's lock (waiting up to ``timeout`` s); returns a release
         callable, or None when it stayed busy."""
-        lock = self._lock_for(key)
+        lock = self._enter(key)
         if not lock.acquire(timeout=timeout):
+            self._leave(key, was_held=False)
             return None
         conn = None
         if self._pg_url:
@@ -210,7 +233,10 @@ class SessionLocks:
                 conn = self._advisory(key)
             except BaseException:
                 lock.release()
+                self._leave(key, was_held=False)
                 raise
+        with self._guard:
+            self._held += 1
         released = False
 
         def release() -> None:
@@ -222,6 +248,7 @@ class SessionLocks:
                 with contextlib.suppress(Exception):
                     conn.close()  # closing the connection releases its advisory lock
             lock.release()
+            self._leave(key, was_held=True)
 
         return release
 
