@@ -82,20 +82,13 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _upstream_n_ctx(llm: object, upstream: object) -> tuple[int | None, int, str]:
-    """(smallest slot n_ctx, slot count, where it came from) of the upstream."""
-    try:
-        slots = llm.slots()  # type: ignore[attr-defined]
-        if slots:
-            return min(s.n_ctx for s in slots), len(slots), "/slots"
-    except ServerError:
-        pass
-    props = upstream.get_json("/props")  # type: ignore[attr-defined]
-    if isinstance(props, dict):
-        n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx")
-        if isinstance(n_ctx, int) and n_ctx > 0:
-            return n_ctx, int(props.get("total_slots") or 1), "/props"
-    return None, 0, ""
+def _unknown_context(probe: Any) -> str:
+    """Why the upstream's context size is unknown, for the start-up lines."""
+    if probe.failure == "unreachable":
+        return "the upstream was unreachable"
+    if probe.failure == "loading":
+        return "the upstream was still loading (HTTP 503)"
+    return "the upstream's context size is unknown (no n_ctx in /slots or /props)"
 
 
 def _model_name(upstream: Any) -> str:
@@ -122,11 +115,13 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
     import uvicorn
 
     from kvcache_cli.server.api_server import AppSettings, create_app
+    from kvcache_cli.server.checkpoints import WalCheckpointer
     from kvcache_cli.server.metrics import Metrics
     from kvcache_cli.server.serving_chat import ChatService
     from kvcache_cli.server.slots import SlotPinning, probe_slot_files
     from kvcache_cli.server.trace import TraceWriter
     from kvcache_cli.server.upstream import Upstream
+    from kvcache_cli.server.upstream_context import probe_n_ctx
     from kvcache_cli.services.llm_setup import llm_client
     from kvcache_cli.store.backend import open_store
 
@@ -137,7 +132,8 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
         if not upstream_key:
             raise ConfigError(f"[llm] api_key_env: the variable {llm_cfg.api_key_env} is not set")
     sock = _bind(options.host, options.port)
-    store = open_store(store_url, config.database.busy_timeout_ms)
+    store = open_store(store_url, config.database.busy_timeout_ms, autocheckpoint=False)
+    checkpointer = WalCheckpointer(store).start() if store.is_sqlite else None
     upstream = Upstream(options.upstream, upstream_key, llm_cfg.connect_timeout, llm_cfg.read_timeout)
     embeddings_url = embeddings_upstream_url(llm_cfg.embeddings_url, upstream.base_url)
     embeddings = (
@@ -148,9 +144,10 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
     llm = llm_client(llm_cfg, options.upstream, required=True)
     trace = TraceWriter(options.trace) if options.trace else None
     try:
-        n_ctx, n_slots, source = _upstream_n_ctx(llm, upstream)
+        probe = probe_n_ctx(upstream)
+        n_ctx, n_slots = probe.n_ctx, probe.slots
         metrics = Metrics()
-        slots, swapping = None, "slot swapping is off: the upstream's context size is unknown"
+        slots, swapping = None, f"slot swapping is off until restart: {_unknown_context(probe)} at start"
         if n_ctx and n_slots:
             why_not = probe_slot_files(llm)
             if why_not is None:
@@ -183,9 +180,10 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
         port = sock.getsockname()[1]
         shown_host = f"[{options.host}]" if ":" in options.host else options.host
         context = (
-            f"n_ctx {n_ctx} per slot from {source}, {n_slots} slot(s)"
+            f"n_ctx {n_ctx} per slot from {probe.source}, {n_slots} slot(s)"
             if n_ctx
-            else f"upstream context unknown, using [model] n_ctx {config.model.n_ctx}"
+            else f"{_unknown_context(probe)}: using [model] n_ctx {config.model.n_ctx} until "
+            "kvcache learns the upstream's, asking again on chat turns"
         )
         if embeddings is not None:
             context += f"; embeddings to {embeddings.base_url}"
@@ -229,6 +227,8 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
             embeddings.close()
         if llm is not None:
             llm.close()
+        if checkpointer is not None:
+            checkpointer.stop()
         store.close()
         sock.close()
     if not options.quiet:

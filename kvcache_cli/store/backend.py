@@ -25,11 +25,15 @@ __all__ = [
 
 
 def open_store(
-    url: str | os.PathLike[str] | None = None, busy_timeout_ms: int = 30000, must_exist: bool = False
+    url: str | os.PathLike[str] | None = None,
+    busy_timeout_ms: int = 30000,
+    must_exist: bool = False,
+    autocheckpoint: bool = True,
 ) -> Store:
     """Open (creating and migrating if needed) the store at ``url``.
 
     ``must_exist``: a SQLite file that is not there is an error, not a new store.
+    ``autocheckpoint=False``: see :func:`open_sqlite` (PostgreSQL ignores it).
     """
     location = parse_location(url)
     if location.backend == "postgresql":
@@ -37,7 +41,7 @@ def open_store(
 
         db: Any = open_postgres(location.target)
     else:
-        db = open_sqlite(location.target, busy_timeout_ms, must_exist)
+        db = open_sqlite(location.target, busy_timeout_ms, must_exist, autocheckpoint)
     store = Store(db, location)
     try:
         migrate(store)

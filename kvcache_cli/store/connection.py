@@ -62,8 +62,19 @@ def _prepare_sqlite_file(path: str, must_exist: bool = False) -> None:
         raise StoreError(f"{path}: cannot create database ({exc.strerror})") from None
 
 
-def open_sqlite(path: str, busy_timeout_ms: int = 30000, must_exist: bool = False) -> peewee.SqliteDatabase:
-    """A connected SQLite database with the store's pragmas."""
+AUTOCHECKPOINT_PAGES = 4000
+
+
+def open_sqlite(
+    path: str, busy_timeout_ms: int = 30000, must_exist: bool = False, autocheckpoint: bool = True
+) -> peewee.SqliteDatabase:
+    """A connected SQLite database with the store's pragmas.
+
+    ``autocheckpoint=False``: commits never checkpoint the write-ahead log (a checkpoint
+    copies it into the database file and syncs it: tens to hundreds of milliseconds
+    on a large store, paid by whichever commit crosses the threshold); the opener
+    checkpoints it with :meth:`Store.checkpoint`, off its latency-sensitive path.
+    """
     _prepare_sqlite_file(path, must_exist)
     db = peewee.SqliteDatabase(
         path,
@@ -75,7 +86,7 @@ def open_sqlite(path: str, busy_timeout_ms: int = 30000, must_exist: bool = Fals
             # checkpoint every 4,000 WAL pages (16 MB), not SQLite's 1,000: a replay
             # rewrites the same hot pages turn after turn, and each checkpoint syncs the
             # file (commits were a tenth of a replay; this takes a quarter off them)
-            "wal_autocheckpoint": 4000,
+            "wal_autocheckpoint": AUTOCHECKPOINT_PAGES if autocheckpoint else 0,
         },
         timeout=busy_timeout_ms / 1000.0,
         lock_type="IMMEDIATE",
@@ -159,6 +170,15 @@ class Store:
             return []
         rows: list[tuple[Any, ...]] = cursor.fetchall()
         return rows
+
+    def checkpoint(self) -> tuple[int, int]:
+        """Copy what the SQLite write-ahead log holds into the database file without
+        waiting for readers or writers (``PASSIVE``); (frames in the log, frames
+        checkpointed). PostgreSQL: nothing to do, (0, 0)."""
+        if not self.is_sqlite:
+            return 0, 0
+        row = self.db.execute_sql("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return (int(row[1]), int(row[2])) if row else (0, 0)
 
     def size_bytes(self) -> int:
         """Bytes the store takes on disk (database plus WAL for SQLite)."""
