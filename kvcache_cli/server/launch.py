@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvcache_cli.config import Config
-from kvcache_cli.errors import BadInputError, ConfigError, KVCacheError, ServerError
+from kvcache_cli.errors import BadInputError, ConfigError, KVCacheError
 
 GRACE_SECONDS = 30
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -85,10 +85,10 @@ def _bind(host: str, port: int) -> socket.socket:
 def _unknown_context(probe: Any) -> str:
     """Why the upstream's context size is unknown, for the start-up lines."""
     if probe.failure == "unreachable":
-        return "the upstream was unreachable"
+        return "the upstream was unreachable at start"
     if probe.failure == "loading":
-        return "the upstream was still loading (HTTP 503)"
-    return "the upstream's context size is unknown (no n_ctx in /slots or /props)"
+        return "the upstream was still loading at start (HTTP 503)"
+    return "the upstream gave no n_ctx (in /slots or /props)"
 
 
 def _model_name(upstream: Any) -> str:
@@ -147,7 +147,7 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
         probe = probe_n_ctx(upstream)
         n_ctx, n_slots = probe.n_ctx, probe.slots
         metrics = Metrics()
-        slots, swapping = None, f"slot swapping is off until restart: {_unknown_context(probe)} at start"
+        slots, swapping = None, f"slot swapping is off until restart: {_unknown_context(probe)}"
         if n_ctx and n_slots:
             why_not = probe_slot_files(llm)
             if why_not is None:
@@ -182,8 +182,8 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
         context = (
             f"n_ctx {n_ctx} per slot from {probe.source}, {n_slots} slot(s)"
             if n_ctx
-            else f"{_unknown_context(probe)}: using [model] n_ctx {config.model.n_ctx} until "
-            "kvcache learns the upstream's, asking again on chat turns"
+            else f"{_unknown_context(probe)}: using [model] n_ctx {config.model.n_ctx} until the "
+            "upstream's is known, asked again on chat turns"
         )
         if embeddings is not None:
             context += f"; embeddings to {embeddings.base_url}"
