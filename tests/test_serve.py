@@ -379,7 +379,7 @@ def test_an_unreachable_upstream_is_502_and_health_says_so(tmp_path: Path) -> No
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
     config = write_config(tmp_path, SHARED_CONFIG)
     with ServeProcess(tmp_path, tmp_path / "kv.db", dead, "-q", config=config) as serve:
-        assert "upstream context unknown" in serve.stderr
+        assert "the upstream was unreachable at start" in serve.stderr
         with pytest.raises(openai.APIStatusError) as failed:
             ask(client(serve), [{"role": "user", "content": "anyone there"}], "dead-1")
         assert failed.value.status_code == 502
