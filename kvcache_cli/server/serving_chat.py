@@ -34,6 +34,7 @@ from kvcache_cli.store.live_history import HistoryTail
 
 MANAGERS_KEPT = 256  # sessions whose manager (and retrieval index) stays in memory
 DEFAULT_REPLY_RESERVE = 512  # tokens kept free for the reply when the request sets no max_tokens
+MAX_EDIT_DEPTH = 8  # branches of branches an edited history may go down
 
 
 class ServeError(Exception):
@@ -297,26 +298,32 @@ class ChatService:
 
     def _classify(self, turn: _Turn, release: Callable[[], None]) -> None:
         """new, extend, regenerate, or branch: an edited history continues in a session
-        of its own (``<key>.edit-<digest>``), made from the common prefix unless it exists."""
+        of its own (``sessions.edit_key``: named by the history up to the edit point),
+        made from the common prefix unless it exists; the edited conversation's later
+        turns, sent under the original id, extend it. An edit of that branch's own history
+        goes on in a branch of the branch (``MAX_EDIT_DEPTH`` deep; deeper: 409)."""
         match = self._match(turn, turn.key)
         turn.kind, turn.common = match.kind, match.common
-        if match.kind != "branch":
-            return
-        turn.branched_from = turn.key
-        release()
-        turn.key = f"{turn.key[:100]}.edit-{ses.history_digest(turn.messages)[:12]}"
-        inner = self.locks.acquire(turn.key, self.lock_timeout)
-        if inner is None:
-            raise ServeError(503, error_body(503, f"session {turn.key!r} is busy", "session_busy"))
-        turn.branch_release = inner
-        again = self._match(turn, turn.key)
-        if again.kind != "new":  # the same edit came before (a retry): continue that branch
-            turn.kind, turn.common = again.kind, again.common
-            if again.kind == "branch":
+        parent_release, depth = release, 0
+        while match.kind == "branch":
+            if depth == MAX_EDIT_DEPTH:
                 raise ServeError(
                     409, error_body(409, "the edited history conflicts with its branch", "conflict")
                 )
-            turn.kind = "branch" if again.kind == "extend" and again.common == 0 else again.kind
+            depth += 1
+            turn.branched_from = turn.key
+            parent_release()
+            turn.branch_release = None
+            turn.key = ses.edit_key(turn.key, turn.messages, match.common)
+            inner = self.locks.acquire(turn.key, self.lock_timeout)
+            if inner is None:
+                raise ServeError(503, error_body(503, f"session {turn.key!r} is busy", "session_busy"))
+            turn.branch_release = parent_release = inner
+            match = self._match(turn, turn.key)
+            if match.kind == "new":  # the edit's first turn: made from the common prefix
+                turn.kind = "branch"
+                return
+            turn.kind, turn.common = match.kind, match.common  # a later turn, or a retry
 
     # ------------------------------------------------------------------ prompt
     def _prepare_prompt(self, turn: _Turn, manager: Any) -> None:

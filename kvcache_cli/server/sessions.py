@@ -10,7 +10,9 @@ session. Against the session's stored history, a request is one of:
 - ``regenerate``: the stored history up to its last user message, without the reply
   that followed (the stored reply is replaced);
 - ``branch``: it differs from the stored history earlier (an edited message): a new
-  session, branched from the common prefix.
+  session, branched from the common prefix. Its id (:func:`edit_key`) is named by the
+  history up to the edit point only, so the edited conversation's later turns, sent
+  under the original id, find and continue that same branch.
 
 Telling them apart needs the stored history, but not every turn needs to read it:
 :class:`KnownHistories` remembers, per session, a digest of the history this process
@@ -105,6 +107,18 @@ def find_by_prefix(store: Store, messages: list[ChatMessage]) -> str | None:
         if best is None or total > best[0]:
             best = (total, str(key))
     return best[1] if best else None
+
+
+def edit_key(parent: str, messages: Sequence[ChatMessage], common: int) -> str:
+    """The id of the branch an edited history continues in: ``<parent>.edit-<digest>``,
+    the digest over the history up to the edit point: the ``common`` messages shared
+    with ``parent`` and the first that differs, unless that one is a reply (an edit of
+    what the model said, or a history that ends before the stored one diverges: the
+    branch's next turns bring a reply there that differs again). Messages after the
+    edit point do not count, so every later turn of the edited conversation maps to
+    the same branch instead of starting another one."""
+    point = common + 1 if common < len(messages) and messages[common].role != "assistant" else common
+    return f"{parent[:100]}.edit-{history_digest(messages[:point])[:12]}"
 
 
 def _digest_bytes(messages: Sequence[ChatMessage]) -> bytes:

@@ -1,0 +1,165 @@
+"""``kvcache serve`` as a new user walks it: an edited conversation that goes on under
+its first id, an upstream that starts after kvcache, the core's notices on stderr, an
+abandoned stream's log line, and the small things an OpenAI client meets first."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+from tests.fake_llama_server import FakeLlamaServer  # noqa: E402
+from tests.serve_util import ServeProcess  # noqa: E402
+
+CONFIG = "[cache]\ngenerate_cache_embeddings = false\n\n[llm]\nread_timeout = 5.0\nretries = 0\n"
+
+
+def write_config(home: Path, text: str = "") -> Path:
+    path = home / "kvcache.toml"
+    path.write_text(CONFIG + text)
+    return path
+
+
+def stored(db: Path | str, session: str) -> list[tuple[str, str]]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = con.execute(
+            "SELECT m.role, m.content FROM messages m JOIN sessions s ON s.id = m.session_id "
+            "WHERE s.key = ? ORDER BY m.message_index",
+            (session,),
+        ).fetchall()
+    finally:
+        con.close()
+    return [(str(r), str(c)) for r, c in rows]
+
+
+def keys_like(db: Path | str, prefix: str) -> list[str]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT key FROM sessions WHERE key LIKE ? ORDER BY key", (prefix + "%",))
+        return [str(r[0]) for r in rows]
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeLlamaServer]:
+    with FakeLlamaServer(n_slots=1, n_ctx=4096, embeddings=False) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory: pytest.TempPathFactory, fake: FakeLlamaServer) -> Iterator[ServeProcess]:
+    """One server for the tests that need nothing special (each uses its own sessions)."""
+    home = tmp_path_factory.mktemp("walk")
+    with ServeProcess(home, home / "kv.db", fake.url, config=write_config(home)) as proc:
+        yield proc
+
+
+class Chat:
+    """An openai client that keeps sending one ``X-Session-Id``; each answer's headers."""
+
+    def __init__(self, serve: ServeProcess, session: str) -> None:
+        self.api = serve.openai()
+        self.session = session
+
+    def ask(self, history: list[dict[str, str]], **extra: Any) -> tuple[dict[str, str], str]:
+        raw = self.api.chat.completions.with_raw_response.create(
+            model="m", messages=history, extra_headers={"X-Session-Id": self.session}, **extra
+        )
+        return dict(raw.headers), raw.parse().choices[0].message.content
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+def as_rows(history: list[dict[str, str]]) -> list[tuple[str, str]]:
+    return [(m["role"], m["content"]) for m in history]
+
+
+# ----------------------------------------------------------------------------- D1 edits
+def test_an_edited_conversation_goes_on_in_one_branch_under_its_first_id(serve: ServeProcess) -> None:
+    """The client edits its second question and goes on, still sending the first id:
+    the edit makes one branch, and every later turn extends that same branch (not a
+    new copy of the whole history per turn); a retry of the edit regenerates in it."""
+    chat = Chat(serve, "walk-edit")
+    history = [user("Name a bird.")]
+    headers, reply = chat.ask(history)
+    assert headers["x-kvcache-turn"] == "new"
+    history += [assistant(reply), user("Name a fish.")]
+    headers, reply = chat.ask(history)
+    assert headers["x-kvcache-turn"] == "extend"
+    original = as_rows([*history, assistant(reply)])
+
+    history = [*history[:2], user("Name a tree.")]  # the edit
+    headers, reply = chat.ask(history)
+    branch = headers["x-kvcache-session"]
+    assert headers["x-kvcache-turn"] == "branch" and branch.startswith("walk-edit.edit-")
+    assert headers["x-kvcache-branched-from"] == "walk-edit"
+    headers, reply = chat.ask(history)  # the same edit again: a regenerate in its branch
+    assert (headers["x-kvcache-turn"], headers["x-kvcache-session"]) == ("regenerate", branch)
+    history.append(assistant(reply))
+    for question in ("Name a flower.", "Name a stone.", "Name a river."):
+        history.append(user(question))
+        headers, reply = chat.ask(history)
+        assert (headers["x-kvcache-turn"], headers["x-kvcache-session"]) == ("extend", branch)
+        assert headers["x-kvcache-branched-from"] == "walk-edit"
+        history.append(assistant(reply))
+    assert keys_like(serve.db, "walk-edit") == sorted(["walk-edit", branch])
+    assert stored(serve.db, branch) == as_rows(history)
+    assert stored(serve.db, "walk-edit") == original  # the original is untouched
+
+
+def test_an_edit_inside_a_branch_and_a_cut_history_each_go_on_in_one_branch(
+    serve: ServeProcess, fake: FakeLlamaServer
+) -> None:
+    """An edit of the branch's own history goes on in a branch of the branch; a history
+    cut before the stored one ends (the client regenerates an earlier reply) goes on in
+    one branch too, though each later turn brings a reply there that differs again."""
+    chat = Chat(serve, "walk-deep")
+    history: list[dict[str, str]] = []
+    for question in ("Name a colour.", "Name a metal."):
+        history.append(user(question))
+        history.append(assistant(chat.ask(history)[1]))
+    history = [*history[:2], user("Name a gas.")]  # edit 1
+    headers, reply = chat.ask(history)
+    first = headers["x-kvcache-session"]
+    history += [assistant(reply), user("Name a planet.")]
+    history.append(assistant(chat.ask(history)[1]))
+
+    history = [*history[:4], user("Name a moon.")]  # edit 2, inside the first branch
+    headers, reply = chat.ask(history)
+    second = headers["x-kvcache-session"]
+    assert headers["x-kvcache-turn"] == "branch" and second.startswith(first + ".edit-")
+    assert headers["x-kvcache-branched-from"] == first
+    history += [assistant(reply), user("Name a comet.")]
+    headers, reply = chat.ask(history)
+    assert (headers["x-kvcache-turn"], headers["x-kvcache-session"]) == ("extend", second)
+    history.append(assistant(reply))
+    assert stored(serve.db, second) == as_rows(history)
+
+    cut = history[:5]  # the second branch's history up to "Name a moon.", without what followed
+    fake.chat_reply = "Europa."  # the regenerated reply differs from the stored one
+    try:
+        headers, reply = chat.ask(cut)
+    finally:
+        fake.chat_reply = None
+    third = headers["x-kvcache-session"]
+    assert headers["x-kvcache-turn"] == "branch" and third.startswith(second + ".edit-")
+    cut += [assistant(reply), user("Name a star.")]
+    headers, reply = chat.ask(cut)
+    assert (headers["x-kvcache-turn"], headers["x-kvcache-session"]) == ("extend", third)
+    cut.append(assistant(reply))
+    assert stored(serve.db, third) == as_rows(cut)
+    assert len(keys_like(serve.db, "walk-deep")) == 4
