@@ -28,7 +28,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kvcache_cli.errors import BadInputError, KVCacheError
 from kvcache_cli.server.metrics import CONTENT_TYPE, Metrics
 from kvcache_cli.server.protocol import ChatCompletionRequest, describe_validation_error, error_body
-from kvcache_cli.server.serving_chat import ChatService, ServeError, TurnResult
+from kvcache_cli.server.serving_chat import ChatService
+from kvcache_cli.server.turn_state import ServeError, TurnResult
 from kvcache_cli.server.upstream import Upstream, UpstreamError
 
 PUBLIC_PATHS = ("/health",)

@@ -13,7 +13,6 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from kvcache_cli.config import Config
@@ -26,69 +25,15 @@ from kvcache_cli.server.messages import canonical_calls, normalise
 from kvcache_cli.server.metrics import Metrics
 from kvcache_cli.server.protocol import ChatCompletionRequest, error_body
 from kvcache_cli.server.trace import TraceWriter
+from kvcache_cli.server.turn_state import ServeError, Turn, TurnResult
 from kvcache_cli.server.upstream import ChatStream, ContextExceededError, Upstream, UpstreamError
 from kvcache_cli.services import chat_turn
 from kvcache_cli.store import live_history
 from kvcache_cli.store.backend import Store
-from kvcache_cli.store.live_history import HistoryTail
 
 MANAGERS_KEPT = 256  # sessions whose manager (and retrieval index) stays in memory
 DEFAULT_REPLY_RESERVE = 512  # tokens kept free for the reply when the request sets no max_tokens
 MAX_EDIT_DEPTH = 8  # branches of branches an edited history may go down
-
-
-class ServeError(Exception):
-    """An answer that is an error: ``status`` and the OpenAI-style ``body``."""
-
-    def __init__(self, status: int, body: dict[str, Any], reason: str = "") -> None:
-        super().__init__(reason or body.get("error", {}).get("message", ""))
-        self.status = status
-        self.body = body
-        self.reason = reason
-
-
-@dataclass
-class TurnResult:
-    """What the route sends back: a JSON body, or a stream of events; plus headers.
-
-    A JSON body comes with ``after``: the rest of the turn (the vectors of its messages)
-    and the release of the session, which the caller must run once the body is sent
-    (or failed to be). A stream does the same when it ends.
-    """
-
-    headers: dict[str, str]
-    body: dict[str, Any] | None = None
-    stream: Iterator[bytes] | None = None
-    log: dict[str, Any] = field(default_factory=dict)  # facts for the request's log line
-    after: Callable[[], None] | None = None
-
-
-@dataclass
-class _Turn:
-    """One turn in progress (shared by its stages)."""
-
-    request: ChatCompletionRequest
-    raw: list[dict[str, Any]]  # the client's messages as sent
-    messages: list[ChatMessage]  # the same, normalised as stored
-    capacity: int
-    key: str = ""
-    kind: str = "new"
-    branched_from: str | None = None
-    common: int = 0  # messages shared with the stored history
-    tail: HistoryTail | None = None  # the session's stored tail when the turn began (None: new)
-    plan: chat_turn.TurnPlan | None = None
-    prompt: list[dict[str, Any]] = field(default_factory=list)
-    estimate: int = 0
-    bounded: bool = False  # ``estimate`` is the byte bound, not a count
-    dropped: int = 0
-    retried: bool = False
-    started: float = field(default_factory=time.perf_counter)
-    upstream_s: float = 0.0
-    traced: bool = False
-    sent_at: float = 0.0  # when the prompt first went upstream
-    log: dict[str, Any] = field(default_factory=dict)  # the request's log line (filled as it goes)
-    branch_release: Callable[[], None] | None = None
-    write_reply: Callable[[], bool] | None = None  # a JSON answer's reply, stored once it is sent
 
 
 class ChatService:
@@ -162,7 +107,7 @@ class ChatService:
                     "context_length_exceeded",
                 ),
             )
-        turn = _Turn(request, raw, messages, capacity)
+        turn = Turn(request, raw, messages, capacity)
         self._refuse_oversized(turn)
         hint = session_hint or request.user
         if hint is not None:
@@ -203,7 +148,7 @@ class ChatService:
                 self._release_branch(turn)
                 release()
 
-    def _ender(self, turn: _Turn, manager: Any, release: Callable[[], None]) -> Callable[[], None]:
+    def _ender(self, turn: Turn, manager: Any, release: Callable[[], None]) -> Callable[[], None]:
         """What ends a turn once its answer is out (runs once): a JSON answer's reply is
         stored, then the vectors of the turn's messages (HTTP and a transaction that the
         client need not wait for); then the session's slot and locks are released, so its
@@ -227,7 +172,7 @@ class ChatService:
 
         return end
 
-    def _write_reply(self, turn: _Turn) -> None:
+    def _write_reply(self, turn: Turn) -> None:
         """Store a JSON answer's reply (once). The client has the answer already, and the
         session's lock is still held, so its next turn finds the reply stored. A store
         error is the request's log line's ``error``; the reply is not lost: the client
@@ -241,7 +186,7 @@ class ChatService:
             self.metrics.reply_store_errors.inc()
             turn.log.update({"stored": False, "error": f"reply not stored: {exc}"})
 
-    def _manager(self, turn: _Turn) -> Any:
+    def _manager(self, turn: Turn) -> Any:
         """The session's manager: kept between its turns (like one ``process`` run keeps
         one for a file), so its in-memory retrieval index is not rebuilt every turn. Used
         only under the session's lock; dropped after an upstream failure (a manager stops
@@ -264,7 +209,7 @@ class ChatService:
         with self._managers_lock:
             self._managers.pop(key, None)
 
-    def _refuse_oversized(self, turn: _Turn) -> None:
+    def _refuse_oversized(self, turn: Turn) -> None:
         """The system messages and the last user message must fit on their own: refuse
         before storing anything."""
         last_user = max(i for i, m in enumerate(turn.messages) if m.role == "user")
@@ -284,7 +229,7 @@ class ChatService:
                 ),
             )
 
-    def _match(self, turn: _Turn, key: str) -> ses.Match:
+    def _match(self, turn: Turn, key: str) -> ses.Match:
         """How the request relates to session ``key``: from the remembered history while
         the store's tail is unchanged, else by reading the stored messages."""
         turn.tail = tail = live_history.tail(self.store, key)
@@ -296,7 +241,7 @@ class ChatService:
         stored = live_history.first_messages(self.store, tail.session_id, len(turn.messages) + 1)
         return ses.classify(stored, tail.count, turn.messages, key)
 
-    def _classify(self, turn: _Turn, release: Callable[[], None]) -> None:
+    def _classify(self, turn: Turn, release: Callable[[], None]) -> None:
         """new, extend, regenerate, or branch: an edited history continues in a session
         of its own (``sessions.edit_key``: named by the history up to the edit point),
         made from the common prefix unless it exists; the edited conversation's later
@@ -326,7 +271,7 @@ class ChatService:
             turn.kind, turn.common = match.kind, match.common  # a later turn, or a retry
 
     # ------------------------------------------------------------------ prompt
-    def _prepare_prompt(self, turn: _Turn, manager: Any) -> None:
+    def _prepare_prompt(self, turn: Turn, manager: Any) -> None:
         assert turn.plan is not None
         if "cleared" in turn.plan.action:
             self.metrics.clears.labels(turn.plan.clear_reason or "unknown").inc()
@@ -351,21 +296,21 @@ class ChatService:
         if turn.plan.retrieved:
             self.metrics.retrievals.inc()
 
-    def _force_clear(self, turn: _Turn, manager: Any) -> None:
+    def _force_clear(self, turn: Turn, manager: Any) -> None:
         last_user = max(i for i, m in enumerate(turn.messages) if m.role == "user")
         assert turn.plan is not None
         turn.plan = chat_turn.force_clear(manager, turn.key, last_user, turn.plan)
         chat_turn.record_live(self.store, turn.key, {chat_turn.FORCED_START_KEY: last_user})
         self.metrics.clears.labels(chat_turn.FORCED_CLEAR).inc()
 
-    def _upstream_body(self, turn: _Turn) -> dict[str, Any]:
+    def _upstream_body(self, turn: Turn) -> dict[str, Any]:
         body = turn.request.model_dump(exclude_unset=True, exclude={"messages", "user"})
         body["messages"] = turn.prompt
         if self.slots is not None:
             body.update(self.slots.request_fields(turn.key))
         return body
 
-    def _on_context_error(self, turn: _Turn, manager: Any) -> None:
+    def _on_context_error(self, turn: Turn, manager: Any) -> None:
         """The upstream said the prompt is too long: clear (once) and shrink the estimate."""
         self.metrics.context_retries.inc()
         turn.retried = True
@@ -378,7 +323,7 @@ class ChatService:
         turn.prompt, turn.estimate, turn.dropped = fitted.messages, fitted.tokens, fitted.dropped
         turn.bounded = False
 
-    def _call(self, turn: _Turn, manager: Any, send: Callable[[dict[str, Any]], Any]) -> Any:
+    def _call(self, turn: Turn, manager: Any, send: Callable[[dict[str, Any]], Any]) -> Any:
         started = time.perf_counter()
         turn.sent_at = turn.sent_at or started
         try:
@@ -396,7 +341,7 @@ class ChatService:
             turn.upstream_s += time.perf_counter() - started
 
     # ------------------------------------------------------------------ answers
-    def _complete(self, turn: _Turn, manager: Any) -> dict[str, Any]:
+    def _complete(self, turn: Turn, manager: Any) -> dict[str, Any]:
         answer: dict[str, Any] = self._call(turn, manager, self.upstream.chat)
         choice = (answer.get("choices") or [{}])[0]
         message = choice.get("message") or {}
@@ -412,12 +357,12 @@ class ChatService:
         self._after(turn, timings, usage, kept)
         return answer
 
-    def _open_stream(self, turn: _Turn, manager: Any) -> ChatStream:
+    def _open_stream(self, turn: Turn, manager: Any) -> ChatStream:
         stream: ChatStream = self._call(turn, manager, self.upstream.chat_stream)
         return stream
 
     def _relay(
-        self, turn: _Turn, manager: Any, stream: ChatStream, end: Callable[[], None]
+        self, turn: Turn, manager: Any, stream: ChatStream, end: Callable[[], None]
     ) -> Iterator[bytes]:
         """Pass the upstream's events through; store the reply once every event before
         ``[DONE]`` was handed on (a client that goes away stops this generator before
@@ -449,7 +394,7 @@ class ChatService:
                     self._after(turn, stream.timings, stream.usage, stored)
             end()
 
-    def _store_streamed(self, turn: _Turn, manager: Any, stream: ChatStream) -> bool:
+    def _store_streamed(self, turn: Turn, manager: Any, stream: ChatStream) -> bool:
         """Store a finished stream's reply; whether it was stored."""
         self._learn(turn, stream.usage)
         message: dict[str, Any] = {"content": stream.text or None}
@@ -476,7 +421,7 @@ class ChatService:
             return None
 
     def _store_reply(
-        self, turn: _Turn, manager: Any, reply: ChatMessage, facts: dict[str, Any], generated: int | None
+        self, turn: Turn, manager: Any, reply: ChatMessage, facts: dict[str, Any], generated: int | None
     ) -> bool:
         """Store the reply and the operator's view of the turn (``facts``, see
         ``_live_facts``) in one transaction."""
@@ -505,11 +450,11 @@ class ChatService:
             return None
         return count
 
-    def _learn(self, turn: _Turn, usage: Any) -> None:
+    def _learn(self, turn: Turn, usage: Any) -> None:
         if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
             self.budget.observe(turn.prompt, usage["prompt_tokens"])
 
-    def _after(self, turn: _Turn, timings: Any, usage: Any, stored: bool) -> None:
+    def _after(self, turn: Turn, timings: Any, usage: Any, stored: bool) -> None:
         cached_share = None
         if isinstance(timings, dict) and isinstance(timings.get("prompt_n"), int):
             cache_n = int(timings.get("cache_n") or 0)
@@ -542,14 +487,14 @@ class ChatService:
         )
 
     @staticmethod
-    def _overhead(turn: _Turn) -> float:
+    def _overhead(turn: Turn) -> float:
         """Seconds the turn spent in kvcache: all but the upstream call; for a stream,
         until the prompt went upstream (storing the reply happens after the last event)."""
         if turn.request.stream and turn.sent_at:
             return max(0.0, turn.sent_at - turn.started)
         return max(0.0, time.perf_counter() - turn.started - turn.upstream_s)
 
-    def _live_facts(self, turn: _Turn, timings: Any, usage: Any) -> dict[str, Any]:
+    def _live_facts(self, turn: Turn, timings: Any, usage: Any) -> dict[str, Any]:
         """The operator's view of the session after this turn: n_ctx, the last prompt's
         size and cached share, its action and its slot."""
         prompt_tokens = upstream_prompt_count(usage, timings)
@@ -565,7 +510,7 @@ class ChatService:
             facts.update(self.slots.facts(turn.key))
         return facts
 
-    def _record_live(self, turn: _Turn, timings: Any, usage: Any, stored: bool) -> None:
+    def _record_live(self, turn: Turn, timings: Any, usage: Any, stored: bool) -> None:
         """The operator's view in the session's metadata (stored with the reply, else
         here), and in that of the session moved out of a slot for this one."""
         evicted = self.slots.evicted_by(turn.key) if self.slots is not None else None
@@ -578,10 +523,10 @@ class ChatService:
             pass  # the operator's view is best effort: the turn itself is stored
 
     # ------------------------------------------------------------------ reporting
-    def _action(self, turn: _Turn) -> str:
+    def _action(self, turn: Turn) -> str:
         return turn.plan.action if turn.plan is not None else "none"
 
-    def _headers(self, turn: _Turn) -> dict[str, str]:
+    def _headers(self, turn: Turn) -> dict[str, str]:
         headers = {
             "X-KVCache-Session": turn.key,
             "X-KVCache-Action": self._action(turn),
@@ -591,7 +536,7 @@ class ChatService:
             headers["X-KVCache-Branched-From"] = turn.branched_from
         return headers
 
-    def _log_facts(self, turn: _Turn) -> dict[str, Any]:
+    def _log_facts(self, turn: Turn) -> dict[str, Any]:
         """The log line's facts: this dict is completed when the answer is in (a stream's
         line is written when it ends), with the detail ``-v`` shows."""
         turn.log.update(
@@ -605,7 +550,7 @@ class ChatService:
         return turn.log
 
     @staticmethod
-    def _tokens_fact(turn: _Turn) -> str:
+    def _tokens_fact(turn: Turn) -> str:
         """``prompt/capacity``: the upstream's own count once the answer is in, else
         kvcache's count, or ``<=bound`` when the byte bound alone proved the fit."""
         counted = turn.log.get("prompt_tokens")
@@ -613,7 +558,7 @@ class ChatService:
             return f"{counted}/{turn.capacity}"
         return f"{'<=' if turn.bounded else ''}{turn.estimate}/{turn.capacity}"
 
-    def _write_trace(self, turn: _Turn, **extra: Any) -> None:
+    def _write_trace(self, turn: Turn, **extra: Any) -> None:
         if self.trace is None:
             return
         plan = turn.plan
@@ -639,7 +584,7 @@ class ChatService:
         turn.traced = True
         self.trace.write(record)
 
-    def _release_branch(self, turn: _Turn) -> None:
+    def _release_branch(self, turn: Turn) -> None:
         inner, turn.branch_release = turn.branch_release, None
         if inner is not None:
             inner()
