@@ -4,16 +4,20 @@ abandoned stream's log line, and the small things an OpenAI client meets first."
 
 from __future__ import annotations
 
+import socket
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
+from kvcache_cli.server.upstream_context import RETRY_SECONDS  # noqa: E402
 from tests.fake_llama_server import FakeLlamaServer  # noqa: E402
 from tests.serve_util import ServeProcess  # noqa: E402
 
@@ -163,3 +167,44 @@ def test_an_edit_inside_a_branch_and_a_cut_history_each_go_on_in_one_branch(
     cut.append(assistant(reply))
     assert stored(serve.db, third) == as_rows(cut)
     assert len(keys_like(serve.db, "walk-deep")) == 4
+
+
+# ----------------------------------------------------------------------------- D5 late upstream
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_an_upstream_that_starts_after_kvcache_is_asked_for_its_context_size(tmp_path: Path) -> None:
+    """Started while the upstream is down, serve says so and uses ``[model] n_ctx``; on
+    chat turns it asks the upstream again (at most once every few seconds) and uses its
+    ``n_ctx`` once known (the capacity, ``/health``)."""
+    port = free_port()
+    config = write_config(tmp_path)
+    with ServeProcess(tmp_path, tmp_path / "kv.db", f"http://127.0.0.1:{port}", config=config) as serve:
+        lines = serve.stderr.splitlines()
+        assert "the upstream was unreachable at start: using [model] n_ctx 4096" in lines[0], lines
+        assert "asked again on chat turns" in lines[0]
+        assert lines[1] == (
+            "kvcache serve: slot swapping is off until restart: the upstream was unreachable at start"
+        )
+        assert requests.get(serve.url + "/health", timeout=10).json()["kvcache"]["n_ctx"] is None
+        with FakeLlamaServer(n_slots=1, n_ctx=1024, embeddings=False, port=port) as fake:
+            fake.fail_next(503, path="/slots")  # still loading when the first turn asks
+            fake.fail_next(503, path="/props")
+            body = {"messages": [user("Hello?")], "max_tokens": 100}
+            headers = {"X-Session-Id": "late-1"}
+            assert serve.post("/v1/chat/completions", body, headers=headers).status_code == 200
+            body["messages"] = [user("Hello again?")]
+            headers["X-Session-Id"] = "late-2"
+            assert serve.post("/v1/chat/completions", body, headers=headers).status_code == 200
+            assert fake.count("GET", "/slots") == 1  # the second turn, right after, did not ask
+            assert [t["capacity"] for t in serve.traces()] == [4096 - 100, 4096 - 100]
+            time.sleep(RETRY_SECONDS + 0.5)
+            headers["X-Session-Id"] = "late-3"
+            assert serve.post("/v1/chat/completions", body, headers=headers).status_code == 200
+            assert fake.count("GET", "/slots") == 2
+            assert serve.traces()[-1]["capacity"] == 1024 - 100
+            health = requests.get(serve.url + "/health", timeout=10).json()
+            assert health["kvcache"]["n_ctx"] == 1024

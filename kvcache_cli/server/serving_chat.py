@@ -27,6 +27,7 @@ from kvcache_cli.server.protocol import ChatCompletionRequest, error_body
 from kvcache_cli.server.trace import TraceWriter
 from kvcache_cli.server.turn_state import ServeError, Turn, TurnResult
 from kvcache_cli.server.upstream import ChatStream, ContextExceededError, Upstream, UpstreamError
+from kvcache_cli.server.upstream_context import UpstreamContext
 from kvcache_cli.services import chat_turn
 from kvcache_cli.store import live_history
 from kvcache_cli.store.backend import Store
@@ -59,7 +60,7 @@ class ChatService:
         self.upstream = upstream
         self.llm = llm
         self.metrics = metrics
-        self.n_ctx = n_ctx
+        self.context = UpstreamContext(upstream, n_ctx)  # asked again while unknown
         self.trace = trace
         self.lock_timeout = lock_timeout
         self.default_reserve = default_reserve
@@ -69,6 +70,11 @@ class ChatService:
         self._managers: dict[str, Any] = {}  # session key -> its manager, oldest first
         self.known = ses.KnownHistories(MANAGERS_KEPT)  # what each session stores (see sessions)
         self._managers_lock = threading.Lock()
+
+    @property
+    def n_ctx(self) -> int | None:
+        """The upstream's context size per slot, None while it is unknown."""
+        return self.context.n_ctx
 
     # ------------------------------------------------------------------ helpers
     def _count_texts(self, texts: list[str]) -> list[int]:
@@ -95,7 +101,7 @@ class ChatService:
             raise ServeError(
                 400, error_body(400, "messages: a chat turn needs a user message", "no_user_message")
             )
-        n_ctx = self.n_ctx or self.config.model.n_ctx
+        n_ctx = self.context.current()[0] or self.config.model.n_ctx
         reserve = request.reply_reserve(min(self.default_reserve, n_ctx // 4))
         capacity = n_ctx - reserve
         if capacity <= 0:
