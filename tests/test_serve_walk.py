@@ -21,12 +21,13 @@ from kvcache_cli.server.upstream_context import RETRY_SECONDS  # noqa: E402
 from tests.fake_llama_server import FakeLlamaServer  # noqa: E402
 from tests.serve_util import ServeProcess  # noqa: E402
 
-CONFIG = "[cache]\ngenerate_cache_embeddings = false\n\n[llm]\nread_timeout = 5.0\nretries = 0\n"
 
-
-def write_config(home: Path, text: str = "") -> Path:
+def write_config(home: Path, cache: str = "") -> Path:
+    """The tests' config; ``cache``: more lines for its ``[cache]`` table."""
     path = home / "kvcache.toml"
-    path.write_text(CONFIG + text)
+    path.write_text(
+        f"[cache]\ngenerate_cache_embeddings = false\n{cache}\n[llm]\nread_timeout = 5.0\nretries = 0\n"
+    )
     return path
 
 
@@ -208,3 +209,38 @@ def test_an_upstream_that_starts_after_kvcache_is_asked_for_its_context_size(tmp
             assert serve.traces()[-1]["capacity"] == 1024 - 100
             health = requests.get(serve.url + "/health", timeout=10).json()
             assert health["kvcache"]["n_ctx"] == 1024
+            serve.terminate()  # its stderr is whole once it has stopped
+    told = "kvcache serve: late-3: the upstream's n_ctx is 1024 (from /slots), used from now on"
+    assert told in serve.stderr.splitlines()
+
+
+# ----------------------------------------------------------------------------- D2 notices
+def test_the_cores_notices_of_a_turn_go_to_stderr_and_the_trace(
+    tmp_path: Path, fake: FakeLlamaServer
+) -> None:
+    """The summary of a clearing turn fails upstream: the engine falls back to its
+    extractive summary and says so, as ``process`` would; serve tells it on stderr, one
+    line naming the session before the request's line, and in the turn's trace record."""
+    config = write_config(tmp_path, "clear_after_conversations = 2\n")
+    history: list[dict[str, str]] = []
+    with ServeProcess(tmp_path, tmp_path / "kv.db", fake.url, config=config) as serve:
+        for n in range(4):
+            if n == 3:  # the turn whose clear asks the upstream for a summary first
+                fake.fail_next(500, path="/v1/chat/completions")
+            history.append(user(f"Tell me about topic {n}."))
+            answer = serve.post(
+                "/v1/chat/completions", {"messages": history}, headers={"X-Session-Id": "sum-1"}
+            )
+            assert answer.status_code == 200, answer.text
+            history.append(assistant(answer.json()["choices"][0]["message"]["content"]))
+        serve.terminate()  # its stderr is whole once it has stopped
+    lines = serve.stderr.splitlines()
+    traces = serve.traces()
+    told = [i for i, line in enumerate(lines) if line.startswith("kvcache serve: sum-1: summary: ")]
+    assert len(told) == 1, lines
+    assert lines[told[0]].endswith("; used the extractive summary instead")
+    assert lines[told[0] + 1].startswith("POST /v1/chat/completions 200 ")
+    assert "action=cleared" in lines[told[0] + 1]
+    notices = [t["notices"] for t in traces]
+    assert notices[:3] == [[], [], []]
+    assert notices[3] == [lines[told[0]].removeprefix("kvcache serve: sum-1: ")]

@@ -58,7 +58,9 @@ def _error(status: int, message: str, code: str) -> JSONResponse:
 
 
 class _Log:
-    """One line per request on stderr (``-q`` silences it, ``-v`` adds detail)."""
+    """One line per request on stderr (``-q`` silences it, ``-v`` adds detail), after
+    one ``kvcache serve: <session>: <notice>`` line per notice of the core's in its
+    turn (the summary fell back to the extractive one...)."""
 
     def __init__(self, settings: AppSettings) -> None:
         self.settings = settings
@@ -67,11 +69,14 @@ class _Log:
     def request(self, method: str, path: str, status: int, seconds: float, facts: dict[str, Any]) -> None:
         if self.settings.quiet:
             return
-        shown = facts if self.settings.verbose else {k: v for k, v in facts.items() if k in BRIEF_FACTS}
+        shown = {
+            k: v for k, v in facts.items() if k != "notices" and (self.settings.verbose or k in BRIEF_FACTS)
+        }
         extra = " ".join(f"{k}={v}" for k, v in shown.items() if v is not None)
         line = f"{method} {path} {status} {seconds * 1000:.0f}ms" + (f" {extra}" if extra else "")
+        told = "".join(f"kvcache serve: {facts.get('session')}: {n}\n" for n in facts.get("notices") or ())
         with self._lock:
-            sys.stderr.write(line + "\n")
+            sys.stderr.write(told + line + "\n")
             sys.stderr.flush()
 
 
@@ -156,7 +161,7 @@ def create_app(
         try:
             result: TurnResult = await run_in_threadpool(service.handle, chat, body, hint)
         except ServeError as exc:
-            request.state.facts = {"error": exc.reason or None}
+            request.state.facts = {**exc.log, "error": exc.reason or None}
             return JSONResponse(exc.body, status_code=exc.status)
         except BadInputError as exc:
             return _error(400, str(exc), "invalid_request")

@@ -101,7 +101,8 @@ class ChatService:
             raise ServeError(
                 400, error_body(400, "messages: a chat turn needs a user message", "no_user_message")
             )
-        n_ctx = self.context.current()[0] or self.config.model.n_ctx
+        n_ctx, learned = self.context.current()
+        n_ctx = n_ctx or self.config.model.n_ctx
         reserve = request.reply_reserve(min(self.default_reserve, n_ctx // 4))
         capacity = n_ctx - reserve
         if capacity <= 0:
@@ -114,6 +115,10 @@ class ChatService:
                 ),
             )
         turn = Turn(request, raw, messages, capacity)
+        if learned is not None:
+            turn.notices.append(
+                f"the upstream's n_ctx is {learned.n_ctx} (from {learned.source}), used from now on"
+            )
         self._refuse_oversized(turn)
         hint = session_hint or request.user
         if hint is not None:
@@ -132,6 +137,7 @@ class ChatService:
                 chat_turn.branch(manager, turn.branched_from, turn.key, turn.common)
             forced = chat_turn.forced_start(turn.tail.metadata if turn.tail is not None else None)
             turn.plan = chat_turn.begin_turn(manager, turn.key, messages, forced, verified=turn.common)
+            turn.notices.extend(turn.plan.notices)
             self._prepare_prompt(turn, manager)
             if self.slots is not None:
                 self.slots.before_turn(turn.key, turn.plan)
@@ -147,6 +153,9 @@ class ChatService:
             result.after = self._ender(turn, manager, release)
             release = None  # ``after`` releases it once the answer is sent
             return result
+        except ServeError as exc:
+            exc.log.update({"session": turn.key, "notices": turn.notices})
+            raise
         finally:
             if release is not None:
                 if self.slots is not None:
@@ -170,6 +179,7 @@ class ChatService:
                 self._write_reply(turn)
                 with contextlib.suppress(KVCacheError):
                     chat_turn.add_vectors(manager, turn.key)
+                self._take_notices(turn, manager)
             finally:
                 if self.slots is not None:
                     self.slots.release(turn.key)
@@ -177,6 +187,13 @@ class ChatService:
                 release()
 
         return end
+
+    @staticmethod
+    def _take_notices(turn: Turn, manager: Any) -> None:
+        """Move the notices the core gave since the turn began (a forced clear's summary,
+        the reply's vectors) to the turn's, so they are told with this turn."""
+        turn.notices.extend(n for n in manager.notices if n not in turn.notices)
+        manager.notices.clear()
 
     def _write_reply(self, turn: Turn) -> None:
         """Store a JSON answer's reply (once). The client has the answer already, and the
@@ -306,6 +323,7 @@ class ChatService:
         last_user = max(i for i, m in enumerate(turn.messages) if m.role == "user")
         assert turn.plan is not None
         turn.plan = chat_turn.force_clear(manager, turn.key, last_user, turn.plan)
+        self._take_notices(turn, manager)
         chat_turn.record_live(self.store, turn.key, {chat_turn.FORCED_START_KEY: last_user})
         self.metrics.clears.labels(chat_turn.FORCED_CLEAR).inc()
 
@@ -551,6 +569,7 @@ class ChatService:
                 "turn": turn.kind,
                 "action": self._action(turn),
                 "tokens": self._tokens_fact(turn),
+                "notices": turn.notices,  # each on a line of its own (see api_server)
             }
         )
         return turn.log
@@ -585,6 +604,7 @@ class ChatService:
             "retried": turn.retried,
             "kvcache_ms": round(self._overhead(turn) * 1000, 2),
             "upstream_ms": round(turn.upstream_s * 1000, 2),
+            "notices": list(turn.notices),
         }
         record.update(extra)
         turn.traced = True

@@ -25,6 +25,7 @@ class ServeError(Exception):
         self.status = status
         self.body = body
         self.reason = reason
+        self.log: dict[str, Any] = {}  # facts for the request's log line (session, notices)
 
 
 @dataclass
@@ -69,3 +70,4 @@ class Turn:
     log: dict[str, Any] = field(default_factory=dict)  # the request's log line (filled as it goes)
     branch_release: Callable[[], None] | None = None
     write_reply: Callable[[], bool] | None = None  # a JSON answer's reply, stored once it is sent
+    notices: list[str] = field(default_factory=list)  # the core's notices (a summary fell back...)
