@@ -244,3 +244,35 @@ def test_the_cores_notices_of_a_turn_go_to_stderr_and_the_trace(
     notices = [t["notices"] for t in traces]
     assert notices[:3] == [[], [], []]
     assert notices[3] == [lines[told[0]].removeprefix("kvcache serve: sum-1: ")]
+
+
+# ----------------------------------------------------------------------------- D4 abandoned stream
+def test_an_abandoned_streams_log_line_says_the_client_went_away(
+    tmp_path: Path, fake: FakeLlamaServer
+) -> None:
+    """The 200 of a stream went out with its headers; when the client leaves before the
+    reply is whole, the request's line says so (the trace says 499)."""
+    config = write_config(tmp_path)
+    with ServeProcess(tmp_path, tmp_path / "kv.db", fake.url, config=config) as serve:
+        fake.stream_delay = 0.05
+        try:
+            body: dict[str, Any] = {"messages": [user("Stream a long answer please")], "stream": True}
+            with requests.post(
+                serve.url + "/v1/chat/completions",
+                json=body,
+                headers={"X-Session-Id": "left-1"},
+                stream=True,
+                timeout=30,
+            ) as resp:
+                assert resp.status_code == 200
+                next(resp.iter_lines())  # one event, then the connection is closed
+            deadline = time.monotonic() + 20
+            while not [t for t in serve.traces() if t.get("status") == 499]:
+                assert time.monotonic() < deadline, serve.stderr
+                time.sleep(0.05)
+        finally:
+            fake.stream_delay = 0.0
+        serve.terminate()  # its stderr is whole once it has stopped
+    line = next(ln for ln in serve.stderr.splitlines() if "session=left-1" in ln)
+    assert line.startswith("POST /v1/chat/completions 200 ") and line.endswith(" error=client went away")
+    assert stored(serve.db, "left-1") == [("user", "Stream a long answer please")]

@@ -394,7 +394,7 @@ class ChatService:
         ``end`` ends the turn (see ``_ender``) when the generator does."""
         stored = False
         ended = False  # the reply was complete (stored, or not storable)
-        status = 200
+        finished = False  # every event was handed on (or the upstream's error was)
         try:
             try:
                 for event in stream:
@@ -402,18 +402,22 @@ class ChatService:
                         ended, stored = True, self._store_streamed(turn, manager, stream)
                     yield event
             except UpstreamError as exc:
-                status = exc.status
+                finished = True
+                turn.log["error"] = exc.reason
                 self.metrics.upstream_errors.labels(exc.reason).inc()
+                self._write_trace(turn, status=exc.status, error=exc.reason)
                 yield b"data: " + json.dumps(exc.body).encode() + b"\n\n"
                 return
             if not ended and stream.finish_reason is not None:  # an upstream that sends no [DONE]
                 ended, stored = True, self._store_streamed(turn, manager, stream)
+            finished = True
             self._after(turn, stream.timings, stream.usage, stored)
         finally:
             stream.close()
-            if not stored and status == 200 and not turn.traced:
+            if not finished and not stored:  # the client went away before the reply was whole
+                turn.log["error"] = "client went away"  # the log line's 200 went out with the headers
                 self._write_trace(turn, status=499, error="client went away")
-            elif stored and not turn.traced:  # gone after its reply was stored: the turn counts
+            elif not finished:  # gone after its reply was stored: the turn counts
                 with contextlib.suppress(KVCacheError):
                     self._after(turn, stream.timings, stream.usage, stored)
             end()
