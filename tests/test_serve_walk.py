@@ -4,6 +4,7 @@ abandoned stream's log line, and the small things an OpenAI client meets first."
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import sqlite3
 import time
@@ -19,6 +20,7 @@ pytest.importorskip("fastapi")
 
 from kvcache_cli.server.upstream_context import RETRY_SECONDS  # noqa: E402
 from tests.fake_llama_server import FakeLlamaServer  # noqa: E402
+from tests.helpers import run_kvcache  # noqa: E402
 from tests.serve_util import ServeProcess  # noqa: E402
 
 
@@ -276,3 +278,47 @@ def test_an_abandoned_streams_log_line_says_the_client_went_away(
     line = next(ln for ln in serve.stderr.splitlines() if "session=left-1" in ln)
     assert line.startswith("POST /v1/chat/completions 200 ") and line.endswith(" error=client went away")
     assert stored(serve.db, "left-1") == [("user", "Stream a long answer please")]
+
+
+# ----------------------------------------------------------------------------- small things
+def test_a_wrong_method_is_an_invalid_request(serve: ServeProcess) -> None:
+    answer = requests.get(serve.url + "/v1/chat/completions", timeout=10)
+    assert answer.status_code == 405
+    assert answer.json()["error"]["type"] == "invalid_request_error"
+    assert answer.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_any_user_label_names_a_session_and_the_header_stays_strict(serve: ServeProcess) -> None:
+    """OpenAI clients put any end-user label in ``user``: one that is not a session id
+    names the session derived from it (the same one every time); ``X-Session-Id`` is
+    still refused unless it is a valid id."""
+    api = serve.openai()
+    expected = "user-" + hashlib.sha256(b"John Smith").hexdigest()[:24]
+    history = [user("Hello, I am John.")]
+    raw = api.chat.completions.with_raw_response.create(model="m", messages=history, user="John Smith")
+    assert raw.headers["x-kvcache-session"] == expected
+    history.append(assistant(raw.parse().choices[0].message.content))
+    history.append(user("What is my name?"))
+    raw = api.chat.completions.with_raw_response.create(model="m", messages=history, user="John Smith")
+    assert (raw.headers["x-kvcache-session"], raw.headers["x-kvcache-turn"]) == (expected, "extend")
+    history.append(assistant(raw.parse().choices[0].message.content))
+    assert stored(serve.db, expected) == as_rows(history)
+    raw = api.chat.completions.with_raw_response.create(
+        model="m", messages=[user("hi")], user="jane.doe@example.org"
+    )
+    assert raw.headers["x-kvcache-session"] == "jane.doe@example.org"  # a valid id as it is
+    refused = requests.post(
+        serve.url + "/v1/chat/completions",
+        json={"messages": [user("hi")]},
+        headers={"X-Session-Id": "John Smith"},
+        timeout=30,
+    )
+    assert refused.status_code == 400 and "session id" in refused.json()["error"]["message"]
+
+
+def test_serve_help_shows_where_host_and_port_come_from(tmp_path: Path) -> None:
+    shown = run_kvcache("serve", "--help", home=tmp_path, timeout=60)
+    assert shown.returncode == 0
+    text = " ".join(shown.stdout.split())
+    assert "127.0.0.1, or [serve] host" in text
+    assert "8088, or [serve] port" in text

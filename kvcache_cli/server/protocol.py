@@ -17,6 +17,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     409: "conflict_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
     500: "server_error",
     502: "upstream_error",
@@ -61,10 +62,14 @@ def error_body(status: int, message: str, code: str, err_type: str | None = None
     return {
         "error": {
             "message": message,
-            "type": err_type or ERROR_TYPES.get(status, "server_error"),
+            "type": err_type or ERROR_TYPES.get(status, _default_type(status)),
             "code": code,
         }
     }
+
+
+def _default_type(status: int) -> str:
+    return "invalid_request_error" if 400 <= status < 500 else "server_error"
 
 
 def describe_validation_error(errors: list[Any]) -> str:

@@ -120,9 +120,10 @@ class ChatService:
                 f"the upstream's n_ctx is {learned.n_ctx} (from {learned.source}), used from now on"
             )
         self._refuse_oversized(turn)
-        hint = session_hint or request.user
-        if hint is not None:
-            turn.key = ses.validate_session_id(hint, "X-Session-Id" if session_hint else "user")
+        if session_hint is not None:
+            turn.key = ses.validate_session_id(session_hint, "X-Session-Id")
+        elif request.user:
+            turn.key = ses.session_id_for_user(request.user)
         else:
             turn.key = ses.find_by_prefix(self.store, messages) or ses.new_session_id()
         release = self.locks.acquire(turn.key, self.lock_timeout)

@@ -1,9 +1,10 @@
 """Which stored session a request continues, and one lock per session.
 
-A request names its session with the ``X-Session-Id`` header, else the body's
-``user`` field; else kvcache looks for a recently active stored session whose
-history the request extends (the prefix rule of ``process``); else it starts a new
-session. Against the session's stored history, a request is one of:
+A request names its session with the ``X-Session-Id`` header (refused unless it is a
+valid id), else the body's ``user`` field (any label: see :func:`session_id_for_user`);
+else kvcache looks for a recently active stored session whose history the request
+extends (the prefix rule of ``process``); else it starts a new session. Against
+the session's stored history, a request is one of:
 
 - ``extend``: it holds the whole stored history and more (a normal turn; also the
   retry of a turn whose reply never came: nothing new to store);
@@ -53,6 +54,15 @@ def validate_session_id(value: str, where: str) -> str:
             "(starting with a letter or digit)"
         )
     return value
+
+
+def session_id_for_user(user: str) -> str:
+    """The session of a request's ``user`` field: the value itself when it is a valid
+    session id, else one derived from it (``user-`` and 24 hex digits of its SHA-256):
+    OpenAI clients send any end-user label there ("John Smith", an e-mail address)."""
+    if SESSION_ID_RE.fullmatch(user):
+        return user
+    return "user-" + hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
 def new_session_id() -> str:
