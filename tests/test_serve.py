@@ -574,7 +574,8 @@ def test_serve_without_its_extra_prints_the_install_hint(tmp_path: Path) -> None
     )
     assert proc.returncode == 1
     assert proc.stderr.strip() == (
-        "kvcache: error: kvcache serve needs the serve extra: pip install 'kvcache-cli[serve]'"
+        "kvcache: error: kvcache serve needs the serve extra: pip install 'kvcache-cli[serve]' "
+        "(from a clone: pip install '.[serve]')"
     )
 
 

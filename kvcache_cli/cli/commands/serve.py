@@ -6,7 +6,10 @@ import typer
 
 from kvcache_cli.cli.context import cli_context, error_line
 
-INSTALL_HINT = "kvcache: error: kvcache serve needs the serve extra: pip install 'kvcache-cli[serve]'"
+INSTALL_HINT = (
+    "kvcache: error: kvcache serve needs the serve extra: pip install 'kvcache-cli[serve]' "
+    "(from a clone: pip install '.[serve]')"
+)
 
 
 def serve(
@@ -18,10 +21,19 @@ def serve(
         ),
     ] = None,
     host: Annotated[
-        Optional[str], typer.Option("--host", metavar="HOST", help="Address to listen on.")
+        Optional[str],
+        typer.Option(
+            "--host", metavar="HOST", help="Address to listen on.", show_default="127.0.0.1, or [serve] host"
+        ),
     ] = None,
     port: Annotated[
-        Optional[int], typer.Option("--port", metavar="N", help="Port to listen on (0: any free).")
+        Optional[int],
+        typer.Option(
+            "--port",
+            metavar="N",
+            help="Port to listen on (0: any free).",
+            show_default="8088, or [serve] port",
+        ),
     ] = None,
     api_key_env: Annotated[
         Optional[str],
