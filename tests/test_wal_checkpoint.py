@@ -27,7 +27,7 @@ def test_commits_leave_the_log_to_the_checkpointer(tmp_path: Path) -> None:
     db = tmp_path / "kv.db"
     store = open_store(str(db), autocheckpoint=False)
     try:
-        assert store.query("PRAGMA wal_autocheckpoint") == [(0,)]
+        assert store.query("PRAGMA wal_autocheckpoint") == [(100_000,)]  # a backstop only
         before = os.path.getsize(db)
         _write(store, 600)  # about 1,200 pages: past SQLite's own threshold of 1,000
         assert os.path.getsize(str(db) + "-wal") > 1000 * 4096
@@ -37,6 +37,7 @@ def test_commits_leave_the_log_to_the_checkpointer(tmp_path: Path) -> None:
         assert log > 1000 and done == log  # all of it at once
         assert os.path.getsize(db) > before + 600 * len(ROW)  # the rows are in the file now
         _write(store, 10)
+        checkpointer.last = (0, 0)
         checkpointer.start()
         checkpointer.stop()  # checkpoints once more on its way out
         assert checkpointer.last[0] == checkpointer.last[1] > 0
@@ -50,3 +51,13 @@ def test_other_openers_keep_automatic_checkpoints(tmp_path: Path) -> None:
         assert store.query("PRAGMA wal_autocheckpoint") == [(4000,)]
     finally:
         store.close()
+
+
+def test_a_failing_checkpoint_is_reported_once(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "kv.db"), autocheckpoint=False)
+    said: list[str] = []
+    checkpointer = WalCheckpointer(store, on_error=said.append)
+    store.close()
+    store.db.init(str(tmp_path / "gone" / "kv.db"))  # no longer openable
+    assert checkpointer.run_once() == (0, 0) and checkpointer.run_once() == (0, 0)
+    assert checkpointer.failures == 2 and len(said) == 1 and "retrying" in said[0]

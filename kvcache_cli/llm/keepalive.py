@@ -154,7 +154,6 @@ class KeepAlivePool:
             conn.close()
             raise TransportError(_kind(exc, connecting=True), str(exc)) from None
         assert conn.sock is not None
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.sock.settimeout(self.read_timeout)
         return conn
 

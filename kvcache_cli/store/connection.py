@@ -63,6 +63,7 @@ def _prepare_sqlite_file(path: str, must_exist: bool = False) -> None:
 
 
 AUTOCHECKPOINT_PAGES = 4000
+BACKSTOP_PAGES = 100_000  # 400 MB: reached only when the opener's own checkpoints stop
 
 
 def open_sqlite(
@@ -70,10 +71,11 @@ def open_sqlite(
 ) -> peewee.SqliteDatabase:
     """A connected SQLite database with the store's pragmas.
 
-    ``autocheckpoint=False``: commits never checkpoint the write-ahead log (a checkpoint
-    copies it into the database file and syncs it: tens to hundreds of milliseconds
-    on a large store, paid by whichever commit crosses the threshold); the opener
-    checkpoints it with :meth:`Store.checkpoint`, off its latency-sensitive path.
+    ``autocheckpoint=False``: commits checkpoint the write-ahead log only past
+    ``BACKSTOP_PAGES`` (a checkpoint copies the log into the database file and syncs
+    it: tens to hundreds of milliseconds on a large store, paid by whichever commit
+    crosses the threshold); the opener checkpoints it with :meth:`Store.checkpoint`,
+    off its latency-sensitive path, and the backstop bounds the log if that stops.
     """
     _prepare_sqlite_file(path, must_exist)
     db = peewee.SqliteDatabase(
@@ -86,7 +88,7 @@ def open_sqlite(
             # checkpoint every 4,000 WAL pages (16 MB), not SQLite's 1,000: a replay
             # rewrites the same hot pages turn after turn, and each checkpoint syncs the
             # file (commits were a tenth of a replay; this takes a quarter off them)
-            "wal_autocheckpoint": AUTOCHECKPOINT_PAGES if autocheckpoint else 0,
+            "wal_autocheckpoint": AUTOCHECKPOINT_PAGES if autocheckpoint else BACKSTOP_PAGES,
         },
         timeout=busy_timeout_ms / 1000.0,
         lock_type="IMMEDIATE",
