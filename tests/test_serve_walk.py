@@ -5,6 +5,7 @@ abandoned stream's log line, and the small things an OpenAI client meets first."
 from __future__ import annotations
 
 import hashlib
+import signal
 import socket
 import sqlite3
 import time
@@ -322,3 +323,42 @@ def test_serve_help_shows_where_host_and_port_come_from(tmp_path: Path) -> None:
     text = " ".join(shown.stdout.split())
     assert "127.0.0.1, or [serve] host" in text
     assert "8088, or [serve] port" in text
+
+
+# ----------------------------------------------------------------------------- D3 stop grace
+@pytest.mark.slow
+def test_a_stream_still_running_when_the_stop_grace_ends_is_cut_off_in_one_line(
+    tmp_path: Path, fake: FakeLlamaServer
+) -> None:
+    """SIGTERM lets a stream run on for the 30 s grace; one still running then is cut
+    off: its request's line says so (no traceback), its reply is not stored, and serve
+    exits 0."""
+    config = write_config(tmp_path)
+    serve = ServeProcess(tmp_path, tmp_path / "kv.db", fake.url, config=config)
+    fake.stream_delay = 4.0  # a reply of many events: far beyond the grace
+    try:
+        body: dict[str, Any] = {"messages": [user("Tell me a long story about a lighthouse")], "stream": True}
+        with requests.post(
+            serve.url + "/v1/chat/completions",
+            json=body,
+            headers={"X-Session-Id": "cut-1"},
+            stream=True,
+            timeout=120,
+        ) as resp:
+            lines = resp.iter_lines()
+            next(lines)
+            serve.proc.send_signal(signal.SIGTERM)
+            events = [ln for ln in lines if ln]  # the stream ends when it is cut off
+        code = serve.proc.wait(timeout=90)
+    finally:
+        fake.stream_delay = 0.0
+        serve.stop()
+    assert code == 0
+    assert b"data: [DONE]" not in events
+    err = serve.stderr
+    assert "Traceback" not in err and "Exception in ASGI application" not in err, err
+    line = next(ln for ln in err.splitlines() if "session=cut-1" in ln)
+    assert line.startswith("POST /v1/chat/completions 200 ")
+    assert line.endswith(" error=cut off: still running when the stop's grace ended"), line
+    assert err.splitlines()[-1] == "kvcache serve: stopped"
+    assert stored(tmp_path / "kv.db", "cut-1") == [("user", "Tell me a long story about a lighthouse")]

@@ -9,6 +9,8 @@ run the synchronous core in the thread pool.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import sys
@@ -33,6 +35,7 @@ from kvcache_cli.server.turn_state import ServeError, TurnResult
 from kvcache_cli.server.upstream import Upstream, UpstreamError
 
 PUBLIC_PATHS = ("/health",)
+CUT_OFF = "cut off: still running when the stop's grace ended"
 BRIEF_FACTS = ("session", "turn", "action", "tokens", "error")  # the log line without -v
 PASS_THROUGH = {
     ("GET", "/v1/models"),
@@ -257,11 +260,13 @@ class Guard:
         path, method = scope["path"], scope["method"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         status = [500]
+        begun: list[bool] = []  # the response's status line went out
         sent: list[float] = []  # when the response's last byte went (a turn may go on after it)
 
         async def send_and_note(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = int(message["status"])
+                begun.append(True)
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 sent.append(time.perf_counter())
@@ -272,6 +277,18 @@ class Guard:
                 await refused(scope, receive, send_and_note)
             else:
                 await self.app(scope, receive, send_and_note)
+        except asyncio.CancelledError:
+            # only uvicorn cancels a request's task: at a stop, when the grace is over. The
+            # turn's own clean-up has run (a stream's reply is not stored); end the answer
+            # and say so on the request's line instead of a traceback.
+            scope.setdefault("state", {}).setdefault("facts", {})["error"] = CUT_OFF
+            with contextlib.suppress(Exception):
+                if not begun:
+                    await _error(503, "kvcache serve stopped before the answer came", "shutting_down")(
+                        scope, receive, send_and_note
+                    )
+                elif not sent:
+                    await send_and_note({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             seconds = (sent[0] if sent else time.perf_counter()) - started
             route = path if path in _KNOWN_ROUTES else "other"
