@@ -232,3 +232,22 @@ def test_a_bug_in_a_turn_is_a_500_with_the_error_shape_and_the_server_keeps_answ
             thread.join(10)
             upstream.close()
             sock.close()
+
+
+def test_a_trace_file_that_cannot_be_written_is_one_clear_line(tmp_path: Path) -> None:
+    run = invoke(
+        "serve",
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--port",
+        "0",
+        "--trace",
+        str(tmp_path / "no" / "t.jsonl"),
+        home=tmp_path,
+        db=tmp_path / "kv.db",
+    )
+    assert run.returncode == 2
+    where = tmp_path / "no" / "t.jsonl"
+    assert run.stderr.strip().splitlines() == [
+        f"kvcache: error: --trace {where}: cannot write there (No such file or directory)"
+    ]

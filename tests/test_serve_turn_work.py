@@ -21,6 +21,7 @@ from kvcache_cli.server.context import TokenBudget
 from kvcache_cli.server.metrics import Metrics
 from kvcache_cli.server.protocol import ChatCompletionRequest
 from kvcache_cli.server.serving_chat import ChatService, TurnResult
+from kvcache_cli.server.trace import TraceWriter
 from kvcache_cli.server.upstream import Upstream
 from kvcache_cli.services.llm_setup import llm_client
 from kvcache_cli.store.backend import Store, open_store
@@ -159,3 +160,64 @@ def test_the_token_budget_learns_from_answered_prompts_only_when_it_next_counts(
     assert len(asked) == 2
     budget.counts(prompt[:1])
     assert len(asked) == 3  # learned once
+
+
+def test_a_reply_whose_write_fails_is_said_and_its_next_turn_stores_it(
+    tmp_path: Path, store: Store, fake: FakeLlamaServer
+) -> None:
+    """The answer is out before its reply's transaction: a failed write is the log line's
+    error and the trace's ``stored: false``, and the client's next turn, which carries the
+    reply, stores it as one of its messages (the session goes on, no branch)."""
+    service = _service(store, fake)
+    service.trace = TraceWriter(str(tmp_path / "trace.jsonl"))
+    question = {"role": "user", "content": "Which harbour town has the oldest lighthouse?"}
+    first = _ask(service, [question], "fail-1")
+    assert first.body is not None and first.after is not None
+    reply = first.body["choices"][0]["message"]
+    with sqlite3.connect(tmp_path / "kv.db") as conn:  # the reply's insert fails (a real SQLite error)
+        conn.execute(
+            "CREATE TRIGGER no_reply BEFORE INSERT ON messages WHEN NEW.role = 'assistant' "
+            "BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+        )
+    first.after()
+    assert first.log["stored"] is False and "injected failure" in first.log["error"]
+    assert service.metrics.reply_store_errors._value.get() == 1
+    assert [r["stored"] for r in _traces(tmp_path)] == [False]
+    assert service.locks.in_progress == 0
+    with sqlite3.connect(tmp_path / "kv.db") as conn:
+        conn.execute("DROP TRIGGER no_reply")
+    history = [question, {"role": "assistant", "content": reply["content"]}]
+    history.append({"role": "user", "content": "And the newest one?"})
+    second = _ask(service, history, "fail-1")
+    assert second.headers["X-KVCache-Turn"] == "extend" and second.after is not None
+    second.after()
+    stored = _rows(tmp_path / "kv.db", "SELECT role, content FROM messages ORDER BY message_index")
+    assert stored[:3] == [(m["role"], m["content"]) for m in history]
+    assert [r["stored"] for r in _traces(tmp_path)] == [False, True]
+
+
+def test_a_regenerated_reply_is_stored_before_its_answer(
+    tmp_path: Path, store: Store, fake: FakeLlamaServer
+) -> None:
+    """A regenerate replaces a stored reply: it is stored before the answer goes back, so a
+    failed write is an error to the client, never a client and store that disagree."""
+    service = _service(store, fake)
+    question = [{"role": "user", "content": "Name a harbour town, please."}]
+    first = _ask(service, question, "regen-1")
+    assert first.after is not None
+    first.after()
+    body = {"model": "m", "messages": question, "max_tokens": 3}  # a shorter reply this time
+    again = service.handle(ChatCompletionRequest.model_validate(body), body, "regen-1")
+    assert again.headers["X-KVCache-Turn"] == "regenerate" and again.body is not None
+    assert first.body is not None
+    new_reply = again.body["choices"][0]["message"]["content"]
+    assert new_reply != first.body["choices"][0]["message"]["content"]
+    stored = _rows(tmp_path / "kv.db", "SELECT role, content FROM messages ORDER BY message_index")
+    assert stored[-1] == ("assistant", new_reply)  # before after()
+    assert again.after is not None
+    again.after()
+
+
+def _traces(tmp_path: Path) -> list[dict[str, Any]]:
+    path = tmp_path / "trace.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

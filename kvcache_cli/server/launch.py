@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +110,19 @@ def embeddings_upstream_url(configured: str, upstream: str) -> str | None:
     return url if url and url != upstream.rstrip("/") else None
 
 
+def _say(message: str) -> None:
+    sys.stderr.write(f"kvcache serve: {message}\n")
+    sys.stderr.flush()
+
+
+def _wait_for_turns(service: Any, seconds: float) -> None:
+    """Wait (up to ``seconds``) until no turn holds a session: a JSON answer's reply is
+    stored after the answer went out, so the store is closed only once that is done."""
+    deadline = time.monotonic() + seconds
+    while service.locks.in_progress and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code."""
     client_key = check_options(options)
@@ -133,7 +147,8 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
             raise ConfigError(f"[llm] api_key_env: the variable {llm_cfg.api_key_env} is not set")
     sock = _bind(options.host, options.port)
     store = open_store(store_url, config.database.busy_timeout_ms, autocheckpoint=False)
-    checkpointer = WalCheckpointer(store).start() if store.is_sqlite else None
+    checkpointer: WalCheckpointer | None = None
+    service: ChatService | None = None
     upstream = Upstream(options.upstream, upstream_key, llm_cfg.connect_timeout, llm_cfg.read_timeout)
     embeddings_url = embeddings_upstream_url(llm_cfg.embeddings_url, upstream.base_url)
     embeddings = (
@@ -144,6 +159,8 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
     llm = llm_client(llm_cfg, options.upstream, required=True)
     trace = TraceWriter(options.trace) if options.trace else None
     try:
+        if store.is_sqlite:
+            checkpointer = WalCheckpointer(store, on_error=_say).start()
         probe = probe_n_ctx(upstream)
         n_ctx, n_slots = probe.n_ctx, probe.slots
         metrics = Metrics()
@@ -220,6 +237,8 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     finally:
+        if service is not None:  # a turn cut off by the grace may still be storing: let it end
+            _wait_for_turns(service, GRACE_SECONDS)
         if trace is not None:
             trace.close()
         upstream.close()

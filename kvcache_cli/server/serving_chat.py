@@ -177,10 +177,13 @@ class ChatService:
                 return
             ended = True
             try:
-                self._write_reply(turn)
+                stored = self._write_reply(turn)
                 with contextlib.suppress(KVCacheError):
                     chat_turn.add_vectors(manager, turn.key)
                 self._take_notices(turn, manager)
+                pending, turn.pending_trace = turn.pending_trace, None
+                if pending is not None:  # a JSON answer's record: says whether its reply was stored
+                    self._write_trace(turn, **pending, stored=stored)
             finally:
                 if self.slots is not None:
                     self.slots.release(turn.key)
@@ -196,19 +199,23 @@ class ChatService:
         turn.notices.extend(n for n in manager.notices if n not in turn.notices)
         manager.notices.clear()
 
-    def _write_reply(self, turn: Turn) -> None:
-        """Store a JSON answer's reply (once). The client has the answer already, and the
-        session's lock is still held, so its next turn finds the reply stored. A store
-        error is the request's log line's ``error``; the reply is not lost: the client
-        sends it back with its next turn, which stores it as one of that turn's messages."""
+    def _write_reply(self, turn: Turn) -> bool:
+        """Store a JSON answer's reply (once); whether it was stored. The client has the
+        answer already, and the session's lock is still held, so its next turn finds the
+        reply stored. A failed write is the request's log line's ``error`` and its trace
+        record's ``stored: false``; the reply is not lost: the client sends it back with
+        its next turn, which stores it as one of that turn's messages (a regenerate's
+        reply, which replaces a stored one, is stored before its answer instead)."""
         write, turn.write_reply = turn.write_reply, None
         if write is None:
-            return
+            return bool(turn.log.get("stored"))
         try:
             write()
-        except KVCacheError as exc:
+        except Exception as exc:  # a store error, or a bug: the answer is out either way
             self.metrics.reply_store_errors.inc()
             turn.log.update({"stored": False, "error": f"reply not stored: {exc}"})
+            return False
+        return True
 
     def _manager(self, turn: Turn) -> Any:
         """The session's manager: kept between its turns (like one ``process`` run keeps
@@ -374,10 +381,13 @@ class ChatService:
         self._learn(turn, usage)
         reply = self._reply_message(message)
         generated = self._generated(message, choice, usage)
-        if reply is not None:  # written once the answer is out (see ``_ender``)
-            facts = self._live_facts(turn, timings, usage)
-            turn.write_reply = lambda: self._store_reply(turn, manager, reply, facts, generated)
         kept = reply is not None
+        if reply is not None:
+            facts = self._live_facts(turn, timings, usage)
+            if turn.kind == "regenerate":  # replaces the stored reply: not after the answer
+                self._store_reply(turn, manager, reply, facts, generated)
+            else:  # stored once the answer is out (see ``_ender``)
+                turn.write_reply = lambda: self._store_reply(turn, manager, reply, facts, generated)
         answer["kvcache"] = {"session_id": turn.key, "action": self._action(turn), "stored": kept}
         self._after(turn, timings, usage, kept)
         return answer
@@ -511,9 +521,11 @@ class ChatService:
         self._record_live(turn, timings, usage, stored)
         if self.slots is not None:
             self.slots.after_turn(turn.key, timings)
-        self._write_trace(
-            turn, status=200, timings=timings, usage=usage, cached_share=cached_share, stored=stored
-        )
+        record = {"status": 200, "timings": timings, "usage": usage, "cached_share": cached_share}
+        if turn.write_reply is not None:  # written once the reply's write is done (``_ender``)
+            turn.pending_trace = {**record, "kvcache_ms": round(overhead * 1000, 2)}
+            return
+        self._write_trace(turn, **record, stored=stored)
 
     @staticmethod
     def _overhead(turn: Turn) -> float:

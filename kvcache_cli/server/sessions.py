@@ -30,6 +30,7 @@ import hashlib
 import re
 import secrets
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -247,6 +248,7 @@ class SessionLocks:
     def acquire(self, key: str, timeout: float) -> Any:
         """Take the session's lock (waiting up to ``timeout`` s); returns a release
         callable, or None when it stayed busy."""
+        deadline = time.monotonic() + timeout
         lock = self._enter(key)
         if not lock.acquire(timeout=timeout):
             self._leave(key, was_held=False)
@@ -254,11 +256,15 @@ class SessionLocks:
         conn = None
         if self._pg_url:
             try:
-                conn = self._advisory(key)
+                conn = self._advisory(key, max(0.0, deadline - time.monotonic()))
             except BaseException:
                 lock.release()
                 self._leave(key, was_held=False)
                 raise
+            if conn is None:  # another host held the session for the whole wait
+                lock.release()
+                self._leave(key, was_held=False)
+                return None
         with self._guard:
             self._held += 1
         released = False
@@ -276,16 +282,29 @@ class SessionLocks:
 
         return release
 
-    def _advisory(self, key: str) -> Any:
+    def _advisory(self, key: str, timeout: float) -> Any:
+        """The session's advisory lock on a connection of its own (None: still held by
+        another host after ``timeout`` seconds; ``lock_timeout`` bounds the wait)."""
         import psycopg2
+        import psycopg2.errors
 
         number = int.from_bytes(
             hashlib.sha256(b"kvcache-serve:" + key.encode()).digest()[:8], "big", signed=True
         )
         conn = psycopg2.connect(self._pg_url)
         conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_lock(%s)", (number,))
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT set_config('lock_timeout', %s, false)", (f"{max(1, int(timeout * 1000))}ms",)
+                )
+                cur.execute("SELECT pg_advisory_lock(%s)", (number,))
+        except psycopg2.errors.LockNotAvailable:
+            conn.close()
+            return None
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     @contextlib.contextmanager

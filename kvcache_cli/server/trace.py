@@ -6,12 +6,17 @@ import json
 import threading
 from typing import Any
 
+from kvcache_cli.errors import BadInputError
+
 
 class TraceWriter:
     """``--trace FILE``: one JSON line per turn, appended and flushed as it ends."""
 
     def __init__(self, path: str) -> None:
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        try:
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        except OSError as exc:
+            raise BadInputError(f"--trace {path}: cannot write there ({exc.strerror or exc})") from None
         self._lock = threading.Lock()
 
     def write(self, record: dict[str, Any]) -> None:

@@ -70,4 +70,5 @@ class Turn:
     log: dict[str, Any] = field(default_factory=dict)  # the request's log line (filled as it goes)
     branch_release: Callable[[], None] | None = None
     write_reply: Callable[[], bool] | None = None  # a JSON answer's reply, stored once it is sent
+    pending_trace: dict[str, Any] | None = None  # its trace record, written after that
     notices: list[str] = field(default_factory=list)  # the core's notices (a summary fell back...)
