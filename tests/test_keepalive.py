@@ -52,6 +52,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.lines.append(self.requestline)
         self.server.peers.append(self.client_address[1])
         time.sleep(self.server.delay)
+        if self.path.endswith("/eof"):  # HTTP/1.0: no length, the body ends with the connection
+            self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nto the end")
+            self.close_connection = True
+            return
+        if self.path.endswith("/continue"):  # an interim answer first, and a repeated header
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.wfile.write(b"HTTP/1.1 201 Created\r\nX-Tag: a\r\nx-tag: b\r\nContent-Length: 2\r\n\r\nok")
+            return
         if self.path.endswith("/stream"):
             self.send_response(200)
             self.send_header("Transfer-Encoding", "chunked")
@@ -153,3 +161,26 @@ def test_the_environments_proxy_is_asked_with_the_absolute_url(
     assert server.lines == ["GET http://model-server.example:8080/v/health HTTP/1.1"]
     monkeypatch.setenv("no_proxy", "model-server.example")
     assert KeepAlivePool("http://model-server.example:8080")._proxy is None
+
+
+def test_a_whole_answer_chunked_or_ended_by_its_connection_is_read_whole(server: _Recorder) -> None:
+    pool = KeepAlivePool(server.url)
+    chunked = pool.request("GET", "/stream")
+    assert chunked.status == 200 and chunked.content == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+    assert pool.request("GET", "/health").content == b'{"ok": true}'
+    assert len(set(server.peers)) == 1  # the chunked answer's connection was reused
+    ended = pool.request("GET", "/eof")
+    assert ended.content == b"to the end" and ended.header("content-type") == "text/plain"
+    interim = pool.request("GET", "/continue")
+    assert (interim.status, interim.content, interim.header("X-Tag")) == (201, b"ok", "a, b")
+    assert pool.request("GET", "/health").status == 200
+    assert len(set(server.peers)) == 2  # a new connection after the one the server ended
+    pool.close()
+
+
+def test_a_header_with_a_line_break_is_refused_before_anything_is_sent(server: _Recorder) -> None:
+    pool = KeepAlivePool(server.url, {"Authorization": "Bearer k\r\nX-Injected: 1"})
+    with pytest.raises(TransportError) as refused:
+        pool.request("GET", "/health")
+    assert refused.value.kind == "failed" and "line break" in str(refused.value)
+    assert server.lines == []
