@@ -71,6 +71,18 @@ class ServeProcess:
             self.settle()
         return resp
 
+    def stream(self, session: str, text: str, timeout: float = 60) -> requests.Response:
+        """A streamed chat turn of one user message, as raw events (``with`` it; read
+        ``iter_lines()``): for the tests that leave or stop mid-stream."""
+        body: dict[str, Any] = {"messages": [{"role": "user", "content": text}], "stream": True}
+        return requests.post(
+            self.url + "/v1/chat/completions",
+            json=body,
+            headers={"X-Session-Id": session},
+            stream=True,
+            timeout=timeout,
+        )
+
     def settle(self, timeout: float = 60.0) -> None:
         """Wait until no turn is in progress (``/health``'s ``turns_in_progress``): a JSON
         answer's reply is stored just after the answer went out, so a test that reads the

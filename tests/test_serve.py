@@ -448,14 +448,7 @@ def test_a_client_that_goes_away_mid_stream_stores_no_reply(
 ) -> None:
     upstream.stream_delay = 0.05
     messages = [{"role": "user", "content": "Stream a long answer please"}]
-    body: dict[str, Any] = {"messages": messages, "stream": True}
-    with requests.post(
-        serve.url + "/v1/chat/completions",
-        json=body,
-        headers={"X-Session-Id": "gone-1"},
-        stream=True,
-        timeout=30,
-    ) as resp:
+    with serve.stream("gone-1", messages[0]["content"], timeout=30) as resp:
         assert resp.status_code == 200
         lines = resp.iter_lines()
         next(lines)
@@ -477,18 +470,8 @@ def test_sigterm_mid_stream_finishes_it_and_stops_cleanly(tmp_path: Path) -> Non
         fake.stream_delay = 0.1
         serve = ServeProcess(tmp_path, tmp_path / "kv.db", fake.url, "-v", config=write_config(tmp_path))
         try:
-            body: dict[str, Any] = {
-                "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse"}],
-                "stream": True,
-            }
             events: list[bytes] = []
-            with requests.post(
-                serve.url + "/v1/chat/completions",
-                json=body,
-                headers={"X-Session-Id": "term-1"},
-                stream=True,
-                timeout=60,
-            ) as resp:
+            with serve.stream("term-1", "Tell me a long story about a lighthouse") as resp:
                 lines = resp.iter_lines()
                 events.append(next(lines))
                 serve.proc.send_signal(signal.SIGTERM)

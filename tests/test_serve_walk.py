@@ -259,14 +259,7 @@ def test_an_abandoned_streams_log_line_says_the_client_went_away(
     with ServeProcess(tmp_path, tmp_path / "kv.db", fake.url, config=config) as serve:
         fake.stream_delay = 0.05
         try:
-            body: dict[str, Any] = {"messages": [user("Stream a long answer please")], "stream": True}
-            with requests.post(
-                serve.url + "/v1/chat/completions",
-                json=body,
-                headers={"X-Session-Id": "left-1"},
-                stream=True,
-                timeout=30,
-            ) as resp:
+            with serve.stream("left-1", "Stream a long answer please", timeout=30) as resp:
                 assert resp.status_code == 200
                 next(resp.iter_lines())  # one event, then the connection is closed
             deadline = time.monotonic() + 20
@@ -337,14 +330,7 @@ def test_a_stream_still_running_when_the_stop_grace_ends_is_cut_off_in_one_line(
     serve = ServeProcess(tmp_path, tmp_path / "kv.db", fake.url, config=config)
     fake.stream_delay = 4.0  # a reply of many events: far beyond the grace
     try:
-        body: dict[str, Any] = {"messages": [user("Tell me a long story about a lighthouse")], "stream": True}
-        with requests.post(
-            serve.url + "/v1/chat/completions",
-            json=body,
-            headers={"X-Session-Id": "cut-1"},
-            stream=True,
-            timeout=120,
-        ) as resp:
+        with serve.stream("cut-1", "Tell me a long story about a lighthouse", timeout=120) as resp:
             lines = resp.iter_lines()
             next(lines)
             serve.proc.send_signal(signal.SIGTERM)
