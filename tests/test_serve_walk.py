@@ -249,6 +249,29 @@ def test_the_cores_notices_of_a_turn_go_to_stderr_and_the_trace(
     assert notices[3] == [lines[told[0]].removeprefix("kvcache serve: sum-1: ")]
 
 
+def test_a_notice_every_session_repeats_is_told_once_and_traced_each_time(tmp_path: Path) -> None:
+    """An upstream without embeddings: every new session's turn says so; stderr tells it
+    once (an operator with a thousand sessions gets one line), each trace record keeps it."""
+    path = tmp_path / "kvcache.toml"
+    path.write_text("[cache]\ngenerate_cache_embeddings = true\n")
+    with FakeLlamaServer(n_ctx=4096, embeddings=False) as upstream:
+        with ServeProcess(tmp_path, tmp_path / "kv.db", upstream.url, config=path) as serve:
+            for n in range(3):
+                answer = serve.post(
+                    "/v1/chat/completions",
+                    {"messages": [user(f"Which harbour town, number {n}?")]},
+                    headers={"X-Session-Id": f"plain-{n}"},
+                )
+                assert answer.status_code == 200, answer.text
+            serve.terminate()
+    told = [
+        line for line in serve.stderr.splitlines() if "embeddings" in line and "kvcache serve: plain-" in line
+    ]
+    assert len(told) == 1 and told[0].startswith("kvcache serve: plain-0: "), serve.stderr
+    traced = [t["notices"] for t in serve.traces()]
+    assert len(traced) == 3 and all(any("embeddings" in n for n in notices) for notices in traced)
+
+
 # ----------------------------------------------------------------------------- D4 abandoned stream
 def test_an_abandoned_streams_log_line_says_the_client_went_away(
     tmp_path: Path, fake: FakeLlamaServer

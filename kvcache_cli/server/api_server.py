@@ -16,6 +16,7 @@ import json
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -60,14 +61,30 @@ def _error(status: int, message: str, code: str) -> JSONResponse:
     return JSONResponse(error_body(status, message, code), status_code=status)
 
 
+TOLD_KEPT = 1000  # distinct notices remembered, so a repeated one is told once
+
+
 class _Log:
     """One line per request on stderr (``-q`` silences it, ``-v`` adds detail), after
     one ``kvcache serve: <session>: <notice>`` line per notice of the core's in its
-    turn (the summary fell back to the extractive one...)."""
+    turn (the summary fell back to the extractive one...). A notice told before in the
+    same words (an upstream without embeddings says so for every new session) is not
+    repeated unless ``-v``; the trace keeps every turn's notices."""
 
     def __init__(self, settings: AppSettings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
+        self._told: OrderedDict[str, None] = OrderedDict()
+
+    def _new(self, notices: list[str]) -> list[str]:
+        if self.settings.verbose:
+            return notices
+        fresh = [n for n in notices if n not in self._told]
+        for notice in fresh:
+            self._told[notice] = None
+            if len(self._told) > TOLD_KEPT:
+                self._told.popitem(last=False)
+        return fresh
 
     def request(self, method: str, path: str, status: int, seconds: float, facts: dict[str, Any]) -> None:
         if self.settings.quiet:
@@ -77,8 +94,9 @@ class _Log:
         }
         extra = " ".join(f"{k}={v}" for k, v in shown.items() if v is not None)
         line = f"{method} {path} {status} {seconds * 1000:.0f}ms" + (f" {extra}" if extra else "")
-        told = "".join(f"kvcache serve: {facts.get('session')}: {n}\n" for n in facts.get("notices") or ())
         with self._lock:
+            notices = self._new(list(facts.get("notices") or ()))
+            told = "".join(f"kvcache serve: {facts.get('session')}: {n}\n" for n in notices)
             sys.stderr.write(told + line + "\n")
             sys.stderr.flush()
 
