@@ -56,6 +56,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nto the end")
             self.close_connection = True
             return
+        if self.path.endswith("/badchunk"):  # a chunk size that is not hexadecimal
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n")
+            return
         if self.path.endswith("/continue"):  # an interim answer first, and a repeated header
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.wfile.write(b"HTTP/1.1 201 Created\r\nX-Tag: a\r\nx-tag: b\r\nContent-Length: 2\r\n\r\nok")
@@ -176,6 +179,12 @@ def test_a_whole_answer_chunked_or_ended_by_its_connection_is_read_whole(server:
     assert pool.request("GET", "/health").status == 200
     assert len(set(server.peers)) == 2  # a new connection after the one the server ended
     pool.close()
+
+
+def test_a_malformed_answer_is_a_transport_failure(server: _Recorder) -> None:
+    with pytest.raises(TransportError) as bad:
+        KeepAlivePool(server.url).request("GET", "/badchunk")
+    assert bad.value.kind == "failed" and "chunk size" in str(bad.value)
 
 
 def test_a_header_with_a_line_break_is_refused_before_anything_is_sent(server: _Recorder) -> None:

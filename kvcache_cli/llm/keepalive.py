@@ -132,13 +132,20 @@ class _Answer:
             if not 100 <= status < 200:  # an interim answer (100 Continue) is skipped
                 return version, status, headers
 
+    def _chunk_size(self) -> int:
+        line = self.line().split(b";")[0].strip()
+        try:
+            return int(line, 16)
+        except ValueError:
+            raise http.client.HTTPException(f"bad chunk size {line[:40]!r}") from None
+
     def body(self, method: str, status: int, headers: dict[str, str]) -> tuple[bytes, bool]:
         """The body, and whether the connection ended with it (read to its close)."""
         if method == "HEAD" or status in (204, 304):
             return b"", False
         if "chunked" in headers.get("transfer-encoding", "").lower():
             pieces = []
-            while size := int(self.line().split(b";")[0].strip() or b"0", 16):
+            while size := self._chunk_size():
                 pieces.append(self.exactly(size + 2)[:-2])
             while self.line():  # trailers, up to the empty line
                 pass
