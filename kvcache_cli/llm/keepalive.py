@@ -9,8 +9,8 @@ arrives (:meth:`KeepAlivePool.open`). ``http.client`` connects (TLS, proxy tunne
 and reads streams; a whole answer is written in one piece and read by
 :func:`_read_answer`, which splits the header lines itself: ``http.client`` parses
 them with the ``email`` package, 40% of the CPU time of a ``/tokenize`` call, and
-``serve`` makes two such calls while a client waits. A connection the server closed while it sat idle
-is noticed before reuse, and a request that fails on a reused connection before any
+``serve`` makes two such calls while a client waits. A connection the server closed
+while it sat idle is noticed before reuse, and a request that fails on a reused connection before any
 answer is sent again once on a new one. Failures are :class:`TransportError` with a
 ``kind``: ``connect_timeout``, ``read_timeout``, ``refused``, ``dns``, ``reset``,
 ``closed`` or ``failed``.
@@ -305,9 +305,7 @@ class KeepAlivePool:
         """Send and read the status line and headers; a reused connection that fails
         before any answer is replaced once."""
         target = self._absolute + self.prefix + path
-        sent = {**self.headers, **(headers or {})}
-        if self._proxy and not self.https:
-            sent.update(self._proxy[2])
+        sent = self._headers_with(headers)
         for attempt in (0, 1):
             conn, reused = self._take()
             try:
@@ -323,11 +321,17 @@ class KeepAlivePool:
                 raise TransportError(_kind(exc, connecting=False), str(exc)) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _message(self, method: str, path: str, body: bytes | None, headers: dict[str, str] | None) -> bytes:
-        """The request line, headers and body as one piece (what ``http.client`` sends)."""
-        sent = {"Host": self._host_header, "Accept-Encoding": "identity", **self.headers, **(headers or {})}
+    def _headers_with(self, headers: dict[str, str] | None) -> dict[str, str]:
+        """The pool's headers, then the request's, then a plain-HTTP proxy's credentials."""
+        sent = {**self.headers, **(headers or {})}
         if self._proxy and not self.https:
             sent.update(self._proxy[2])
+        return sent
+
+    def _message(self, method: str, path: str, body: bytes | None, headers: dict[str, str] | None) -> bytes:
+        """The request line, headers and body as one piece (what ``http.client`` sends,
+        with the ``Host`` and ``Accept-Encoding`` it adds)."""
+        sent = {"Host": self._host_header, "Accept-Encoding": "identity", **self._headers_with(headers)}
         if body is not None or method in ("POST", "PUT", "PATCH"):
             sent["Content-Length"] = str(len(body or b""))
         lines = [f"{method} {self._absolute}{self.prefix}{path} HTTP/1.1"]
