@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +37,20 @@ def test_another_hosts_turn_is_waited_for_only_as_long_as_the_timeout(pg_url: st
     finally:
         first_store.close()
         second_store.close()
+
+
+def test_a_stop_waits_until_no_turn_holds_a_session(tmp_path: Path) -> None:
+    """``wait_idle``: what a stopping serve waits on before closing the store (a JSON
+    turn stores its reply after its answer went out)."""
+    store = open_store(str(tmp_path / "kv.db"))
+    try:
+        locks = SessionLocks(store)
+        release = locks.acquire("turn-1", timeout=1)
+        assert release is not None
+        assert locks.wait_idle(0.05) is False  # still held
+        threading.Timer(0.1, release).start()
+        started = time.monotonic()
+        assert locks.wait_idle(10) is True
+        assert time.monotonic() - started < 5 and locks.in_progress == 0 and len(locks) == 0
+    finally:
+        store.close()

@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,14 +112,6 @@ def embeddings_upstream_url(configured: str, upstream: str) -> str | None:
 def _say(message: str) -> None:
     sys.stderr.write(f"kvcache serve: {message}\n")
     sys.stderr.flush()
-
-
-def _wait_for_turns(service: Any, seconds: float) -> None:
-    """Wait (up to ``seconds``) until no turn holds a session: a JSON answer's reply is
-    stored after the answer went out, so the store is closed only once that is done."""
-    deadline = time.monotonic() + seconds
-    while service.locks.in_progress and time.monotonic() < deadline:
-        time.sleep(0.02)
 
 
 def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
@@ -237,8 +228,8 @@ def run(options: ServeOptions, config: Config, store_url: str | None) -> int:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     finally:
-        if service is not None:  # a turn cut off by the grace may still be storing: let it end
-            _wait_for_turns(service, GRACE_SECONDS)
+        if service is not None:  # a JSON turn stores its reply after its answer: let it end
+            service.locks.wait_idle(GRACE_SECONDS)
         if trace is not None:
             trace.close()
         upstream.close()

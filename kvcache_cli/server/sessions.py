@@ -214,7 +214,7 @@ class SessionLocks:
         self._store = store
         self._pg_url = pg_url if not store.is_sqlite else None
         self._locks: dict[str, tuple[threading.Lock, int]] = {}  # key -> (lock, turns using it)
-        self._guard = threading.Lock()
+        self._guard = threading.Condition()  # guards the table and the count; told when idle
         self._held = 0
 
     @property
@@ -244,6 +244,13 @@ class SessionLocks:
                 self._locks[key] = (lock, users - 1)
             if was_held:
                 self._held -= 1
+                if not self._held:
+                    self._guard.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait (up to ``timeout`` s) until no turn holds a session; whether none does."""
+        with self._guard:
+            return self._guard.wait_for(lambda: not self._held, timeout)
 
     def acquire(self, key: str, timeout: float) -> Any:
         """Take the session's lock (waiting up to ``timeout`` s); returns a release
@@ -257,13 +264,11 @@ class SessionLocks:
         if self._pg_url:
             try:
                 conn = self._advisory(key, max(0.0, deadline - time.monotonic()))
-            except BaseException:
-                lock.release()
-                self._leave(key, was_held=False)
-                raise
-            if conn is None:  # another host held the session for the whole wait
-                lock.release()
-                self._leave(key, was_held=False)
+            finally:
+                if conn is None:  # it failed, or another host held the session all along
+                    lock.release()
+                    self._leave(key, was_held=False)
+            if conn is None:
                 return None
         with self._guard:
             self._held += 1
