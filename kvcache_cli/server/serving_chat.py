@@ -200,7 +200,8 @@ class ChatService:
         manager.notices.clear()
 
     def _write_reply(self, turn: Turn) -> bool:
-        """Store a JSON answer's reply (once); whether it was stored. The client has the
+        """Store a JSON answer's reply (once); whether it was stored (False: there was
+        none to write, as for a stream or a regenerate, stored already). The client has the
         answer already, and the session's lock is still held, so its next turn finds the
         reply stored. A failed write is the request's log line's ``error`` and its trace
         record's ``stored: false``; the reply is not lost: the client sends it back with
@@ -208,7 +209,7 @@ class ChatService:
         reply, which replaces a stored one, is stored before its answer instead)."""
         write, turn.write_reply = turn.write_reply, None
         if write is None:
-            return bool(turn.log.get("stored"))
+            return False
         try:
             write()
         except Exception as exc:  # a store error, or a bug: the answer is out either way
