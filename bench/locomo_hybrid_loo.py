@@ -198,6 +198,30 @@ def choose_per_fold(
     return {out: max(grid, key=lambda s: score(s, out)) for out in convs}
 
 
+def leave_one_out(
+    grid: list[S], per: dict[S, list[list[float]]], questions: list[dict[str, Any]], convs: list[str]
+) -> tuple[dict[str, S], list[list[float]]]:
+    """Each held-out conversation's chosen setting (:func:`choose_per_fold`), and every
+    question's row under the setting its own fold chose."""
+    chosen = choose_per_fold(grid, per, questions, convs)
+    return chosen, [per[chosen[q["session"]]][i] for i, q in enumerate(questions)]
+
+
+def category_means(
+    questions: list[dict[str, Any]], named: dict[str, list[list[float]]]
+) -> dict[str, dict[str, Any]]:
+    """Per LoCoMo category: its question count and each named row set's mean (printed)."""
+    out: dict[str, dict[str, Any]] = {}
+    for cat in sorted(CATEGORIES):
+        idx = [i for i, q in enumerate(questions) if q["cat"] == cat]
+        cells = {name: mean_rows([rows[i] for i in idx]) for name, rows in named.items()}
+        out[CATEGORIES[cat]] = {"n": len(idx), **cells}
+        print(
+            f"{CATEGORIES[cat]:<12} n={len(idx):<4} " + "  ".join(f"{n} {fmt(v)}" for n, v in cells.items())
+        )
+    return out
+
+
 def paired_differences(a: list[list[float]], b: list[list[float]], name: str) -> list[dict[str, Any]]:
     """Per k, the mean per-question difference ``a - b`` and its standard error (printed)."""
     out = []
@@ -254,8 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def rows_of(setting: Setting, conv: str) -> list[list[float]]:
         return conversation_rows(questions, per[setting], conv)
 
-    chosen = choose_per_fold(grid, per, questions, convs)
-    loo = [per[chosen[q["session"]]][i] for i, q in enumerate(questions)]
+    chosen, loo = leave_one_out(grid, per, questions, convs)
     kw = per[REFERENCES[0]]
     report: dict[str, Any] = {"settings": {}, "folds": [], "categories": {}}
     print()
@@ -270,28 +293,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"hybrid leave-one-out: {fmt(total)}   keyword_only: {fmt(mean_rows(kw))}")
     print(spread(folds))
     diffs = paired_differences(loo, kw, "hybrid-LOO minus keyword_only")
-    for cat in sorted(CATEGORIES):
-        idx = [i for i, q in enumerate(questions) if q["cat"] == cat]
-        cells = {
-            name: mean_rows([rows[i] for i in idx])
-            for name, rows in (
-                ("hybrid_loo", loo),
-                ("keyword_only", kw),
-                ("semantic_only", per[REFERENCES[1]]),
-            )
-        }
-        report["categories"][CATEGORIES[cat]] = {"n": len(idx), **cells}
-        print(
-            f"{CATEGORIES[cat]:<12} n={len(idx):<4} " + "  ".join(f"{n} {fmt(v)}" for n, v in cells.items())
-        )
+    report["categories"] = category_means(
+        questions, {"hybrid_loo": loo, "keyword_only": kw, "semantic_only": per[REFERENCES[1]]}
+    )
     report.update(loo=total, keyword_only=mean_rows(kw), paired=diffs, questions=len(questions))
     for setting, rows in per.items():
         report["settings"][label(setting)] = {
             "all": mean_rows(rows),
-            **{
-                c: mean_rows([r for q, r in zip(questions, rows, strict=True) if q["session"] == c])
-                for c in convs
-            },
+            **{c: mean_rows(conversation_rows(questions, rows, c)) for c in convs},
         }
     if args.json_out:
         args.json_out.write_text(json.dumps(report, indent=1))

@@ -58,11 +58,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from locomo import CATEGORIES, KS  # noqa: E402
+from locomo import KS  # noqa: E402
 from locomo_cli import load_questions  # noqa: E402
 from locomo_hybrid_loo import (  # noqa: E402
-    choose_per_fold,
+    category_means,
     conversation_rows,
+    leave_one_out,
     mean_rows,
     paired_differences,
     per_conversation_r10,
@@ -278,8 +279,7 @@ def report(
 ) -> dict[str, Any]:
     """LOO over ``grid`` (the baseline first) against the baseline: printed and returned."""
     base = per[BASELINE]
-    chosen = choose_per_fold(grid, per, questions, convs)
-    loo = [per[chosen[q["session"]]][i] for i, q in enumerate(questions)]
+    chosen, loo = leave_one_out(grid, per, questions, convs)
     out: dict[str, Any] = {"grid": name, "folds": [], "settings": {}}
     print(f"\n== {name}: pooled over {len(questions)} questions")
     for s in grid:
@@ -304,14 +304,7 @@ def report(
     paired = paired_differences(loo, base, f"{name} LOO minus baseline")
     keep = criterion(total) > criterion(ref_all) and paired[2]["diff"] > 0 and lower <= 1
     print(f"folds with lower R@10: {lower}; verdict: {'KEEP' if keep else 'drop'}")
-    cats = {}
-    for cat in sorted(CATEGORIES):
-        idx = [i for i, q in enumerate(questions) if q["cat"] == cat]
-        cell = {"loo": mean_rows([loo[i] for i in idx]), "baseline": mean_rows([base[i] for i in idx])}
-        cats[CATEGORIES[cat]] = cell
-        print(
-            f"{CATEGORIES[cat]:<12} n={len(idx):<4} loo {fmt(cell['loo'])}  baseline {fmt(cell['baseline'])}"
-        )
+    cats = category_means(questions, {"loo": loo, "baseline": base})
     out.update(loo=total, baseline=ref_all, paired=paired, lower_folds=lower, keep=keep, categories=cats)
     return out
 

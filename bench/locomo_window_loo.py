@@ -44,12 +44,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from locomo import CATEGORIES, KS  # noqa: E402
+from locomo import KS  # noqa: E402
 from locomo_cli import load_questions  # noqa: E402
 from locomo_hybrid_loo import (  # noqa: E402
     CachedEmbeddings,
-    choose_per_fold,
+    category_means,
     conversation_rows,
+    leave_one_out,
     mean_rows,
     paired_differences,
     per_conversation_r10,
@@ -315,8 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def rows_of(setting: Setting, conv: str) -> list[list[float]]:
         return conversation_rows(questions, per[setting], conv)
 
-    chosen = choose_per_fold(grid, per, questions, convs)
-    loo = [per[chosen[q["session"]]][i] for i, q in enumerate(questions)]
+    chosen, loo = leave_one_out(grid, per, questions, convs)
     base = per[default]
     report: dict[str, Any] = {"folds": [], "settings": {}, "categories": {}}
     folds = []
@@ -328,13 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"window leave-one-out: {fmt(mean_rows(loo))}   shipped default: {fmt(mean_rows(base))}")
     print(spread(folds))
     paired = paired_differences(loo, base, "LOO minus default")
-    for cat in sorted(CATEGORIES):
-        idx = [i for i, q in enumerate(questions) if q["cat"] == cat]
-        cells = {"loo": mean_rows([loo[i] for i in idx]), "default": mean_rows([base[i] for i in idx])}
-        report["categories"][CATEGORIES[cat]] = {"n": len(idx), **cells}
-        print(
-            f"{CATEGORIES[cat]:<12} n={len(idx):<4} " + "  ".join(f"{n} {fmt(v)}" for n, v in cells.items())
-        )
+    report["categories"] = category_means(questions, {"loo": loo, "default": base})
     report.update(loo=mean_rows(loo), default=mean_rows(base), paired=paired)
     for setting, r in per.items():
         report["settings"][f"{setting[0]} kw={setting[1]} ctx={setting[2]}"] = {
