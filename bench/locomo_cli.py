@@ -168,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--db", default=None, help="reuse this store if it exists (else built here and kept)")
     ap.add_argument("--limit", type=int, default=max(KS))
     ap.add_argument("--no-timestamps", action="store_true", help="drop the session dates from the files")
+    ap.add_argument(
+        "--captions", action="store_true", help="a shared photo's caption in its turn ([shares ...])"
+    )
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = ap.parse_args(argv)
 
@@ -184,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     questions: list[dict[str, Any]] = []
     files = []
     for path in args.files:
-        target, _, _ = convert_file(path, work / "conv")
+        target, _, _ = convert_file(path, work / "conv", args.captions)
         if args.no_timestamps:
             data = json.loads(target.read_text())
             for msg in data["messages"]:

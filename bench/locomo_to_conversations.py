@@ -1,6 +1,6 @@
 """Convert LoCoMo conversation files into kvcache native conversation files.
 
-Usage: python bench/locomo_to_conversations.py OUT_DIR FILE.json [FILE.json ...]
+Usage: python bench/locomo_to_conversations.py [--captions] OUT_DIR FILE.json [FILE.json ...]
 
 One session per LoCoMo conversation; each dialog turn becomes a message
 ``"speaker: text"`` with role ``user`` for ``speaker_a`` and ``assistant`` for
@@ -8,7 +8,11 @@ One session per LoCoMo conversation; each dialog turn becomes a message
 "1:56 pm on 8 May, 2023"; turns of one session get one second apart so order is
 kept). A kvcache "turn" is a user message and its replies, so the number of turns
 is the number of ``speaker_a`` messages (what ``kvcache process`` counts).
-Only ``speaker``, ``text`` and the session dates are read.
+Only ``speaker``, ``text`` and the session dates are read; with ``--captions`` also a
+shared photo's ``blip_caption``, written as LoCoMo's own evaluation writes it
+(``speaker: text [shares a photo of ...]``). Off by default so that figures stay
+comparable with the ones issue 18 measured (the captions move keyword R@10 on the dev
+split from 0.774 to 0.778: docs/retrieval.md).
 """
 
 from __future__ import annotations
@@ -42,7 +46,20 @@ def session_numbers(conv: dict[str, Any]) -> list[int]:
     return sorted(n for n in nums if isinstance(conv[f"session_{n}"], list))
 
 
-def convert(conv: dict[str, Any], session_id: str) -> dict[str, Any]:
+def turn_text(turn: dict[str, Any], captions: bool = False) -> str:
+    """``"speaker: text"``, plus ``" [shares <caption>]"`` when the turn shared a photo.
+
+    LoCoMo's own retrieval evaluation writes a turn that shared a photo the same way
+    (snap-research/locomo ``task_eval/dpr_qa.py``: ``'[shares %s]' % blip_caption``): the
+    caption is the photo as the conversation's text holds it. The image-search ``query``
+    field is how the dataset was generated, not what was said, and is never read.
+    """
+    text = f"{turn['speaker']}: {turn['text']}"
+    caption = str(turn.get("blip_caption") or "").strip()
+    return f"{text} [shares {caption}]" if captions and caption else text
+
+
+def convert(conv: dict[str, Any], session_id: str, captions: bool = False) -> dict[str, Any]:
     """A native kvcache conversation ``{"session_id", "messages"}`` from a LoCoMo dict."""
     if "conversation" in conv and isinstance(conv["conversation"], dict):
         conv = conv["conversation"]
@@ -54,7 +71,7 @@ def convert(conv: dict[str, Any], session_id: str) -> dict[str, Any]:
             role = "user" if turn["speaker"] == speaker_a else "assistant"
             msg: dict[str, Any] = {
                 "role": role,
-                "content": f"{turn['speaker']}: {turn['text']}",
+                "content": turn_text(turn, captions),
                 "name": turn["speaker"],
             }
             if start is not None:
@@ -63,9 +80,9 @@ def convert(conv: dict[str, Any], session_id: str) -> dict[str, Any]:
     return {"session_id": session_id, "messages": messages}
 
 
-def convert_file(src: Path, out_dir: Path) -> tuple[Path, int, int]:
+def convert_file(src: Path, out_dir: Path, captions: bool = False) -> tuple[Path, int, int]:
     """Write ``out_dir/<stem>.json``; returns (path, messages, turns)."""
-    data = convert(json.loads(src.read_text(encoding="utf-8")), src.stem)
+    data = convert(json.loads(src.read_text(encoding="utf-8")), src.stem, captions)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{src.stem}.json"
     target.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
@@ -74,13 +91,15 @@ def convert_file(src: Path, out_dir: Path) -> tuple[Path, int, int]:
 
 
 def main(argv: list[str]) -> int:
+    captions = "--captions" in argv
+    argv = [arg for arg in argv if arg != "--captions"]
     if len(argv) < 2:
         print(__doc__.strip().splitlines()[2], file=sys.stderr)
         return 2
     out = Path(argv[0])
     total_m = total_t = 0
     for name in argv[1:]:
-        path, n_messages, n_turns = convert_file(Path(name), out)
+        path, n_messages, n_turns = convert_file(Path(name), out, captions)
         total_m += n_messages
         total_t += n_turns
         print(f"{path}: {n_messages} messages, {n_turns} turns")
