@@ -171,7 +171,9 @@ def in_session(
                 core, [(mid, st.semantic_score(cos), None) for _, cos, mid in best], session, query
             )
         found += combine(kw3, sem3, cap)[:cap]
-    finish_result(result, merge_results(found, limit), started)
+    merged = merge_results(found, limit)
+    fill_roles(core, session, merged, index)
+    finish_result(result, merged, started)
     after_retrieval(core, session, result, now)
     return result
 
@@ -197,6 +199,23 @@ def finish_result(result: RetrievalResult, entries: list[RetrievedEntry], starte
             len(entries), result.primary_tier, result.keywords_used, result.average_similarity
         )
     result.search_duration_ms = (time.perf_counter() - started) * 1000.0
+
+
+def fill_roles(
+    core: Core, session: m.Session, entries: list[RetrievedEntry], index: SessionIndex | None = None
+) -> None:
+    """Give tier 1-2 results their message's stored role (cache entries keep none), so
+    every row names its message as stored: content, index and role."""
+    idxs = sorted({e.message_index for e in entries if e.role is None and e.message_index is not None})
+    if not idxs:
+        return
+    if index is not None:  # a replay's turn: the synced index has every stored message
+        roles = {i: index.roles[i] for i in idxs if i in index.roles}
+    else:
+        roles = sessions.roles_of(core.store, session.get_id(), idxs)
+    for entry in entries:
+        if entry.role is None and entry.message_index in roles:
+            entry.role = roles[entry.message_index]
 
 
 def entry_names(

@@ -219,6 +219,20 @@ def indexes_of(store: Store, ids: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
+def roles_of(store: Store, session_id: int, indexes: Sequence[int]) -> dict[int, str]:
+    """``{message_index: role}`` of the given messages of a session (500 per statement)."""
+    out: dict[int, str] = {}
+    for start in range(0, len(indexes), 500):
+        chunk = list(indexes[start : start + 500])
+        for idx, role in store.query(
+            "SELECT message_index, role FROM messages WHERE session_id = ? "
+            f"AND message_index IN ({', '.join('?' * len(chunk))})",
+            (int(session_id), *chunk),
+        ):
+            out[int(idx)] = str(role)
+    return out
+
+
 def speaker_names(store: Store, session_id: int, indexes: Sequence[int]) -> dict[int, str]:
     """``{message_index: name}`` of the given messages that have a speaker name."""
     out: dict[int, str] = {}

@@ -1,0 +1,48 @@
+"""``retrieve --json`` rows as a reviewer checks them through the CLI (issue 18 item 5).
+
+Every row is one stored message: its exact stored content, message index and role,
+whichever tier (active cache, snapshot, history) it came from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.helpers import invoke
+
+TURNS = [
+    ("user", "Our nightly extract overlaps with the backup window."),
+    ("assistant", "Move the extract to 01:30; the backup ends at 01:10."),
+    ("user", "Who owns the roadmap doc?"),
+    ("assistant", "From earlier messages I only know Tomás and Dana."),
+    ("user", "It's Marek. He keeps the roadmap doc in the wiki."),
+    ("assistant", "Noted: Marek owns the roadmap doc."),
+]
+
+
+def _stored(tmp_path: Path, db: Path, session: str) -> list[dict[str, str]]:
+    rc, out, err = invoke("export", session, home=tmp_path, db=db)
+    assert rc == 0, err
+    messages: list[dict[str, str]] = json.loads(out)["messages"]
+    return messages
+
+
+def test_cache_and_history_rows_carry_the_stored_role(tmp_path: Path) -> None:
+    """After ``process`` the best rows come from the active cache (tier 1); they name
+    their message's role as stored, like history rows do."""
+    conv = tmp_path / "roadmap.json"
+    conv.write_text(
+        json.dumps({"session_id": "roadmap", "messages": [{"role": r, "content": t} for r, t in TURNS]})
+    )
+    db = tmp_path / "kv.db"
+    rc, _, err = invoke("process", conv, "--json", home=tmp_path, db=db)
+    assert rc == 0, err
+    rc, out, err = invoke("retrieve", "roadmap", "who owns the roadmap doc", "--json", home=tmp_path, db=db)
+    assert rc == 0, err
+    rows = json.loads(out)["results"]
+    assert {r["tier"] for r in rows} == {1}, rows  # the whole conversation is in the cache
+    stored = _stored(tmp_path, db, "roadmap")
+    for r in rows:
+        message = stored[r["message_index"]]
+        assert (r["text"], r["role"]) == (message["content"], message["role"]), r
