@@ -46,15 +46,3 @@ def test_cache_and_history_rows_carry_the_stored_role(tmp_path: Path) -> None:
     for r in rows:
         message = stored[r["message_index"]]
         assert (r["text"], r["role"]) == (message["content"], message["role"]), r
-
-
-def test_blank_query_is_bad_usage(tmp_path: Path) -> None:
-    """An empty or blank QUERY is one error line and exit 2, not an empty result."""
-    db = tmp_path / "kv.db"
-    conv = tmp_path / "c.json"
-    conv.write_text(json.dumps({"session_id": "c", "messages": [{"role": "user", "content": "hello"}]}))
-    assert invoke("import", conv, home=tmp_path, db=db)[0] == 0
-    for args in (("c", ""), ("c", "   "), ("--all-sessions", "\t")):
-        rc, out, err = invoke("retrieve", *args, "--json", home=tmp_path, db=db)
-        assert (rc, out) == (2, ""), (args, rc, out)
-        assert err == "kvcache: error: QUERY is empty: give the words to search for\n", err

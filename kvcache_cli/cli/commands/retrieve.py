@@ -70,8 +70,6 @@ def retrieve(
         if len(args) != 2:
             raise BadInputError("give SESSION and QUERY (or --all-sessions QUERY)")
         session, query = args
-    if not query.strip():
-        raise BadInputError("QUERY is empty: give the words to search for")
     tier_set = parse_tiers(tiers)
     if not 0.0 <= min_score <= 1.0:  # also refuses NaN
         raise BadInputError(f"--min-score must be between 0 and 1, not {min_score}")
