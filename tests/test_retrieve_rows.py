@@ -46,3 +46,22 @@ def test_cache_and_history_rows_carry_the_stored_role(tmp_path: Path) -> None:
     for r in rows:
         message = stored[r["message_index"]]
         assert (r["text"], r["role"]) == (message["content"], message["role"]), r
+
+
+def test_readme_names_every_json_field(tmp_path: Path) -> None:
+    """Each field of ``retrieve --json`` (the object and a result row) is named in the
+    README's ``retrieve`` section, so a script writer can look every one up."""
+    conv = tmp_path / "c.json"
+    conv.write_text(
+        json.dumps({"session_id": "c", "messages": [{"role": r, "content": t} for r, t in TURNS]})
+    )
+    db = tmp_path / "kv.db"
+    assert invoke("import", conv, home=tmp_path, db=db)[0] == 0
+    rc, out, err = invoke("retrieve", "c", "roadmap doc", "--json", home=tmp_path, db=db)
+    assert rc == 0, err
+    data = json.loads(out)
+    assert data["results"], data
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### retrieve SESSION QUERY", 1)[1].split("\n### ", 1)[0]
+    missing = [key for key in [*data, *data["results"][0]] if f"`{key}`" not in section]
+    assert not missing, f"README's retrieve section does not name {missing}"
