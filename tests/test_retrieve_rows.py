@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kvcache_cli.config import Config
+from kvcache_cli.engine.entries import ChatMessage
+from kvcache_cli.services import chat_turn
+from kvcache_cli.store.backend import open_store
 from tests.helpers import invoke
 
 TURNS = [
@@ -65,3 +69,40 @@ def test_readme_names_every_json_field(tmp_path: Path) -> None:
     section = readme.split("### retrieve SESSION QUERY", 1)[1].split("\n### ", 1)[0]
     missing = [key for key in [*data, *data["results"][0]] if f"`{key}`" not in section]
     assert not missing, f"README's retrieve section does not name {missing}"
+
+
+# A live conversation whose question, after two clears, is answered by an assistant
+# message that only the snapshots (tier 2) and the history still hold.
+LIVE = [
+    (
+        "Which database hosts the events table?",
+        "The events table lives on the Postgres cluster pg-analytics-2.",
+    ),
+    ("Thanks. How big is it?", "About 2.3 million rows, growing by forty thousand a day."),
+    ("Any index on ip_prefix?", "No index on ip_prefix yet; the geo join scans it."),
+    ("Let's add one tonight.", "Fine: CREATE INDEX CONCURRENTLY after the backup window."),
+]
+
+
+def test_serve_labels_retrieved_messages_with_their_stored_role(tmp_path: Path) -> None:
+    """``serve`` writes each retrieved message into the prompt as ``(role, message N)``:
+    an assistant message found in a snapshot is labelled assistant, not user."""
+    store = open_store(str(tmp_path / "kv.db"))
+    try:
+        config = Config()
+        config.cache.clear_after_conversations = 2
+        manager = chat_turn.manager_for(store, config, None, 4096)
+        messages: list[ChatMessage] = []
+        for question, answer in LIVE:
+            messages.append(ChatMessage("user", question))
+            chat_turn.begin_turn(manager, "live", list(messages))
+            chat_turn.finish_turn(manager, "live", ChatMessage("assistant", answer))
+            messages.append(ChatMessage("assistant", answer))
+        messages.append(ChatMessage("user", "Which cluster hosts the events table again?"))
+        plan = chat_turn.begin_turn(manager, "live", list(messages))
+    finally:
+        store.close()
+    assert plan.action == "retrieved" and plan.context_start > 1, plan
+    assert plan.retrieved[0][0] == 1, plan.retrieved  # the answer naming the cluster
+    for index, role, text in plan.retrieved:
+        assert (role, text) == (messages[index].role, messages[index].content), (index, role)
