@@ -172,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--captions", action="store_true", help="a shared photo's caption in its turn ([shares ...])"
     )
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    ap.add_argument(
+        "--rows", type=Path, default=None, help="write each question's ranked dia_ids here (JSON)"
+    )
     args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="locomo-cli-"))
@@ -221,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
     elapsed = time.perf_counter() - started
+    if args.rows:
+        args.rows.write_text(json.dumps([{**q, "ranked": ranked} for q, ranked in rows]))
     table = recall_table(rows)
     sessions = sorted(dia_of)
     report = {
