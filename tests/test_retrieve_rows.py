@@ -106,3 +106,31 @@ def test_serve_labels_retrieved_messages_with_their_stored_role(tmp_path: Path) 
     assert plan.retrieved[0][0] == 1, plan.retrieved  # the answer naming the cluster
     for index, role, text in plan.retrieved:
         assert (role, text) == (messages[index].role, messages[index].content), (index, role)
+
+
+def test_first_semantic_retrieve_says_it_embeds_the_session(tmp_path: Path) -> None:
+    """An imported session has no vectors: the first retrieve with an embeddings server
+    says on stderr, before the wait, how many messages it embeds; the next one is quiet."""
+    from tests.fake_llama_server import FakeLlamaServer
+
+    conv = tmp_path / "c.json"
+    conv.write_text(
+        json.dumps({"session_id": "c", "messages": [{"role": r, "content": t} for r, t in TURNS]})
+    )
+    db = tmp_path / "kv.db"
+    assert invoke("import", conv, home=tmp_path, db=db)[0] == 0
+    with FakeLlamaServer(embeddings=True) as server:
+        config = tmp_path / "kvcache.toml"
+        config.write_text(f'[llm]\nembeddings_url = "{server.url}"\n')
+        runs = [
+            invoke("--config", config, "retrieve", "c", "roadmap doc", "--json", home=tmp_path, db=db)
+            for _ in range(2)
+        ]
+    (rc1, out1, err1), (rc2, out2, err2) = runs
+    assert rc1 == rc2 == 0, (err1, err2)
+    assert json.loads(out1)["strategy"] == "hybrid" and json.loads(out1)["notices"] == []
+    want = f"kvcache: retrieval: embedding {len(TURNS)} stored message(s) of c that have no vector yet"
+    assert err1.startswith(want), err1
+    assert err2 == "" and json.loads(out2)["results"] == json.loads(out1)["results"]
+    rc, _, err = invoke("-q", "--config", config, "retrieve", "c", "wiki", home=tmp_path, db=db)
+    assert "embedding" not in err  # -q: only errors (the server is gone: keyword_only, quietly)

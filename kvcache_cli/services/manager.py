@@ -131,11 +131,13 @@ class KVCacheManager(Core):
         tiers: tuple[int, ...] = (1, 2, 3),
         limit: int = 10,
         min_score: float = 0.0,
+        progress: Callable[[str], None] | None = None,
     ) -> RetrievalResult:
-        """Ranked context for ``query`` from one session's tiers, or every session's history."""
+        """Ranked context for ``query`` from one session's tiers, or every session's history
+        (``progress``: told before a long wait, such as embedding the session first)."""
         from kvcache_cli.services import retrieve
 
-        return retrieve.retrieve(self, session_key, query, tiers, limit, min_score)
+        return retrieve.retrieve(self, session_key, query, tiers, limit, min_score, progress)
 
     # -------------------------------------------------------------- maintenance and reports
     def maintain(

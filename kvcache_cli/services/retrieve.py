@@ -28,7 +28,7 @@ from kvcache_cli.retrieval.fusion import (
 from kvcache_cli.retrieval.textsearch import matched_keywords, query_terms
 from kvcache_cli.services.cache_ops import cached_snapshot_entries
 from kvcache_cli.services.core import Core
-from kvcache_cli.store import cache, counters, search, sessions, snapshots
+from kvcache_cli.store import cache, counters, search, sessions, snapshots, vectors
 from kvcache_cli.store import models as m
 from kvcache_cli.store.migrations import utcnow
 
@@ -357,13 +357,17 @@ def retrieve(
     tiers: tuple[int, ...] = (1, 2, 3),
     limit: int = 10,
     min_score: float = 0.0,
+    progress: Callable[[str], None] | None = None,
 ) -> RetrievalResult:
-    """Ranked context for ``query`` from one session's tiers, or every session's history."""
+    """Ranked context for ``query`` from one session's tiers, or every session's history.
+
+    ``progress`` is told, before a long wait, what is being done (embedding the
+    session's messages that have no vector yet, before its first semantic search)."""
     if limit < 1:
         raise BadInputError("--limit must be at least 1")
     if not tiers or any(t not in (1, 2, 3) for t in tiers):
         raise BadInputError("tiers must be among 1, 2, 3")
-    semantic, notice = query_embedding(core, session_key, query)
+    semantic, notice = query_embedding(core, session_key, query, progress)
 
     def work() -> RetrievalResult:
         now = utcnow()
@@ -426,7 +430,7 @@ def _in_all_sessions(
 
 
 def query_embedding(
-    core: Core, session_key: str | None, query: str
+    core: Core, session_key: str | None, query: str, progress: Callable[[str], None] | None = None
 ) -> tuple[tuple[list[float], str] | None, str | None]:
     """The query's vector and model for a semantic strategy, or None and a one-line notice.
 
@@ -454,6 +458,12 @@ def query_embedding(
         if session is not None:
             notices: list[str] = []
             embedder = TurnEmbedder(core.llm, core.store, notices)
+            todo = vectors.count_missing(core.store, session.get_id(), embedder.model) if progress else 0
+            if progress is not None and todo:
+                progress(
+                    f"retrieval: embedding {todo} stored message(s) of {session_key} that have no "
+                    "vector yet (once: later queries reuse them)"
+                )
             backfill_session(embedder, session.get_id(), utcnow())
             if embedder.failed:
                 return None, f"retrieval: embeddings server failed ({embedder.failure}); {fallback}"

@@ -54,6 +54,17 @@ def missing(store: Store, session_id: int, model: str, limit: int) -> list[tuple
     return [(int(mid), str(content)) for mid, content in rows if str(content).strip()]
 
 
+def count_missing(store: Store, session_id: int, model: str) -> int:
+    """How many of the session's messages with text have no ``model`` vector yet."""
+    rows = store.query(
+        "SELECT count(*) FROM messages m "
+        "LEFT JOIN embeddings e ON e.message_id = m.id AND e.model = ? "
+        "WHERE m.session_id = ? AND e.id IS NULL AND trim(m.content) != ''",
+        (model, int(session_id)),
+    )
+    return int(rows[0][0]) if rows else 0
+
+
 def _session_scope(session_id: int, model: str, dim: int) -> Any:
     emb: Any = m.Embedding
     msg: Any = m.Message

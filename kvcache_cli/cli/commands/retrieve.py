@@ -81,7 +81,9 @@ def retrieve(
         state.config().cache.retrieval_strategy = strategy
     manager, store = state.manager(server, read_only=True)
     try:
-        result = manager.retrieve(session, query, tier_set, limit, min_score)
+        result = manager.retrieve(
+            session, query, tier_set, limit, min_score, progress=lambda text: state.info(f"kvcache: {text}")
+        )
     finally:
         store.close()
     for notice in result.notices:
