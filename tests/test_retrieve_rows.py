@@ -134,3 +134,19 @@ def test_first_semantic_retrieve_says_it_embeds_the_session(tmp_path: Path) -> N
     assert err2 == "" and json.loads(out2)["results"] == json.loads(out1)["results"]
     rc, _, err = invoke("-q", "--config", config, "retrieve", "c", "wiki", home=tmp_path, db=db)
     assert "embedding" not in err  # -q: only errors (the server is gone: keyword_only, quietly)
+
+
+def test_readme_says_how_serve_puts_retrieved_messages_in_the_prompt() -> None:
+    """The README's serve section shows the retrieved-context header and line as serve
+    writes them (``server.context``), so a user can find them in a ``--trace`` file."""
+    from kvcache_cli.server.context import RETRIEVED_HEADER, build_prompt
+    from kvcache_cli.services.chat_turn import TurnPlan
+
+    plan = TurnPlan(session_key="s", retrieved=[(3, "assistant", "It's Marek.")])
+    prompt = build_prompt([{"role": "user", "content": "Who owns the roadmap?"}], plan)
+    lines = prompt[0]["content"].split("\n")
+    assert lines == [RETRIEVED_HEADER, "(assistant, message 3) It's Marek."]
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    serve = readme.split("## Serve", 1)[1].split("\n## ", 1)[0]
+    assert f"`{RETRIEVED_HEADER}`" in serve and "`(role, message N) text`" in serve
+    assert "`kvcache retrieve SESSION QUESTION`" in serve and "`retrieved`" in serve
