@@ -66,8 +66,10 @@ def test_retrieve_runs_hybrid_by_default_when_an_embeddings_server_is_configured
         assert data["strategy"] == "hybrid" and data["notices"] == [], err
         got = [r["message_index"] for r in data["results"]]
         # the fused order, not the keyword one: the turn sharing "how is ... going" (stop
-        # words for the keyword side) with the question comes first
-        assert got[0] == 3 and keyword[0] != 3
+        # words for the keyword side) with the question rises to its answer's score, and
+        # the answer stays first (issue 18 item 1: answers, not echoes)
+        assert got[:2] == [4, 3] and got != keyword
+        assert data["results"][1]["score"] > plain["results"][1]["score"]
         assert got == [
             r["message_index"] for r in _retrieve(home, db, config, "--strategy", "hybrid")[0]["results"]
         ]
@@ -87,6 +89,6 @@ def test_a_processed_turn_uses_the_same_default(tmp_path: Path) -> None:
             assert stored == len(TURNS)  # the vectors hybrid reads were stored by the replay
             res = manager.retrieve("chat", "how is the violin practice going", (1, 2, 3), 5)
             assert res.strategy == "hybrid" and not res.notices
-            assert res.entries[0].message_index == 3
+            assert [e.message_index for e in res.entries[:2]] == [4, 3]  # the answer, then its question
     finally:
         store.close()

@@ -28,16 +28,19 @@ All scores stay in [0, 1].
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from kvcache_cli.retrieval import textsearch as ts
 from kvcache_cli.retrieval.fusion import RetrievedEntry
 
 __all__ = [
     "DEFAULT_FUSION",
     "FUSIONS",
+    "answers_first",
     "Fusion",
     "SEMANTIC_STRATEGIES",
     "combine",
@@ -257,6 +260,50 @@ def fuse_rrf(
     return [replace(by_id[i], score=max(0.0, min(1.0, fused[i] / top))) for i in order if fused[i] > 0]
 
 
+def _asks_its_words(entry: RetrievedEntry) -> bool:
+    """Whether the entry asks the query words it holds (as the keyword ranking's answer
+    step decides: they weigh at least as much in its questions as elsewhere)."""
+    if "?" not in entry.text or not entry.matched_keywords:
+        return False
+    asked, told = ts.question_stems(entry.text, [ts.stem(k) for k in entry.matched_keywords])
+    return bool(asked) and len(asked) >= len(told)
+
+
+def answers_first(fused: Sequence[RetrievedEntry], keyword: Sequence[RetrievedEntry]) -> list[RetrievedEntry]:
+    """Keep the keyword ranking's "answers, not echoes" through a fusion.
+
+    A keyword result that asks the query's words and, one or two messages later, its
+    answer that the keyword ranking placed at least as high (the next message, or the
+    one after when the next answers nothing): when the fused order puts the question
+    first (the semantic side likes a question that repeats the query), the answer moves
+    just above it. Everything else keeps its fused place and score.
+    """
+    kw = {ident(e): e for e in keyword}
+    out = list(fused)
+    for q in keyword:
+        if q.message_index is None or not _asks_its_words(q):
+            continue
+        for step in (1, 2):
+            nxt = kw.get((q.session_id, q.message_index + step))
+            if nxt is None or (step == 1 and ts.is_non_answer(nxt.text)):
+                continue  # not listed, or answers nothing: the asker may answer it next
+            if nxt.score >= q.score:
+                _lift(out, ident(nxt), ident(q))
+            break
+    return out
+
+
+def _lift(items: list[RetrievedEntry], answer: tuple[str, Any], question: tuple[str, Any]) -> None:
+    """Move ``answer`` just above ``question`` in ``items`` (best first) when it is below."""
+    pos = {ident(e): n for n, e in enumerate(items)}
+    if answer not in pos or question not in pos or pos[answer] < pos[question]:
+        return
+    a, q = pos[answer], pos[question]
+    entry = items.pop(a)
+    score = max(entry.score, min(1.0, math.nextafter(items[q].score, math.inf)))
+    items.insert(q, replace(entry, score=score))
+
+
 def combine(
     strategy: str,
     keyword: Sequence[RetrievedEntry],
@@ -294,7 +341,7 @@ def combine(
             fused = fuse_rrf(kw, sem, keyword_weight, semantic_weight, how.k)
         else:
             fused = fuse_weighted(kw, sem, keyword_weight, semantic_weight, semantic_lookup, how.normalise)
-        return [e for e in fused if ok(e)]
+        return [e for e in answers_first(fused, kw) if ok(e)]
     raise ValueError(f"unknown retrieval strategy {strategy!r}")
 
 
