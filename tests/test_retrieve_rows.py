@@ -214,3 +214,31 @@ def test_fusion_moves_an_answer_just_above_its_question() -> None:
     got = st.combine("hybrid", keyword, semantic, 4, None, 0.3, 0.7)
     assert [e.message_index for e in got] == [6, 4, 10, 11]
     assert got[0].score > got[1].score and got[0].text == "It's Marek."
+
+
+def test_verbose_says_where_each_score_came_from(tmp_path: Path) -> None:
+    """``retrieve -v`` (its help: "how its score was made"): each result's message, role
+    and the query words it holds, or that it holds none (the answer ranked by its question)."""
+    conv = tmp_path / "roadmap.json"
+    conv.write_text(
+        json.dumps({"session_id": "roadmap", "messages": [{"role": r, "content": t} for r, t in ROADMAP]})
+    )
+    db = tmp_path / "kv.db"
+    assert invoke("import", conv, home=tmp_path, db=db)[0] == 0
+    rc, out, err = invoke(
+        "retrieve",
+        "roadmap",
+        "who owns the roadmap",
+        "-n",
+        "2",
+        "-v",
+        home=tmp_path,
+        db=db,
+        env={"COLUMNS": "400"},
+    )
+    assert rc == 0, err
+    lines = [line for line in out.splitlines() if line.startswith("#")]
+    assert lines[0].startswith("#1 tier 3 score ") and lines[1].startswith("#2 tier 3 score ")
+    assert "(user, message 4; holds no query word: scored by the matching messages around it" in lines[0]
+    assert lines[0].endswith(f"): {ROADMAP[4][1]}")
+    assert "(user, message 2; matched owns, roadmap): Who owns the roadmap doc?" in lines[1]

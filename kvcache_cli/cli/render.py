@@ -171,6 +171,9 @@ def clear_result(result: ClearInfo) -> None:
     console.print(printable(result.bridge_message))
 
 
+CONTEXT_ONLY = "holds no query word: scored by the matching messages around it, or by meaning"
+
+
 def retrieval_result(result: RetrievalResult, verbose: bool = False) -> None:
     """The ranked results; ``verbose``: each result's whole text after the table."""
     if not result.entries:
@@ -193,9 +196,11 @@ def retrieval_result(result: RetrievalResult, verbose: bool = False) -> None:
             printable(snippet),
         )
     console.print(table)
-    if verbose:
+    if verbose:  # where each score came from: the query words it holds, else its context
         for rank, e in enumerate(result.entries, start=1):
-            console.print(printable(f"#{rank} tier {e.tier} score {e.score:.4f}: {e.text}"))
+            why = "matched " + ", ".join(e.matched_keywords) if e.matched_keywords else CONTEXT_ONLY
+            where = f"{e.role or 'entry'}, message {'-' if e.message_index is None else e.message_index}"
+            console.print(printable(f"#{rank} tier {e.tier} score {e.score:.4f} ({where}; {why}): {e.text}"))
     if result.bridge_message:
         console.print(printable(result.bridge_message))
 
