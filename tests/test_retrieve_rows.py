@@ -242,3 +242,32 @@ def test_verbose_says_where_each_score_came_from(tmp_path: Path) -> None:
     assert "(user, message 4; holds no query word: scored by the matching messages around it" in lines[0]
     assert lines[0].endswith(f"): {ROADMAP[4][1]}")
     assert "(user, message 2; matched owns, roadmap): Who owns the roadmap doc?" in lines[1]
+
+
+def test_a_files_own_cache_entry_claims_no_role(tmp_path: Path) -> None:
+    """A ``kv_entries`` entry of a conversation file points at a message but holds its own
+    text: its row keeps role null instead of passing its text off as that message's."""
+    conv = tmp_path / "kve.json"
+    conv.write_text(
+        json.dumps(
+            {
+                "session_id": "kve",
+                "messages": [{"role": r, "content": t} for r, t in TURNS[:2]],
+                "kv_entries": [{"message_index": 1, "key_data": "extract backup overlap gateway note"}],
+            }
+        )
+    )
+    db = tmp_path / "kv.db"
+    assert invoke("process", conv, "--json", home=tmp_path, db=db)[0] == 0
+    rc, out, err = invoke("retrieve", "kve", "gateway note", "--tiers", "1", "--json", home=tmp_path, db=db)
+    assert rc == 0, err
+    rows = {r["text"]: r for r in json.loads(out)["results"]}
+    own = rows["extract backup overlap gateway note"]
+    assert (own["message_index"], own["role"]) == (1, None), own
+    stored = _stored(tmp_path, db, "kve")
+    for text, r in rows.items():
+        if r is not own:
+            assert (text, r["role"]) == (
+                stored[r["message_index"]]["content"],
+                stored[r["message_index"]]["role"],
+            )

@@ -205,17 +205,21 @@ def fill_roles(
     core: Core, session: m.Session, entries: list[RetrievedEntry], index: SessionIndex | None = None
 ) -> None:
     """Give tier 1-2 results their message's stored role (cache entries keep none), so
-    every row names its message as stored: content, index and role."""
+    every row names its message as stored: content, index and role. An entry whose text
+    is not its message's (a conversation file's own ``kv_entries``) keeps role None."""
     idxs = sorted({e.message_index for e in entries if e.role is None and e.message_index is not None})
     if not idxs:
         return
+    stored: dict[int, tuple[str, str]]
     if index is not None:  # a replay's turn: the synced index has every stored message
-        roles = {i: index.roles[i] for i in idxs if i in index.roles}
+        stored = {i: (index.roles[i], index.docs[i].content) for i in idxs if i in index.docs}
     else:
-        roles = sessions.roles_of(core.store, session.get_id(), idxs)
+        stored = sessions.roles_and_contents(core.store, session.get_id(), idxs)
     for entry in entries:
-        if entry.role is None and entry.message_index in roles:
-            entry.role = roles[entry.message_index]
+        if entry.role is None and entry.message_index in stored:
+            role, content = stored[entry.message_index]
+            if entry.text == content:
+                entry.role = role
 
 
 def entry_names(

@@ -219,17 +219,17 @@ def indexes_of(store: Store, ids: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-def roles_of(store: Store, session_id: int, indexes: Sequence[int]) -> dict[int, str]:
-    """``{message_index: role}`` of the given messages of a session (500 per statement)."""
-    out: dict[int, str] = {}
+def roles_and_contents(store: Store, session_id: int, indexes: Sequence[int]) -> dict[int, tuple[str, str]]:
+    """``{message_index: (role, content)}`` of the given messages of a session (500 per statement)."""
+    out: dict[int, tuple[str, str]] = {}
     for start in range(0, len(indexes), 500):
         chunk = list(indexes[start : start + 500])
-        for idx, role in store.query(
-            "SELECT message_index, role FROM messages WHERE session_id = ? "
+        for idx, role, content in store.query(
+            "SELECT message_index, role, content FROM messages WHERE session_id = ? "
             f"AND message_index IN ({', '.join('?' * len(chunk))})",
             (int(session_id), *chunk),
         ):
-            out[int(idx)] = str(role)
+            out[int(idx)] = (str(role), str(content or ""))
     return out
 
 
