@@ -20,12 +20,18 @@ Usage::
    inflates far less than wall time.
 4. The wall time of ``kvcache retrieve SESSION QUERY --json`` (and ``--all-sessions``)
    as a subprocess (cold process: interpreter start, imports, store open, query), median
-   of 7 runs.
+   of 7 runs. The subprocess runs the package of this script's checkout (``PYTHONPATH``),
+   the same code as the in-process queries, not whichever one is installed.
+
+To compare two checkouts, run each one's own script on one kept store, alternated:
+``PYTHONPATH=CHECKOUT python -P CHECKOUT/bench/scale.py --db STORE --keep --json``;
+``queries`` (count, sessions, digest) shows that both asked the same questions.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -37,7 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+CHECKOUT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(CHECKOUT))
 
 from bench import gen_sharegpt  # noqa: E402
 from bench._common import KVCACHE, bench_env  # noqa: E402
@@ -124,6 +131,11 @@ def main() -> int:
 
     rng = random.Random(42)
     queries = make_queries(store.db, args.queries, args.sessions, rng)
+    report["queries"] = {
+        "n": len(queries),
+        "sessions": len({key for key, _ in queries}),
+        "digest": hashlib.sha256(json.dumps(queries).encode()).hexdigest()[:12],
+    }
     config = Config()
     config.cache.retrieval_strategy = "keyword_only"
     manager = KVCacheManager(store, config, None)
@@ -155,6 +167,8 @@ def main() -> int:
     home = Path(tmp) / "home"
     home.mkdir(exist_ok=True)
     env = bench_env(home)
+    # the CLI of this checkout, as in-process above (an installed kvcache may be another one)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CHECKOUT), env.get("PYTHONPATH", "")) if p)
     key, q = queries[0]
     cli: dict[str, Any] = {}
     for label, cmd in (
@@ -176,7 +190,7 @@ def main() -> int:
     report["cli_wall"] = cli
     if args.json:
         print(json.dumps(report, indent=2))
-    if not args.keep and args.db is None:
+    if args.db is not None or not args.keep:  # the store stays only when it lives in tmp and --keep
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
