@@ -67,6 +67,16 @@ def load_questions(path: Path) -> tuple[dict[int, str], list[dict[str, Any]]]:
     return dia, questions
 
 
+def load_all_questions(files: Sequence[Path]) -> tuple[dict[str, dict[int, str]], list[dict[str, Any]]]:
+    """``({conversation: {message index: dia_id}}, questions)`` of several LoCoMo files."""
+    dia_of: dict[str, dict[int, str]] = {}
+    questions: list[dict[str, Any]] = []
+    for path in files:
+        dia_of[path.stem], qs = load_questions(path)
+        questions += qs
+    return dia_of, questions
+
+
 class Runner:
     """Runs ``kvcache`` command lines as a subprocess or through Typer's CliRunner."""
 

@@ -37,7 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from locomo import CATEGORIES, KS  # noqa: E402
-from locomo_cli import Runner, load_questions  # noqa: E402
+from locomo_cli import Runner, load_all_questions  # noqa: E402
 from locomo_loo import criterion, fmt, spread  # noqa: E402
 from locomo_to_conversations import convert_file  # noqa: E402
 
@@ -119,15 +119,55 @@ def recalls(
     cfg.retrieval_strategy = strategy
     cfg.hybrid.keyword_weight, cfg.hybrid.semantic_weight = weight, 1.0 - weight
     manager.fusion = None if fusion == "-" else fusion
-    out = []
-    for q in questions:
-        res = manager.retrieve(q["session"], q["q"], (1, 2, 3), max(KS))
-        if res.strategy != strategy:
-            raise SystemExit(f"{setting}: ran as {res.strategy} ({res.notices})")
-        got = [dia_of[q["session"]].get(e.message_index, "") for e in res.entries]
-        ev = set(q["ev"])
-        out.append([len(ev & set(got[:k])) / len(ev) for k in KS])
-    return out
+    return [question_recall(manager, q, dia_of, strategy, setting) for q in questions]
+
+
+def question_recall(
+    manager: KVCacheManager,
+    q: dict[str, Any],
+    dia_of: dict[str, Any],
+    strategy: str,
+    setting: object,
+    tiers: tuple[int, ...] = (1, 2, 3),
+) -> list[float]:
+    """Recall@k (k in KS) of one question through the retrieve service, which must have
+    run ``strategy`` (a silent fall-back to keyword_only would make a grid meaningless)."""
+    res = manager.retrieve(q["session"], q["q"], tiers, max(KS))
+    if res.strategy != strategy:
+        raise SystemExit(f"{setting}: ran as {res.strategy} ({res.notices})")
+    got = [dia_of[q["session"]].get(e.message_index, "") for e in res.entries]
+    ev = set(q["ev"])
+    return [len(ev & set(got[:k])) / len(ev) for k in KS]
+
+
+def grid_rows(
+    grid: Sequence[S],
+    compute: Callable[[S], list[list[float]]],
+    rows_file: Path | None,
+    label: Callable[[S], str],
+) -> dict[S, list[list[float]]]:
+    """Each setting's per-question recall rows: read back from ``rows_file`` (JSON lines
+    of earlier runs of the same code) or computed and appended to it; one line per setting
+    on stderr."""
+    done: dict[S, list[list[float]]] = {}
+    if rows_file and rows_file.exists():
+        for line in rows_file.read_text().splitlines():
+            item = json.loads(line)
+            done[tuple(item["setting"])] = item["rows"]  # type: ignore[index]
+    per: dict[S, list[list[float]]] = {}
+    for setting in grid:
+        started = time.perf_counter()
+        if setting not in done:
+            done[setting] = compute(setting)
+            if rows_file:
+                with rows_file.open("a") as fh:
+                    fh.write(json.dumps({"setting": setting, "rows": done[setting]}) + "\n")
+        per[setting] = done[setting]
+        print(
+            f"{label(setting):<44} {fmt(mean_rows(per[setting]))} | {time.perf_counter() - started:.0f} s",
+            file=sys.stderr,
+        )
+    return per
 
 
 def server_config(server: str) -> Config:
@@ -251,11 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="locomo-hybrid-"))
     if not args.store.exists():
         build_store(args.files, args.store, args.server, work)
-    dia_of: dict[str, dict[int, str]] = {}
-    questions: list[dict[str, Any]] = []
-    for path in args.files:
-        dia_of[path.stem], qs = load_questions(path)
-        questions += qs
+    dia_of, questions = load_all_questions(args.files)
     vectors = args.vectors or args.store.with_suffix(".queries.json")
     llm = CachedEmbeddings(llm_client(server_config(args.server).llm), vectors)
     for start in range(0, len(questions), 32):  # every query vector once, before the grid

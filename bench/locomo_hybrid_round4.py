@@ -44,7 +44,6 @@ later runs: delete it after changing the code or the store.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -59,17 +58,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from locomo import KS  # noqa: E402
-from locomo_cli import load_questions  # noqa: E402
+from locomo_cli import load_all_questions  # noqa: E402
 from locomo_hybrid_loo import (  # noqa: E402
     category_means,
     conversation_rows,
+    grid_rows,
     leave_one_out,
     mean_rows,
     paired_differences,
     per_conversation_r10,
+    question_recall,
 )
 from locomo_loo import criterion, fmt, spread  # noqa: E402
-from locomo_window_loo import Prototype, dot, session_rows, unit  # noqa: E402
+from locomo_window_loo import Prototype, dot, prototype_arguments, session_rows, unit  # noqa: E402
 
 Rows = dict[str, list[tuple[int, int, str, str]]]  # session key -> [(id, index, content, timestamp)]
 Setting = tuple[str, float, str]  # semantic variant, keyword weight, fusion spec
@@ -232,12 +233,7 @@ def recall_rows(
     out = []
     for q in questions:
         proto.query = q["q"]
-        res = manager.retrieve(q["session"], q["q"], tiers, max(KS))
-        if res.strategy != cfg.retrieval_strategy:
-            raise SystemExit(f"{setting}: ran as {res.strategy} ({res.notices})")
-        got = [dia_of[q["session"]].get(e.message_index, "") for e in res.entries]
-        ev = set(q["ev"])
-        out.append([len(ev & set(got[:k])) / len(ev) for k in KS])
+        out.append(question_recall(manager, q, dia_of, cfg.retrieval_strategy, setting, tiers))
     return out
 
 
@@ -276,8 +272,10 @@ def report(
     per: dict[Setting, list[list[float]]],
     questions: list[dict[str, Any]],
     convs: list[str],
+    json_out: Path | None = None,
 ) -> dict[str, Any]:
-    """LOO over ``grid`` (the baseline first) against the baseline: printed and returned."""
+    """LOO over ``grid`` (the baseline first) against the baseline: printed, returned, and
+    written as JSON to ``json_out`` if given."""
     base = per[BASELINE]
     chosen, loo = leave_one_out(grid, per, questions, convs)
     out: dict[str, Any] = {"grid": name, "folds": [], "settings": {}}
@@ -306,14 +304,13 @@ def report(
     print(f"folds with lower R@10: {lower}; verdict: {'KEEP' if keep else 'drop'}")
     cats = category_means(questions, {"loo": loo, "baseline": base})
     out.update(loo=total, baseline=ref_all, paired=paired, lower_folds=lower, keep=keep, categories=cats)
+    if json_out:
+        json_out.write_text(json.dumps(out, indent=1))
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("files", nargs="+", type=Path)
-    ap.add_argument("--store", required=True, type=Path)
-    ap.add_argument("--vectors", required=True, type=Path, help="query-vector cache (locomo_hybrid_loo)")
+    ap = prototype_arguments((__doc__ or "").splitlines()[0])
     ap.add_argument("--texts", required=True, type=Path, help="text -> vector (JSON)")
     ap.add_argument("--embed", default=None, help="embeddings server: embed missing texts of --kinds first")
     ap.add_argument("--kinds", default="D,S")
@@ -326,11 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.grid:
         return 0
     vectors = Vectors(rows, args.texts)
-    dia_of: dict[str, dict[int, str]] = {}
-    questions: list[dict[str, Any]] = []
-    for path in args.files:
-        dia_of[path.stem], qs = load_questions(path)
-        questions += qs
+    dia_of, questions = load_all_questions(args.files)
     convs = sorted(dia_of)
     grid = [BASELINE] + GRIDS[args.grid]
     for kind in {k for s in grid for k in s[0].removeprefix("max:").split(",") if k in KINDS}:
@@ -339,27 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     proto = Prototype(args.store, args.vectors, vectors)  # type: ignore[arg-type]
     if args.grid == "rocchio":
         keyword_feedback(proto, vectors, questions)
-    done: dict[Setting, list[list[float]]] = {}
-    cache = args.texts.with_name("round4-rows.jsonl")  # per-setting rows of earlier runs (same code)
-    if cache.exists():
-        for line in cache.read_text().splitlines():
-            item = json.loads(line)
-            done[tuple(item["setting"])] = item["rows"]  # type: ignore[index]
-    per: dict[Setting, list[list[float]]] = {}
-    for setting in grid:
-        started = time.perf_counter()
-        if setting not in done:
-            done[setting] = recall_rows(proto, setting, questions, dia_of)
-            with cache.open("a") as fh:
-                fh.write(json.dumps({"setting": setting, "rows": done[setting]}) + "\n")
-        per[setting] = done[setting]
-        print(
-            f"{label(setting):<44} {fmt(mean_rows(per[setting]))} | {time.perf_counter() - started:.0f} s",
-            file=sys.stderr,
-        )
-    result = report(args.grid, grid, per, questions, convs)
-    if args.json_out:
-        args.json_out.write_text(json.dumps(result, indent=1))
+    rows_file = args.texts.with_name("round4-rows.jsonl")  # per-setting rows of earlier runs (same code)
+    per = grid_rows(grid, lambda setting: recall_rows(proto, setting, questions, dia_of), rows_file, label)
+    report(args.grid, grid, per, questions, convs, args.json_out)
     return 0
 
 

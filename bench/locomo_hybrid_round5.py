@@ -45,12 +45,9 @@ after changing the code or the store). The fifth round's runs (``docs/retrieval.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import statistics
 import sys
-import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,11 +57,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from locomo import KS  # noqa: E402
-from locomo_cli import load_questions  # noqa: E402
-from locomo_hybrid_loo import mean_rows  # noqa: E402
+from locomo_cli import load_all_questions  # noqa: E402
+from locomo_hybrid_loo import grid_rows, question_recall  # noqa: E402
 from locomo_hybrid_round4 import BASELINE, Setting, label, report  # noqa: E402
-from locomo_loo import fmt  # noqa: E402
-from locomo_window_loo import Prototype, session_rows  # noqa: E402
+from locomo_window_loo import Prototype, prototype_arguments, session_rows  # noqa: E402
 
 from kvcache_cli.retrieval import textsearch as ts  # noqa: E402
 from kvcache_cli.services import retrieve as retrieve_service  # noqa: E402
@@ -156,12 +152,7 @@ class Round5(Prototype):
             w = keyword_weight(setting, gap, conf)
             cfg.hybrid.keyword_weight, cfg.hybrid.semantic_weight = w, 1.0 - w
             self.query = q["q"]
-            res = self.manager.retrieve(q["session"], q["q"], (1, 2, 3), max(KS))
-            if res.strategy != "hybrid":
-                raise SystemExit(f"{setting}: ran as {res.strategy} ({res.notices})")
-            got = [dia_of[q["session"]].get(e.message_index, "") for e in res.entries]
-            ev = set(q["ev"])
-            out.append([len(ev & set(got[:k])) / len(ev) for k in KS])
+            out.append(question_recall(self.manager, q, dia_of, "hybrid", setting))
         return out
 
 
@@ -183,55 +174,34 @@ def parse_combo(spec: str) -> list[Setting]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("files", nargs="+", type=Path)
-    ap.add_argument("--store", required=True, type=Path)
-    ap.add_argument("--vectors", required=True, type=Path, help="query-vector cache (locomo_hybrid_loo)")
+    ap = prototype_arguments((__doc__ or "").splitlines()[0])
     ap.add_argument("--grid", required=True, choices=[*sorted(GRIDS), "combo"])
     ap.add_argument("--combo", default="", help="settings of the combo grid (see parse_combo)")
     ap.add_argument("--rows", type=Path, default=None, help="per-setting rows (JSON lines, reused)")
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args(argv)
-    dia_of: dict[str, dict[int, str]] = {}
-    questions: list[dict[str, Any]] = []
-    for path in args.files:
-        dia_of[path.stem], qs = load_questions(path)
-        questions += qs
+    dia_of, questions = load_all_questions(args.files)
     convs = sorted(dia_of)
     grid = [BASELINE] + (parse_combo(args.combo) if args.grid == "combo" else GRIDS[args.grid])
-    done: dict[Setting, list[list[float]]] = {}
-    if args.rows and args.rows.exists():
-        for line in args.rows.read_text().splitlines():
-            item = json.loads(line)
-            done[tuple(item["setting"])] = item["rows"]  # type: ignore[index]
     proto: Round5 | None = None
     feats: list[tuple[float, float]] = []
-    per: dict[Setting, list[list[float]]] = {}
-    for setting in grid:
-        started = time.perf_counter()
-        if setting not in done:
-            if proto is None:
-                proto = Round5(args.store, args.vectors)
-                feats = proto.features(questions, args.store)
-                gaps, confs = [f[0] for f in feats], [f[1] for f in feats]
-                print(
-                    f"features: gap > 0 for {sum(g > 0 for g in gaps)} of {len(gaps)} questions "
-                    f"(mean {statistics.fmean(gaps):.3f}); confidence mean {statistics.fmean(confs):.3f}, "
-                    f"median {statistics.median(confs):.3f}",
-                    file=sys.stderr,
-                )
-            done[setting] = proto.rows(setting, questions, feats, dia_of)
-            if args.rows:
-                with args.rows.open("a") as fh:
-                    fh.write(json.dumps({"setting": setting, "rows": done[setting]}) + "\n")
-        per[setting] = done[setting]
-        print(
-            f"{label(setting):<44} {fmt(mean_rows(per[setting]))} | {time.perf_counter() - started:.0f} s",
-            file=sys.stderr,
-        )
-    result = report(args.grid, grid, per, questions, convs)
-    if args.json_out:
-        args.json_out.write_text(json.dumps(result, indent=1))
+
+    def compute(setting: Setting) -> list[list[float]]:
+        nonlocal proto, feats
+        if proto is None:
+            proto = Round5(args.store, args.vectors)
+            feats = proto.features(questions, args.store)
+            gaps, confs = [f[0] for f in feats], [f[1] for f in feats]
+            print(
+                f"features: gap > 0 for {sum(g > 0 for g in gaps)} of {len(gaps)} questions "
+                f"(mean {statistics.fmean(gaps):.3f}); confidence mean {statistics.fmean(confs):.3f}, "
+                f"median {statistics.median(confs):.3f}",
+                file=sys.stderr,
+            )
+        return proto.rows(setting, questions, feats, dia_of)
+
+    per = grid_rows(grid, compute, args.rows, label)
+    report(args.grid, grid, per, questions, convs, args.json_out)
     return 0
 
 

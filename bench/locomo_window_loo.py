@@ -44,8 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from locomo import KS  # noqa: E402
-from locomo_cli import load_questions  # noqa: E402
+from locomo_cli import load_all_questions  # noqa: E402
 from locomo_hybrid_loo import (  # noqa: E402
     CachedEmbeddings,
     category_means,
@@ -54,6 +53,7 @@ from locomo_hybrid_loo import (  # noqa: E402
     mean_rows,
     paired_differences,
     per_conversation_r10,
+    question_recall,
     server_config,
 )
 from locomo_loo import fmt, spread  # noqa: E402
@@ -212,12 +212,7 @@ class Prototype:
         out = []
         for q in questions:
             self.query = q["q"]
-            res = self.manager.retrieve(q["session"], q["q"], (1, 2, 3), max(KS))
-            if res.strategy != "hybrid":
-                raise SystemExit(f"{setting}: ran as {res.strategy} ({res.notices})")
-            got = [dia_of[q["session"]].get(e.message_index, "") for e in res.entries]
-            ev = set(q["ev"])
-            out.append([len(ev & set(got[:k])) / len(ev) for k in KS])
+            out.append(question_recall(self.manager, q, dia_of, "hybrid", setting))
         return out
 
 
@@ -253,11 +248,18 @@ def embed(
                 print(f"{i + len(batch)}/{len(todo)} {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+def prototype_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments every in-memory prototype takes: the LoCoMo files, the store
+    ``kvcache process`` made of them with vectors, and the query-vector cache."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("files", nargs="+", type=Path)
     ap.add_argument("--store", required=True, type=Path)
     ap.add_argument("--vectors", required=True, type=Path, help="query-vector cache (locomo_hybrid_loo)")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = prototype_arguments((__doc__ or "").splitlines()[0])
     ap.add_argument("--texts", required=True, type=Path, help="window text -> vector (JSON)")
     ap.add_argument("--more-texts", type=Path, nargs="*", default=[], help="further text -> vector files")
     ap.add_argument("--embed", default=None, help="embeddings server: embed missing window texts first")
@@ -283,11 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid: list[Setting] = [default] + [
         (v, w, c) for v in variants for w in weights for c in contexts if (v, w, c) != default
     ]
-    dia_of: dict[str, dict[int, str]] = {}
-    questions: list[dict[str, Any]] = []
-    for path in args.files:
-        dia_of[path.stem], qs = load_questions(path)
-        questions += qs
+    dia_of, questions = load_all_questions(args.files)
     convs = sorted(dia_of)
     per: dict[Setting, list[list[float]]] = {}
     done: dict[Setting, list[list[float]]] = {}

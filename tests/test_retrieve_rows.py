@@ -32,6 +32,23 @@ def _stored(tmp_path: Path, db: Path, session: str) -> list[dict[str, str]]:
     return messages
 
 
+def _imported(tmp_path: Path, session: str, turns: list[tuple[str, str]]) -> Path:
+    """A store holding ``turns`` as ``session`` through ``kvcache import`` (no vectors)."""
+    conv = tmp_path / f"{session}.json"
+    conv.write_text(
+        json.dumps({"session_id": session, "messages": [{"role": r, "content": t} for r, t in turns]})
+    )
+    db = tmp_path / "kv.db"
+    assert invoke("import", conv, home=tmp_path, db=db)[0] == 0
+    return db
+
+
+def _embeddings_config(tmp_path: Path, url: str) -> Path:
+    config = tmp_path / "kvcache.toml"
+    config.write_text(f'[llm]\nembeddings_url = "{url}"\n')
+    return config
+
+
 def test_cache_and_history_rows_carry_the_stored_role(tmp_path: Path) -> None:
     """After ``process`` the best rows come from the active cache (tier 1); they name
     their message's role as stored, like history rows do."""
@@ -113,15 +130,9 @@ def test_first_semantic_retrieve_says_it_embeds_the_session(tmp_path: Path) -> N
     says on stderr, before the wait, how many messages it embeds; the next one is quiet."""
     from tests.fake_llama_server import FakeLlamaServer
 
-    conv = tmp_path / "c.json"
-    conv.write_text(
-        json.dumps({"session_id": "c", "messages": [{"role": r, "content": t} for r, t in TURNS]})
-    )
-    db = tmp_path / "kv.db"
-    assert invoke("import", conv, home=tmp_path, db=db)[0] == 0
+    db = _imported(tmp_path, "c", TURNS)
     with FakeLlamaServer(embeddings=True) as server:
-        config = tmp_path / "kvcache.toml"
-        config.write_text(f'[llm]\nembeddings_url = "{server.url}"\n')
+        config = _embeddings_config(tmp_path, server.url)
         runs = [
             invoke("--config", config, "retrieve", "c", "roadmap doc", "--json", home=tmp_path, db=db)
             for _ in range(2)
@@ -169,15 +180,9 @@ def test_hybrid_keeps_the_answer_above_its_question(tmp_path: Path) -> None:
     question that repeats the query; the answer still ranks first and both are shown."""
     from tests.fake_llama_server import FakeLlamaServer
 
-    conv = tmp_path / "roadmap.json"
-    conv.write_text(
-        json.dumps({"session_id": "roadmap", "messages": [{"role": r, "content": t} for r, t in ROADMAP]})
-    )
-    db = tmp_path / "kv.db"
-    assert invoke("import", conv, home=tmp_path, db=db)[0] == 0
+    db = _imported(tmp_path, "roadmap", ROADMAP)
     with FakeLlamaServer(embeddings=True) as server:
-        config = tmp_path / "kvcache.toml"
-        config.write_text(f'[llm]\nembeddings_url = "{server.url}"\n')
+        config = _embeddings_config(tmp_path, server.url)
         rc, out, err = invoke(
             "-q", "--config", config, "retrieve", "roadmap", "who owns the roadmap", "--json", "-n", "3",
             home=tmp_path, db=db,
