@@ -43,7 +43,7 @@ class SchemaMigration(BaseModel):
 
 
 class Session(BaseModel):
-    """A conversation and its persisted cache state and its persisted cache state."""
+    """A conversation and its persisted cache state."""
 
     id = AutoField()
 

@@ -38,7 +38,7 @@ class SchemaMigration(BaseModel):
 
 
 class Session(BaseModel):
-    """A conversation and its persisted cache state and its persisted cache state."""
+    """A conversation and its persisted cache state."""
 
     key = TextField(unique=True)
     created_at = DateTimeField()
