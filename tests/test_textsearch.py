@@ -365,14 +365,17 @@ def test_pair_proximity_matches_the_quadratic_definition_and_scales() -> None:
 
 
 def test_stem_filter_counts_and_positions_equal_stemming_every_token() -> None:
-    """Each distinct word is stemmed once per call; the result is what stemming every
-    token gives (repeats, a stem shared by two words, one-letter words)."""
+    """The result is what stemming every token gives (repeats, a stem shared by two
+    words, one-letter words), for short texts read token by token and long ones counted
+    first (either side of ``SHORT_TEXT_TOKENS``)."""
     import random
 
     words = ["running", "runs", "run", "ran", "trips", "trip", "a", "i", "roadmap", "road", "ROADS", "the"]
     rng = random.Random(3)
-    for _ in range(200):
-        tokens = [w.lower() for w in rng.choices(words, k=rng.randint(0, 60))]
+    short = ts.SHORT_TEXT_TOKENS
+    for n in range(200):
+        k = rng.randint(0, 60) if n % 2 else rng.randint(short - 2, short + 300)
+        tokens = [w.lower() for w in rng.choices(words, k=k)]
         wanted = {ts.stem(w.lower()) for w in rng.sample(words, 4)}
         f = ts.StemFilter(wanted)
         naive_positions: dict[str, list[int]] = {}

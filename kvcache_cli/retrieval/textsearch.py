@@ -332,6 +332,9 @@ def stem_all(tokens: Iterable[str]) -> list[str]:
     return [stem(t) for t in tokens]
 
 
+SHORT_TEXT_TOKENS = 256  # StemFilter.counts reads a text this short token by token
+
+
 def _prefix_key(word: str) -> str:
     return word[:2].replace("y", "i")
 
@@ -371,14 +374,28 @@ class StemFilter:
                 out.setdefault(st, []).append(pos)
         return out
 
-    def counts(self, tokens: Iterable[str]) -> Counter[str]:
-        """Occurrences of each of ``stems`` among ``tokens``."""
-        seen: dict[str, str | None] = {}
+    def counts(self, tokens: Sequence[str]) -> Counter[str]:
+        """Occurrences of each of ``stems`` among ``tokens``.
+
+        A short text (a chat turn) is read token by token, the ``stem`` cache answering
+        repeats; a long one is counted first, so each distinct word is checked once.
+        Both give the same counts; the first takes about 40% less time on a chat turn
+        (`bench/stem_counts.py`: 23.7 -> 13.7 µs on LoCoMo turns, 24 tokens on average).
+        """
+        keys, singles, stems = self._keys, self._singles, self.stems
         out: Counter[str] = Counter()
+        if len(tokens) <= SHORT_TEXT_TOKENS:
+            for tok in tokens:
+                if _prefix_key(tok) in keys or tok[:1] in singles:
+                    st = stem(tok)
+                    if st in stems:
+                        out[st] += 1
+            return out
         for tok, n in Counter(tokens).items():
-            st = self._stem_of(tok, seen)
-            if st is not None:
-                out[st] += n
+            if _prefix_key(tok) in keys or tok[:1] in singles:
+                st = stem(tok)
+                if st in stems:
+                    out[st] += n
         return out
 
 
