@@ -379,10 +379,7 @@ def _answers(
     out = []
     for key in top:
         sid, idx = key
-        if own.get(key, 0.0) <= 0.0 or "?" not in info[key][1]:
-            continue
-        asked, told = ts.question_stems(info[key][1], stems)
-        if not asked or len(asked) < len(told):
+        if own.get(key, 0.0) <= 0.0 or not ts.asks_about(info[key][1], stems):
             continue
         for step in (1, 2):
             nxt = (sid, idx + step)

@@ -260,15 +260,6 @@ def fuse_rrf(
     return [replace(by_id[i], score=max(0.0, min(1.0, fused[i] / top))) for i in order if fused[i] > 0]
 
 
-def _asks_its_words(entry: RetrievedEntry) -> bool:
-    """Whether the entry asks the query words it holds (as the keyword ranking's answer
-    step decides: they weigh at least as much in its questions as elsewhere)."""
-    if "?" not in entry.text or not entry.matched_keywords:
-        return False
-    asked, told = ts.question_stems(entry.text, [ts.stem(k) for k in entry.matched_keywords])
-    return bool(asked) and len(asked) >= len(told)
-
-
 def answers_first(fused: Sequence[RetrievedEntry], keyword: Sequence[RetrievedEntry]) -> list[RetrievedEntry]:
     """Keep the keyword ranking's "answers, not echoes" through a fusion.
 
@@ -281,7 +272,7 @@ def answers_first(fused: Sequence[RetrievedEntry], keyword: Sequence[RetrievedEn
     kw = {ident(e): e for e in keyword}
     out = list(fused)
     for q in keyword:
-        if q.message_index is None or not _asks_its_words(q):
+        if q.message_index is None or not ts.asks_about(q.text, [ts.stem(k) for k in q.matched_keywords]):
             continue
         for step in (1, 2):
             nxt = kw.get((q.session_id, q.message_index + step))

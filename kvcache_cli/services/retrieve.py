@@ -462,8 +462,9 @@ def query_embedding(
         if session is not None:
             notices: list[str] = []
             embedder = TurnEmbedder(core.llm, core.store, notices)
-            todo = vectors.count_missing(core.store, session.get_id(), embedder.model) if progress else 0
-            if progress is not None and todo:
+            if progress is not None and (
+                todo := vectors.count_missing(core.store, session.get_id(), embedder.model)
+            ):
                 progress(
                     f"retrieval: embedding {todo} stored message(s) of {session_key} that have no "
                     "vector yet (once: later queries reuse them)"
